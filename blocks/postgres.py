@@ -1,0 +1,88 @@
+"""Where to connect: a PostgreSQL database as a Prefect block, with the password as a SecretStr."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import psycopg
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+from flows.core.postgres import ConnParams, connect
+
+
+class PostgresDatabase(Block):
+    """A PostgreSQL database that dbops connects to.
+
+    It connects (psycopg) and hands libpq tools a connection environment; it does not run backups.
+    The password is stored encrypted by Prefect and never reaches argv, logs, artifacts or manifests:
+    libpq tools get it through a 0600 passfile, Alembic through PGPASSWORD.
+
+    Examples:
+        Create the block once (or let `dbops setup` do it):
+        ```python
+        from blocks import PostgresDatabase
+        PostgresDatabase(host="db1.internal", database="imagemanager", user="dbops",
+                         password="...", sslmode="verify-full").save("imagemanager-prod")
+        ```
+        Use it in a flow:
+        ```python
+        db = PostgresDatabase.load("imagemanager-prod")
+        with db.connect() as conn:
+            conn.execute("SELECT 1")
+        ```
+    """
+
+    _block_type_name = "Postgres Database"
+    _block_type_slug = "postgres-database"
+    _logo_url = "https://www.postgresql.org/media/img/about/press/elephant.png"  # type: ignore[assignment]
+    _description = "Connection details for a PostgreSQL database managed by dbops."
+
+    host: str = Field(description="Server host name or IP address.")
+    port: int = Field(default=5432, ge=1, le=65535, description="Server port.")
+    database: str = Field(description="Database name, e.g. imagemanager.")
+    user: str = Field(description="Role to connect as; dumps need SELECT on every table (pg_read_all_data).")
+    password: SecretStr | None = Field(default=None, description="Password of the role (stored encrypted).")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
+        default="prefer", description="libpq sslmode; use verify-full across untrusted networks."
+    )
+    application_name: str = Field(
+        default="dbops", description="Shown in pg_stat_activity so DBAs can tell dbops sessions apart."
+    )
+    connect_timeout: int = Field(default=10, ge=1, le=600, description="Seconds to wait for a connection.")
+    protected: bool = Field(
+        default=False,
+        description="Production: restores into it are refused unless the run's confirm equals the database name.",
+    )
+
+    def params(self, database: str | None = None) -> ConnParams:
+        return ConnParams(
+            host=self.host,
+            port=self.port,
+            database=database or self.database,
+            user=self.user,
+            password=self.password.get_secret_value() if self.password else None,
+            sslmode=self.sslmode,
+            application_name=self.application_name,
+            connect_timeout=self.connect_timeout,
+        )
+
+    def connect(self, database: str | None = None, autocommit: bool = True) -> psycopg.Connection:
+        """A psycopg connection; failures raise dbops errors with one sentence saying what to fix."""
+        return connect(self.params(database), autocommit=autocommit)
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> PostgresDatabase:
+        """Build from a postgresql:// URL (as `dbops setup` accepts); the password becomes a SecretStr."""
+        info = psycopg.conninfo.conninfo_to_dict(url)
+        fields: dict[str, object] = {
+            "host": info.get("host") or "localhost",
+            "port": int(info.get("port") or 5432),
+            "database": info.get("dbname") or "postgres",
+            "user": info.get("user") or "postgres",
+            "password": info.get("password"),
+        }
+        if info.get("sslmode"):
+            fields["sslmode"] = info["sslmode"]
+        fields.update(overrides)
+        return cls(**fields)  # type: ignore[arg-type]

@@ -1,0 +1,57 @@
+"""Where backups go: Prefect's own storage blocks, seen through dbops' small object-store interface.
+
+Flows take a block slug (`s3-bucket/imagemanager-backups`, `local-file-system/backups`) and get an
+`ObjectStore`; S3 comes from prefect-aws (any S3-compatible endpoint through `endpoint_url`), local
+storage from Prefect's LocalFileSystem.
+"""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+from prefect.filesystems import LocalFileSystem
+from prefect_aws import S3Bucket
+
+from flows.core.errors import ConfigurationError
+from flows.core.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
+
+SUPPORTED = ("s3-bucket", "local-file-system")
+
+
+def load_block(slug: str, expected: type[Block] | None = None) -> Block:
+    """Load `type-slug/name`; an unknown block is one sentence naming it and how to create it."""
+    if "/" not in slug:
+        raise ConfigurationError(
+            f"{slug!r} is not a block slug; use TYPE/NAME such as s3-bucket/backups or "
+            "postgres-database/imagemanager-prod"
+        )
+    try:
+        block = Block.load(slug)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"block {slug!r} does not exist; create it with `dbops setup` or in the Prefect UI ({exc})"
+        ) from None
+    if expected is not None and not isinstance(block, expected):
+        raise ConfigurationError(f"block {slug!r} is a {type(block).__name__}, not a {expected.__name__}")
+    return block
+
+
+def store_from_block(block: Block) -> ObjectStore:
+    if isinstance(block, S3Bucket):
+        client = block.credentials.get_client("s3")
+        return S3ObjectStore(client, block.bucket_name, block.bucket_folder or "")
+    if isinstance(block, LocalFileSystem):
+        if not block.basepath:
+            raise ConfigurationError("the local-file-system block has no basepath; set it to a directory")
+        return LocalObjectStore(block.basepath)
+    raise ConfigurationError(
+        f"storage block type {type(block).__name__} is not supported; use one of {', '.join(SUPPORTED)}"
+    )
+
+
+def load_store(slug: str) -> ObjectStore:
+    """The object store behind a storage block slug."""
+    if slug.split("/", 1)[0] not in SUPPORTED:
+        raise ConfigurationError(
+            f"storage {slug!r} is not a supported block type; use s3-bucket/NAME or local-file-system/NAME"
+        )
+    return store_from_block(load_block(slug))

@@ -1,0 +1,68 @@
+"""Named errors that carry one sentence for the person on call.
+
+Every dbops error says what failed, where, and what to do, in `str(error)`. `transient` tells the task
+layer whether a retry can help: a refused connection or an S3 5xx may pass, a wrong password will not.
+"""
+
+from __future__ import annotations
+
+
+class DbopsError(Exception):
+    """Base class: the message is the one sentence a person reads at 2 AM."""
+
+    transient: bool = False
+
+
+class TransientError(DbopsError):
+    """A fault that may pass on its own (network, throttling, lock timeouts): retried with backoff."""
+
+    transient = True
+
+
+class ConfigurationError(DbopsError):
+    """Bad input: an unknown block, a negative retention, a missing bucket. Never retried."""
+
+
+class DatabaseUnreachable(TransientError):
+    pass
+
+
+class AuthenticationFailed(DbopsError):
+    pass
+
+
+class DatabaseMissing(DbopsError):
+    pass
+
+
+class PermissionDenied(DbopsError):
+    pass
+
+
+class VersionMismatch(DbopsError):
+    pass
+
+
+class StorageError(DbopsError):
+    """A permanent storage problem (missing bucket, access denied)."""
+
+
+class StorageUnavailable(TransientError):
+    """S3 5xx, SlowDown, connection reset: retried."""
+
+
+class DumpFailed(DbopsError):
+    """pg_dump failed or produced something that is not a backup."""
+
+
+class DumpInterrupted(TransientError):
+    """pg_dump lost its connection or was killed: a new attempt may succeed."""
+
+
+class VerificationFailed(DbopsError):
+    pass
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry may help; unknown errors are not retried (they need a person)."""
+    return isinstance(exc, DbopsError) and exc.transient

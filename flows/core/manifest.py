@@ -1,0 +1,55 @@
+"""The backup manifest: what a person (or the restore flow) needs to trust and restore a dump.
+
+Versioned JSON, uploaded after the dump and its verification, so its presence means "this is a backup".
+It never contains a password: connection details are reduced to host, port and database name.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from flows.core.compression import Compression
+
+FORMAT_VERSION = 1
+
+
+class Verification(BaseModel):
+    method: Literal["none", "list", "full"]
+    verified_at: datetime | None = None
+    detail: str = ""
+
+
+class Manifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    database: str = Field(description="Database name as the server knows it.")
+    server: str = Field(description="host:port the dump was taken from.")
+    server_version: str
+    pg_dump_version: str
+    started_at: datetime
+    ended_at: datetime
+    dump_key: str
+    bytes: int = Field(description="Size of the stored object.")
+    raw_bytes: int = Field(description="Size of pg_dump's own output before our compression.")
+    sha256: str = Field(description="SHA-256 of the stored object, as stored.")
+    compression: Compression
+    compression_level: int
+    format: Literal["custom"] = "custom"
+    dump_options: list[str]
+    alembic_revision: str | None = None
+    row_estimates: dict[str, int] = Field(default_factory=dict)
+    globals_key: str | None = None
+    flow_run_id: str | None = None
+    verified: bool = False
+    verification: Verification = Field(default_factory=lambda: Verification(method="none"))
+    dbops_version: str = ""
+
+    def to_json(self) -> bytes:
+        return (self.model_dump_json(indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        return cls.model_validate(json.loads(data))

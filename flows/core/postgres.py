@@ -1,0 +1,218 @@
+"""Connecting to PostgreSQL and handing libpq tools their credentials, without leaking the password.
+
+psycopg reports connection failures as one OperationalError with libpq's text; we turn the common ones
+into named errors with a fix, and keep the password out of conninfo strings that could be logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from flows.core.errors import (
+    AuthenticationFailed,
+    DatabaseMissing,
+    DatabaseUnreachable,
+    DbopsError,
+    PermissionDenied,
+)
+
+
+@dataclass(frozen=True)
+class ConnParams:
+    """Where and as whom to connect; the block turns into this so `core` never imports Prefect."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str | None = None
+    sslmode: str = "prefer"
+    application_name: str = "dbops"
+    connect_timeout: int = 10
+
+    def with_database(self, database: str) -> ConnParams:
+        return replace(self, database=database)
+
+    @property
+    def where(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}/{self.database}"
+
+    def conninfo(self) -> str:
+        """A conninfo without the password: safe to log; the password goes in as a separate keyword."""
+        return psycopg.conninfo.make_conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=self.database,
+            user=self.user,
+            sslmode=self.sslmode,
+            application_name=self.application_name,
+            connect_timeout=self.connect_timeout,
+        )
+
+    def __repr__(self) -> str:  # never show the password, even in a traceback's locals
+        return f"ConnParams({self.where}, sslmode={self.sslmode})"
+
+
+def classify_connect_error(exc: psycopg.Error, params: ConnParams) -> DbopsError:
+    """Turn libpq's text into a named error with one sentence; the password never appears in it."""
+    text = str(exc)
+    where = params.where
+    if "password authentication failed" in text or "authentication failed" in text:
+        return AuthenticationFailed(
+            f"PostgreSQL rejected the password for user {params.user!r} at {params.host}:{params.port}; "
+            "fix the password in the database block"
+        )
+    if re.search(r'database ".*" does not exist', text):
+        return DatabaseMissing(
+            f"database {params.database!r} does not exist on {params.host}:{params.port}; "
+            "create it or fix the database name in the block"
+        )
+    if "no pg_hba.conf entry" in text:
+        return PermissionDenied(
+            f"pg_hba.conf on {params.host}:{params.port} does not allow {where}; add a host entry for this "
+            "client or use another user"
+        )
+    if re.search(r'role ".*" does not exist', text):
+        return AuthenticationFailed(
+            f"role {params.user!r} does not exist on {params.host}:{params.port}; fix the user in the block"
+        )
+    if "permission denied" in text:
+        return PermissionDenied(f"permission denied connecting as {where}; grant CONNECT on the database")
+    if "translate host name" in text or "Name or service not known" in text:
+        return DatabaseUnreachable(f"cannot resolve host {params.host!r}; fix the host in the database block")
+    if (
+        "too many connections" in text
+        or "the database system is starting up" in text
+        or ("shutting down" in text)
+    ):
+        return DatabaseUnreachable(
+            f"PostgreSQL at {params.host}:{params.port} is not accepting connections "
+            "right now; it will be retried"
+        )
+    first = scrub(text.strip().splitlines()[0] if text.strip() else type(exc).__name__, params.password)
+    return DatabaseUnreachable(
+        f"cannot reach PostgreSQL at {params.host}:{params.port} ({first}); check that the server is up "
+        "and the host and port in the block are right"
+    )
+
+
+def connect(params: ConnParams, *, autocommit: bool = True, **kwargs: object) -> psycopg.Connection:
+    try:
+        return psycopg.connect(
+            params.conninfo(),
+            password=params.password or None,
+            autocommit=autocommit,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except psycopg.OperationalError as exc:
+        raise classify_connect_error(exc, params) from None
+
+
+def scrub(text: str, *secrets_: str | None) -> str:
+    """Remove secrets from text meant for logs, artifacts and exceptions."""
+    for secret in secrets_:
+        if secret:
+            text = text.replace(secret, "********")
+    return re.sub(r"(password\s*=\s*)\S+", r"\1********", text, flags=re.IGNORECASE)
+
+
+@contextmanager
+def libpq_environment(params: ConnParams) -> Iterator[dict[str, str]]:
+    """Environment for pg_dump & co: the password in a 0600 passfile, never in argv or a PG* variable.
+
+    The passfile lives in a private temporary directory that is removed when the tool is done.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(
+        PGHOST=params.host,
+        PGPORT=str(params.port),
+        PGUSER=params.user,
+        PGDATABASE=params.database,
+        PGSSLMODE=params.sslmode,
+        PGAPPNAME=params.application_name,
+        PGCONNECT_TIMEOUT=str(params.connect_timeout),
+    )
+    with tempfile.TemporaryDirectory(prefix="dbops-pass-") as tmp:
+        if params.password:
+            passfile = Path(tmp) / f"pgpass-{secrets.token_hex(4)}"
+            fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+            def esc(value: str) -> str:
+                return value.replace("\\", "\\\\").replace(":", "\\:")
+
+            with os.fdopen(fd, "w") as f:
+                f.write(":".join(["*", "*", "*", esc(params.user), esc(params.password)]) + "\n")
+            env["PGPASSFILE"] = str(passfile)
+        else:
+            env["PGPASSFILE"] = os.devnull
+        yield env
+
+
+def server_version_num(conn: psycopg.Connection) -> int:
+    return int(conn.execute("SHOW server_version_num").fetchone()[0])  # type: ignore[index]
+
+
+def alembic_revision(conn: psycopg.Connection) -> str | None:
+    """The Alembic revision recorded in the database, if it uses Alembic (public or search_path table)."""
+    row = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return None
+    revs = [r[0] for r in conn.execute("SELECT version_num FROM alembic_version ORDER BY 1").fetchall()]
+    return ",".join(revs) if revs else None
+
+
+def table_row_estimates(conn: psycopg.Connection) -> dict[str, int]:
+    """reltuples per user table ("schema.table"): the planner's estimate, cheap on any size of database.
+
+    Tables never analysed report -1 in PostgreSQL 14+; we record those as -1 so readers know.
+    """
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname, c.reltuples::bigint
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p', 'm')
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+        ORDER BY 1, 2
+        """
+    ).fetchall()
+    return {f"{s}.{t}": int(n) for s, t, n in rows}
+
+
+def dumpable_tables(conn: psycopg.Connection) -> list[str]:
+    """Plain tables whose rows pg_dump writes as TABLE DATA ("schema.table"): what verification expects.
+
+    Partitioned parents hold no rows themselves, materialized views are refreshed rather than copied,
+    and tables that belong to an extension are recreated by CREATE EXTENSION.
+    """
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                          AND d.objid = c.oid AND d.deptype = 'e')
+        ORDER BY 1, 2
+        """
+    ).fetchall()
+    return [f"{s}.{t}" for s, t in rows]
+
+
+def database_size(conn: psycopg.Connection) -> int:
+    return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])  # type: ignore[index]
+
+
+def quote_ident(name: str) -> sql.Identifier:
+    return sql.Identifier(name)

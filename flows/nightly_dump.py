@@ -1,0 +1,230 @@
+"""nightly_dump: the backup runbook, as a flow.
+
+1. preflight   the database answers, pg_dump can dump it, storage takes a write
+2. dump        pg_dump -Fc streamed through zstd and sha256 into storage (multipart on S3)
+3. globals     roles and tablespaces beside it (optional)
+4. verify      the stored object read back through pg_restore --list
+5. manifest    written last: from now on the dump is a backup
+6. retention   only after a verified backup: expire by policy, remove stale orphans
+7. report      a table artifact, and a Failed run with one sentence when anything went wrong
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel, Field
+
+from flows.core.compression import DEFAULT_LEVEL, LEVEL_RANGE, Compression
+from flows.core.errors import ConfigurationError
+from flows.core.retention import RetentionPolicy
+from flows.tasks.backup import (
+    check_database,
+    check_storage,
+    delete_expired_backups,
+    discard_if_implausible,
+    plan_from_catalog,
+    read_backup_catalog,
+    require_store_kind,
+    upload_dump,
+    upload_globals,
+    verify_backup,
+    write_manifest,
+)
+from flows.tasks.common import artifact_key, database_lock, human_bytes
+
+
+class DumpOptions(BaseModel):
+    """Less common knobs; the defaults are what a nightly dump of a busy OLTP database wants."""
+
+    lock_wait_timeout_s: int = Field(
+        default=300,
+        ge=1,
+        description="pg_dump gives up (and the task retries) when a table lock is not granted in this time, "
+        "instead of queueing behind an ACCESS EXCLUSIVE lock and blocking everyone behind it.",
+    )
+    min_bytes: int = Field(
+        default=512,
+        ge=0,
+        description="A dump smaller than this many bytes is treated as a failure (an empty archive).",
+    )
+    min_ratio_of_previous: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="A dump whose pg_dump output is smaller than this fraction of the previous backup's "
+        "is treated as implausible and fails (tables emptied, wrong database). 0 disables the check.",
+    )
+    pg_bindir: str | None = Field(
+        default=None, description="Directory with pg_dump/pg_restore; default: the server's major version's."
+    )
+    lock_wait_hours: float = Field(
+        default=3.0,
+        gt=0,
+        description="How long to wait for the db:<database> concurrency limit held by another dbops job.",
+    )
+
+
+class BackupReport(BaseModel):
+    database: str
+    key: str
+    manifest_key: str
+    bytes: int
+    raw_bytes: int
+    sha256: str
+    seconds: float
+    verified: bool
+    verification: str
+    alembic_revision: str | None
+    retention: str
+    kept: list[str] = Field(default_factory=list)
+    deleted: list[str] = Field(default_factory=list)
+    orphans_removed: list[str] = Field(default_factory=list)
+
+
+def take_backup(
+    database: str,
+    storage: str,
+    prefix: str,
+    compression: Compression,
+    compression_level: int,
+    include_globals: bool,
+    verify: str,
+    options: DumpOptions,
+) -> BackupReport:
+    """Steps 1-5 without the lock: migrate's pre-backup calls this while already holding it."""
+    logger = get_run_logger()
+    pre = check_database(database, options.pg_bindir)
+    location = check_storage(storage, prefix)
+    logger.info("storage %s is writable", location)
+    previous = read_backup_catalog(storage, prefix, pre.database).newest()
+    stem, result = upload_dump(
+        pre, storage, prefix, compression, compression_level, options.lock_wait_timeout_s, options.min_bytes
+    )
+    if previous is not None:
+        discard_if_implausible(
+            storage, result, previous.manifest.raw_bytes, previous.stem, options.min_ratio_of_previous
+        )
+    globals_object = upload_globals(pre, storage, stem) if include_globals else None
+    verification = None
+    if verify != "none":
+        verification = verify_backup(pre, storage, result, compression, verify)
+    manifest = write_manifest(
+        pre, storage, stem, result, compression, compression_level, verify, verification, globals_object
+    )
+    return BackupReport(
+        database=pre.database,
+        key=result.key,
+        manifest_key=f"{stem}.manifest.json",
+        bytes=result.bytes,
+        raw_bytes=result.raw_bytes,
+        sha256=result.sha256,
+        seconds=round(result.seconds, 3),
+        verified=manifest.verified,
+        verification=manifest.verification.detail,
+        alembic_revision=manifest.alembic_revision,
+        retention="not run",
+    )
+
+
+@flow(name="nightly-dump", log_prints=True)
+def nightly_dump(
+    database: str,
+    storage: str,
+    prefix: str = "",
+    compression: Compression = Compression.zstd,
+    compression_level: int | None = None,
+    globals: bool = False,  # noqa: A002 - the parameter name users see in the UI
+    verify: Literal["list", "full", "none"] = "list",
+    retention: RetentionPolicy | None = None,
+    retention_dry_run: bool = False,
+    options: DumpOptions | None = None,
+) -> BackupReport:
+    """Back up one database to storage, verify it, then expire old backups.
+
+    Args:
+        database: Name of the PostgresDatabase block to back up (e.g. imagemanager-prod).
+        storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
+        prefix: Folder inside the storage for this environment's backups (e.g. prod); may be empty.
+        compression: zstd (in-process, default), gzip (pg_dump's own) or none.
+        compression_level: zstd 1-19 (default 3) or gzip 0-9 (default 6).
+        globals: Also store roles and tablespaces (pg_dumpall --globals-only --no-role-passwords).
+        verify: list (default): stream the stored object back into pg_restore --list and check every table
+            has data; full: also re-read every byte and compare the sha256; none: skip (retention then
+            does not run, because only verified backups may replace old ones).
+        retention: Keep-last / daily / weekly / monthly / max-age policy; empty: keep everything.
+        retention_dry_run: Plan retention and report it, delete nothing.
+        options: Less common settings (lock waits, plausibility checks, pg_dump location).
+    """
+    logger = get_run_logger()
+    options = options or DumpOptions()
+    require_store_kind(storage)
+    level = DEFAULT_LEVEL[compression] if compression_level is None else compression_level
+    low, high = LEVEL_RANGE[compression]
+    if not low <= level <= high:
+        raise ConfigurationError(
+            f"compression_level {level} is out of range for {compression.value}; use {low} to {high}"
+        )
+
+    with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
+        report = take_backup(database, storage, prefix, compression, level, globals, verify, options)
+
+        if retention is None:
+            report.retention = "no retention policy: every backup is kept"
+        elif not report.verified:
+            report.retention = "skipped: this backup was not verified, so nothing old is removed"
+            logger.warning(report.retention)
+        else:
+            now = datetime.now(UTC)
+            catalog = read_backup_catalog(storage, prefix, report.database)
+            plan = plan_from_catalog(catalog, retention, now)
+            report.kept = [k.record.stem for k in plan.keep]
+            report.deleted = [r.stem for r in plan.delete]
+            stale = [stem for stem, _ in catalog.stale_orphans(now)]
+            if retention_dry_run:
+                report.retention = f"dry run: {plan.summary()}; {len(stale)} stale orphan(s) would be removed"
+            else:
+                counts = delete_expired_backups(storage, catalog, plan, now)
+                report.orphans_removed = stale
+                report.retention = (
+                    f"{plan.summary()}; removed {counts['objects']} objects "
+                    f"({counts['backups']} backups, {counts['orphans']} orphans)"
+                )
+            for key, why in catalog.unreadable:
+                logger.warning("left alone: %s (%s)", key, why)
+            logger.info("retention: %s", report.retention)
+
+    _publish(report)
+    return report
+
+
+def _publish(report: BackupReport) -> None:
+    rate = report.raw_bytes / report.seconds if report.seconds else 0
+    rows = [
+        {"item": "key", "value": report.key},
+        {"item": "manifest", "value": report.manifest_key},
+        {"item": "stored bytes", "value": f"{report.bytes} ({human_bytes(report.bytes)})"},
+        {"item": "pg_dump bytes", "value": f"{report.raw_bytes} ({human_bytes(report.raw_bytes)})"},
+        {"item": "sha256", "value": report.sha256},
+        {"item": "duration", "value": f"{report.seconds:.1f} s"},
+        {"item": "throughput", "value": f"{human_bytes(rate)}/s of pg_dump output"},
+        {"item": "verified", "value": report.verification},
+        {"item": "alembic revision", "value": report.alembic_revision or "none"},
+        {"item": "retention", "value": report.retention},
+        {"item": "kept", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.kept[:50])},
+        {"item": "deleted", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.deleted[:50])},
+    ]
+    create_table_artifact(
+        key=artifact_key("nightly-dump", report.database),
+        table=rows,
+        description=f"Backup of {report.database}: {report.key}",
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    nightly_dump(database=sys.argv[1], storage=sys.argv[2])

@@ -1,0 +1,293 @@
+"""Tasks of the backup runbook: each does one thing to the world and owns its retry policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+
+from blocks.postgres import PostgresDatabase
+from blocks.storage import load_block, load_store
+from flows.core.catalog import Catalog, deletion_order, read_catalog
+from flows.core.compression import SUFFIX, Compression
+from flows.core.dump import (
+    DumpResult,
+    ListVerification,
+    PgTool,
+    dump_globals,
+    find_tool,
+    stream_dump,
+    verify_stored_dump,
+)
+from flows.core.errors import ConfigurationError, DumpFailed
+from flows.core.layout import backup_stem, dump_key, globals_key, manifest_key
+from flows.core.manifest import Manifest, Verification
+from flows.core.objectstore import part_size_for
+from flows.core.postgres import (
+    ConnParams,
+    alembic_revision,
+    database_size,
+    dumpable_tables,
+    server_version_num,
+    table_row_estimates,
+)
+from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
+from flows.tasks.common import Progress, human_bytes, retry_policy
+
+
+@dataclass
+class Preflight:
+    """What the dump needs to know before it starts; holds no password."""
+
+    block: str
+    params: ConnParams
+    database: str
+    server: str
+    server_version: str
+    server_version_num: int
+    pg_dump: PgTool
+    pg_restore: PgTool
+    database_bytes: int
+    alembic_revision: str | None
+    row_estimates: dict[str, int]
+    tables: list[str]
+
+
+def load_database(name: str) -> PostgresDatabase:
+    slug = name if "/" in name else f"postgres-database/{name}"
+    block = load_block(slug, PostgresDatabase)
+    assert isinstance(block, PostgresDatabase)
+    return block
+
+
+@task(name="check_database", cache_policy=NONE, **retry_policy())
+def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
+    """Connect, and make sure this machine's pg_dump can dump this server."""
+    logger = get_run_logger()
+    block = load_database(database)
+    params = block.params()
+    with block.connect() as conn:
+        version_num = server_version_num(conn)
+        version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        size = database_size(conn)
+        revision = alembic_revision(conn)
+        estimates = table_row_estimates(conn)
+        tables = dumpable_tables(conn)
+    pg_dump = find_tool("pg_dump", version_num, pg_bindir)
+    pg_restore = find_tool("pg_restore", version_num, pg_bindir)
+    logger.info(
+        "%s: PostgreSQL %s, %s, %d tables, alembic revision %s; using %s %s",
+        params.where,
+        version,
+        human_bytes(size),
+        len(tables),
+        revision or "none",
+        pg_dump.path,
+        pg_dump.version,
+    )
+    return Preflight(
+        block=database,
+        params=params,
+        database=params.database,
+        server=f"{params.host}:{params.port}",
+        server_version=version,
+        server_version_num=version_num,
+        pg_dump=pg_dump,
+        pg_restore=pg_restore,
+        database_bytes=size,
+        alembic_revision=revision,
+        row_estimates=estimates,
+        tables=tables,
+    )
+
+
+@task(name="check_storage", cache_policy=NONE, **retry_policy())
+def check_storage(storage: str, prefix: str) -> str:
+    """Write, read back and delete a marker: a dump must not discover at 3 AM that the bucket is gone."""
+    store = load_store(storage)
+    store.check_writable(prefix or "dbops")
+    return store.url
+
+
+@task(name="upload_dump", cache_policy=NONE, **retry_policy())
+def upload_dump(
+    pre: Preflight,
+    storage: str,
+    prefix: str,
+    compression: Compression,
+    level: int,
+    lock_wait_timeout_s: int,
+    min_bytes: int,
+) -> tuple[str, DumpResult]:
+    """Stream pg_dump into storage under a fresh key; a failed attempt leaves nothing behind."""
+    store = load_store(storage)
+    stem = backup_stem(prefix, pre.database, datetime.now(UTC))
+    key = dump_key(stem, SUFFIX[compression])
+    # Our zstd output is usually a fifth to a third of the database size; part sizes are chosen
+    # for the whole database so even an incompressible one stays under S3's 10,000 parts.
+    part_size = part_size_for(pre.database_bytes)
+    logger = get_run_logger()
+    logger.info(
+        "dumping %s to %s/%s (part size %s)", pre.params.where, store.url, key, human_bytes(part_size)
+    )
+    progress = Progress(f"dump of {pre.database}", total=None)
+    result = stream_dump(
+        pre.params,
+        store,
+        key,
+        tool=pre.pg_dump,
+        compression=compression,
+        level=level,
+        part_size=part_size,
+        lock_wait_timeout_s=lock_wait_timeout_s,
+        progress=progress,
+        min_bytes=min_bytes,
+    )
+    logger.info(
+        "stored %s (%s from %s of pg_dump output) in %.1f s, %s/s",
+        key,
+        human_bytes(result.bytes),
+        human_bytes(result.raw_bytes),
+        result.seconds,
+        human_bytes(result.raw_bytes / result.seconds),
+    )
+    return stem, result
+
+
+@task(name="discard_if_implausible", cache_policy=NONE, **retry_policy())
+def discard_if_implausible(
+    storage: str, result: DumpResult, previous_raw_bytes: int, previous_stem: str, min_ratio: float
+) -> None:
+    """A dump far smaller than yesterday's is more likely a mistake than a backup: it never gets a manifest."""
+    if min_ratio <= 0 or previous_raw_bytes <= 0:
+        return
+    ratio = result.raw_bytes / previous_raw_bytes
+    if ratio >= min_ratio:
+        return
+    load_store(storage).delete([result.key])
+    raise DumpFailed(
+        f"this dump is {human_bytes(result.raw_bytes)}, only {ratio:.0%} of the previous backup "
+        f"({human_bytes(previous_raw_bytes)}, {previous_stem.rsplit('/', 1)[-1]}), so it was discarded and "
+        "retention did not run; check whether data was deleted or the wrong database is configured, and "
+        "lower options.min_ratio_of_previous if the shrink is expected"
+    )
+
+
+@task(name="upload_globals", cache_policy=NONE, **retry_policy())
+def upload_globals(pre: Preflight, storage: str, stem: str) -> str:
+    """Roles and tablespaces (no password hashes): needed to restore onto a new server."""
+    tool = find_tool("pg_dumpall", pre.server_version_num, str(pre.pg_dump.path.parent))
+    data = dump_globals(pre.params, tool)
+    key = globals_key(stem)
+    load_store(storage).put_bytes(key, data)
+    return key
+
+
+@task(name="verify_backup", cache_policy=NONE, **retry_policy())
+def verify_backup(
+    pre: Preflight, storage: str, result: DumpResult, compression: Compression, method: str
+) -> ListVerification:
+    """Read the stored object back through pg_restore: a dump counts only if it can be read."""
+    store = load_store(storage)
+    head = store.head(result.key)
+    if head is None or head.size != result.bytes:
+        raise DumpFailed(
+            f"{result.key} is {head.size if head else 'missing'} bytes in storage, expected {result.bytes}; "
+            "the upload did not land intact"
+        )
+    verification = verify_stored_dump(
+        store,
+        result.key,
+        compression,
+        pre.pg_restore,
+        full=(method == "full"),
+        expected_sha256=result.sha256,
+        expected_tables=pre.tables,
+    )
+    get_run_logger().info("verified %s: %s", result.key, verification.detail())
+    return verification
+
+
+@task(name="write_manifest", cache_policy=NONE, **retry_policy())
+def write_manifest(
+    pre: Preflight,
+    storage: str,
+    stem: str,
+    result: DumpResult,
+    compression: Compression,
+    level: int,
+    method: str,
+    verification: ListVerification | None,
+    globals_object: str | None,
+) -> Manifest:
+    """The manifest goes up last: from this moment the dump is a backup."""
+    from flows import __version__
+
+    manifest = Manifest(
+        database=pre.database,
+        server=pre.server,
+        server_version=pre.server_version,
+        pg_dump_version=pre.pg_dump.version,
+        started_at=result.started_at,
+        ended_at=result.ended_at,
+        dump_key=result.key,
+        bytes=result.bytes,
+        raw_bytes=result.raw_bytes,
+        sha256=result.sha256,
+        compression=compression,
+        compression_level=level,
+        dump_options=result.argv,
+        alembic_revision=pre.alembic_revision,
+        row_estimates=pre.row_estimates,
+        globals_key=globals_object,
+        flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
+        verified=verification is not None,
+        verification=Verification(
+            method=method,  # type: ignore[arg-type]
+            verified_at=datetime.now(UTC) if verification else None,
+            detail=verification.detail() if verification else "not verified (verify=none)",
+        ),
+        dbops_version=__version__,
+    )
+    load_store(storage).put_bytes(manifest_key(stem), manifest.to_json())
+    return manifest
+
+
+@task(name="read_backup_catalog", cache_policy=NONE, **retry_policy())
+def read_backup_catalog(storage: str, prefix: str, database: str) -> Catalog:
+    return read_catalog(load_store(storage), prefix, database)
+
+
+def plan_from_catalog(catalog: Catalog, policy: RetentionPolicy, now: datetime) -> RetentionPlan:
+    records = [BackupRecord(b.stem, b.manifest.ended_at, b.manifest.verified) for b in catalog.backups]
+    return plan_retention(records, policy, now)
+
+
+@task(name="delete_expired_backups", cache_policy=NONE, **retry_policy())
+def delete_expired_backups(
+    storage: str, catalog: Catalog, plan: RetentionPlan, now: datetime
+) -> dict[str, int]:
+    """Delete what the plan expires plus stale orphans; manifests first, in batches of at most 1000."""
+    store = load_store(storage)
+    keys_of = {b.stem: b.keys for b in catalog.backups}
+    newest = catalog.newest()
+    doomed = [r.stem for r in plan.delete]
+    if newest is not None and newest.stem in doomed:  # the planner guarantees this; we check again
+        raise ConfigurationError(
+            f"retention planned to delete the newest verified backup {newest.stem}; refusing"
+        )
+    keys = [k for stem in doomed for k in keys_of[stem]]
+    orphan_keys = [k for _, ks in catalog.stale_orphans(now) for k in ks]
+    manifests, rest = deletion_order(keys)
+    deleted = store.delete(manifests) + store.delete(rest + orphan_keys)
+    return {"backups": len(doomed), "orphans": len(catalog.stale_orphans(now)), "objects": deleted}
+
+
+def require_store_kind(storage: str) -> None:
+    if "/" not in storage:
+        raise ConfigurationError(
+            f"storage {storage!r} is not a block slug; use s3-bucket/NAME or local-file-system/NAME"
+        )

@@ -1,0 +1,125 @@
+"""What every dbops task shares: the retry policy (transient errors only), the per-database lock,
+progress logging at a steady interval, and artifact keys Prefect accepts."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.tasks import exponential_backoff
+
+from flows.core.errors import ConfigurationError, is_transient
+
+
+def _exception_of(state: Any) -> BaseException | None:
+    data = getattr(state, "data", None)
+    if isinstance(data, BaseException):
+        return data
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception as exc:  # the result itself may be the raised error
+        return exc
+    return result if isinstance(result, BaseException) else None
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry network blips, throttling and lock timeouts; a wrong password fails on the first try."""
+    exc = _exception_of(state)
+    return exc is not None and is_transient(exc)
+
+
+def retry_policy() -> dict[str, Any]:
+    """Task options for retryable work. DBOPS_RETRY_BACKOFF scales the delays (tests set it low)."""
+    factor = float(os.environ.get("DBOPS_RETRY_BACKOFF", "10"))
+    retries = int(os.environ.get("DBOPS_TASK_RETRIES", "3"))
+    return {
+        "retries": retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=factor) if factor > 0 else 0,
+        "retry_jitter_factor": 0.5 if factor > 0 else None,
+        "retry_condition_fn": retry_if_transient,
+    }
+
+
+def limit_name(database_block: str) -> str:
+    return f"db:{database_block}"
+
+
+def ensure_concurrency_limit(name: str) -> bool:
+    """Create the one-slot limit if `dbops setup` has not: a missing limit must never mean "unguarded"."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                return False
+            return True
+
+
+@contextmanager
+def database_lock(database_block: str, wait_seconds: float = 3 * 3600) -> Iterator[None]:
+    """Hold `db:<block>` so dump, migrate, reindex and restore never overlap on one database."""
+    name = limit_name(database_block)
+    logger = get_run_logger()
+    if ensure_concurrency_limit(name):
+        logger.warning("created the missing concurrency limit %s (run `dbops setup` to manage it)", name)
+    logger.info("waiting for concurrency limit %s", name)
+    try:
+        with concurrency(name, occupy=1, strict=True, timeout_seconds=wait_seconds):
+            logger.info("holding %s", name)
+            yield
+    except TimeoutError:
+        raise ConfigurationError(
+            f"another dbops job held {name} for more than {wait_seconds / 3600:.1f} h; check for a stuck run "
+            "in the Prefect UI"
+        ) from None
+
+
+def artifact_key(*parts: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    key = "-".join(parts).lower()
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", key)).strip("-")
+
+
+class Progress:
+    """Log progress every `interval` seconds, so a person watching the UI sees movement."""
+
+    def __init__(self, what: str, interval: float = 10.0, total: int | None = None) -> None:
+        self.what = what
+        self.interval = interval
+        self.total = total
+        self.start = time.monotonic()
+        self.last = self.start
+        self.logger = get_run_logger()
+
+    def __call__(self, done: int, stored: int | None = None) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-6)
+        msg = f"{self.what}: {human_bytes(done)} read, {human_bytes(rate)}/s"
+        if stored is not None:
+            msg += f", {human_bytes(stored)} stored"
+        if self.total and rate > 0 and done < self.total:
+            msg += f", about {int((self.total - done) / rate)} s left (estimate)"
+        self.logger.info(msg)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,81 @@
+"""Session-wide real components: PostgreSQL clusters, an S3 endpoint (moto server over HTTP) and a
+Prefect API (prefect_test_harness: a real API server on SQLite, started once)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DBOPS_RETRY_BACKOFF", "0.2")
+os.environ.setdefault("DBOPS_TASK_RETRIES", "2")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+from tests.harness.pg import PgCluster, pg_cluster  # noqa: E402
+from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, s3_endpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgCluster]:
+    """A shared cluster; tests create their own databases in it so they stay independent."""
+    with pg_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Endpoint]:
+    with s3_endpoint() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def unique() -> str:
+    return secrets.token_hex(4)
+
+
+@pytest.fixture
+def bucket(s3: S3Endpoint, unique: str) -> str:
+    return s3.create_bucket(f"backups-{unique}")
+
+
+def make_database_block(pg: PgCluster, name: str, dbname: str, **fields: object) -> str:
+    from blocks import PostgresDatabase
+
+    PostgresDatabase(
+        host=pg.host, port=pg.port, database=dbname, user=pg.superuser, password=pg.password, **fields
+    ).save(name, overwrite=True)
+    return name
+
+
+def make_s3_block(s3: S3Endpoint, name: str, bucket: str, folder: str = "") -> str:
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    creds = AwsCredentials(
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name=REGION,
+        aws_client_parameters=AwsClientParameters(endpoint_url=s3.url),
+    )
+    S3Bucket(bucket_name=bucket, credentials=creds, bucket_folder=folder).save(name, overwrite=True)
+    return f"s3-bucket/{name}"
+
+
+def make_local_block(name: str, path: Path) -> str:
+    from prefect.filesystems import LocalFileSystem
+
+    path.mkdir(parents=True, exist_ok=True)
+    LocalFileSystem(basepath=str(path)).save(name, overwrite=True)
+    return f"local-file-system/{name}"
