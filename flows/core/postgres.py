@@ -210,6 +210,22 @@ def dumpable_tables(conn: psycopg.Connection) -> list[str]:
     return [f"{s}.{t}" for s, t in rows]
 
 
+def unreadable_tables(conn: psycopg.Connection) -> list[str]:
+    """Tables the connected role cannot SELECT: pg_dump would fail on them hours into the dump."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname || '.' || c.relname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p', 'm', 'S')
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+          AND NOT has_table_privilege(c.oid, 'SELECT')
+        ORDER BY 1
+        """
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 def database_size(conn: psycopg.Connection) -> int:
     return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])  # type: ignore[index]
 

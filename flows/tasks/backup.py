@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -22,7 +22,7 @@ from flows.core.dump import (
     stream_dump,
     verify_stored_dump,
 )
-from flows.core.errors import ConfigurationError, DumpFailed
+from flows.core.errors import ConfigurationError, DumpFailed, PermissionDenied
 from flows.core.layout import backup_stem, dump_key, globals_key, manifest_key
 from flows.core.manifest import Manifest, Verification
 from flows.core.objectstore import part_size_for
@@ -33,6 +33,7 @@ from flows.core.postgres import (
     dumpable_tables,
     server_version_num,
     table_row_estimates,
+    unreadable_tables,
 )
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
 from flows.tasks.common import Progress, human_bytes, retry_policy
@@ -70,6 +71,12 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
     block = load_database(database)
     params = block.params()
     with block.connect() as conn:
+        denied = unreadable_tables(conn)
+        if denied:
+            raise PermissionDenied(
+                f"role {params.user!r} cannot read {len(denied)} tables or sequences in {params.database} (first: "
+                f"{denied[0]}); grant it pg_read_all_data or SELECT on them, or use another role"
+            )
         version_num = server_version_num(conn)
         version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         size = database_size(conn)
@@ -124,7 +131,11 @@ def upload_dump(
 ) -> tuple[str, DumpResult]:
     """Stream pg_dump into storage under a fresh key; a failed attempt leaves nothing behind."""
     store = load_store(storage)
-    stem = backup_stem(prefix, pre.database, datetime.now(UTC))
+    when = datetime.now(UTC).replace(microsecond=0)
+    stem = backup_stem(prefix, pre.database, when)
+    while store.head(manifest_key(stem)) or store.head(dump_key(stem, SUFFIX[compression])):
+        when += timedelta(seconds=1)  # two runs in one second must not overwrite each other's backup
+        stem = backup_stem(prefix, pre.database, when)
     key = dump_key(stem, SUFFIX[compression])
     # Our zstd output is usually a fifth to a third of the database size; part sizes are chosen
     # for the whole database so even an incompressible one stays under S3's 10,000 parts.

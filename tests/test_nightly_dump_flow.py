@@ -1,0 +1,272 @@
+"""The nightly_dump flow end to end: real PostgreSQL, the moto S3 server over HTTP, a real Prefect API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import TaskRunFilter  # noqa: F401 - used through the client API
+
+from flows.core.layout import DUMP_RE
+from flows.core.manifest import Manifest
+from flows.core.retention import RetentionPolicy
+from flows.nightly_dump import DumpOptions, nightly_dump
+from tests.conftest import make_database_block, make_local_block, make_s3_block
+from tests.harness.pg import PgCluster
+from tests.harness.s3 import S3Endpoint
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def sample_database(pg: PgCluster, name: str, rows: int = 20_000) -> str:
+    pg.create_database(name)
+    pg.sql(
+        "CREATE TABLE images (id bigserial PRIMARY KEY, name text NOT NULL, body bytea, meta jsonb);"
+        f"INSERT INTO images (name, body, meta) SELECT 'img-' || g, decode(md5(g::text), 'hex'),"
+        f" jsonb_build_object('n', g) FROM generate_series(1, {rows}) g;"
+        "CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY);"
+        "INSERT INTO alembic_version VALUES ('0004_classifications_image_index');"
+        "ANALYZE",
+        dbname=name,
+    )
+    return name
+
+
+def task_runs(flow_run_id: UUID) -> dict[str, int]:
+    """How many times each task ran in a flow run (run_count counts retries)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    counts: dict[str, int] = {}
+    for run in runs:
+        name = run.name.rsplit("-", 1)[0]
+        counts[name] = max(counts.get(name, 0), run.run_count)
+    return counts
+
+
+def run_logs(flow_run_id: UUID) -> str:
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def failure_message(state) -> str:
+    try:
+        state.result()
+    except Exception as exc:  # the exception the flow ended with
+        return str(exc)
+    raise AssertionError(f"expected a failed run, got {state.type}")
+
+
+@pytest.fixture
+def db(pg: PgCluster, unique: str) -> str:
+    name = sample_database(pg, f"im_{unique}")
+    return make_database_block(pg, f"db-{unique}", name)
+
+
+@pytest.fixture
+def s3_storage(s3: S3Endpoint, bucket: str, unique: str) -> str:
+    return make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")
+
+
+def test_dump_lands_in_s3_with_manifest_written_last_and_matching_sha256(
+    db: str, s3_storage: str, s3: S3Endpoint, bucket: str, pg: PgCluster
+) -> None:
+    report = nightly_dump(database=db, storage=s3_storage, prefix="prod")
+    assert DUMP_RE.match(report.key) and report.key.endswith(".dump.zst")
+    client = s3.client()
+    objects = {o["Key"]: o for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    dump = client.get_object(Bucket=bucket, Key=f"dbops/{report.key}")
+    body = dump["Body"].read()
+    manifest = Manifest.from_json(client.get_object(Bucket=bucket, Key=f"dbops/{report.manifest_key}")["Body"].read())
+    assert manifest.sha256 == hashlib.sha256(body).hexdigest() == report.sha256
+    assert manifest.bytes == len(body)
+    assert manifest.verified and manifest.verification.method == "list"
+    assert manifest.alembic_revision == "0004_classifications_image_index"
+    assert manifest.row_estimates[f"public.images"] == 20_000
+    assert manifest.flow_run_id
+    assert manifest.server_version.startswith("15") and manifest.pg_dump_version.startswith("15")
+    # written last: the manifest is never older than the dump it describes
+    assert objects[f"dbops/{report.manifest_key}"]["LastModified"] >= objects[f"dbops/{report.key}"]["LastModified"]
+    assert report.key.startswith(f"prod/{manifest.database}/dumps/{manifest.started_at:%Y/%m/%d}/")
+    assert pg.password not in manifest.to_json().decode()
+    # no write-check markers or multipart uploads left behind
+    assert not [k for k in objects if ".dbops-write-check" in k]
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_dump_to_local_storage_with_globals(db: str, tmp_path: Path, unique: str) -> None:
+    storage = make_local_block(f"local-{unique}", tmp_path / "backups")
+    report = nightly_dump(database=db, storage=storage, globals=True, compression="gzip")
+    assert (tmp_path / "backups" / report.key).is_file() and report.key.endswith(".dump")
+    manifest = Manifest.from_json((tmp_path / "backups" / report.manifest_key).read_bytes())
+    assert manifest.compression == "gzip" and manifest.globals_key
+    roles = (tmp_path / "backups" / manifest.globals_key).read_text()
+    assert "CREATE ROLE postgres" in roles and "SCRAM-SHA-256" not in roles  # --no-role-passwords
+
+
+def test_artifact_reports_key_sha_and_retention(db: str, s3_storage: str) -> None:
+    from prefect.artifacts import Artifact
+
+    report = nightly_dump(database=db, storage=s3_storage, retention=RetentionPolicy(keep_last=3))
+    artifact = Artifact.get(f"nightly-dump-{report.database.replace('_', '-')}")
+    assert artifact is not None
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    values = {row["item"]: row["value"] for row in table}
+    assert values["key"] == report.key and values["sha256"] == report.sha256
+    assert values["retention"].startswith("keep 1 of 1")
+
+
+def test_wrong_password_fails_on_first_try_and_is_not_logged(pg: PgCluster, unique: str, s3_storage: str) -> None:
+    from blocks import PostgresDatabase
+
+    name = sample_database(pg, f"im_{unique}", rows=10)
+    secret = "not-the-password-" + unique
+    PostgresDatabase(host=pg.host, port=pg.port, database=name, user="postgres", password=secret).save(
+        f"bad-{unique}"
+    )
+    state = nightly_dump(database=f"bad-{unique}", storage=s3_storage, return_state=True)
+    assert state.is_failed()
+    message = failure_message(state)
+    assert "rejected the password" in message and "fix the password" in message
+    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1  # permanent: no retry
+    logs = run_logs(state.state_details.flow_run_id)
+    assert secret not in logs and secret not in message
+
+
+def test_unreachable_database_is_retried_then_fails_clearly(unique: str, s3_storage: str) -> None:
+    from blocks import PostgresDatabase
+    from tests.harness.pg import free_port
+
+    PostgresDatabase(host="127.0.0.1", port=free_port(), database="x", user="u", password="p").save(
+        f"down-{unique}"
+    )
+    state = nightly_dump(database=f"down-{unique}", storage=s3_storage, return_state=True)
+    assert state.is_failed()
+    assert "cannot reach PostgreSQL" in failure_message(state)
+    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1 + int(os.environ["DBOPS_TASK_RETRIES"])
+
+
+def test_missing_database_fails_fast(pg: PgCluster, unique: str, s3_storage: str) -> None:
+    make_database_block(pg, f"nodb-{unique}", f"does_not_exist_{unique}")
+    state = nightly_dump(database=f"nodb-{unique}", storage=s3_storage, return_state=True)
+    assert "does not exist" in failure_message(state)
+    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1
+
+
+def test_missing_bucket_fails_fast_naming_it(db: str, s3: S3Endpoint, unique: str) -> None:
+    storage = make_s3_block(s3, f"nobucket-{unique}", f"no-such-bucket-{unique}")
+    state = nightly_dump(database=db, storage=storage, return_state=True)
+    message = failure_message(state)
+    assert f"no-such-bucket-{unique}" in message and "does not exist" in message
+    assert task_runs(state.state_details.flow_run_id)["check_storage"] == 1
+
+
+def test_unknown_block_is_one_sentence(s3_storage: str) -> None:
+    state = nightly_dump(database="no-such-block", storage=s3_storage, return_state=True)
+    message = failure_message(state)
+    assert "postgres-database/no-such-block" in message and "does not exist" in message
+
+
+def test_negative_retention_is_refused_before_any_work(db: str, s3_storage: str) -> None:
+    with pytest.raises(Exception, match="keep_daily must be 0 or more"):
+        nightly_dump(database=db, storage=s3_storage, retention={"keep_daily": -1})
+
+
+def test_out_of_range_compression_level_is_refused(db: str, s3_storage: str) -> None:
+    state = nightly_dump(database=db, storage=s3_storage, compression="gzip", compression_level=12, return_state=True)
+    assert "use 0 to 9" in failure_message(state)
+
+
+def test_retention_expires_old_backups_keeps_newest_and_removes_stale_orphans(
+    db: str, tmp_path: Path, unique: str
+) -> None:
+    root = tmp_path / "backups"
+    storage = make_local_block(f"local-{unique}", root)
+    first = nightly_dump(database=db, storage=storage, prefix="p")
+    # Rewrite the first backup's manifest as if it were 10 days old, and add a stale orphan dump.
+    manifest_path = root / first.manifest_key
+    m = Manifest.from_json(manifest_path.read_bytes())
+    old = m.model_copy(update={"ended_at": m.ended_at - timedelta(days=10), "started_at": m.started_at - timedelta(days=10)})
+    manifest_path.write_bytes(old.to_json())
+    orphan = root / f"p/{m.database}/dumps/2020/01/01/{m.database}-20200101T020000Z.dump.zst"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"partial")
+    past = (datetime.now(UTC) - timedelta(days=3)).timestamp()
+    os.utime(orphan, (past, past))
+    fresh_orphan = root / f"p/{m.database}/dumps/2020/01/02/{m.database}-20200102T020000Z.dump.zst"
+    fresh_orphan.parent.mkdir(parents=True)
+    fresh_orphan.write_bytes(b"in progress")
+
+    dry = nightly_dump(database=db, storage=storage, prefix="p", retention=RetentionPolicy(max_age_days=7),
+                       retention_dry_run=True)
+    assert dry.deleted == [first.key.rsplit(".dump", 1)[0]] and manifest_path.exists() and orphan.exists()
+
+    report = nightly_dump(database=db, storage=storage, prefix="p", retention=RetentionPolicy(max_age_days=7))
+    assert not manifest_path.exists() and not (root / first.key).exists()
+    assert not orphan.exists() and fresh_orphan.exists()
+    assert (root / report.key).exists() and (root / dry.key).exists()
+
+
+def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
+    pg: PgCluster, db: str, s3_storage: str, unique: str, s3: S3Endpoint, bucket: str
+) -> None:
+    from blocks import PostgresDatabase
+
+    nightly_dump(database=db, storage=s3_storage)
+    before = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
+    # A role that may connect but not read the table: pg_dump fails with "permission denied".
+    pg.create_role(f"weak_{unique}", "weakpw")
+    dbname = PostgresDatabase.load(db).database
+    PostgresDatabase(host=pg.host, port=pg.port, database=dbname, user=f"weak_{unique}", password="weakpw").save(
+        f"weak-{unique}"
+    )
+    state = nightly_dump(database=f"weak-{unique}", storage=s3_storage, retention=RetentionPolicy(keep_last=1),
+                         return_state=True)
+    message = failure_message(state)
+    assert "cannot read 3 tables or sequences" in message and "grant it pg_read_all_data" in message
+    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1
+    after = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
+    assert after == before
+    assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_unverified_dump_does_not_run_retention(db: str, s3_storage: str) -> None:
+    nightly_dump(database=db, storage=s3_storage)
+    report = nightly_dump(database=db, storage=s3_storage, verify="none", retention=RetentionPolicy(keep_last=1))
+    assert not report.verified and report.retention.startswith("skipped") and report.deleted == []
+
+
+def test_implausibly_small_dump_is_discarded(pg: PgCluster, db: str, s3_storage: str) -> None:
+    from blocks import PostgresDatabase
+
+    first = nightly_dump(database=db, storage=s3_storage)
+    pg.sql("TRUNCATE images", dbname=PostgresDatabase.load(db).database)
+    state = nightly_dump(database=db, storage=s3_storage, retention=RetentionPolicy(keep_last=1),
+                         options=DumpOptions(min_ratio_of_previous=0.5), return_state=True)
+    assert "of the previous backup" in failure_message(state)
+    from blocks.storage import load_store
+
+    stems = {k.key.split(".dump")[0].split(".manifest")[0] for k in load_store(s3_storage).list("")}
+    assert stems == {first.key.split(".dump")[0]}
+
+
+def test_dump_waits_for_the_database_lock_and_gives_up_clearly(db: str, s3_storage: str) -> None:
+    from prefect.concurrency.sync import concurrency
+
+    from flows.tasks.common import ensure_concurrency_limit
+
+    ensure_concurrency_limit(f"db:{db}")
+    with concurrency(f"db:{db}", occupy=1, strict=True):
+        state = nightly_dump(database=db, storage=s3_storage, options=DumpOptions(lock_wait_hours=0.0005),
+                             return_state=True)
+    assert f"held db:{db}" in failure_message(state)
+    assert "upload_dump" not in task_runs(state.state_details.flow_run_id)
