@@ -52,7 +52,8 @@ class PostgresDatabase(Block):
     connect_timeout: int = Field(default=10, ge=1, le=600, description="Seconds to wait for a connection.")
     protected: bool = Field(
         default=False,
-        description="Production: restores into it are refused unless the run's confirm equals the database name.",
+        description="Production: restores into it are refused unless the run's confirm equals the "
+        "database name.",
     )
 
     def params(self, database: str | None = None) -> ConnParams:

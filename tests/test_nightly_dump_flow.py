@@ -11,8 +11,13 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
-from prefect.client.schemas.filters import TaskRunFilter  # noqa: F401 - used through the client API
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,  # noqa: F401 - used through the client API
+)
 
 from flows.core.layout import DUMP_RE
 from flows.core.manifest import Manifest
@@ -27,24 +32,23 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 def sample_database(pg: PgCluster, name: str, rows: int = 20_000) -> str:
     pg.create_database(name)
+    pg.sql("CREATE TABLE images (id bigserial PRIMARY KEY, name text NOT NULL, body bytea, meta jsonb)", name)
     pg.sql(
-        "CREATE TABLE images (id bigserial PRIMARY KEY, name text NOT NULL, body bytea, meta jsonb);"
-        f"INSERT INTO images (name, body, meta) SELECT 'img-' || g, decode(md5(g::text), 'hex'),"
-        f" jsonb_build_object('n', g) FROM generate_series(1, {rows}) g;"
-        "CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY);"
-        "INSERT INTO alembic_version VALUES ('0004_classifications_image_index');"
-        "ANALYZE",
-        dbname=name,
+        "INSERT INTO images (name, body, meta) SELECT 'img-' || g, decode(md5(g::text), 'hex'),"
+        " jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+        name,
+        (rows,),
     )
+    pg.sql("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)", name)
+    pg.sql("INSERT INTO alembic_version VALUES ('0004_classifications_image_index')", name)
+    pg.sql("ANALYZE", name)
     return name
 
 
 def task_runs(flow_run_id: UUID) -> dict[str, int]:
     """How many times each task ran in a flow run (run_count counts retries)."""
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     counts: dict[str, int] = {}
     for run in runs:
         name = run.name.rsplit("-", 1)[0]
@@ -86,16 +90,21 @@ def test_dump_lands_in_s3_with_manifest_written_last_and_matching_sha256(
     objects = {o["Key"]: o for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
     dump = client.get_object(Bucket=bucket, Key=f"dbops/{report.key}")
     body = dump["Body"].read()
-    manifest = Manifest.from_json(client.get_object(Bucket=bucket, Key=f"dbops/{report.manifest_key}")["Body"].read())
+    manifest = Manifest.from_json(
+        client.get_object(Bucket=bucket, Key=f"dbops/{report.manifest_key}")["Body"].read()
+    )
     assert manifest.sha256 == hashlib.sha256(body).hexdigest() == report.sha256
     assert manifest.bytes == len(body)
     assert manifest.verified and manifest.verification.method == "list"
     assert manifest.alembic_revision == "0004_classifications_image_index"
-    assert manifest.row_estimates[f"public.images"] == 20_000
+    assert manifest.row_estimates["public.images"] == 20_000
     assert manifest.flow_run_id
     assert manifest.server_version.startswith("15") and manifest.pg_dump_version.startswith("15")
     # written last: the manifest is never older than the dump it describes
-    assert objects[f"dbops/{report.manifest_key}"]["LastModified"] >= objects[f"dbops/{report.key}"]["LastModified"]
+    assert (
+        objects[f"dbops/{report.manifest_key}"]["LastModified"]
+        >= objects[f"dbops/{report.key}"]["LastModified"]
+    )
     assert report.key.startswith(f"prod/{manifest.database}/dumps/{manifest.started_at:%Y/%m/%d}/")
     assert pg.password not in manifest.to_json().decode()
     # no write-check markers or multipart uploads left behind
@@ -125,7 +134,9 @@ def test_artifact_reports_key_sha_and_retention(db: str, s3_storage: str) -> Non
     assert values["retention"].startswith("keep 1 of 1")
 
 
-def test_wrong_password_fails_on_first_try_and_is_not_logged(pg: PgCluster, unique: str, s3_storage: str) -> None:
+def test_wrong_password_fails_on_first_try_and_is_not_logged(
+    pg: PgCluster, unique: str, s3_storage: str
+) -> None:
     from blocks import PostgresDatabase
 
     name = sample_database(pg, f"im_{unique}", rows=10)
@@ -152,7 +163,9 @@ def test_unreachable_database_is_retried_then_fails_clearly(unique: str, s3_stor
     state = nightly_dump(database=f"down-{unique}", storage=s3_storage, return_state=True)
     assert state.is_failed()
     assert "cannot reach PostgreSQL" in failure_message(state)
-    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1 + int(os.environ["DBOPS_TASK_RETRIES"])
+    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1 + int(
+        os.environ["DBOPS_TASK_RETRIES"]
+    )
 
 
 def test_missing_database_fails_fast(pg: PgCluster, unique: str, s3_storage: str) -> None:
@@ -182,7 +195,9 @@ def test_negative_retention_is_refused_before_any_work(db: str, s3_storage: str)
 
 
 def test_out_of_range_compression_level_is_refused(db: str, s3_storage: str) -> None:
-    state = nightly_dump(database=db, storage=s3_storage, compression="gzip", compression_level=12, return_state=True)
+    state = nightly_dump(
+        database=db, storage=s3_storage, compression="gzip", compression_level=12, return_state=True
+    )
     assert "use 0 to 9" in failure_message(state)
 
 
@@ -195,7 +210,9 @@ def test_retention_expires_old_backups_keeps_newest_and_removes_stale_orphans(
     # Rewrite the first backup's manifest as if it were 10 days old, and add a stale orphan dump.
     manifest_path = root / first.manifest_key
     m = Manifest.from_json(manifest_path.read_bytes())
-    old = m.model_copy(update={"ended_at": m.ended_at - timedelta(days=10), "started_at": m.started_at - timedelta(days=10)})
+    old = m.model_copy(
+        update={"ended_at": m.ended_at - timedelta(days=10), "started_at": m.started_at - timedelta(days=10)}
+    )
     manifest_path.write_bytes(old.to_json())
     orphan = root / f"p/{m.database}/dumps/2020/01/01/{m.database}-20200101T020000Z.dump.zst"
     orphan.parent.mkdir(parents=True)
@@ -206,8 +223,13 @@ def test_retention_expires_old_backups_keeps_newest_and_removes_stale_orphans(
     fresh_orphan.parent.mkdir(parents=True)
     fresh_orphan.write_bytes(b"in progress")
 
-    dry = nightly_dump(database=db, storage=storage, prefix="p", retention=RetentionPolicy(max_age_days=7),
-                       retention_dry_run=True)
+    dry = nightly_dump(
+        database=db,
+        storage=storage,
+        prefix="p",
+        retention=RetentionPolicy(max_age_days=7),
+        retention_dry_run=True,
+    )
     assert dry.deleted == [first.key.rsplit(".dump", 1)[0]] and manifest_path.exists() and orphan.exists()
 
     report = nightly_dump(database=db, storage=storage, prefix="p", retention=RetentionPolicy(max_age_days=7))
@@ -226,11 +248,15 @@ def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
     # A role that may connect but not read the table: pg_dump fails with "permission denied".
     pg.create_role(f"weak_{unique}", "weakpw")
     dbname = PostgresDatabase.load(db).database
-    PostgresDatabase(host=pg.host, port=pg.port, database=dbname, user=f"weak_{unique}", password="weakpw").save(
-        f"weak-{unique}"
+    PostgresDatabase(
+        host=pg.host, port=pg.port, database=dbname, user=f"weak_{unique}", password="weakpw"
+    ).save(f"weak-{unique}")
+    state = nightly_dump(
+        database=f"weak-{unique}",
+        storage=s3_storage,
+        retention=RetentionPolicy(keep_last=1),
+        return_state=True,
     )
-    state = nightly_dump(database=f"weak-{unique}", storage=s3_storage, retention=RetentionPolicy(keep_last=1),
-                         return_state=True)
     message = failure_message(state)
     assert "cannot read 3 tables or sequences" in message and "grant it pg_read_all_data" in message
     assert task_runs(state.state_details.flow_run_id)["check_database"] == 1
@@ -241,7 +267,9 @@ def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
 
 def test_unverified_dump_does_not_run_retention(db: str, s3_storage: str) -> None:
     nightly_dump(database=db, storage=s3_storage)
-    report = nightly_dump(database=db, storage=s3_storage, verify="none", retention=RetentionPolicy(keep_last=1))
+    report = nightly_dump(
+        database=db, storage=s3_storage, verify="none", retention=RetentionPolicy(keep_last=1)
+    )
     assert not report.verified and report.retention.startswith("skipped") and report.deleted == []
 
 
@@ -250,8 +278,13 @@ def test_implausibly_small_dump_is_discarded(pg: PgCluster, db: str, s3_storage:
 
     first = nightly_dump(database=db, storage=s3_storage)
     pg.sql("TRUNCATE images", dbname=PostgresDatabase.load(db).database)
-    state = nightly_dump(database=db, storage=s3_storage, retention=RetentionPolicy(keep_last=1),
-                         options=DumpOptions(min_ratio_of_previous=0.5), return_state=True)
+    state = nightly_dump(
+        database=db,
+        storage=s3_storage,
+        retention=RetentionPolicy(keep_last=1),
+        options=DumpOptions(min_ratio_of_previous=0.5),
+        return_state=True,
+    )
     assert "of the previous backup" in failure_message(state)
     from blocks.storage import load_store
 
@@ -266,7 +299,8 @@ def test_dump_waits_for_the_database_lock_and_gives_up_clearly(db: str, s3_stora
 
     ensure_concurrency_limit(f"db:{db}")
     with concurrency(f"db:{db}", occupy=1, strict=True):
-        state = nightly_dump(database=db, storage=s3_storage, options=DumpOptions(lock_wait_hours=0.0005),
-                             return_state=True)
+        state = nightly_dump(
+            database=db, storage=s3_storage, options=DumpOptions(lock_wait_hours=0.0005), return_state=True
+        )
     assert f"held db:{db}" in failure_message(state)
     assert "upload_dump" not in task_runs(state.state_details.flow_run_id)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import boto3
 import pytest
+from botocore.config import Config
 
-from flows.core.errors import StorageError, is_transient
+from flows.core.errors import StorageError, StorageUnavailable, is_transient
 from flows.core.objectstore import (
     DEFAULT_PART_SIZE,
     S3_MAX_PART,
@@ -21,7 +24,7 @@ from flows.core.objectstore import (
     part_size_at,
     part_size_for,
 )
-from tests.harness.s3 import S3Endpoint
+from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, s3_endpoint
 
 TiB = 1024**4
 
@@ -53,7 +56,9 @@ def test_multipart_put_stream_round_trips_bytes_exactly_in_five_mib_parts(s3: S3
     uploads = count_requests(client, "UploadPart")
 
     # 1 MiB asked for, but S3 refuses non-final parts under 5 MiB: the store must round up, not fail.
-    result = store.put_stream("dumps/a.dump", chunked(data, 777 * 1024), part_size=1 * MiB, progress=seen.append)
+    result = store.put_stream(
+        "dumps/a.dump", chunked(data, 777 * 1024), part_size=1 * MiB, progress=seen.append
+    )
 
     assert result.bytes == len(data)
     assert result.parts == 3 and len(uploads) == 3
@@ -142,6 +147,49 @@ def test_check_writable_succeeds_and_leaves_nothing_behind(s3: S3Endpoint, bucke
     store = S3ObjectStore(s3.client(), bucket, "prod")
     store.check_writable("db/dumps")
     assert list(store.list("")) == []
+
+
+def test_s3_endpoint_dying_while_an_object_is_read_back_is_storage_unavailable(unique: str):
+    with s3_endpoint() as doomed:
+        store = S3ObjectStore(doomed.client(), doomed.create_bucket(f"doomed-{unique}"))
+        store.put_bytes("big.dump", os.urandom(48 * MiB))  # far more than the socket buffers hold
+        chunks = store.get_stream("big.dump")
+        assert len(next(chunks)) == MiB
+        doomed.process.kill()
+        doomed.process.wait()
+        with pytest.raises(StorageUnavailable) as info:
+            for _ in chunks:
+                pass
+    assert is_transient(info.value) and "during get" in str(info.value)
+
+
+def test_s3_endpoint_not_accepting_connections_is_storage_unavailable():
+    # A real listener whose accept queue is full: the kernel drops new SYNs, so connecting times out.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        queued = []
+        for _ in range(3):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            queued.append(client)
+        try:
+            s3_client = boto3.client(
+                "s3",
+                endpoint_url=f"http://127.0.0.1:{port}",
+                aws_access_key_id=ACCESS_KEY,
+                aws_secret_access_key=SECRET_KEY,
+                region_name=REGION,
+                config=Config(connect_timeout=0.5, read_timeout=1, retries={"max_attempts": 1}),
+            )
+            with pytest.raises(StorageUnavailable) as info:
+                S3ObjectStore(s3_client, "backups").put_bytes("k", b"x")
+        finally:
+            for client in queued:
+                client.close()
+    assert is_transient(info.value) and "cannot reach the S3 endpoint" in str(info.value)
 
 
 # -- part sizes (pure arithmetic) ----------------------------------------------------------------------------

@@ -129,11 +129,25 @@ def find_tool(name: str, server_version_num: int, bindir: str | None = None) -> 
 # -- running pg_dump ---------------------------------------------------------------------------------------
 
 
+def _error_summary(text: str) -> str:
+    """The line that says what went wrong: the first "error:" line (with the server's message, if any).
+
+    The last line is usually a "detail: Query was: ..." that names the statement, not the failure.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if re.match(r"^(\S+: )?error: ", line):
+            server = next((s for s in lines[i + 1 :] if "Error message from server:" in s), "")
+            if server:
+                line += f" ({server.split('Error message from server:', 1)[1].strip()})"
+            return line.rstrip(";")
+    return lines[-1].rstrip(";") if lines else ""
+
+
 def classify_pg_failure(tool: str, returncode: int, stderr: str, params: ConnParams) -> Exception:
     """pg_dump's exit → a named error: interrupted runs are transient, bad configuration is not."""
     text = scrub(stderr, params.password).strip()
-    last = text.splitlines()[-1] if text else ""
-    detail = f"{tool} exited with {returncode}" + (f": {last}" if last else "")
+    detail = f"{tool} exited with {returncode}" + (f": {_error_summary(text)}" if text else "")
     if returncode < 0:
         sig = signal.Signals(-returncode).name
         return DumpInterrupted(f"{tool} was killed by {sig}; the upload was aborted and will be retried")
@@ -373,7 +387,34 @@ class ListVerification:
         return text + (", sha256 re-checked over the whole object" if self.sha256 else "")
 
 
-_TABLE_DATA_RE = re.compile(r"^\d+; \d+ \d+ TABLE DATA (?P<schema>\S+) (?P<table>\S+) ")
+_TABLE_DATA_RE = re.compile(r"^\d+; \d+ \d+ TABLE DATA (?P<rest>.+)$")
+
+
+def _table_data_names(rests: list[str], expected: Iterable[str]) -> set[str]:
+    """ "schema.table" names of TABLE DATA entries, from the "schema table owner" text after the tag.
+
+    pg_restore --list prints names unquoted, so a name containing a space cannot be split on spaces:
+    expected names are looked up as "schema table" prefixes first, the remaining entries are split.
+    """
+    by_prefix: dict[str, str] = {}
+    for rest in rests:
+        for i, ch in enumerate(rest):
+            if ch == " ":
+                by_prefix.setdefault(rest[:i], rest)
+    names: set[str] = set()
+    explained: set[str] = set()
+    for name in expected:
+        for i, ch in enumerate(name):
+            rest = by_prefix.get(f"{name[:i]} {name[i + 1 :]}") if ch == "." else None
+            if rest is not None:
+                names.add(name)
+                explained.add(rest)
+                break
+    for rest in rests:
+        if rest not in explained:
+            schema, _, tail = rest.partition(" ")
+            names.add(f"{schema}.{tail.partition(' ')[0]}")
+    return names
 
 
 def verify_stored_dump(
@@ -435,14 +476,12 @@ def verify_stored_dump(
             "the backup is not usable, the next run will take a new one"
         )
     entries = [line for line in listing.splitlines() if line and not line.startswith(";")]
-    table_data: set[str] = set()
-    for line in entries:
-        m = _TABLE_DATA_RE.match(line)
-        if m:
-            table_data.add(f"{m.group('schema')}.{m.group('table')}")
+    expected = set(expected_tables)
+    rests = [m.group("rest") for m in map(_TABLE_DATA_RE.match, entries) if m]
+    table_data = _table_data_names(rests, expected)
     if not entries:
         raise VerificationFailed(f"pg_restore --list found no entries in {key}; the backup is empty")
-    missing = sorted(set(expected_tables) - table_data)
+    missing = sorted(expected - table_data)
     if missing:
         raise VerificationFailed(
             f"{key} has no data for {len(missing)} table(s) that exist in the database "

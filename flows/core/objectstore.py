@@ -137,10 +137,11 @@ def _translate_s3_error(exc: BaseException, bucket: str, action: str) -> Excepti
     """botocore's errors → one sentence with a fix; 5xx/throttling/network are transient."""
     from botocore.exceptions import (
         ClientError,
-        ConnectionClosedError,
+        ConnectTimeoutError,
         EndpointConnectionError,
+        HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+        IncompleteReadError,
         NoCredentialsError,
-        ReadTimeoutError,
     )
 
     if isinstance(exc, ClientError):
@@ -171,7 +172,8 @@ def _translate_s3_error(exc: BaseException, bucket: str, action: str) -> Excepti
         )
     if isinstance(exc, NoCredentialsError):
         return StorageError("no AWS credentials found; set them in the AwsCredentials block")
-    if isinstance(exc, EndpointConnectionError | ConnectionClosedError | ReadTimeoutError | ConnectionError):
+    network = EndpointConnectionError | ConnectTimeoutError | HTTPClientError | IncompleteReadError
+    if isinstance(exc, network | ConnectionError):
         return StorageUnavailable(f"cannot reach the S3 endpoint during {action} ({exc}); retrying")
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 

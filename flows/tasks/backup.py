@@ -74,7 +74,8 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
         denied = unreadable_tables(conn)
         if denied:
             raise PermissionDenied(
-                f"role {params.user!r} cannot read {len(denied)} tables or sequences in {params.database} (first: "
+                f"role {params.user!r} cannot read {len(denied)} tables or sequences in "
+                f"{params.database} (first: "
                 f"{denied[0]}); grant it pg_read_all_data or SELECT on them, or use another role"
             )
         version_num = server_version_num(conn)
@@ -172,7 +173,7 @@ def upload_dump(
 def discard_if_implausible(
     storage: str, result: DumpResult, previous_raw_bytes: int, previous_stem: str, min_ratio: float
 ) -> None:
-    """A dump far smaller than yesterday's is more likely a mistake than a backup: it never gets a manifest."""
+    """A dump far smaller than the last one is more likely a mistake than a backup: no manifest for it."""
     if min_ratio <= 0 or previous_raw_bytes <= 0:
         return
     ratio = result.raw_bytes / previous_raw_bytes

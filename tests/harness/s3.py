@@ -20,7 +20,7 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
-from tests.harness.pg import free_port
+from deployments.sandbox import free_port
 
 ACCESS_KEY = "testing-access-key"
 SECRET_KEY = "testing-secret-key"

@@ -1,0 +1,1 @@
+"""Benchmarks: `uv run python -m bench.bench_dump` (see bench/README.md)."""
