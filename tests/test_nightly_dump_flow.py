@@ -304,3 +304,24 @@ def test_dump_waits_for_the_database_lock_and_gives_up_clearly(db: str, s3_stora
         )
     assert f"held db:{db}" in failure_message(state)
     assert "upload_dump" not in task_runs(state.state_details.flow_run_id)
+
+
+def test_unreachable_s3_endpoint_is_retried_then_fails_clearly(db: str, unique: str) -> None:
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from tests.harness.pg import free_port
+
+    creds = AwsCredentials(
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(
+            endpoint_url=f"http://127.0.0.1:{free_port()}", config={"retries": {"max_attempts": 1}}
+        ),
+    )
+    S3Bucket(bucket_name="b", credentials=creds).save(f"s3down-{unique}")
+    state = nightly_dump(database=db, storage=f"s3-bucket/s3down-{unique}", return_state=True)
+    assert "cannot reach the S3 endpoint" in failure_message(state)
+    retries = int(os.environ["DBOPS_TASK_RETRIES"])
+    assert task_runs(state.state_details.flow_run_id)["check_storage"] == 1 + retries
