@@ -76,7 +76,7 @@ def _candidate_bindirs(bindir: str | None) -> list[Path]:
     except (OSError, subprocess.TimeoutExpired):
         pass
     dirs += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    dirs += sorted(Path("/usr/pgsql-").parent.glob("pgsql-*/bin"), reverse=True)
+    dirs += sorted(Path("/usr").glob("pgsql-*/bin"), reverse=True)  # PGDG packages on RHEL
     which = shutil.which("pg_dump")
     if which:
         dirs.append(Path(which).resolve().parent)
