@@ -1,0 +1,301 @@
+"""`dbops setup`: everything the flows need on a Prefect server, created idempotently.
+
+Registers our block types, creates database and storage blocks from a config file or the environment
+(passwords stored as SecretStr, never echoed), the work pool, one global concurrency limit `db:<name>`
+per database, and, when a notification block is named, an automation that notifies on any Failed or
+Crashed run of a dbops deployment. Running it twice changes nothing: each item is reported as created,
+updated (the config changed) or existing.
+
+Config file (TOML):
+
+    work_pool = "dbops"
+    notify = "slack-webhook/dbops-alerts"        # optional: a notification block slug
+
+    [databases.imagemanager-prod]
+    url = "postgresql://dbops@db1.internal:5432/imagemanager?sslmode=verify-full"
+    password_env = "IMAGEMANAGER_PROD_PASSWORD"   # the password comes from this variable
+    protected = true
+
+    [storage.imagemanager-backups]
+    type = "s3"
+    bucket = "imagemanager-backups"
+    folder = "dbops"
+    region = "eu-west-1"
+    endpoint_url = "https://minio.internal:9000"  # optional: MinIO or another S3-compatible store
+    access_key_id_env = "BACKUP_AWS_ACCESS_KEY_ID"
+    secret_access_key_env = "BACKUP_AWS_SECRET_ACCESS_KEY"
+
+    [storage.local-backups]
+    type = "local"
+    path = "/var/backups/dbops"
+
+Environment instead of a file: `DBOPS_DATABASE_<NAME>=postgresql://user:password@host/db` and
+`DBOPS_STORAGE_<NAME>=s3://bucket/folder` or `file:///path` (NAME lowercased, `_` becomes `-`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, Field, SecretStr
+
+from flows.core.errors import ConfigurationError
+
+Status = Literal["created", "updated", "exists", "registered"]
+
+
+class DatabaseConfig(BaseModel):
+    url: str = Field(description="postgresql:// URL; a password in it is moved into the block's SecretStr.")
+    password_env: str | None = Field(default=None, description="Environment variable holding the password.")
+    protected: bool = Field(default=False, description="Production: restores into it need confirm.")
+    application_name: str = Field(default="dbops", description="application_name of dbops sessions.")
+
+
+class StorageConfig(BaseModel):
+    type: Literal["s3", "local"] = Field(description="s3 (any S3-compatible store) or local directory.")
+    bucket: str | None = Field(default=None, description="S3 bucket name.")
+    folder: str = Field(default="", description="Folder inside the bucket.")
+    region: str | None = Field(default=None, description="AWS region.")
+    endpoint_url: str | None = Field(default=None, description="Endpoint of an S3-compatible store.")
+    access_key_id_env: str | None = Field(default=None, description="Variable holding the access key id.")
+    secret_access_key_env: str | None = Field(default=None, description="Variable holding the secret key.")
+    path: str | None = Field(default=None, description="Directory for local storage.")
+
+
+class SetupConfig(BaseModel):
+    work_pool: str = Field(default="dbops", description="Process work pool the deployments run on.")
+    notify: str | None = Field(default=None, description="Notification block slug to alert on failures.")
+    databases: dict[str, DatabaseConfig] = Field(default_factory=dict)
+    storage: dict[str, StorageConfig] = Field(default_factory=dict)
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> SetupConfig:
+    """The config file when given, plus DBOPS_DATABASE_* / DBOPS_STORAGE_* from the environment."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigurationError(f"config file {path} does not exist; pass an existing file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"config file {path} is not valid TOML ({exc}); fix it") from None
+    data.setdefault("databases", {})
+    data.setdefault("storage", {})
+    for key, value in environ.items():
+        if key.startswith("DBOPS_DATABASE_") and value:
+            data["databases"].setdefault(_env_name(key, "DBOPS_DATABASE_"), {"url": value})
+        elif key.startswith("DBOPS_STORAGE_") and value:
+            data["storage"].setdefault(_env_name(key, "DBOPS_STORAGE_"), _storage_from_url(value))
+    if environ.get("DBOPS_NOTIFY") and not data.get("notify"):
+        data["notify"] = environ["DBOPS_NOTIFY"]
+    try:
+        return SetupConfig.model_validate(data)
+    except ValueError as exc:
+        raise ConfigurationError(f"the dbops setup config is invalid: {exc}") from None
+
+
+def _env_name(key: str, prefix: str) -> str:
+    return key[len(prefix) :].lower().replace("_", "-")
+
+
+def _storage_from_url(url: str) -> dict[str, Any]:
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        return {"type": "s3", "bucket": parsed.netloc, "folder": parsed.path.strip("/")}
+    if parsed.scheme == "file":
+        return {"type": "local", "path": parsed.path}
+    raise ConfigurationError(f"storage URL {url!r} is not s3://bucket/folder or file:///path")
+
+
+@dataclass
+class SetupReport:
+    items: list[tuple[str, str, Status]] = field(default_factory=list)
+
+    def add(self, kind: str, name: str, status: Status) -> None:
+        self.items.append((kind, name, status))
+
+    @property
+    def changed(self) -> bool:
+        return any(status in ("created", "updated") for _, _, status in self.items)
+
+    def render(self) -> str:
+        width = max((len(f"{k} {n}") for k, n, _ in self.items), default=10)
+        return "\n".join(f"  {f'{k} {n}':<{width}}  {s}" for k, n, s in self.items)
+
+
+# -- the steps ---------------------------------------------------------------------------------------------
+
+
+def register_block_types(report: SetupReport) -> None:
+    from prefect.filesystems import LocalFileSystem
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    from blocks import PostgresDatabase
+
+    for block_type in (PostgresDatabase, AwsCredentials, S3Bucket, LocalFileSystem):
+        block_type.register_type_and_schema()
+        report.add("block type", block_type.get_block_type_slug(), "registered")
+
+
+def _save_block(block: Any, name: str, kind: str, report: SetupReport, slug: str) -> None:
+    """Save when missing or different; compare secrets by value so an unchanged config is a no-op."""
+    try:
+        existing = type(block).load(name)
+    except ValueError:
+        block.save(name)
+        report.add(kind, f"{slug}/{name}", "created")
+        return
+    if _plain(existing) == _plain(block):
+        report.add(kind, f"{slug}/{name}", "exists")
+        return
+    block.save(name, overwrite=True)
+    report.add(kind, f"{slug}/{name}", "updated")
+
+
+def _plain(value: Any) -> Any:
+    from pydantic import BaseModel as _Base
+
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, _Base):
+        return {k: _plain(getattr(value, k)) for k in type(value).model_fields}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def database_block(name: str, cfg: DatabaseConfig, environ: Mapping[str, str]) -> Any:
+    from blocks import PostgresDatabase
+
+    overrides: dict[str, object] = {"protected": cfg.protected, "application_name": cfg.application_name}
+    if cfg.password_env:
+        if not environ.get(cfg.password_env):
+            raise ConfigurationError(
+                f"database {name}: environment variable {cfg.password_env} is not set; "
+                "export the password in it"
+            )
+        overrides["password"] = environ[cfg.password_env]
+    try:
+        return PostgresDatabase.from_url(cfg.url, **overrides)
+    except Exception as exc:  # psycopg's conninfo parser or pydantic
+        raise ConfigurationError(
+            f"database {name}: {cfg.url.split('@')[-1]!r} is not a usable URL ({exc})"
+        ) from None
+
+
+def storage_block(name: str, cfg: StorageConfig, environ: Mapping[str, str]) -> tuple[Any, str]:
+    if cfg.type == "local":
+        from prefect.filesystems import LocalFileSystem
+
+        if not cfg.path:
+            raise ConfigurationError(f"storage {name}: type local needs path")
+        Path(cfg.path).mkdir(parents=True, exist_ok=True)
+        return LocalFileSystem(basepath=cfg.path), "local-file-system"
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    if not cfg.bucket:
+        raise ConfigurationError(f"storage {name}: type s3 needs bucket")
+
+    def secret(var: str | None) -> str | None:
+        if var and not environ.get(var):
+            raise ConfigurationError(f"storage {name}: environment variable {var} is not set; export it")
+        return environ.get(var) if var else None
+
+    creds = AwsCredentials(
+        aws_access_key_id=secret(cfg.access_key_id_env),
+        aws_secret_access_key=secret(cfg.secret_access_key_env),
+        region_name=cfg.region,
+        aws_client_parameters=AwsClientParameters(endpoint_url=cfg.endpoint_url),
+    )
+    return S3Bucket(bucket_name=cfg.bucket, bucket_folder=cfg.folder, credentials=creds), "s3-bucket"
+
+
+def ensure_work_pool(name: str, report: SetupReport) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            report.add("work pool", name, "exists")
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+                report.add("work pool", name, "created")
+            except ObjectAlreadyExists:
+                report.add("work pool", name, "exists")
+
+
+def ensure_limit(name: str, report: SetupReport) -> None:
+    from flows.tasks.common import ensure_concurrency_limit
+
+    report.add("concurrency limit", name, "created" if ensure_concurrency_limit(name) else "exists")
+
+
+AUTOMATION_NAME = "dbops: notify on failed or crashed runs"
+
+
+def ensure_notification(notify: str, report: SetupReport) -> None:
+    """One automation: any Failed or Crashed flow run tagged `dbops` sends to the notification block."""
+    from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+    from prefect.blocks.core import Block
+
+    try:
+        block = Block.load(notify)
+    except ValueError:
+        raise ConfigurationError(
+            f"notification block {notify!r} does not exist; create it in the Prefect UI or fix `notify`"
+        ) from None
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        if client.read_automations_by_name(AUTOMATION_NAME):
+            report.add("automation", AUTOMATION_NAME, "exists")
+            return
+    Automation(
+        name=AUTOMATION_NAME,
+        description="Created by dbops setup: a dbops job needs a person.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.dbops"},
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[
+            SendNotification(
+                block_document_id=block._block_document_id,
+                subject="dbops: {{ flow.name }} {{ flow_run.state.name }}",
+                body="{{ flow_run.name }} ended {{ flow_run.state.name }}: {{ flow_run.state.message }}",
+            )
+        ],
+    ).create()
+    report.add("automation", AUTOMATION_NAME, "created")
+
+
+def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> SetupReport:
+    report = SetupReport()
+    # Build every block first: a config error must stop setup before it changes anything.
+    dbs = {name: database_block(name, cfg, environ) for name, cfg in config.databases.items()}
+    stores = {name: storage_block(name, cfg, environ) for name, cfg in config.storage.items()}
+    register_block_types(report)
+    for name, block in dbs.items():
+        _save_block(block, name, "block", report, "postgres-database")
+    for name, (block, slug) in stores.items():
+        _save_block(block, name, "block", report, slug)
+    ensure_work_pool(config.work_pool, report)
+    for name in config.databases:
+        ensure_limit(f"db:{name}", report)
+    if config.notify:
+        ensure_notification(config.notify, report)
+    return report
