@@ -1,0 +1,101 @@
+"""Trigger-and-wait for deploy pipelines: start a deployment through the Prefect API, follow its state and
+logs, and turn the final state into an exit code a pipeline can gate on.
+
+    0  the run Completed           2  still running when --timeout expired (the run is NOT cancelled:
+    1  it ended in any other state    a migration half-way through must finish or fail on its own)
+    3  the Prefect API cannot be reached (nothing was started)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+EXIT_COMPLETED = 0
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 2
+EXIT_UNREACHABLE = 3
+
+
+def parse_params(pairs: Iterable[str]) -> dict[str, Any]:
+    """`k=v` pairs; a value that parses as JSON is taken as JSON (numbers, true/false, objects)."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"parameter {pair!r} is not KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def trigger_and_wait(
+    deployment: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    wait: bool = True,
+    timeout: float | None = None,
+    poll_interval: float = 2.0,
+    out: Callable[[str], None] = print,
+    tags: Iterable[str] = ("trigger:api",),
+) -> int:
+    """Start `flow-name/deployment-name` and, with `wait`, follow it to a final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        client_cm = get_client(sync_client=True)
+        client = client_cm.__enter__()
+        healthy = client.api_healthcheck()
+    except Exception as exc:  # no server, wrong URL, refused connection
+        out(f"cannot reach the Prefect API ({exc}); check PREFECT_API_URL")
+        return EXIT_UNREACHABLE
+    try:
+        if healthy is not None:
+            out(f"cannot reach the Prefect API ({healthy}); check PREFECT_API_URL")
+            return EXIT_UNREACHABLE
+        try:
+            dep = client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            out(
+                f"deployment {deployment!r} does not exist; "
+                "deploy it with `prefect deploy --all` (name: FLOW/NAME)"
+            )
+            return EXIT_FAILED
+        run = client.create_flow_run_from_deployment(dep.id, parameters=parameters or {}, tags=list(tags))
+        out(f"started flow run {run.name} ({run.id}) of {deployment}")
+        if not wait:
+            return EXIT_COMPLETED
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        while True:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+                offset=seen,
+                sort=LogSort.TIMESTAMP_ASC,
+            )
+            for log in logs:
+                out(f"  {log.timestamp:%H:%M:%S} {log.message}")
+            seen += len(logs)
+            run = client.read_flow_run(run.id)
+            state = run.state
+            if state is not None and state.is_final():
+                message = f": {state.message}" if state.message else ""
+                out(f"flow run {run.name} ended {state.name}{message}")
+                return EXIT_COMPLETED if state.is_completed() else EXIT_FAILED
+            if deadline is not None and time.monotonic() > deadline:
+                out(
+                    f"flow run {run.name} is still {state.name if state else 'pending'} "
+                    f"after {timeout:.0f} s; it was not cancelled, follow it in the Prefect UI"
+                )
+                return EXIT_TIMEOUT
+            time.sleep(poll_interval)
+    finally:
+        client_cm.__exit__(*sys.exc_info())
