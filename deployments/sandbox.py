@@ -72,6 +72,7 @@ class PgCluster:
     password: str = field(default_factory=lambda: "pw-" + secrets.token_hex(8))
     settings: Mapping[str, str] = field(default_factory=dict)
     bindir: Path = field(default_factory=pg_bindir)
+    initdb_args: list[str] = field(default_factory=list)  # e.g. ["--wal-segsize=1"]
 
     @property
     def data_dir(self) -> Path:
@@ -138,6 +139,7 @@ class PgCluster:
                 "UTF8",
                 "--locale=C.UTF-8",
                 "--no-sync",
+                *self.initdb_args,
             ]
         )
         pwfile.unlink()
@@ -218,13 +220,20 @@ class PgCluster:
 
 @contextmanager
 def pg_cluster(
-    settings: Mapping[str, str] | None = None, base_dir: Path | None = None
+    settings: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    initdb_args: list[str] | None = None,
 ) -> Iterator[PgCluster]:
     """Start a throwaway cluster and always tear it down (also when the test fails)."""
     tmp = Path(tempfile.mkdtemp(prefix="dbops-pg-")) if base_dir is None else base_dir
     if _server_user():
         os.chmod(tmp, 0o755)
-    cluster = PgCluster(base_dir=tmp / "cluster", port=free_port(), settings=dict(settings or {}))
+    cluster = PgCluster(
+        base_dir=tmp / "cluster",
+        port=free_port(),
+        settings=dict(settings or {}),
+        initdb_args=list(initdb_args or []),
+    )
     try:
         cluster.init()
         cluster.start()

@@ -1,0 +1,476 @@
+"""wal_archive_check end to end: real clusters archiving with a real archive_command, a real Prefect API,
+the moto S3 server over HTTP. Faults are injected, never mocked: `false` as archive_command, a read-only
+archive directory, a deleted segment, archive_mode off, a real promotion to timeline 2."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from psycopg import sql
+
+from flows.core.archive import ArchiveLocation
+from flows.core.archiver import Thresholds
+from flows.wal_archive_check import CheckOptions, wal_archive_check
+from tests.conftest import make_s3_block
+from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until
+from tests.harness.s3 import S3Endpoint
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+SMALL_SEGMENTS = ["--wal-segsize=1"]  # 1 MiB segments: fast switches, and not the 16 MiB default
+
+
+def _server_owned(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(path, "postgres")
+    return path
+
+
+@contextmanager
+def archiving_cluster(
+    archive_command: str | None = None, **settings: str
+) -> Iterator[tuple[PgCluster, Path]]:
+    """A cluster with `cp %p ARCHIVE/%f` (or the given command) and its archive directory."""
+    tmp = Path(tempfile.mkdtemp(prefix="dbops-wal-"))
+    os.chmod(tmp, 0o755)
+    archive = _server_owned(tmp / "wal_archive")
+    conf = {
+        "wal_level": "replica",
+        "archive_mode": "on",
+        "archive_command": f"'{archive_command or f'cp %p {archive}/%f'}'",
+        **settings,
+    }
+    try:
+        with pg_cluster(conf, base_dir=tmp, initdb_args=SMALL_SEGMENTS) as cluster:
+            yield cluster, archive
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def database_block(
+    cluster: PgCluster, name: str, user: str | None = None, password: str | None = None
+) -> str:
+    from blocks import PostgresDatabase
+
+    PostgresDatabase(
+        host=cluster.host,
+        port=cluster.port,
+        database="postgres",
+        user=user or cluster.superuser,
+        password=password or cluster.password,
+    ).save(name, overwrite=True)
+    return name
+
+
+def archiver(cluster: PgCluster) -> dict:
+    with cluster.connect() as conn:
+        cur = conn.execute("SELECT * FROM pg_stat_archiver")
+        row = cur.fetchone()
+        return dict(zip([c.name for c in cur.description], row, strict=True))  # type: ignore[union-attr]
+
+
+def switch_wal(cluster: PgCluster) -> str:
+    """Write a WAL record, close the segment; returns the closed segment's name."""
+    with cluster.connect() as conn:
+        conn.execute("SELECT pg_logical_emit_message(false, 'dbops-test', 'x')")
+        return conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # type: ignore[index]
+
+
+def switch_and_wait_archived(cluster: PgCluster, count: int = 1) -> list[str]:
+    names = []
+    for _ in range(count):
+        name = switch_wal(cluster)
+        wait_until(
+            lambda n=name: (archiver(cluster)["last_archived_wal"] or "") >= n, what=f"{name} archived"
+        )
+        names.append(name)
+    return names
+
+
+def failure_message(state) -> str:
+    try:
+        state.result()
+    except Exception as exc:
+        return str(exc)
+    raise AssertionError(f"expected a failed run, got {state.type}")
+
+
+def artifact_rows(database: str) -> dict[str, dict]:
+    from prefect.artifacts import Artifact
+
+    from flows.tasks.common import artifact_key
+
+    artifact = Artifact.get(artifact_key("wal-archive-check", database))
+    assert artifact is not None
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return {row["check"]: row for row in table}
+
+
+def options(unique: str, **kw: object) -> CheckOptions:
+    return CheckOptions(state_variable=f"wal-test-{unique}", **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def healthy() -> Iterator[tuple[PgCluster, Path]]:
+    with archiving_cluster() as (cluster, archive):
+        switch_and_wait_archived(cluster, 3)
+        yield cluster, archive
+
+
+@pytest.fixture(scope="module")
+def broken() -> Iterator[tuple[PgCluster, Path]]:
+    with archiving_cluster("false") as (cluster, archive):
+        yield cluster, archive
+
+
+# -- healthy archiving --------------------------------------------------------------------------------------
+
+
+def test_healthy_archiving_completes_with_every_check_ok(healthy, unique: str) -> None:
+    cluster, archive = healthy
+    db = database_block(cluster, f"wal-{unique}")
+    last = switch_and_wait_archived(cluster)[-1]
+    report = wal_archive_check(
+        database=db, archive=ArchiveLocation(directory=str(archive)), options=options(unique)
+    )
+    assert report.status == "ok", [c for c in report.checks if c.status != "ok"]
+    assert report.segment_size == 1024 * 1024
+    assert report.last_archived_wal == last and report.verified_through == last
+    checks = {c.name: c for c in report.checks}
+    assert checks["archive_mode"].figure == "on" and "cp %p" in checks["archive_command"].figure
+    assert checks["pending segments"].figure.startswith("0 segment(s)")
+    assert checks["backlog"].figure.startswith("0 .ready")
+    assert checks["standbys"].figure == "none connected"
+    rows = artifact_rows(db)
+    assert rows["gaps"]["status"] == "ok" and "all present" in rows["gaps"]["figure"]
+
+
+def test_next_run_lists_only_the_log_of_new_segments(healthy, unique: str) -> None:
+    cluster, archive = healthy
+    db = database_block(cluster, f"wal-{unique}")
+    location = ArchiveLocation(directory=str(archive))
+    first = wal_archive_check(database=db, archive=location, options=options(unique))
+    new = switch_and_wait_archived(cluster, 2)
+    second = wal_archive_check(database=db, archive=location, options=options(unique))
+    assert second.status == "ok" and second.verified_through == new[-1]
+    gaps = next(c for c in second.checks if c.name == "gaps")
+    assert gaps.figure.startswith("2 segment(s)"), gaps.figure  # only the two new ones were checked
+    assert second.list_requests == 1 and first.list_requests == 1  # one log id: one listing
+
+
+def test_active_probe_sees_the_switched_segment_in_the_archive(healthy, unique: str) -> None:
+    cluster, archive = healthy
+    db = database_block(cluster, f"wal-{unique}")
+    before = archiver(cluster)["archived_count"]
+    report = wal_archive_check(
+        database=db, archive=ArchiveLocation(directory=str(archive)), active=True, options=options(unique)
+    )
+    probe = next(c for c in report.checks if c.name == "probe")
+    assert probe.status == "ok" and "archived in" in probe.figure
+    assert archiver(cluster)["archived_count"] > before
+    walfile = probe.figure.split()[0]
+    assert (archive / walfile).is_file()
+    restore_points = cluster.sql("SELECT count(*) FROM pg_ls_waldir()")  # the server is still fine
+    assert restore_points[0][0] > 0
+
+
+def test_deleted_segment_is_reported_as_a_gap_with_its_name(healthy, unique: str) -> None:
+    cluster, archive = healthy
+    db = database_block(cluster, f"wal-{unique}")
+    location = ArchiveLocation(directory=str(archive))
+    wal_archive_check(database=db, archive=location, options=options(unique))  # remembers where it is
+    names = switch_and_wait_archived(cluster, 3)
+    victim = archive / names[1]
+    kept = victim.with_name(victim.name + ".aside")
+    victim.rename(kept)
+    try:
+        state = wal_archive_check(database=db, archive=location, options=options(unique), return_state=True)
+        assert state.is_failed()
+        message = failure_message(state)
+        assert names[1] in message and "1 WAL segment(s) are missing" in message
+        assert "new base backup" in message
+        rows = artifact_rows(db)
+        assert rows["gaps"]["status"] == "critical"
+        # the next run still looks from before the gap: the gap is not forgotten
+        assert wal_archive_check(
+            database=db, archive=location, options=options(unique), return_state=True
+        ).is_failed()
+    finally:
+        kept.rename(victim)
+    report = wal_archive_check(database=db, archive=location, options=options(unique))
+    assert report.status == "ok" and report.verified_through == names[-1]
+
+
+def test_role_with_only_pg_monitor_can_run_the_check(healthy, unique: str) -> None:
+    cluster, archive = healthy
+    role, password = f"mon_{unique}", f"pw-{unique}"
+    cluster.create_role(role, password)
+    with cluster.connect() as conn:
+        conn.execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(role)))
+    db = database_block(cluster, f"wal-mon-{unique}", user=role, password=password)
+    report = wal_archive_check(
+        database=db, archive=ArchiveLocation(directory=str(archive)), options=options(unique)
+    )
+    checks = {c.name: c for c in report.checks}
+    assert report.status == "ok"
+    assert checks["backlog"].status == "ok" and checks["gaps"].status == "ok"
+
+
+def test_role_without_pg_monitor_is_told_which_role_to_grant(healthy, unique: str) -> None:
+    cluster, archive = healthy
+    role, password = f"plain_{unique}", f"pw-{unique}"
+    cluster.create_role(role, password)
+    db = database_block(cluster, f"wal-plain-{unique}", user=role, password=password)
+    report = wal_archive_check(
+        database=db, archive=ArchiveLocation(directory=str(archive)), options=options(unique)
+    )
+    backlog = next(c for c in report.checks if c.name == "backlog")
+    assert backlog.status == "warning" and f"GRANT pg_monitor TO {role}" in backlog.message
+    assert report.status == "warning"  # a warning leaves the run Completed
+    state = wal_archive_check(
+        database=db,
+        archive=ArchiveLocation(directory=str(archive)),
+        active=True,
+        options=options(unique),
+        return_state=True,
+    )
+    assert state.is_failed() and "GRANT EXECUTE ON FUNCTION pg_switch_wal()" in failure_message(state)
+
+
+def test_s3_archive_in_pgbackrest_layout_with_gzip(healthy, s3: S3Endpoint, bucket: str, unique: str) -> None:
+    """Segments uploaded into the S3 endpoint as pgBackRest stores them: per-log folders, SHA-1, .gz."""
+    cluster, archive = healthy
+    db = database_block(cluster, f"wal-{unique}")
+    switch_and_wait_archived(cluster)
+    client = s3.client()
+    prefix = "archive/main/15-1"
+    uploaded = []
+    for path in sorted(archive.iterdir()):
+        if path.name.endswith(".aside"):
+            continue
+        data = path.read_bytes()
+        key = f"pg/{prefix}/{path.name[:16]}/{path.name}-{hashlib.sha1(data).hexdigest()}.gz"  # noqa: S324
+        client.put_object(Bucket=bucket, Key=key, Body=gzip.compress(data, compresslevel=1))
+        uploaded.append(key)
+    storage = make_s3_block(s3, f"s3-{unique}", bucket, folder="pg")
+    location = ArchiveLocation(storage=storage, prefix=prefix)
+    report = wal_archive_check(database=db, archive=location, options=options(unique))
+    assert report.status == "ok", [c for c in report.checks if c.status != "ok"]
+    assert report.archive == f"{storage}:{prefix}"
+    client.delete_object(Bucket=bucket, Key=uploaded[-2])
+    state = wal_archive_check(
+        database=db, archive=location, options=options(f"{unique}-2"), return_state=True
+    )
+    assert state.is_failed() and uploaded[-2].rsplit("/", 1)[-1][:24] in failure_message(state)
+
+
+def test_archive_directory_missing_on_the_worker_fails_with_what_to_fix(
+    healthy, tmp_path: Path, unique: str
+) -> None:
+    cluster, _ = healthy
+    db = database_block(cluster, f"wal-{unique}")
+    missing = tmp_path / "not-mounted"
+    state = wal_archive_check(
+        database=db,
+        archive=ArchiveLocation(directory=str(missing)),
+        options=options(unique),
+        return_state=True,
+    )
+    message = failure_message(state)
+    assert str(missing) in message and "does not exist or is not readable" in message
+
+
+# -- broken archiving ----------------------------------------------------------------------------------------
+
+
+def test_failing_archive_command_fails_naming_failed_count_and_last_failed_wal(broken, unique: str) -> None:
+    cluster, archive = broken
+    db = database_block(cluster, f"wal-{unique}")
+    name = switch_wal(cluster)
+    wait_until(lambda: archiver(cluster)["failed_count"] > 0, what="archive_command to fail")
+    state = wal_archive_check(
+        database=db,
+        archive=ArchiveLocation(directory=str(archive)),
+        options=options(unique),
+        return_state=True,
+    )
+    assert state.is_failed()
+    message = failure_message(state)
+    stats = archiver(cluster)
+    assert "archive_command is failing" in message and "failed_count=" in message
+    assert f"last_failed_wal={stats['last_failed_wal']}" in message
+    assert stats["last_failed_wal"] <= name  # the oldest waiting segment is retried first
+
+
+def test_active_probe_times_out_clearly_when_archiving_is_broken(broken, unique: str) -> None:
+    cluster, archive = broken
+    db = database_block(cluster, f"wal-{unique}")
+    state = wal_archive_check(
+        database=db,
+        archive=ArchiveLocation(directory=str(archive)),
+        active=True,
+        options=options(unique, probe_timeout_seconds=2),
+        return_state=True,
+    )
+    assert state.is_failed()
+    probe = artifact_rows(db)["probe"]
+    assert probe["status"] == "critical" and "not archived after 2 s" in probe["figure"]
+    assert "did not reach" in probe["what to do"] and "within 2 s" in probe["what to do"]
+
+
+def test_read_only_archive_directory_fails_the_run(broken, tmp_path: Path, unique: str) -> None:
+    cluster, _ = broken
+    readonly = Path(tempfile.mkdtemp(prefix="dbops-ro-"))
+    try:
+        os.chmod(readonly, 0o755)
+        _server_owned(readonly)
+        os.chmod(readonly, 0o555)  # the postgres user owns it but may not write into it
+        cluster.set(archive_command=f"cp %p {readonly}/%f")
+        cluster.sql("SELECT pg_stat_reset_shared('archiver')")
+        switch_wal(cluster)
+        wait_until(
+            lambda: archiver(cluster)["failed_count"] > 0, what="cp into a read-only directory to fail"
+        )
+        db = database_block(cluster, f"wal-{unique}")
+        state = wal_archive_check(
+            database=db,
+            archive=ArchiveLocation(directory=str(readonly)),
+            options=options(unique),
+            return_state=True,
+        )
+        message = failure_message(state)
+        assert (
+            "failed_count=" in message
+            and f"last_failed_wal={archiver(cluster)['last_failed_wal']}" in message
+        )
+        assert not list(readonly.iterdir())
+    finally:
+        cluster.set(archive_command="false")
+        shutil.rmtree(readonly, ignore_errors=True)
+
+
+def test_stalled_archiver_without_failures_is_critical_on_the_second_run(broken, unique: str) -> None:
+    """archive_command hangs (waits for a file that only the test creates): no failure is ever reported."""
+    cluster, archive = broken
+    gate = archive.parent / f"release-{unique}"
+    cluster.set(archive_command=f"while [ ! -e {gate} ]; do sleep 0.1; done; cp %p {archive}/%f")
+    cluster.sql("SELECT pg_stat_reset_shared('archiver')")
+    try:
+        switch_wal(cluster)
+        db = database_block(cluster, f"wal-{unique}")
+        location = ArchiveLocation(directory=str(archive))
+        t = Thresholds(stall_after_seconds=0, max_archive_age_seconds=3600)
+        first = wal_archive_check(database=db, archive=location, thresholds=t, options=options(unique))
+        stall = next(c for c in first.checks if c.name == "stall")
+        assert stall.status == "ok" and "new since the last run" in stall.figure
+        state = wal_archive_check(
+            database=db, archive=location, thresholds=t, options=options(unique), return_state=True
+        )
+        message = failure_message(state)
+        assert "has waited to be archived" in message and "no newer failure" in message
+        assert archiver(cluster)["failed_count"] == 0
+    finally:
+        _server_owned(gate)  # let the hung command finish
+        cluster.set(archive_command="false")
+
+
+def test_archive_mode_off_fails_saying_it_needs_a_restart(unique: str) -> None:
+    with archiving_cluster(archive_mode="off") as (cluster, archive):
+        db = database_block(cluster, f"wal-{unique}")
+        location = ArchiveLocation(directory=str(archive))
+        state = wal_archive_check(database=db, archive=location, options=options(unique), return_state=True)
+        message = failure_message(state)
+        assert "archive_mode is off" in message and "restart" in message
+        cluster.set(archive_mode="on")  # set but not applied until a restart
+        state = wal_archive_check(database=db, archive=location, options=options(unique), return_state=True)
+        assert "set to on but the server was not restarted" in failure_message(state)
+
+
+# -- standby and timeline switch ---------------------------------------------------------------------------
+
+
+def base_backup_standby(primary: PgCluster, base_dir: Path) -> PgCluster:
+    """pg_basebackup -R into a new data directory, started as a streaming standby on its own port."""
+    standby = PgCluster(base_dir=base_dir, port=free_port(), password=primary.password)
+    _server_owned(base_dir)
+    _server_owned(standby.socket_dir)
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    done = subprocess.run(
+        [
+            *prefix,
+            str(Path(os.path.realpath(primary.bindir / "initdb")).parent / "pg_basebackup"),
+            "-D",
+            str(standby.data_dir),
+            "-R",
+            "-X",
+            "stream",
+            "-h",
+            primary.host,
+            "-p",
+            str(primary.port),
+            "-U",
+            primary.superuser,
+            "--no-sync",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PGPASSWORD": primary.password},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    with (standby.data_dir / "postgresql.auto.conf").open("a") as f:
+        f.write(f"port = {standby.port}\nunix_socket_directories = '{standby.socket_dir}'\n")
+    standby.start()
+    return standby
+
+
+def test_standby_and_promotion_to_a_new_timeline(unique: str) -> None:
+    with archiving_cluster() as (primary, archive):
+        switch_and_wait_archived(primary, 2)
+        standby = base_backup_standby(primary, archive.parent / "standby")
+        try:
+            wait_until(
+                lambda: primary.sql("SELECT count(*) FROM pg_stat_replication")[0][0] == 1,
+                what="the standby to connect",
+            )
+            location = ArchiveLocation(directory=str(archive))
+            on_primary = wal_archive_check(
+                database=database_block(primary, f"wal-p-{unique}"), archive=location, options=options(unique)
+            )
+            standbys = next(c for c in on_primary.checks if c.name == "standbys")
+            assert "streaming" in standbys.figure and "replay lag" in standbys.figure
+
+            sdb = database_block(standby, f"wal-s-{unique}")
+            on_standby = wal_archive_check(
+                database=sdb, archive=location, active=True, options=options(f"{unique}-s")
+            )
+            probe = next(c for c in on_standby.checks if c.name == "probe")
+            assert probe.status == "skipped" and "standby" in probe.message
+
+            switch_and_wait_archived(primary)
+            primary.stop()  # a clean failover: the old primary is gone
+            standby.sql("SELECT pg_promote()")
+            switch_and_wait_archived(standby, 2)
+            assert (archive / "00000002.history").is_file()
+            report = wal_archive_check(database=sdb, archive=location, options=options(f"{unique}-t"))
+            assert report.timeline == 2 and report.status == "ok", [
+                c for c in report.checks if c.status != "ok"
+            ]
+            assert report.verified_through and report.verified_through.startswith("00000002")
+            gaps = next(c for c in report.checks if c.name == "gaps")
+            window = gaps.figure.split()[2]  # first..last: it starts on timeline 1 and ends on timeline 2
+            assert gaps.status == "ok" and window.startswith("00000001") and "..00000002" in window
+            assert next(c for c in report.checks if c.name == "timeline history").status == "ok"
+        finally:
+            standby.stop("immediate")
