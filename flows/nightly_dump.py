@@ -150,7 +150,7 @@ def nightly_dump(
         storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
         prefix: Folder inside the storage for this environment's backups (e.g. prod); may be empty.
         compression: zstd (in-process, default), gzip (pg_dump's own) or none.
-        compression_level: zstd 1-19 (default 3) or gzip 0-9 (default 6).
+        compression_level: zstd 1-19 (default 1) or gzip 0-9 (default 6).
         globals: Also store roles and tablespaces (pg_dumpall --globals-only --no-role-passwords).
         verify: list (default): stream the stored object back into pg_restore --list and check every table
             has data; full: also re-read every byte and compare the sha256; none: skip (retention then

@@ -261,7 +261,8 @@ class S3ObjectStore(ObjectStore):
                 buf += chunk
                 total += len(chunk)
                 while len(buf) >= target:
-                    body = bytes(buf[:target])
+                    with memoryview(buf) as view:  # one copy of the part, not two (slice, then bytes)
+                        body = bytes(view[:target])
                     del buf[:target]
                     submit(number, body)
                     number += 1
