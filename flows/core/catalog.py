@@ -75,3 +75,24 @@ def deletion_order(keys: Iterable[str]) -> tuple[list[str], list[str]]:
     manifests = [k for k in keys if k.endswith(".manifest.json")]
     rest = [k for k in keys if not k.endswith(".manifest.json")]
     return manifests, rest
+
+
+# -- sidecars (added for restore drills) -------------------------------------------------------------------
+
+DRILL_SUFFIX = ".drill.json"
+
+
+def drill_key(stem: str) -> str:
+    """`<stem>.drill.json`: the last restore drill of this backup (written by restore_drill)."""
+    return stem + DRILL_SUFFIX
+
+
+def read_sidecars(store: ObjectStore, catalog: Catalog, suffix: str, workers: int = 16) -> dict[str, bytes]:
+    """stem -> content of `<stem><suffix>` for the backups that have one, read concurrently."""
+    wanted = [(b.stem, b.stem + suffix) for b in catalog.backups if b.stem + suffix in b.keys]
+
+    def read(item: tuple[str, str]) -> tuple[str, bytes]:
+        return item[0], store.get_bytes(item[1])
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(read, wanted))

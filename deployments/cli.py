@@ -1,0 +1,168 @@
+"""`dbops`: the command line of dbops.
+
+    dbops setup [--config FILE] [--notify SLUG]       blocks, work pool, limits, variables, automation
+    dbops deploy [--file prefect.yaml]                check prefect.yaml against the server, then deploy
+    dbops migrate --deployment NAME [--param k=v ...] --wait [--timeout S]
+    dbops backups list [--database NAME] [--storage SLUG] [--prefix P] [--json]
+
+Each command group registers itself in COMMANDS with a function that adds its subparser; the parsed
+arguments carry the handler in `func`, which returns the exit code. `dbops setup` and
+`dbops migrate --wait` plug in the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from flows.core.errors import DbopsError
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+Register = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]
+COMMANDS: list[Register] = []
+
+LIST_COLUMNS = ["time", "age", "size", "compression", "verified", "drilled", "alembic", "key"]
+
+
+def command(register: Register) -> Register:
+    COMMANDS.append(register)
+    return register
+
+
+# -- dbops backups -----------------------------------------------------------------------------------------
+
+
+def databases_under(storage: str, prefix: str) -> list[str]:
+    """Database names with a dumps folder under the prefix (from the object layout)."""
+    from blocks.storage import load_store
+    from flows.core.layout import DUMP_RE
+
+    root = prefix.strip("/")
+    names = set()
+    for info in load_store(storage).list(f"{root}/" if root else ""):
+        m = DUMP_RE.match(info.key)
+        rel = info.key[len(root) + 1 :] if root else info.key
+        if m and rel.split("/", 2)[1:2] == ["dumps"]:
+            names.add(rel.split("/", 1)[0])
+    return sorted(names)
+
+
+def backups_list(args: argparse.Namespace) -> int:
+    from flows.restore import catalog_rows
+
+    if not args.storage:
+        print("dbops: --storage is required (or set DBOPS_STORAGE), e.g. s3-bucket/backups", file=sys.stderr)
+        return 2
+    databases = [args.database] if args.database else databases_under(args.storage, args.prefix)
+    if not databases:
+        print(f"no backups under {args.storage} prefix {args.prefix!r}")
+        return 0
+    everything: dict[str, list[dict[str, str]]] = {}
+    for database in databases:
+        everything[database] = catalog_rows(args.storage, args.prefix, database)
+    if args.json:
+        print(json.dumps(everything if not args.database else everything[args.database], indent=2))
+        return 0
+    from flows.core.restore import format_table
+
+    for database, rows in everything.items():
+        print(
+            f"{database}: {len(rows)} backup(s) in {args.storage}"
+            + (f" prefix {args.prefix}" if args.prefix else "")
+        )
+        if rows:
+            print(format_table(rows, LIST_COLUMNS))
+        print()
+    return 0
+
+
+@command
+def _backups(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    backups = sub.add_parser("backups", help="what backups exist, and whether they were verified and drilled")
+    actions = backups.add_subparsers(dest="action", required=True, metavar="ACTION")
+    lst = actions.add_parser(
+        "list", help="backups with time, size, compression, verified, drilled and Alembic revision"
+    )
+    lst.add_argument("--database", help="database name in the object layout (default: every database)")
+    lst.add_argument(
+        "--storage",
+        default=os.environ.get("DBOPS_STORAGE"),
+        help="storage block slug, e.g. s3-bucket/imagemanager-backups (default: $DBOPS_STORAGE)",
+    )
+    lst.add_argument("--prefix", default=os.environ.get("DBOPS_PREFIX", ""), help="folder in the storage")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lst.set_defaults(func=backups_list)
+
+
+# -- dbops setup / deploy -----------------------------------------------------------------------------------
+
+
+def setup_command(args: argparse.Namespace) -> int:
+    from deployments.setup import load_config, run_setup
+
+    config = load_config(args.config)
+    if args.notify:
+        config.notify = args.notify
+    if not config.databases and not config.storage:
+        print(
+            "dbops setup: no databases or storage configured; pass --config FILE or set "
+            "DBOPS_DATABASE_<NAME> and DBOPS_STORAGE_<NAME>",
+            file=sys.stderr,
+        )
+        return 2
+    report = run_setup(config)
+    print(report.render())
+    print("dbops setup: " + ("changes made" if report.changed else "nothing to change"))
+    return 0
+
+
+@command
+def _setup(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("setup", help="create blocks, work pool, concurrency limits, variables (idempotent)")
+    p.add_argument("--config", type=Path, default=None, help="TOML config (see deployments/setup.py)")
+    p.add_argument("--notify", default=None, help="notification block slug to alert on failed runs")
+    p.set_defaults(func=setup_command)
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    from deployments.deploy import deploy
+
+    return deploy(args.file)
+
+
+@command
+def _deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from deployments.deploy import ROOT
+
+    p = sub.add_parser("deploy", help="check prefect.yaml (blocks, variables, cron, work pool), then deploy")
+    p.add_argument("--file", type=Path, default=ROOT / "prefect.yaml", help="the prefect.yaml to deploy")
+    p.set_defaults(func=deploy_command)
+
+
+# -- entry point -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dbops", description="dbops: keep a PostgreSQL database safe.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DbopsError as exc:
+        print(f"dbops: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

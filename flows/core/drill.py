@@ -1,0 +1,186 @@
+"""The weekly restore drill's checks: a backup counts only once dbops has restored and checked it.
+
+Each check is a function with one sentence when it fails (pgBackRest's shape): the tables the manifest
+lists exist, row counts agree with the manifest's estimates (exactly for small tables), the Alembic
+revision is the manifest's, and `pg_amcheck` finds no corruption. The result goes into the backup's
+sidecar `<stem>.drill.json`, which `dbops backups list` shows as "restored and checked at ...".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+from pydantic import BaseModel, Field
+
+from flows.core.dump import PgTool, _error_summary
+from flows.core.manifest import Manifest
+from flows.core.postgres import ConnParams, alembic_revision, libpq_environment, scrub
+
+DRILL_FORMAT_VERSION = 1
+MAX_IDENTIFIER = 63
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+class DrillCheck(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+
+
+class DrillRecord(BaseModel):
+    """`<stem>.drill.json`: when the backup was last restored and checked, how long it took, the result."""
+
+    format_version: int = DRILL_FORMAT_VERSION
+    dump_key: str
+    drilled_at: datetime
+    passed: bool
+    rto_seconds: float = Field(description="Seconds from the start of the restore until it was usable.")
+    restored_bytes: int = 0
+    scratch_database: str
+    server: str
+    checks: list[DrillCheck] = Field(default_factory=list)
+    flow_run_id: str | None = None
+    summary: str = ""
+
+    def to_json(self) -> bytes:
+        return (self.model_dump_json(indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> DrillRecord:
+        return cls.model_validate(json.loads(data))
+
+    def describe(self) -> str:
+        when = f"{self.drilled_at:%Y-%m-%d %H:%M}Z"
+        if self.passed:
+            return f"restored and checked at {when} (RTO {self.rto_seconds:.0f} s)"
+        summary = self.summary if len(self.summary) <= 100 else self.summary[:99] + "…"
+        return f"FAILED at {when}: {summary}"
+
+
+def scratch_name(database: str, run_id: str) -> str:
+    """`drill_<database>_<run id>`: derived from the run, so concurrent drills never share one."""
+    token = re.sub(r"[^a-z0-9]", "", run_id.lower())[:12] or "run"
+    suffix = f"_{token}"
+    head = f"drill_{database}".encode()[: MAX_IDENTIFIER - len(suffix) - len("_restoring_xxxxxxxx")]
+    return head.decode(errors="ignore") + suffix
+
+
+# -- checks ------------------------------------------------------------------------------------------------
+
+_TABLES = """
+    SELECT n.nspname || '.' || c.relname, c.relkind
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p', 'm')
+      AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+      AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+"""
+
+
+def restored_tables(conn: psycopg.Connection) -> dict[str, str]:
+    """ "schema.table" -> relkind, named exactly as the manifest's row_estimates name them."""
+    return {name: kind for name, kind in conn.execute(_TABLES).fetchall()}
+
+
+def check_tables(manifest: Manifest, tables: dict[str, str]) -> CheckResult:
+    expected = sorted(manifest.row_estimates)
+    missing = [t for t in expected if t not in tables]
+    if missing:
+        return CheckResult(
+            "tables",
+            False,
+            f"{len(missing)} of {len(expected)} tables in the manifest are missing after the restore "
+            f"(first: {missing[0]}); the dump does not contain what was backed up",
+        )
+    return CheckResult("tables", True, f"all {len(expected)} tables in the manifest exist")
+
+
+def count_rows(conn: psycopg.Connection, qualified: str) -> int:
+    schema, _, table = qualified.partition(".")
+    query = psycopg.sql.SQL("SELECT count(*) FROM {}.{}").format(
+        psycopg.sql.Identifier(schema), psycopg.sql.Identifier(table)
+    )
+    return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
+
+
+def row_count_ok(estimate: int, actual: int, tolerance: float, exact_below: int) -> bool:
+    """Exact for tables the manifest estimated below `exact_below` rows, else within `tolerance`."""
+    if estimate < exact_below:
+        return actual == estimate
+    return abs(actual - estimate) <= tolerance * estimate
+
+
+def check_row_counts(
+    conn: psycopg.Connection,
+    manifest: Manifest,
+    tables: dict[str, str],
+    tolerance: float = 0.1,
+    exact_below: int = 1000,
+) -> CheckResult:
+    """count(*) of every table the manifest estimated (estimates < 0: never analysed, not compared)."""
+    off: list[str] = []
+    compared = 0
+    skipped = 0
+    for name, estimate in sorted(manifest.row_estimates.items()):
+        if estimate < 0 or tables.get(name) not in ("r", "m"):
+            skipped += 1  # never analysed, partitioned parent, or missing (the tables check says so)
+            continue
+        actual = count_rows(conn, name)
+        compared += 1
+        if not row_count_ok(estimate, actual, tolerance, exact_below):
+            off.append(f"{name}: {actual} rows, manifest estimated {estimate}")
+    if off:
+        return CheckResult(
+            "row counts",
+            False,
+            f"{len(off)} table(s) have row counts outside tolerance ({off[0]}); "
+            "the backup lost or gained rows",
+        )
+    note = f", {skipped} not compared (never analysed or partitioned)" if skipped else ""
+    return CheckResult(
+        "row counts",
+        True,
+        f"{compared} tables match (exact below {exact_below} rows, else within {tolerance:.0%}){note}",
+    )
+
+
+def check_alembic(conn: psycopg.Connection, manifest: Manifest) -> CheckResult:
+    found = alembic_revision(conn)
+    if found != manifest.alembic_revision:
+        return CheckResult(
+            "alembic revision",
+            False,
+            f"restored database is at Alembic revision {found or 'none'}, the manifest says "
+            f"{manifest.alembic_revision or 'none'}",
+        )
+    return CheckResult("alembic revision", True, f"{found or 'no Alembic'} as in the manifest")
+
+
+def check_amcheck(params: ConnParams, tool: PgTool, timeout_s: float = 3600) -> CheckResult:
+    """`pg_amcheck --install-missing`: heap and B-tree checks of the whole scratch database."""
+    argv = [str(tool.path), "--no-password", "--install-missing", params.conninfo()]
+    with libpq_environment(params) as env:
+        try:
+            proc = subprocess.run(argv, capture_output=True, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return CheckResult("amcheck", False, f"pg_amcheck did not finish in {timeout_s:.0f} s")
+    out = scrub((proc.stdout + proc.stderr).decode(errors="replace"), params.password).strip()
+    if proc.returncode != 0:
+        first = _error_summary(out) or (out.splitlines()[0] if out else f"exit {proc.returncode}")
+        return CheckResult("amcheck", False, f"pg_amcheck found problems ({first})")
+    return CheckResult("amcheck", True, "pg_amcheck: heap and B-tree indexes are consistent")
+
+
+def failed_summary(checks: list[CheckResult]) -> str:
+    bad = [c for c in checks if not c.ok]
+    return "; ".join(f"{c.name}: {c.detail}" for c in bad)

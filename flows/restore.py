@@ -1,0 +1,235 @@
+"""restore: the restore runbook, as a flow (and list_backups, the listing to choose from).
+
+1. choose      the backup: latest, latest before <timestamp>, or a key; only backups with a manifest
+2. refuse      a protected target without confirm=<its database name>, before any connection to it
+3. preflight   the target server answers; pg_restore of its major version
+4. lock        db:<target block>, so no dump, migrate or reindex runs against it meanwhile
+5. globals     the stored roles file first (optional)
+6. restore     streamed into pg_restore with the sha256 checked before anything commits;
+               create: temporary database renamed on success; replace: one transaction
+7. report      a table artifact with the duration (the RTO figure); Failed with one sentence otherwise
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from blocks.storage import load_store
+from flows.core.catalog import read_catalog
+from flows.core.restore import backup_rows, parse_selector, require_confirmation, select_backup
+from flows.tasks.backup import read_backup_catalog, require_store_kind
+from flows.tasks.common import artifact_key, database_lock, human_bytes
+from flows.tasks.restore import (
+    check_target_server,
+    read_drill_records,
+    restore_database,
+    restore_globals,
+    target_of,
+)
+
+
+class RestoreOptions(BaseModel):
+    """Less common knobs."""
+
+    no_owner: bool = Field(
+        default=False,
+        description="Restore without ownership and grants (pg_restore --no-owner --no-privileges), e.g. onto "
+        "a server that lacks the original roles.",
+    )
+    maintenance_database: str = Field(
+        default="postgres",
+        description="Database on the target server used to create, rename and drop databases.",
+    )
+    workdir: str | None = Field(
+        default=None,
+        description="Directory for the downloaded archive when jobs > 1 (default: the system temp dir); "
+        "its free space is checked against the archive size first.",
+    )
+    pg_bindir: str | None = Field(
+        default=None,
+        description="Directory with pg_restore/psql; default: the target server's major version's.",
+    )
+    lock_wait_hours: float = Field(
+        default=3.0, gt=0, description="How long to wait for the db:<target> concurrency limit."
+    )
+    lock_timeout_s: int = Field(
+        default=60,
+        ge=0,
+        description="mode=replace: pg_restore gives up (rolls back, and the task retries) when a table "
+        "lock is not granted in this time, instead of queueing behind the application's sessions; "
+        "0 waits forever.",
+    )
+    timeout_hours: float = Field(
+        default=24.0, gt=0, description="pg_restore is stopped (and nothing committed) after this long."
+    )
+
+
+class RestoreReport(BaseModel):
+    source_database: str = Field(description="Whose backup was restored (the name in the object layout).")
+    key: str = Field(description="The stored object that was restored.")
+    backup_time: str = Field(description="When that backup's pg_dump ended (UTC).")
+    target: str = Field(description="host:port/database it was restored into.")
+    mode: str = Field(description="create or replace.")
+    jobs: int = Field(description="pg_restore --jobs.")
+    method: str = Field(description="stream (jobs=1) or file (downloaded first, jobs > 1).")
+    bytes: int = Field(description="Stored bytes read (sha256-checked).")
+    raw_bytes: int = Field(description="Archive bytes pg_restore read.")
+    sha256: str = Field(description="sha256 of the stored object; equals the manifest's.")
+    seconds: float = Field(description="Restore duration: the RTO figure.")
+    alembic_revision: str | None = Field(default=None, description="Alembic revision in the backup.")
+    globals: str = Field(default="not applied", description="What happened with the roles file.")
+
+
+@flow(name="restore", log_prints=True)
+def restore(
+    storage: str,
+    source_database: str,
+    target: str,
+    prefix: str = "",
+    backup: str = "latest",
+    mode: Literal["create", "replace"] = "create",
+    jobs: Annotated[int, Field(ge=1, le=64)] = 1,
+    confirm: str = "",
+    globals: bool = False,  # noqa: A002 - the parameter name users see in the UI
+    options: RestoreOptions | None = None,
+) -> RestoreReport:
+    """Restore one backup into a database: a new one (create) or an existing one (replace).
+
+    Args:
+        storage: Storage block slug holding the backups: s3-bucket/NAME or local-file-system/NAME.
+        source_database: Whose backups: the database name used in the object layout (e.g. imagemanager).
+        target: Name of the PostgresDatabase block to restore into; its database is the one created or
+            replaced (its server and credentials are used, nothing else).
+        prefix: Folder inside the storage the backups were written under (e.g. prod); may be empty.
+        backup: `latest`, `latest before 2026-03-01T14:00:00Z` (the newest backup whose pg_dump started
+            before that time), or an explicit key (dump key, manifest key or file name) from
+            `dbops backups list`.
+        mode: create: the target database must not exist; it is restored into a temporary database that is
+            renamed on success and dropped on failure. replace: pg_restore --clean --if-exists in a single
+            transaction into the existing database; a failure rolls back (jobs must be 1).
+        jobs: pg_restore --jobs. Above 1 the backup is first downloaded to a temporary file (free disk
+            space is checked), because parallel pg_restore needs a seekable archive.
+        confirm: Required when the target block is protected: the target database's exact name.
+        globals: Also apply the backup's stored roles file (pg_dumpall --globals-only) first.
+        options: Less common settings (ownership, maintenance database, work directory, timeouts).
+    """
+    logger = get_run_logger()
+    options = options or RestoreOptions()
+    require_store_kind(storage)
+    selector = parse_selector(backup)
+
+    # Refuse before anything connects to the target: only the block is read.
+    params, protected = target_of(target)
+    require_confirmation(protected, params.database, confirm)
+
+    catalog = read_backup_catalog(storage, prefix, source_database)
+    chosen = select_backup(catalog, selector, source_database)
+    m = chosen.manifest
+    logger.info(
+        "%s of %s: %s (pg_dump ended %s, %s stored, alembic %s, %s)",
+        selector.describe(),
+        source_database,
+        m.dump_key,
+        f"{m.ended_at:%Y-%m-%d %H:%M:%S}Z",
+        human_bytes(m.bytes),
+        m.alembic_revision or "none",
+        m.verification.detail if m.verified else "NOT verified when it was taken",
+    )
+    server = check_target_server(target, options.maintenance_database, options.pg_bindir)
+    run_id = (flow_run.get_id() or "")[:8] or None
+    with database_lock(target, wait_seconds=options.lock_wait_hours * 3600):
+        globals_detail = "not applied"
+        if globals:
+            globals_detail = restore_globals(storage, chosen, server, options.maintenance_database)
+        result = restore_database(
+            storage,
+            chosen,
+            server,
+            params.database,
+            mode,
+            jobs,
+            options.no_owner,
+            options.maintenance_database,
+            options.workdir,
+            run_id or "manual",
+            options.timeout_hours * 3600,
+            options.lock_timeout_s or None,
+        )
+    report = RestoreReport(
+        source_database=source_database,
+        key=result.key,
+        backup_time=f"{m.ended_at:%Y-%m-%d %H:%M:%S}Z",
+        target=f"{params.host}:{params.port}/{result.database}",
+        mode=mode,
+        jobs=jobs,
+        method=result.method,
+        bytes=result.bytes,
+        raw_bytes=result.raw_bytes,
+        sha256=result.sha256,
+        seconds=round(result.seconds, 3),
+        alembic_revision=m.alembic_revision,
+        globals=globals_detail,
+    )
+    _publish(report)
+    return report
+
+
+def _publish(report: RestoreReport) -> None:
+    rate = report.raw_bytes / report.seconds if report.seconds else 0
+    rows = [
+        {"item": "backup", "value": report.key},
+        {"item": "backup time", "value": report.backup_time},
+        {"item": "target", "value": report.target},
+        {"item": "mode", "value": f"{report.mode}, jobs={report.jobs} ({report.method})"},
+        {"item": "duration (RTO)", "value": f"{report.seconds:.1f} s"},
+        {"item": "throughput", "value": f"{human_bytes(rate)}/s of archive"},
+        {"item": "stored bytes", "value": f"{report.bytes} ({human_bytes(report.bytes)})"},
+        {"item": "sha256", "value": f"{report.sha256} (matches the manifest)"},
+        {"item": "alembic revision", "value": report.alembic_revision or "none"},
+        {"item": "roles", "value": report.globals},
+    ]
+    create_table_artifact(
+        key=artifact_key("restore", report.target.rsplit("/", 1)[-1]),
+        table=rows,
+        description=f"Restore of {report.source_database} into {report.target}",
+    )
+
+
+@flow(name="list-backups", log_prints=True)
+def list_backups(storage: str, database: str, prefix: str = "") -> list[dict[str, str]]:
+    """The backups of one database, newest first, as a table artifact (`dbops backups list` prints it).
+
+    Args:
+        storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
+        database: The database name used in the object layout (e.g. imagemanager).
+        prefix: Folder inside the storage (e.g. prod); may be empty.
+    """
+    require_store_kind(storage)
+    catalog = read_backup_catalog(storage, prefix, database)
+    drills = read_drill_records(storage, catalog)
+    rows = backup_rows(catalog, dict(drills))
+    create_table_artifact(
+        key=artifact_key("backups", database),
+        table=rows or [{"time": "no backups"}],
+        description=f"Backups of {database} ({len(rows)}; {len(catalog.orphans)} dumps without a manifest)",
+    )
+    return rows
+
+
+def catalog_rows(storage: str, prefix: str, database: str) -> list[dict[str, str]]:
+    """The listing without a flow run (the CLI): storage read directly through its block."""
+    from flows.core.catalog import DRILL_SUFFIX, read_sidecars
+    from flows.core.drill import DrillRecord
+
+    store = load_store(storage)
+    catalog = read_catalog(store, prefix, database)
+    drills = {
+        stem: DrillRecord.from_json(data)
+        for stem, data in read_sidecars(store, catalog, DRILL_SUFFIX).items()
+    }
+    return backup_rows(catalog, dict(drills))

@@ -1,0 +1,193 @@
+"""restore_drill: a backup counts only once dbops has restored it. Weekly, after the Sunday dump.
+
+1. staleness   hours since the newest backup ended; above the threshold the run ends Failed
+2. restore     the latest backup into a fresh scratch database named after the run (sha256 checked)
+3. check       tables from the manifest exist, row counts agree with its estimates (exact for small
+               tables), Alembic revision equals the manifest's, pg_amcheck passes
+4. drop        the scratch database, also when a check failed
+5. record      RTO and result in `<stem>.drill.json` beside the manifest; a table artifact
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from flows.core.drill import CheckResult, scratch_name
+from flows.core.errors import DbopsError
+from flows.core.restore import (
+    Selector,
+    is_stale,
+    select_backup,
+    stale_message,
+    staleness_hours,
+)
+from flows.tasks.backup import read_backup_catalog, require_store_kind
+from flows.tasks.common import artifact_key, human_bytes
+from flows.tasks.restore import (
+    check_restored_database,
+    check_target_server,
+    drop_scratch_database,
+    record_drill,
+    restore_database,
+)
+
+
+class DrillFailed(DbopsError):
+    pass
+
+
+class DrillReport(BaseModel):
+    source_database: str = Field(description="The database name in the object layout.")
+    key: str | None = Field(default=None, description="The backup that was drilled.")
+    staleness_hours: float | None = Field(default=None, description="Hours since the newest backup ended.")
+    max_age_hours: float = Field(description="The staleness threshold.")
+    scratch_database: str = Field(description="Where it was restored (dropped afterwards).")
+    rto_seconds: float | None = Field(default=None, description="Restore duration until usable.")
+    passed: bool = Field(default=False, description="Restore and every check succeeded.")
+    checks: list[dict[str, str]] = Field(default_factory=list, description="name, result, detail per check.")
+
+
+@flow(name="restore-drill", log_prints=True)
+def restore_drill(
+    storage: str,
+    source_database: str,
+    scratch: str,
+    prefix: str = "",
+    max_age_hours: Annotated[float, Field(gt=0)] = 26.0,
+    row_tolerance: Annotated[float, Field(ge=0, le=1)] = 0.1,
+    exact_below: Annotated[int, Field(ge=0)] = 1000,
+    amcheck: bool = True,
+    jobs: Annotated[int, Field(ge=1, le=64)] = 1,
+    maintenance_database: str = "postgres",
+) -> DrillReport:
+    """Restore the latest backup into a scratch database, check it, drop it, and record the result.
+
+    Args:
+        storage: Storage block slug holding the backups: s3-bucket/NAME or local-file-system/NAME.
+        source_database: Whose backups: the database name used in the object layout (e.g. imagemanager).
+        scratch: PostgresDatabase block of the server to restore into (its server and credentials; the
+            database it names is never touched: the scratch database is drill_<source>_<run id>).
+        prefix: Folder inside the storage the backups were written under (e.g. prod); may be empty.
+        max_age_hours: The run fails when the newest backup ended longer ago than this (default 26 h).
+        row_tolerance: Allowed relative difference between restored row counts and the manifest's
+            estimates for large tables (default 0.1 = 10 %).
+        exact_below: Tables the manifest estimated below this many rows must match exactly.
+        amcheck: Run pg_amcheck (heap and B-tree checks) on the restored database.
+        jobs: pg_restore --jobs (above 1 the backup is downloaded to a temporary file first).
+        maintenance_database: Database on the scratch server used to create and drop databases.
+    """
+    logger = get_run_logger()
+    require_store_kind(storage)
+    catalog = read_backup_catalog(storage, prefix, source_database)
+    hours = staleness_hours(catalog)
+    stale = is_stale(hours, max_age_hours)
+    (logger.error if stale else logger.info)(
+        "newest backup of %s: %s h old (threshold %s h)", source_database, hours, max_age_hours
+    )
+    run_id = str(flow_run.get_id() or f"manual{int(time.time())}")
+    name = scratch_name(source_database, run_id.replace("-", ""))
+    report = DrillReport(
+        source_database=source_database,
+        staleness_hours=hours,
+        max_age_hours=max_age_hours,
+        scratch_database=name,
+    )
+    if not catalog.backups:
+        _publish(report)
+        raise DrillFailed(stale_message(source_database, hours, max_age_hours))
+
+    chosen = select_backup(catalog, Selector("latest"), source_database)
+    report.key = chosen.manifest.dump_key
+    server = check_target_server(scratch, maintenance_database)
+    checks: list[CheckResult] = []
+    rto: float | None = None
+    restored = 0
+    try:
+        t0 = time.monotonic()
+        try:
+            result = restore_database(
+                storage,
+                chosen,
+                server,
+                name,
+                "create",
+                jobs,
+                False,
+                maintenance_database,
+                None,
+                run_id.replace("-", "")[:8],
+                None,
+            )
+            rto = time.monotonic() - t0
+            restored = result.raw_bytes
+            logger.info("restored %s into %s in %.1f s (RTO)", human_bytes(restored), name, rto)
+        except Exception as exc:
+            checks.append(CheckResult("restore", False, str(exc)))
+        if not checks:
+            try:
+                checks = check_restored_database(
+                    chosen,
+                    server.params.with_database(name),
+                    str(server.pg_restore.path.parent),
+                    server.server_version_num,
+                    row_tolerance,
+                    exact_below,
+                    amcheck,
+                )
+            except Exception as exc:
+                checks.append(CheckResult("checks", False, f"the checks could not run: {exc}"))
+    finally:
+        drop_scratch_database(server.params, name, maintenance_database)
+        report.rto_seconds = round(rto, 3) if rto is not None else None
+        report.checks = [
+            {"check": c.name, "result": "ok" if c.ok else "FAILED", "detail": c.detail} for c in checks
+        ]
+        report.passed = bool(checks) and all(c.ok for c in checks)
+        record_drill(
+            storage,
+            chosen,
+            checks,
+            rto or 0.0,
+            restored,
+            name,
+            f"{server.params.host}:{server.params.port}",
+            str(flow_run.get_id()) if flow_run.get_id() else None,
+        )
+        _publish(report)
+
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        first = failed[0]
+        extra = f" (and {len(failed) - 1} more check(s))" if len(failed) > 1 else ""
+        also = f"; also, {stale_message(source_database, hours, max_age_hours)}" if stale else ""
+        raise DrillFailed(
+            f"restore drill of {chosen.stem.rsplit('/', 1)[-1]} failed: {first.name}: {first.detail}{extra}"
+            f"{also}; the backup cannot be trusted, see the restore-drill artifact"
+        )
+    if stale:
+        raise DrillFailed(stale_message(source_database, hours, max_age_hours))
+    logger.info("drill passed: %s restored and checked, RTO %.1f s", chosen.manifest.dump_key, rto or 0)
+    return report
+
+
+def _publish(report: DrillReport) -> None:
+    rows = [
+        {"item": "backup", "value": report.key or "none"},
+        {"item": "backup staleness (hours)", "value": report.staleness_hours},
+        {"item": "staleness threshold (hours)", "value": report.max_age_hours},
+        {"item": "scratch database", "value": f"{report.scratch_database} (dropped)"},
+        {"item": "RTO (seconds)", "value": report.rto_seconds},
+        {"item": "result", "value": "passed" if report.passed else "FAILED"},
+    ]
+    rows += [{"item": c["check"], "value": f"{c['result']}: {c['detail']}"} for c in report.checks]
+    create_table_artifact(
+        key=artifact_key("restore-drill", report.source_database),
+        table=rows,
+        description=f"Restore drill of {report.source_database}",
+    )

@@ -1,0 +1,207 @@
+"""Tasks of the restore runbook and the restore drill: each does one thing to the world."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from blocks.storage import load_store
+from flows.core.catalog import DRILL_SUFFIX, Backup, Catalog, drill_key, read_sidecars
+from flows.core.drill import (
+    CheckResult,
+    DrillCheck,
+    DrillRecord,
+    check_alembic,
+    check_amcheck,
+    check_row_counts,
+    check_tables,
+    failed_summary,
+    restored_tables,
+)
+from flows.core.dump import PgTool, find_tool
+from flows.core.postgres import ConnParams, connect, server_version_num
+from flows.core.restore import (
+    RestoreRequest,
+    RestoreResult,
+    apply_globals,
+    drop_database,
+    restore_backup,
+)
+from flows.tasks.backup import load_database
+from flows.tasks.common import Progress, human_bytes, retry_policy
+
+
+@dataclass
+class Target:
+    """The server a restore writes to; no password in its repr (ConnParams hides it)."""
+
+    block: str
+    params: ConnParams
+    protected: bool
+    server_version_num: int
+    pg_restore: PgTool
+
+
+def target_of(block_name: str) -> tuple[ConnParams, bool]:
+    """The block's connection details and protected flag, without connecting."""
+    block = load_database(block_name)
+    return block.params(), block.protected
+
+
+@task(name="check_target_server", cache_policy=NONE, **retry_policy())
+def check_target_server(block_name: str, maintenance_database: str, pg_bindir: str | None = None) -> Target:
+    """Connect to the target server's maintenance database and find a matching pg_restore."""
+    params, protected = target_of(block_name)
+    with connect(params.with_database(maintenance_database)) as conn:
+        version = server_version_num(conn)
+    tool = find_tool("pg_restore", version, pg_bindir)
+    get_run_logger().info(
+        "target %s:%s (PostgreSQL %d), database %s; using %s %s",
+        params.host,
+        params.port,
+        version,
+        params.database,
+        tool.path,
+        tool.version,
+    )
+    return Target(block_name, params, protected, version, tool)
+
+
+@task(name="restore_globals", cache_policy=NONE, **retry_policy())
+def restore_globals(storage: str, backup: Backup, target: Target, maintenance_database: str) -> str:
+    """Apply the stored roles file (pg_dumpall --globals-only) with psql before the database."""
+    if not backup.manifest.globals_key:
+        raise FileNotFoundError(
+            f"backup {backup.stem.rsplit('/', 1)[-1]} has no roles file; run without globals, or pick a "
+            "backup taken with globals=true"
+        )
+    data = load_store(storage).get_bytes(backup.manifest.globals_key)
+    psql = find_tool("psql", target.server_version_num, str(target.pg_restore.path.parent))
+    detail = apply_globals(data, target.params.with_database(maintenance_database), psql)
+    get_run_logger().info(detail)
+    return detail
+
+
+@task(name="restore_database", cache_policy=NONE, **retry_policy())
+def restore_database(
+    storage: str,
+    backup: Backup,
+    target: Target,
+    database: str,
+    mode: str,
+    jobs: int,
+    no_owner: bool,
+    maintenance_database: str,
+    workdir: str | None,
+    run_id: str,
+    timeout_s: float | None,
+    lock_timeout_s: int | None = None,
+) -> RestoreResult:
+    """Stream the backup into pg_restore (sha256 checked before anything commits) into `database`."""
+    logger = get_run_logger()
+    manifest = backup.manifest
+    progress = Progress(
+        f"restore of {backup.stem.rsplit('/', 1)[-1]} into {database}", total=manifest.raw_bytes
+    )
+    req = RestoreRequest(
+        store=load_store(storage),
+        backup=backup,
+        target=target.params.with_database(database),
+        tool=target.pg_restore,
+        mode=mode,  # type: ignore[arg-type]
+        jobs=jobs,
+        no_owner=no_owner,
+        maintenance_database=maintenance_database,
+        workdir=workdir,
+        run_id=run_id,
+        timeout_s=timeout_s,
+        lock_timeout_s=lock_timeout_s,
+    )
+    result = restore_backup(req, progress=progress, log=logger.info)
+    logger.info(
+        "restored %s (%s archive) into %s in %.1f s, %s/s",
+        result.key,
+        human_bytes(result.raw_bytes),
+        result.database,
+        result.seconds,
+        human_bytes(result.raw_bytes / result.seconds),
+    )
+    if result.warnings:
+        logger.warning("pg_restore said: %s", result.warnings[-2000:])
+    return result
+
+
+@task(name="check_restored_database", cache_policy=NONE)
+def check_restored_database(
+    backup: Backup,
+    params: ConnParams,
+    tool_dir: str,
+    server_version: int,
+    row_tolerance: float,
+    exact_below: int,
+    amcheck: bool,
+) -> list[CheckResult]:
+    """Tables, row counts, Alembic revision and pg_amcheck on the restored copy."""
+    logger = get_run_logger()
+    manifest = backup.manifest
+    with connect(params) as conn:
+        tables = restored_tables(conn)
+        checks = [check_tables(manifest, tables)]
+        checks.append(check_row_counts(conn, manifest, tables, row_tolerance, exact_below))
+        checks.append(check_alembic(conn, manifest))
+    if amcheck:
+        checks.append(check_amcheck(params, find_tool("pg_amcheck", server_version, tool_dir)))
+    for check in checks:
+        (logger.info if check.ok else logger.error)(
+            "%s %s: %s", "ok" if check.ok else "FAILED", check.name, check.detail
+        )
+    return checks
+
+
+@task(name="drop_scratch_database", cache_policy=NONE, **retry_policy())
+def drop_scratch_database(params: ConnParams, name: str, maintenance_database: str) -> None:
+    with connect(params.with_database(maintenance_database)) as conn:
+        drop_database(conn, name)
+    get_run_logger().info("dropped scratch database %s", name)
+
+
+@task(name="record_drill", cache_policy=NONE, **retry_policy())
+def record_drill(
+    storage: str,
+    backup: Backup,
+    checks: list[CheckResult],
+    rto_seconds: float,
+    restored_bytes: int,
+    scratch: str,
+    server: str,
+    flow_run_id: str | None,
+) -> DrillRecord:
+    """Write `<stem>.drill.json` beside the manifest: the listing shows when it was last proven."""
+    record = DrillRecord(
+        dump_key=backup.manifest.dump_key,
+        drilled_at=datetime.now(UTC),
+        passed=bool(checks) and all(c.ok for c in checks),
+        rto_seconds=round(rto_seconds, 3),
+        restored_bytes=restored_bytes,
+        scratch_database=scratch,
+        server=server,
+        checks=[DrillCheck(name=c.name, ok=c.ok, detail=c.detail) for c in checks],
+        flow_run_id=flow_run_id,
+        summary=failed_summary(checks) if checks else "restore failed",
+    )
+    load_store(storage).put_bytes(drill_key(backup.stem), record.to_json())
+    return record
+
+
+@task(name="read_drill_records", cache_policy=NONE, **retry_policy())
+def read_drill_records(storage: str, catalog: Catalog) -> dict[str, DrillRecord]:
+    records: dict[str, DrillRecord] = {}
+    for stem, data in read_sidecars(load_store(storage), catalog, DRILL_SUFFIX).items():
+        try:
+            records[stem] = DrillRecord.from_json(data)
+        except ValueError:
+            continue
+    return records

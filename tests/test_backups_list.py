@@ -1,0 +1,61 @@
+"""`dbops backups list` and the list-backups flow: what exists, verified, drilled, Alembic revision."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deployments.cli import main
+from flows.nightly_dump import nightly_dump
+from flows.restore import list_backups
+from flows.restore_drill import restore_drill
+from tests.conftest import make_database_block, make_s3_block
+from tests.harness.pg import PgCluster
+from tests.harness.s3 import S3Endpoint
+from tests.test_nightly_dump_flow import sample_database
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def test_list_shows_backups_newest_first_with_verified_drilled_and_revision(
+    pg: PgCluster, s3: S3Endpoint, bucket: str, unique: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = sample_database(pg, f"src_{unique}")
+    block = make_database_block(pg, f"src-{unique}", name)
+    storage = make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")
+    unverified = nightly_dump(database=block, storage=storage, prefix="prod", verify="none")
+    drilled = nightly_dump(database=block, storage=storage, prefix="prod")
+    restore_drill(storage=storage, source_database=name, scratch=block, prefix="prod", amcheck=False)
+    # A dump without a manifest is not a backup: never listed.
+    s3.client().put_object(
+        Bucket=bucket, Key=f"dbops/prod/{name}/dumps/2020/01/01/{name}-20200101T020000Z.dump.zst", Body=b"x"
+    )
+    capsys.readouterr()
+
+    assert main(["backups", "list", "--storage", storage, "--prefix", "prod", "--database", name]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if name + "/dumps/" in line]
+    assert len(lines) == 2 and drilled.key in lines[0] and unverified.key in lines[1]
+    assert "restored and checked at" in lines[0] and "list" in lines[0]
+    assert "never" in lines[1] and " no " in lines[1]
+    assert all("0004_classifications_image_index" in line and "zstd" in line for line in lines)
+    assert "20200101T020000Z" not in out
+
+    assert main(["backups", "list", "--storage", storage, "--prefix", "prod", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [row["key"] for row in listed[name]] == [drilled.key, unverified.key]
+
+    rows = list_backups(storage=storage, database=name, prefix="prod")
+    assert [row["drilled"].split(" at ")[0] for row in rows] == ["restored and checked", "never"]
+
+
+def test_list_without_storage_says_what_to_pass(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.delenv("DBOPS_STORAGE", raising=False)
+    assert main(["backups", "list", "--storage", ""]) == 2
+    assert "--storage is required" in capsys.readouterr().err
+
+
+def test_list_of_an_unknown_block_is_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["backups", "list", "--storage", "s3-bucket/no-such-block", "--database", "x"]) == 1
+    assert "does not exist" in capsys.readouterr().err

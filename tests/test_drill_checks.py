@@ -1,0 +1,88 @@
+"""The drill's checks as plain functions (flows.core.drill), against a real PostgreSQL database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from flows.core.catalog import Catalog
+from flows.core.drill import (
+    DrillRecord,
+    check_alembic,
+    check_row_counts,
+    check_tables,
+    restored_tables,
+    row_count_ok,
+    scratch_name,
+)
+from flows.core.manifest import Manifest
+from flows.core.restore import is_stale, staleness_hours
+from tests.harness.pg import PgCluster
+
+
+def manifest(estimates: dict[str, int], revision: str | None = "0004") -> Manifest:
+    now = datetime.now(UTC)
+    return Manifest(
+        database="d",
+        server="h:1",
+        server_version="15",
+        pg_dump_version="15",
+        started_at=now,
+        ended_at=now,
+        dump_key="k",
+        bytes=1,
+        raw_bytes=1,
+        sha256="0",
+        compression="zstd",
+        compression_level=3,
+        dump_options=[],
+        alembic_revision=revision,
+        row_estimates=estimates,
+    )
+
+
+def test_row_counts_are_exact_for_small_tables_and_within_tolerance_for_large() -> None:
+    assert row_count_ok(10, 10, 0.1, 1000) and not row_count_ok(10, 11, 0.1, 1000)
+    assert row_count_ok(100_000, 109_000, 0.1, 1000) and not row_count_ok(100_000, 111_000, 0.1, 1000)
+
+
+def test_scratch_name_is_derived_from_the_run_and_leaves_room_for_the_temporary_suffix() -> None:
+    name = scratch_name("imagemanager", "3f2a9c1e-aaaa-bbbb")
+    assert name.startswith("drill_imagemanager_3f2a9c1e")
+    assert len(scratch_name("x" * 80, "3f2a9c1e") + "_restoring_abcdef12") <= 63
+
+
+def test_checks_on_a_real_database_name_the_table_and_revision_at_fault(pg: PgCluster, unique: str) -> None:
+    db = f"chk_{unique}"
+    pg.create_database(db)
+    pg.sql("CREATE TABLE t (id int)", db)
+    pg.sql("INSERT INTO t SELECT generate_series(1, 50)", db)
+    pg.sql("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)", db)
+    pg.sql("INSERT INTO alembic_version VALUES ('0004')", db)
+    with pg.connect(db) as conn:
+        tables = restored_tables(conn)
+        good = manifest({"public.t": 50, "public.alembic_version": 1})
+        assert check_tables(good, tables).ok and check_row_counts(conn, good, tables).ok
+        assert check_alembic(conn, good).ok
+        bad = manifest({"public.t": 49, "public.ghost": 3, "public.never": -1}, revision="0003")
+        assert "public.ghost" in check_tables(bad, tables).detail
+        counts = check_row_counts(conn, bad, tables)
+        assert not counts.ok and "public.t: 50 rows, manifest estimated 49" in counts.detail
+        assert "0003" in check_alembic(conn, bad).detail and not check_alembic(conn, bad).ok
+
+
+def test_staleness_is_hours_since_the_newest_backup_ended() -> None:
+    assert staleness_hours(Catalog([], [])) is None and is_stale(None, 26)
+    assert not is_stale(25.9, 26) and is_stale(26.1, 26)
+
+
+def test_drill_record_round_trips_and_describes_itself() -> None:
+    record = DrillRecord(
+        dump_key="k",
+        drilled_at=datetime(2026, 3, 1, 3, tzinfo=UTC),
+        passed=True,
+        rto_seconds=42.4,
+        scratch_database="s",
+        server="h:1",
+    )
+    assert DrillRecord.from_json(record.to_json()) == record
+    assert record.describe() == "restored and checked at 2026-03-01 03:00Z (RTO 42 s)"

@@ -1,0 +1,120 @@
+"""The weekly restore drill end to end: real PostgreSQL, the moto S3 server, a real Prefect API."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from flows.core.drill import DrillRecord
+from flows.core.manifest import Manifest
+from flows.nightly_dump import nightly_dump
+from flows.restore_drill import restore_drill
+from tests.conftest import make_database_block, make_s3_block
+from tests.harness.pg import PgCluster
+from tests.harness.s3 import S3Endpoint
+from tests.test_nightly_dump_flow import failure_message, sample_database
+from tests.test_restore_flow import databases, rewrite
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.fixture
+def source(pg: PgCluster, unique: str) -> tuple[str, str]:
+    name = sample_database(pg, f"src_{unique}")
+    return make_database_block(pg, f"src-{unique}", name), name
+
+
+@pytest.fixture
+def storage(s3: S3Endpoint, bucket: str, unique: str) -> str:
+    return make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")
+
+
+def drill_record(s3: S3Endpoint, bucket: str, manifest_key: str) -> DrillRecord:
+    key = "dbops/" + manifest_key.removesuffix(".manifest.json") + ".drill.json"
+    return DrillRecord.from_json(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def artifact_values(name: str) -> dict[str, object]:
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get(f"restore-drill-{name.replace('_', '-')}")
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return {row["item"]: row["value"] for row in table}
+
+
+def test_drill_passes_on_a_good_backup_drops_the_scratch_database_and_records_the_rto(
+    pg: PgCluster, source: tuple[str, str], storage: str, s3: S3Endpoint, bucket: str
+) -> None:
+    block, name = source
+    dumped = nightly_dump(database=block, storage=storage, prefix="prod")
+    report = restore_drill(storage=storage, source_database=name, scratch=block, prefix="prod")
+    assert report.passed and report.key == dumped.key and report.rto_seconds > 0
+    assert {c["check"]: c["result"] for c in report.checks} == {
+        "tables": "ok",
+        "row counts": "ok",
+        "alembic revision": "ok",
+        "amcheck": "ok",
+    }
+    assert databases(pg, "drill_%") == []  # the scratch database is gone
+    record = drill_record(s3, bucket, dumped.manifest_key)
+    assert record.passed and record.rto_seconds == report.rto_seconds and record.dump_key == dumped.key
+    assert record.scratch_database == report.scratch_database and record.describe().startswith(
+        "restored and checked at"
+    )
+    values = artifact_values(name)
+    assert 0 <= float(values["backup staleness (hours)"]) < 1 and values["result"] == "passed"
+
+
+def test_drill_fails_when_the_manifest_claims_a_table_the_dump_lacks(
+    pg: PgCluster, source: tuple[str, str], storage: str, s3: S3Endpoint, bucket: str
+) -> None:
+    block, name = source
+    dumped = nightly_dump(database=block, storage=storage)
+
+    def claim_ghost_table(body: bytes) -> bytes:
+        data = json.loads(body)
+        data["row_estimates"]["public.ghost"] = 5
+        return json.dumps(data).encode()
+
+    rewrite(s3, bucket, f"dbops/{dumped.manifest_key}", claim_ghost_table)
+    state = restore_drill(
+        storage=storage, source_database=name, scratch=block, amcheck=False, return_state=True
+    )
+    message = failure_message(state)
+    assert "restore drill of" in message and "public.ghost" in message and "tables" in message
+    assert databases(pg, "drill_%") == []  # dropped although a check failed
+    record = drill_record(s3, bucket, dumped.manifest_key)
+    assert not record.passed and "public.ghost" in record.summary
+    assert artifact_values(name)["result"] == "FAILED"
+
+
+def test_drill_fails_loudly_when_the_newest_backup_is_older_than_the_threshold(
+    source: tuple[str, str], storage: str, s3: S3Endpoint, bucket: str
+) -> None:
+    block, name = source
+    dumped = nightly_dump(database=block, storage=storage)
+
+    def thirty_hours_old(body: bytes) -> bytes:
+        m = Manifest.from_json(body)
+        ended = datetime.now(UTC) - timedelta(hours=30)
+        return m.model_copy(update={"ended_at": ended, "started_at": ended - timedelta(minutes=1)}).to_json()
+
+    rewrite(s3, bucket, f"dbops/{dumped.manifest_key}", thirty_hours_old)
+    state = restore_drill(
+        storage=storage, source_database=name, scratch=block, amcheck=False, return_state=True
+    )
+    message = failure_message(state)
+    assert "newest backup of" in message and "h old (threshold 26 h)" in message
+    values = artifact_values(name)
+    assert 29.9 < float(values["backup staleness (hours)"]) < 30.5
+    assert values["result"] == "passed"  # the backup itself restores fine: staleness alone fails the run
+
+
+def test_drill_with_no_backups_at_all_fails_naming_the_database(
+    storage: str, source: tuple[str, str]
+) -> None:
+    block, name = source
+    state = restore_drill(storage=storage, source_database=name, scratch=block, return_state=True)
+    assert f"no backup of {name!r} at all" in failure_message(state)

@@ -1,0 +1,196 @@
+"""The restore flow end to end: real PostgreSQL, the moto S3 server over HTTP, a real Prefect API."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from flows.core.manifest import Manifest
+from flows.nightly_dump import nightly_dump
+from flows.restore import RestoreOptions, restore
+from tests.conftest import make_database_block, make_s3_block
+from tests.harness.pg import PgCluster, free_port
+from tests.harness.s3 import S3Endpoint
+from tests.test_nightly_dump_flow import failure_message, sample_database
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def content(pg: PgCluster, dbname: str) -> tuple[int, str, str]:
+    """Row count, an md5 over every row, and the Alembic revision: equal means the same data."""
+    count, digest = pg.sql(
+        "SELECT count(*), md5(coalesce(string_agg(i::text, '|' ORDER BY id), '')) FROM images i", dbname
+    )[0]
+    revision = pg.sql("SELECT string_agg(version_num, ',') FROM alembic_version", dbname)[0][0]
+    return count, digest, revision
+
+
+def databases(pg: PgCluster, pattern: str) -> list[str]:
+    return [r[0] for r in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", params=(pattern,))]
+
+
+def rewrite(s3: S3Endpoint, bucket: str, key: str, change) -> None:
+    """Rewrite one object in the bucket through `change(bytes) -> bytes`."""
+    client = s3.client()
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=change(body))
+
+
+def flip_one_byte_of_row_data(body: bytes) -> bytes:
+    """Change one character of a row (`img-10000` → `img-1000X`): still valid COPY data, so pg_restore
+    alone would load and commit it; only the sha256 comparison can stop it."""
+    at = body.index(b"\timg-10000\t") + len(b"\timg-1000")
+    return body[:at] + b"X" + body[at + 1 :]
+
+
+@pytest.fixture
+def source(pg: PgCluster, unique: str) -> tuple[str, str]:
+    """(block name, database name) of a sample database to back up."""
+    name = sample_database(pg, f"src_{unique}")
+    return make_database_block(pg, f"src-{unique}", name), name
+
+
+@pytest.fixture
+def storage(s3: S3Endpoint, bucket: str, unique: str) -> str:
+    return make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")
+
+
+def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
+    pg: PgCluster, source: tuple[str, str], storage: str, unique: str
+) -> None:
+    from prefect.artifacts import Artifact
+
+    block, name = source
+    dumped = nightly_dump(database=block, storage=storage, prefix="prod", globals=True)
+    target = make_database_block(pg, f"new-{unique}", f"restored_{unique}")
+    report = restore(
+        storage=storage, source_database=name, target=target, prefix="prod", mode="create", globals=True
+    )
+    assert report.key == dumped.key and report.sha256 == dumped.sha256 and report.method == "stream"
+    assert content(pg, f"restored_{unique}") == content(pg, name)
+    assert report.globals.startswith("roles file applied") and "existed already" in report.globals
+    assert databases(pg, "%_restoring_%") == []
+    artifact = Artifact.get(f"restore-restored-{unique}")
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    values = {row["item"]: row["value"] for row in table}
+    assert values["duration (RTO)"].endswith(" s") and values["backup"] == dumped.key
+    assert pg.password not in json.dumps(table)
+
+    # create never overwrites: the database now exists, a second create is refused and changes nothing
+    pg.sql("INSERT INTO images (name) VALUES ('added after the restore')", f"restored_{unique}")
+    after = content(pg, f"restored_{unique}")
+    state = restore(storage=storage, source_database=name, target=target, prefix="prod", return_state=True)
+    assert "already exists" in failure_message(state) and "mode=replace" in failure_message(state)
+    assert content(pg, f"restored_{unique}") == after
+
+
+def test_jobs_2_downloads_the_archive_first_then_restores_in_parallel(
+    pg: PgCluster, source: tuple[str, str], storage: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    block, name = source
+    nightly_dump(database=block, storage=storage)
+    target = make_database_block(pg, f"par-{unique}", f"parallel_{unique}")
+    state = restore(
+        storage=storage,
+        source_database=name,
+        target=target,
+        jobs=2,
+        options=RestoreOptions(no_owner=True),
+        return_state=True,
+    )
+    report = state.result()
+    assert report.method == "file" and report.jobs == 2
+    assert content(pg, f"parallel_{unique}") == content(pg, name)
+    assert "jobs=2 needs a seekable archive: downloading" in caplog.text  # the run's log says so
+    # replace is one transaction; pg_restore cannot combine that with --jobs, so it is refused
+    state = restore(
+        storage=storage, source_database=name, target=block, mode="replace", jobs=2, return_state=True
+    )
+    assert "--single-transaction with --jobs" in failure_message(state)
+
+
+def test_replace_mode_puts_back_the_backed_up_rows_into_a_protected_database_only_with_confirm(
+    pg: PgCluster, source: tuple[str, str], storage: str, unique: str
+) -> None:
+    _, name = source
+    protected = make_database_block(pg, f"prot-{unique}", name, protected=True)
+    nightly_dump(database=protected, storage=storage)
+    backed_up = content(pg, name)
+    pg.sql("DELETE FROM images WHERE id % 2 = 0", name)
+    pg.sql("UPDATE alembic_version SET version_num = 'something_else'", name)
+    changed = content(pg, name)
+    assert changed != backed_up
+    state = restore(
+        storage=storage, source_database=name, target=protected, mode="replace", return_state=True
+    )
+    assert "is protected" in failure_message(state) and content(pg, name) == changed
+    report = restore(storage=storage, source_database=name, target=protected, mode="replace", confirm=name)
+    assert report.mode == "replace" and content(pg, name) == backed_up
+
+
+@pytest.mark.parametrize("mode", ["replace", "create"])
+def test_object_with_one_flipped_byte_is_refused_and_the_target_is_untouched(
+    pg: PgCluster, source: tuple[str, str], storage: str, s3: S3Endpoint, bucket: str, unique: str, mode: str
+) -> None:
+    block, name = source
+    # Uncompressed, so the changed byte reaches pg_restore as row data instead of failing zstd.
+    dumped = nightly_dump(database=block, storage=storage, compression="none")
+    rewrite(s3, bucket, f"dbops/{dumped.key}", flip_one_byte_of_row_data)
+    pg.sql("INSERT INTO images (name) VALUES ('written after the backup')", name)
+    before = content(pg, name)
+    target = block if mode == "replace" else make_database_block(pg, f"new-{unique}", f"restored_{unique}")
+    state = restore(storage=storage, source_database=name, target=target, mode=mode, return_state=True)
+    message = failure_message(state)
+    assert "does not match its manifest" in message and "before it committed anything" in message
+    assert content(pg, name) == before  # replace: rolled back; create: never touched
+    assert databases(pg, f"restored_{unique}%") == []  # create: no target, no temporary database
+
+
+def test_protected_target_without_confirm_is_refused_before_any_connection(
+    source: tuple[str, str], storage: str, unique: str
+) -> None:
+    from blocks import PostgresDatabase
+
+    _, name = source
+    # Nothing listens on this port: any connection attempt would fail with "cannot reach" instead.
+    PostgresDatabase(
+        host="127.0.0.1", port=free_port(), database="imagemanager", user="u", password="p", protected=True
+    ).save(f"prod-{unique}", overwrite=True)
+    state = restore(
+        storage=storage,
+        source_database=name,
+        target=f"prod-{unique}",
+        mode="replace",
+        confirm="IMAGEMANAGER",
+        return_state=True,
+    )
+    message = failure_message(state)
+    assert "is protected" in message and "confirm='imagemanager'" in message
+    assert "cannot reach" not in message
+
+
+def test_latest_before_picks_the_newest_backup_started_before_that_time(
+    pg: PgCluster, source: tuple[str, str], storage: str, s3: S3Endpoint, bucket: str, unique: str
+) -> None:
+    block, name = source
+    old = nightly_dump(database=block, storage=storage)
+    old_content = content(pg, name)
+    now = datetime.now(UTC)
+
+    def two_days_earlier(body: bytes) -> bytes:
+        m = Manifest.from_json(body)
+        return m.model_copy(
+            update={"started_at": now - timedelta(days=2), "ended_at": now - timedelta(days=2, minutes=-5)}
+        ).to_json()
+
+    rewrite(s3, bucket, f"dbops/{old.manifest_key}", two_days_earlier)
+    pg.sql("DELETE FROM images WHERE id > 15000", name)
+    nightly_dump(database=block, storage=storage)
+    new_content = content(pg, name)
+    cutoff = (now - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    before = make_database_block(pg, f"b-{unique}", f"before_{unique}")
+    report = restore(storage=storage, source_database=name, target=before, backup=f"latest before {cutoff}")
+    assert report.key == old.key and content(pg, f"before_{unique}") == old_content
+    assert new_content != old_content

@@ -1,0 +1,97 @@
+"""The streamed restore's promise, at the core level: pg_restore cannot commit bytes whose sha256 has not
+been compared yet. Real PostgreSQL, real pg_dump/pg_restore, a local object store; no Prefect."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from flows.core.catalog import Backup
+from flows.core.compression import Compression
+from flows.core.dump import find_tool, stream_dump
+from flows.core.manifest import Manifest
+from flows.core.objectstore import LocalObjectStore, MiB
+from flows.core.postgres import ConnParams
+from flows.core.restore import ChecksumMismatch, RestoreRequest, restore_backup
+from tests.harness.pg import PgCluster
+from tests.test_nightly_dump_flow import sample_database
+from tests.test_restore_flow import content, flip_one_byte_of_row_data
+
+
+class StoreThatLingersAtTheEnd(LocalObjectStore):
+    """After the last byte it gives pg_restore up to 2 s to finish on its own before reporting the end.
+
+    Were the whole archive fed before the sha256 comparison, pg_restore would COMMIT and exit in that
+    time; holding back the last chunk is what keeps it waiting for input, so the wait runs out instead.
+    """
+
+    proc: subprocess.Popen[bytes] | None = None
+    exited_early: bool = False
+
+    def get_stream(self, key: str, chunk_size: int = MiB) -> Iterator[bytes]:
+        yield from super().get_stream(key, chunk_size)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=2)
+                self.exited_early = True
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def params(pg: PgCluster, database: str) -> ConnParams:
+    return ConnParams(host=pg.host, port=pg.port, database=database, user=pg.superuser, password=pg.password)
+
+
+@pytest.mark.parametrize("compression", [Compression.none, Compression.zstd])
+def test_changed_byte_found_at_end_of_stream_kills_pg_restore_before_it_commits(
+    pg: PgCluster, unique: str, tmp_path: Path, compression: Compression
+) -> None:
+    name = sample_database(pg, f"stream_{unique}_{compression.value}")
+    version = int(pg.sql("SHOW server_version_num")[0][0])
+    store = StoreThatLingersAtTheEnd(tmp_path)
+    key = f"x/{name}/dumps/2026/01/01/{name}-20260101T000000Z.dump" + (
+        ".zst" if compression.value == "zstd" else ""
+    )
+    dumped = stream_dump(
+        params(pg, name), store, key, tool=find_tool("pg_dump", version), compression=compression, level=0
+    )
+    manifest = Manifest(
+        database=name,
+        server="x",
+        server_version="15",
+        pg_dump_version="15",
+        started_at=datetime.now(UTC),
+        ended_at=datetime.now(UTC),
+        dump_key=key,
+        bytes=dumped.bytes,
+        raw_bytes=dumped.raw_bytes,
+        sha256=dumped.sha256,
+        compression=compression,
+        compression_level=0,
+        dump_options=[],
+    )
+    if compression is Compression.none:
+        (tmp_path / key).write_bytes(flip_one_byte_of_row_data((tmp_path / key).read_bytes()))
+    else:  # the same effect for a zstd object: the stored bytes are not the ones the manifest describes
+        manifest = manifest.model_copy(update={"sha256": "0" * 64})
+    pg.sql("DELETE FROM images WHERE id > 100", name)
+    before = content(pg, name)
+
+    def seen(proc: subprocess.Popen[bytes]) -> None:
+        store.proc = proc
+
+    request = RestoreRequest(
+        store=store,
+        backup=Backup(key.removesuffix(".dump"), manifest, [key]),
+        target=params(pg, name),
+        tool=find_tool("pg_restore", version),
+        mode="replace",
+    )
+    with pytest.raises(ChecksumMismatch, match="stopped before it committed anything"):
+        restore_backup(request, on_start=seen, log=lambda _: None)
+    assert content(pg, name) == before
+    assert not store.exited_early  # pg_restore was still waiting for its last bytes
