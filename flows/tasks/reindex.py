@@ -1,0 +1,214 @@
+"""Tasks of the reindex runbook: find bloated indexes, drop leftovers, rebuild one index, vacuum.
+
+The lock-timeout retries of one REINDEX live in flows.core.reindex (they must drop the attempt's
+`_ccnew` before the next one); the Prefect retry policy here only covers an unreachable database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from flows.core.bloat import (
+    IndexRow,
+    ReindexPlan,
+    Selection,
+    check_server_version,
+    index_by_name,
+    measure,
+    measure_with_pgstatindex,
+    pgstattuple_schema,
+    plan_reindex,
+    read_indexes,
+)
+from flows.core.postgres import server_version_num
+from flows.core.reindex import (
+    RebuildResult,
+    analyze_tables,
+    drop_index_concurrently,
+    rebuild_index,
+    reindex_advisory_lock,
+    set_session_timeouts,
+    vacuum_analyze,
+)
+from flows.tasks.backup import load_database
+from flows.tasks.common import human_bytes, retry_policy
+
+
+@dataclass
+class Inspection:
+    """What the run found: the plan, and how bloat was measured (said in the artifact)."""
+
+    database: str
+    where: str
+    server_version: str
+    stattuple_schema: str | None
+    plan: ReindexPlan
+
+    @property
+    def method(self) -> str:
+        if self.stattuple_schema:
+            return "pgstatindex (pgstattuple) on the candidates of a catalog estimate"
+        return (
+            "catalog estimate only (pgstattuple is not installed: "
+            "CREATE EXTENSION pgstattuple for exact numbers)"
+        )
+
+
+@dataclass
+class Measured:
+    size_bytes: int | None
+    bloat: float | None
+
+
+@contextmanager
+def reindex_lock(database: str) -> Iterator[None]:
+    """The PostgreSQL side of "never two reindexers": a session advisory lock held for the whole run."""
+    params = load_database(database).params()
+    with reindex_advisory_lock(params) as conn:
+        get_run_logger().info(
+            "holding the reindex advisory lock on %s (pid %d)", params.where, conn.info.backend_pid
+        )
+        yield
+
+
+@task(name="find_bloated_indexes", cache_policy=NONE, **retry_policy())
+def find_bloated_indexes(
+    database: str,
+    bloat_threshold: float,
+    min_index_size: int,
+    selection: Selection,
+    confirm_with_analyze: bool,
+    lock_timeout: float,
+) -> Inspection:
+    """Catalog estimate of every index, pgstatindex on the doubtful ones, then the plan."""
+    logger = get_run_logger()
+    block = load_database(database)
+    params = block.params()
+    with block.connect() as conn:
+        set_session_timeouts(conn, lock_timeout)  # pgstatindex must not queue behind DDL
+        version_num = server_version_num(conn)
+        version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        check_server_version(version_num)
+        schema = pgstattuple_schema(conn)
+        rows = measure(conn, read_indexes(conn), bloat_threshold, schema)
+        plan = plan_reindex(
+            rows, bloat_threshold=bloat_threshold, min_index_size=min_index_size, selection=selection
+        )
+        if schema is None and confirm_with_analyze and plan.rebuilds:
+            # estimates rest on reltuples and pg_stats: refresh them for the candidates' tables and look again
+            tables = sorted({(c.index.schema, c.index.table) for c in plan.rebuilds if c.index.valid})
+            analyze_tables(params, tables, lock_timeout)
+            plan = plan_reindex(
+                read_indexes(conn),
+                bloat_threshold=bloat_threshold,
+                min_index_size=min_index_size,
+                selection=selection,
+            )
+    inspection = Inspection(params.database, params.where, version, schema, plan)
+    logger.info(
+        "%s (PostgreSQL %s): %d leftovers to drop, %d indexes to rebuild, %d healthy, %d skipped "
+        "(system catalogs not counted); "
+        "bloat by %s",
+        params.where,
+        version,
+        len(plan.leftovers),
+        len(plan.rebuilds),
+        len(plan.healthy),
+        len([s for s in plan.skipped if s.reason != "system catalog"]),
+        inspection.method,
+    )
+    return inspection
+
+
+@task(name="drop_leftover_index", cache_policy=NONE, **retry_policy())
+def drop_leftover_index(
+    database: str, index: IndexRow, lock_timeout: float, retries: int, backoff: float
+) -> str | None:
+    """DROP INDEX CONCURRENTLY an invalid `_ccnew`/`_ccold`; returns the error text, or None when dropped."""
+    params = load_database(database).params()
+    problem = drop_index_concurrently(params, index.schema, index.name, lock_timeout, retries, backoff)
+    logger = get_run_logger()
+    if problem:
+        logger.warning("could not drop leftover %s: %s", index.qualified, problem)
+    else:
+        logger.info("dropped leftover %s (%s)", index.qualified, human_bytes(index.size_bytes))
+    return problem
+
+
+@task(name="rebuild_index", cache_policy=NONE, **retry_policy())
+def rebuild_one_index(
+    database: str, index: IndexRow, lock_timeout: float, retries: int, backoff: float
+) -> RebuildResult:
+    """REINDEX INDEX CONCURRENTLY one index, retrying lock timeouts; the blockers are logged by name."""
+    logger = get_run_logger()
+    params = load_database(database).params()
+    logger.info(
+        "rebuilding %s on %s (%s, %s)",
+        index.qualified,
+        index.qualified_table,
+        human_bytes(index.size_bytes),
+        "invalid" if not index.valid else f"{index.estimated_bloat or 0:.0%} wasted",
+    )
+
+    def on_retry(attempt: int, result: RebuildResult) -> None:
+        logger.warning(
+            "%s: attempt %d failed (%s)%s; dropping its leftover and retrying",
+            index.qualified,
+            attempt,
+            result.error,
+            f"; waiting on {result.describe_blockers()}" if result.blockers else "",
+        )
+
+    result = rebuild_index(
+        params,
+        index.schema,
+        index.name,
+        lock_timeout_s=lock_timeout,
+        retries=retries,
+        backoff_s=backoff,
+        on_retry=on_retry,
+    )
+    if result.status == "rebuilt":
+        logger.info("rebuilt %s in %.1f s (%d attempts)", index.qualified, result.seconds, result.attempts)
+    else:
+        logger.error(
+            "%s %s after %d attempts: %s%s",
+            index.qualified,
+            "was refused" if result.status == "refused" else "could not be rebuilt",
+            result.attempts,
+            result.error,
+            f"; blocked by {result.describe_blockers()}" if result.blockers else "",
+        )
+    return result
+
+
+@task(name="measure_index", cache_policy=NONE, **retry_policy())
+def measure_index(database: str, index: IndexRow, stattuple_schema: str | None) -> Measured:
+    """Size and bloat after the rebuild, by the same method as before."""
+    with load_database(database).connect() as conn:
+        row = index_by_name(conn, index.schema, index.name)
+        if row is None:
+            return Measured(None, None)
+        if stattuple_schema and row.am == "btree" and row.valid:
+            row = measure_with_pgstatindex(conn, stattuple_schema, row)
+    return Measured(row.size_bytes, row.estimated_bloat)
+
+
+@task(name="vacuum_analyze", cache_policy=NONE, **retry_policy())
+def vacuum_analyze_tables(
+    database: str, tables: list[tuple[str, str]] | None, lock_timeout: float
+) -> dict[str, str | None]:
+    """VACUUM ANALYZE the given tables, or the whole database with None; failures are warnings."""
+    outcome = vacuum_analyze(load_database(database).params(), tables, lock_timeout)
+    logger = get_run_logger()
+    for table, problem in outcome.items():
+        if problem:
+            logger.warning("VACUUM ANALYZE %s failed: %s", table, problem)
+        else:
+            logger.info("VACUUM ANALYZE %s done", table)
+    return outcome

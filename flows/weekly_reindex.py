@@ -1,0 +1,336 @@
+"""weekly_reindex: the "rebuild bloated indexes without blocking writers" runbook, as a flow.
+
+1. lock        the db:<database> concurrency limit, and a PostgreSQL advisory lock beside it
+2. find        catalog estimate for every index, pgstatindex on the doubtful B-trees, the plan
+3. leftovers   invalid `_ccnew`/`_ccold` of failed concurrent builds: DROP INDEX CONCURRENTLY
+4. rebuild     one REINDEX INDEX CONCURRENTLY at a time, largest waste first, short lock_timeout with
+               retries; no new rebuild once the time budget is spent (the rest is deferred)
+5. vacuum      VACUUM ANALYZE the rebuilt indexes' tables (and, if asked, the whole database)
+6. report      a table artifact; Failed with one sentence naming the index that could not be rebuilt
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.states import Completed
+from pydantic import BaseModel, Field
+
+from flows.core.bloat import Candidate, Selection
+from flows.core.reindex import RebuildResult, ReindexFailed
+from flows.tasks.common import artifact_key, database_lock, human_bytes
+from flows.tasks.reindex import (
+    Inspection,
+    drop_leftover_index,
+    find_bloated_indexes,
+    measure_index,
+    rebuild_one_index,
+    reindex_lock,
+    vacuum_analyze_tables,
+)
+
+
+class IndexReport(BaseModel):
+    index: str = Field(description="schema.index")
+    table: str = Field(description="schema.table")
+    action: str = Field(
+        description="rebuilt, dropped leftover, failed, refused, deferred, would rebuild, would drop"
+    )
+    reason: str = Field(description="Why it was chosen: wasted fraction and method, or invalid")
+    size_before: int = Field(description="Bytes before")
+    size_after: int | None = Field(default=None, description="Bytes after (None when not rebuilt)")
+    bloat_before: float | None = Field(default=None, description="Estimated wasted fraction before")
+    bloat_after: float | None = Field(default=None, description="Estimated wasted fraction after")
+    attempts: int = Field(default=0, description="REINDEX attempts (lock timeouts are retried)")
+    seconds: float = Field(default=0.0, description="Time spent on this index")
+    note: str = Field(default="", description="Error, blocking sessions, leftovers")
+
+
+class ReindexReport(BaseModel):
+    database: str
+    server_version: str
+    method: str = Field(description="How bloat was measured")
+    dry_run: bool
+    indexes: list[IndexReport] = Field(default_factory=list)
+    healthy: list[str] = Field(default_factory=list, description="Measured and left alone")
+    skipped: dict[str, str] = Field(default_factory=dict, description="index -> why it was not considered")
+    vacuum: dict[str, str | None] = Field(
+        default_factory=dict, description="table -> error, or None when done"
+    )
+    seconds: float = 0.0
+
+    def with_action(self, *actions: str) -> list[IndexReport]:
+        return [i for i in self.indexes if i.action in actions]
+
+    @property
+    def bytes_saved(self) -> int:
+        return sum(
+            i.size_before - (i.size_after or 0) for i in self.with_action("rebuilt", "dropped leftover")
+        )
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return (
+                f"dry run on {self.database}: would drop {len(self.with_action('would drop'))} leftovers and "
+                f"rebuild {len(self.with_action('would rebuild'))} indexes; {len(self.healthy)} healthy"
+            )
+        return (
+            f"{self.database}: rebuilt {len(self.with_action('rebuilt'))}, dropped "
+            f"{len(self.with_action('dropped leftover'))} leftovers, saved {human_bytes(self.bytes_saved)}; "
+            f"{len(self.with_action('deferred'))} deferred by the time budget, "
+            f"{len(self.with_action('failed'))} failed, {len(self.with_action('refused'))} refused; "
+            f"{len(self.healthy)} healthy; {self.seconds:.0f} s"
+        )
+
+
+@flow(name="weekly-reindex", log_prints=True)
+def weekly_reindex(
+    database: str = Field(description="Name of the PostgresDatabase block (e.g. imagemanager-prod)."),
+    bloat_threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.3, description="Rebuild B-trees whose estimated wasted fraction is at least this (0.3 = 30 %)."
+    ),
+    min_index_size: Annotated[int, Field(ge=0)] = Field(
+        10 * 1024 * 1024,
+        description="Bytes; smaller indexes are left alone (invalid ones and leftovers are handled at any "
+        "size).",
+    ),
+    time_budget: Annotated[float, Field(ge=0)] = Field(
+        3 * 3600.0,
+        description="Seconds, counted from the first rebuild; no new rebuild starts after that and the rest "
+        "is reported as deferred (the running one finishes).",
+    ),
+    lock_timeout: Annotated[float, Field(gt=0, le=600)] = Field(
+        5.0,
+        description="Seconds a REINDEX may wait for a lock before it gives up and retries; writers never "
+        "wait on the rebuild longer than this.",
+    ),
+    lock_retries: Annotated[int, Field(ge=0, le=50)] = Field(
+        5, description="Retries of one index after a lock timeout or deadlock, with backoff."
+    ),
+    retry_backoff: Annotated[float, Field(ge=0)] = Field(
+        10.0, description="Seconds before the first retry; doubles with every retry."
+    ),
+    include_schemas: list[str] = Field(
+        default=[], description="Only these schemas (shell patterns, e.g. app_*); empty: all."
+    ),
+    exclude_schemas: list[str] = Field(default=[], description="Never these schemas (shell patterns)."),
+    include_tables: list[str] = Field(
+        default=[], description="Only these tables: table or schema.table shell patterns; empty: all."
+    ),
+    exclude_tables: list[str] = Field(
+        default=[], description="Never these tables: table or schema.table shell patterns."
+    ),
+    include_indexes: list[str] = Field(
+        default=[], description="Only these indexes: index or schema.index shell patterns; empty: all."
+    ),
+    exclude_indexes: list[str] = Field(
+        default=[], description="Never these indexes: index or schema.index shell patterns."
+    ),
+    dry_run: bool = Field(
+        default=False, description="Measure and report what would be dropped and rebuilt; change nothing."
+    ),
+    analyze: bool = Field(default=True, description="VACUUM ANALYZE the tables whose indexes were rebuilt."),
+    vacuum_analyze_all: bool = Field(
+        default=False,
+        description="Also run the plain database-wide VACUUM ANALYZE many runbooks schedule "
+        "(SKIP_LOCKED: busy tables are skipped).",
+    ),
+    lock_wait_hours: Annotated[float, Field(gt=0)] = Field(
+        3.0, description="How long to wait for db:<database> held by another dbops job."
+    ),
+) -> ReindexReport:
+    """Rebuild bloated and invalid indexes with REINDEX CONCURRENTLY, never blocking writers for longer than
+    lock_timeout; drop the leftovers of failed concurrent builds. Fails, naming the index, when one could not
+    be rebuilt after its retries; the table artifact has sizes and bloat before and after.
+    """
+    logger = get_run_logger()
+    started = time.monotonic()
+    selection = Selection(
+        include_schemas, exclude_schemas, include_tables, exclude_tables, include_indexes, exclude_indexes
+    )
+    with database_lock(database, wait_seconds=lock_wait_hours * 3600), reindex_lock(database):
+        found = find_bloated_indexes(
+            database, bloat_threshold, min_index_size, selection, not dry_run, lock_timeout
+        )
+        report = ReindexReport(
+            database=found.database,
+            server_version=found.server_version,
+            method=found.method,
+            dry_run=dry_run,
+            healthy=[r.qualified for r in found.plan.healthy],
+            skipped={s.index.qualified: s.reason for s in found.plan.skipped if s.reason != "system catalog"},
+        )
+        if dry_run:
+            report.indexes = [_planned(c) for c in found.plan.candidates]
+        else:
+            report.indexes = [
+                _drop(database, c, lock_timeout, lock_retries, retry_backoff) for c in found.plan.leftovers
+            ]
+            rebuilds = _rebuild_all(database, found, time_budget, lock_timeout, lock_retries, retry_backoff)
+            report.indexes += rebuilds
+            done = zip(found.plan.rebuilds, rebuilds, strict=True)
+            rebuilt = sorted(
+                {(c.index.schema, c.index.table) for c, line in done if line.action == "rebuilt"}
+            )
+            if analyze and rebuilt:
+                report.vacuum.update(vacuum_analyze_tables(database, rebuilt, lock_timeout))
+            if vacuum_analyze_all:
+                report.vacuum.update(vacuum_analyze_tables(database, None, lock_timeout))
+    report.seconds = round(time.monotonic() - started, 1)
+    _publish(report)
+    failed = report.with_action("failed")
+    if failed:
+        raise ReindexFailed(_failure_sentence(report, failed))
+    logger.info(report.summary())
+    return Completed(message=report.summary(), data=report)  # type: ignore[return-value]
+
+
+def _failure_sentence(report: ReindexReport, failed: list[IndexReport]) -> str:
+    first = failed[0]
+    others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    attempts = f"{first.attempts} attempt{'s' if first.attempts != 1 else ''}"
+    what = "drop the leftover index" if first.reason.startswith("invalid leftover") else "rebuild"
+    locked = "lock timeout" in first.note or "deadlock" in first.note or "blocked by" in first.note
+    fix = (
+        "end the blocking session or raise lock_timeout, then run again"
+        if locked
+        else "fix the cause above (for a unique index: the duplicate rows), then run again"
+    )
+    return (
+        f"could not {what} {first.index}{others} on {report.database} after {attempts}: {first.note}; "
+        f"the other indexes were handled (see the weekly-reindex artifact); {fix}"
+    )
+
+
+def _planned(c: Candidate) -> IndexReport:
+    return IndexReport(
+        index=c.index.qualified,
+        table=c.index.qualified_table,
+        action="would drop" if c.action == "drop_leftover" else "would rebuild",
+        reason=c.reason,
+        size_before=c.index.size_bytes,
+        bloat_before=c.index.estimated_bloat,
+    )
+
+
+def _drop(database: str, c: Candidate, lock_timeout: float, retries: int, backoff: float) -> IndexReport:
+    started = time.monotonic()
+    problem = drop_leftover_index(database, c.index, lock_timeout, retries, backoff)
+    return IndexReport(
+        index=c.index.qualified,
+        table=c.index.qualified_table,
+        action="failed" if problem else "dropped leftover",
+        reason=c.reason,
+        size_before=c.index.size_bytes,
+        size_after=None if problem else 0,
+        attempts=1,
+        seconds=round(time.monotonic() - started, 2),
+        note=problem or "DROP INDEX CONCURRENTLY",
+    )
+
+
+def _rebuild_all(
+    database: str, found: Inspection, budget: float, lock_timeout: float, retries: int, backoff: float
+) -> list[IndexReport]:
+    """One index at a time; once the budget is spent, the rest is deferred to the next run."""
+    logger = get_run_logger()
+    out: list[IndexReport] = []
+    phase_start = time.monotonic()
+    for c in found.plan.rebuilds:
+        line = IndexReport(
+            index=c.index.qualified,
+            table=c.index.qualified_table,
+            action="deferred",
+            reason=c.reason,
+            size_before=c.index.size_bytes,
+            bloat_before=c.index.estimated_bloat,
+        )
+        out.append(line)
+        if time.monotonic() - phase_start >= budget:
+            line.note = f"time budget of {budget:.0f} s spent; next run"
+            continue
+        result: RebuildResult = rebuild_one_index(database, c.index, lock_timeout, retries, backoff)
+        line.action, line.attempts, line.seconds = result.status, result.attempts, result.seconds
+        notes = [result.error or ""]
+        if result.blockers:
+            notes.append(f"blocked by {result.describe_blockers()}")
+        if result.leftovers_dropped:
+            notes.append(f"dropped leftovers {', '.join(result.leftovers_dropped)}")
+        if result.leftovers_remaining:
+            notes.append(
+                f"leftovers still there (the next run drops them): {', '.join(result.leftovers_remaining)}"
+            )
+        line.note = "; ".join(n for n in notes if n)
+        if result.status == "rebuilt":
+            after = measure_index(database, c.index, found.stattuple_schema)
+            line.size_after, line.bloat_after = after.size_bytes, after.bloat
+    deferred = [line.index for line in out if line.action == "deferred"]
+    if deferred:
+        logger.warning("time budget spent: %d indexes deferred (%s)", len(deferred), ", ".join(deferred[:10]))
+    return out
+
+
+COLUMNS = (
+    "index",
+    "table",
+    "action",
+    "reason",
+    "size before",
+    "size after",
+    "bloat before",
+    "bloat after",
+    "attempts",
+    "seconds",
+    "note",
+)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _publish(report: ReindexReport) -> None:
+    rows = [
+        {
+            "index": i.index,
+            "table": i.table,
+            "action": i.action,
+            "reason": i.reason,
+            "size before": human_bytes(i.size_before),
+            "size after": "-" if i.size_after is None else human_bytes(i.size_after),
+            "bloat before": _pct(i.bloat_before),
+            "bloat after": _pct(i.bloat_after),
+            "attempts": i.attempts,
+            "seconds": i.seconds,
+            "note": i.note,
+        }
+        for i in report.indexes
+    ]
+    rows += [
+        {"index": name, "action": "healthy", "reason": "under the bloat threshold"}
+        for name in report.healthy[:100]
+    ]
+    rows += [
+        {"index": name, "action": "skipped", "reason": why}
+        for name, why in list(report.skipped.items())[:100]
+    ]
+    rows += [
+        {"index": "(vacuum)", "table": table, "action": "VACUUM ANALYZE", "note": problem or "done"}
+        for table, problem in report.vacuum.items()
+    ]
+    rows = [{column: row.get(column, "") for column in COLUMNS} for row in rows]
+    create_table_artifact(
+        key=artifact_key("weekly-reindex", report.database),
+        table=rows,
+        description=f"Reindex of {report.database} (PostgreSQL {report.server_version}): {report.summary()}. "
+        f"Bloat measured by {report.method}.",
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    weekly_reindex(database=sys.argv[1])

@@ -1,0 +1,262 @@
+"""The weekly_reindex flow end to end: real PostgreSQL clusters, a real Prefect API, real lock conflicts."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+from prefect.artifacts import Artifact
+
+from flows.core.reindex import reindex_advisory_lock
+from flows.tasks.common import artifact_key
+from flows.weekly_reindex import ReindexReport, weekly_reindex
+from tests.conftest import make_database_block
+from tests.harness.pg import PgCluster
+from tests.test_reindex_core import (
+    bloated_database,
+    cancel_while_waiting_for_a_writer,
+    index_size,
+    make_ccnew_leftover,
+    params_for,
+)
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+FAST = {"min_index_size": 64 * 1024, "retry_backoff": 0.05, "lock_timeout": 2.0}
+
+
+def index_files(pg: PgCluster, dbname: str) -> dict[str, tuple[int, bool]]:
+    """relfilenode and validity of every user index: a rebuild or a drop changes this map."""
+    rows = pg.sql(
+        "SELECT c.relname, c.relfilenode, i.indisvalid "
+        "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'",
+        dbname,
+    )
+    return {name: (int(node), bool(valid)) for name, node, valid in rows}
+
+
+def vacuum_counts(pg: PgCluster, dbname: str) -> dict[str, int]:
+    rows = pg.sql("SELECT relname, vacuum_count, analyze_count FROM pg_stat_user_tables", dbname)
+    return {name: int(v) * 1000 + int(a) for name, v, a in rows}
+
+
+def artifact_rows(dbname: str) -> tuple[list[dict], str]:
+    artifact = Artifact.get(artifact_key("weekly-reindex", dbname))
+    assert artifact is not None
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return table, artifact.description or ""
+
+
+def failure_message(state) -> str:
+    try:
+        state.result()
+    except Exception as exc:
+        return str(exc)
+    raise AssertionError(f"expected a failed run, got {state.type}")
+
+
+def add_bloated_table(pg: PgCluster, dbname: str, table: str, rows: int = 20_000) -> None:
+    from psycopg import sql
+
+    t = sql.Identifier(table)
+    with pg.connect(dbname) as conn:
+        conn.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, v int)").format(t))
+        conn.execute(sql.SQL("INSERT INTO {} SELECT g, g FROM generate_series(1, %s) g").format(t), (rows,))
+        conn.execute(sql.SQL("DELETE FROM {} WHERE id % 10 <> 0").format(t))
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(t))
+
+
+@pytest.fixture
+def bloated(pg: PgCluster, unique: str) -> tuple[str, str]:
+    dbname = bloated_database(pg, f"reidx_{unique}")
+    return make_database_block(pg, f"reidx-{unique}", dbname), dbname
+
+
+def test_bloated_indexes_are_rebuilt_and_shrink_while_the_healthy_one_is_left_alone(
+    pg: PgCluster, bloated: tuple[str, str]
+) -> None:
+    block, dbname = bloated
+    before_files = index_files(pg, dbname)
+    before_sizes = {i: index_size(pg, dbname, i) for i in ("items_pkey", "items_code_idx", "healthy_pkey")}
+    before_vacuum = vacuum_counts(pg, dbname)
+
+    state = weekly_reindex(database=block, return_state=True, **FAST)
+    assert state.is_completed() and "rebuilt 2" in (state.message or "")
+    report: ReindexReport = state.result()
+
+    after_files = index_files(pg, dbname)
+    for name in ("items_pkey", "items_code_idx"):
+        assert after_files[name] != before_files[name]
+        assert index_size(pg, dbname, name) < before_sizes[name] / 3
+    assert after_files["healthy_pkey"] == before_files["healthy_pkey"]  # not rebuilt
+    assert index_size(pg, dbname, "healthy_pkey") == before_sizes["healthy_pkey"]
+    rebuilt = {i.index: i for i in report.with_action("rebuilt")}
+    assert set(rebuilt) == {"public.items_pkey", "public.items_code_idx"}
+    assert all(
+        i.bloat_before > 0.6 and i.bloat_after < 0.2 and "pgstatindex" in i.reason for i in rebuilt.values()
+    )
+    assert "public.healthy_pkey" in report.healthy
+    # analyze=True: the rebuilt indexes' table was vacuumed and analysed, the other one not
+    after_vacuum = vacuum_counts(pg, dbname)
+    assert after_vacuum["items"] == before_vacuum["items"] + 1001
+    assert after_vacuum["healthy"] == before_vacuum["healthy"]
+
+    rows, description = artifact_rows(dbname)
+    assert "pgstatindex" in description
+    by_index = {r["index"]: r for r in rows}
+    assert by_index["public.items_pkey"]["action"] == "rebuilt"
+    assert by_index["public.items_pkey"]["size after"] != by_index["public.items_pkey"]["size before"]
+    assert by_index["public.healthy_pkey"]["action"] == "healthy"
+
+
+def test_without_pgstattuple_the_catalog_estimate_chooses_and_the_artifact_says_so(
+    pg: PgCluster, unique: str
+) -> None:
+    dbname = bloated_database(pg, f"noext_{unique}", pgstattuple=False)
+    block = make_database_block(pg, f"noext-{unique}", dbname)
+    report = weekly_reindex(database=block, vacuum_analyze_all=True, **FAST)
+    assert {i.index for i in report.with_action("rebuilt")} == {"public.items_pkey", "public.items_code_idx"}
+    assert all("estimate" in i.reason for i in report.indexes)
+    assert report.method.startswith("catalog estimate only")
+    assert report.vacuum.get("(database)", "not run") is None
+    _, description = artifact_rows(dbname)
+    assert "catalog estimate only" in description and "pgstattuple is not installed" in description
+
+
+def test_dry_run_reports_the_plan_and_changes_nothing(pg: PgCluster, bloated: tuple[str, str]) -> None:
+    block, dbname = bloated
+    leftover = make_ccnew_leftover(pg, dbname, "items", "items_code_idx")
+    before_files, before_vacuum = index_files(pg, dbname), vacuum_counts(pg, dbname)
+
+    report = weekly_reindex(database=block, dry_run=True, **FAST)
+
+    assert index_files(pg, dbname) == before_files and vacuum_counts(pg, dbname) == before_vacuum
+    actions = {i.index: i.action for i in report.indexes}
+    assert actions == {
+        f"public.{leftover}": "would drop",
+        "public.items_pkey": "would rebuild",
+        "public.items_code_idx": "would rebuild",
+    }
+    assert report.summary().startswith("dry run")
+
+
+def test_ccnew_leftover_of_a_cancelled_concurrent_rebuild_is_dropped(
+    pg: PgCluster, bloated: tuple[str, str]
+) -> None:
+    block, dbname = bloated
+    leftover = make_ccnew_leftover(pg, dbname, "items", "items_pkey")
+    assert index_files(pg, dbname)[leftover][1] is False  # really INVALID
+
+    report = weekly_reindex(database=block, include_indexes=["items_pkey*"], **FAST)
+
+    assert leftover not in index_files(pg, dbname)
+    assert [(i.index, i.action) for i in report.indexes] == [
+        (f"public.{leftover}", "dropped leftover"),
+        ("public.items_pkey", "rebuilt"),
+    ]
+    assert report.skipped["public.items_code_idx"] == "not selected"
+
+
+def test_invalid_index_left_by_a_cancelled_create_index_concurrently_is_rebuilt(
+    pg: PgCluster, bloated: tuple[str, str]
+) -> None:
+    from psycopg import sql
+
+    block, dbname = bloated
+    cancel_while_waiting_for_a_writer(
+        pg, dbname, "healthy", sql.SQL("CREATE INDEX CONCURRENTLY healthy_v_idx ON healthy (v)")
+    )
+    assert index_files(pg, dbname)["healthy_v_idx"][1] is False
+
+    report = weekly_reindex(database=block, include_tables=["healthy"], **FAST)
+
+    assert index_files(pg, dbname)["healthy_v_idx"][1] is True
+    [line] = report.indexes
+    assert (line.index, line.action, line.reason) == ("public.healthy_v_idx", "rebuilt", "invalid index")
+
+
+def test_lock_held_by_another_session_makes_one_index_time_out_retry_and_fail_the_run_naming_it(
+    pg: PgCluster, bloated: tuple[str, str]
+) -> None:
+    block, dbname = bloated
+    add_bloated_table(pg, dbname, "orders")
+    with psycopg.connect(pg.conninfo(dbname), autocommit=False, application_name="ddl-session") as holder:
+        holder.execute("LOCK TABLE orders IN SHARE UPDATE EXCLUSIVE MODE")
+        holder_pid = holder.info.backend_pid
+        state = weekly_reindex(
+            database=block, return_state=True, **{**FAST, "lock_timeout": 1.0, "lock_retries": 1}
+        )
+        holder.rollback()
+
+    assert state.is_failed()
+    message = failure_message(state)
+    assert "could not rebuild public.orders_pkey" in message and "after 2 attempts" in message
+    assert "lock timeout" in message and f"pid {holder_pid} (ddl-session" in message
+    rows, _ = artifact_rows(dbname)
+    by_index = {r["index"]: r for r in rows}
+    assert (
+        by_index["public.orders_pkey"]["action"] == "failed"
+        and by_index["public.orders_pkey"]["attempts"] == 2
+    )
+    # the other indexes went on
+    assert by_index["public.items_pkey"]["action"] == "rebuilt"
+    assert by_index["public.items_code_idx"]["action"] == "rebuilt"
+    assert not [n for n, (_, valid) in index_files(pg, dbname).items() if not valid]
+
+
+def test_time_budget_defers_the_rest_to_the_next_run(pg: PgCluster, bloated: tuple[str, str]) -> None:
+    block, dbname = bloated
+    before = index_files(pg, dbname)
+    state = weekly_reindex(database=block, time_budget=0.01, return_state=True, **FAST)
+    assert state.is_completed() and "1 deferred" in (state.message or "")
+    report: ReindexReport = state.result()
+    [rebuilt] = report.with_action("rebuilt")
+    [deferred] = report.with_action("deferred")
+    assert "time budget" in deferred.note
+    after = index_files(pg, dbname)
+    assert after[rebuilt.index.split(".")[1]] != before[rebuilt.index.split(".")[1]]
+    assert after[deferred.index.split(".")[1]] == before[deferred.index.split(".")[1]]
+
+
+def test_run_is_refused_while_another_reindexer_holds_the_advisory_lock(
+    pg: PgCluster, bloated: tuple[str, str]
+) -> None:
+    block, dbname = bloated
+    before = index_files(pg, dbname)
+    with reindex_advisory_lock(params_for(pg, dbname)) as other:
+        other_pid = other.info.backend_pid
+        state = weekly_reindex(database=block, return_state=True, **FAST)
+        message = failure_message(state)
+    assert "another reindex already runs" in message and f"pid {other_pid}" in message
+    assert index_files(pg, dbname) == before
+
+
+def test_out_of_range_threshold_is_refused_before_any_work() -> None:
+    with pytest.raises(Exception, match="bloat_threshold"):
+        weekly_reindex(database="never-loaded", bloat_threshold=1.5)
+
+
+def test_failed_rebuild_drops_its_ccnew_goes_on_with_the_others_and_fails_the_run_naming_it(
+    pg: PgCluster, bloated: tuple[str, str]
+) -> None:
+    """A unique index over duplicated rows: CREATE UNIQUE INDEX CONCURRENTLY leaves it INVALID, and every
+    REINDEX of it fails after creating `_ccnew`; that is not a lock problem, so it is not retried."""
+    block, dbname = bloated
+    pg.sql("CREATE TABLE dupes (k int)", dbname)
+    pg.sql("INSERT INTO dupes VALUES (1), (1)", dbname)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        pg.sql("CREATE UNIQUE INDEX CONCURRENTLY dupes_k_key ON dupes (k)", dbname)
+
+    state = weekly_reindex(database=block, return_state=True, **FAST)
+
+    message = failure_message(state)
+    assert "could not rebuild public.dupes_k_key" in message and "after 1 attempt:" in message
+    assert "duplicate" in message and "dropped leftovers dupes_k_key_ccnew" in message
+    invalid = [n for n, (_, valid) in index_files(pg, dbname).items() if not valid]
+    assert invalid == ["dupes_k_key"]  # the original stays for a person to fix; no _ccnew piles up
+    rows, _ = artifact_rows(dbname)
+    actions = {r["index"]: r["action"] for r in rows}
+    assert actions["public.dupes_k_key"] == "failed"
+    assert actions["public.items_pkey"] == actions["public.items_code_idx"] == "rebuilt"
