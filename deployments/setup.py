@@ -29,6 +29,10 @@ Config file (TOML):
     type = "local"
     path = "/var/backups/dbops"
 
+    [variables]                                   # what prefect.yaml's {{ prefect.variables.* }} become
+    dbops_storage = "s3-bucket/imagemanager-backups"
+    dbops_wal_archive = { storage = "s3-bucket/imagemanager-wal", prefix = "prod/wal_005" }
+
 Environment instead of a file: `DBOPS_DATABASE_<NAME>=postgresql://user:password@host/db` and
 `DBOPS_STORAGE_<NAME>=s3://bucket/folder` or `file:///path` (NAME lowercased, `_` becomes `-`).
 """
@@ -36,6 +40,7 @@ Environment instead of a file: `DBOPS_DATABASE_<NAME>=postgresql://user:password
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,6 +78,11 @@ class SetupConfig(BaseModel):
     notify: str | None = Field(default=None, description="Notification block slug to alert on failures.")
     databases: dict[str, DatabaseConfig] = Field(default_factory=dict)
     storage: dict[str, StorageConfig] = Field(default_factory=dict)
+    variables: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Prefect Variables that prefect.yaml reads: dbops_storage (a storage block slug) and "
+        "dbops_wal_archive (a table: storage + prefix, or directory).",
+    )
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> SetupConfig:
@@ -296,6 +306,37 @@ def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> S
     ensure_work_pool(config.work_pool, report)
     for name in config.databases:
         ensure_limit(f"db:{name}", report)
+    if config.variables:
+        set_variables(config.variables, report)
     if config.notify:
         ensure_notification(config.notify, report)
     return report
+
+
+# -- Prefect Variables: what prefect.yaml's `{{ prefect.variables.* }}` resolve to -------------------------
+
+
+def set_variables(values: Mapping[str, Any], report: SetupReport | None = None) -> SetupReport:
+    """Create or update Variables; an unchanged value is left alone so a rerun reports `exists`."""
+    from prefect.variables import Variable
+
+    report = report if report is not None else SetupReport()
+    for name, value in values.items():
+        if not re.fullmatch(r"[a-z0-9_]+", name):
+            raise ConfigurationError(
+                f"variable name {name!r} is not allowed; use lowercase letters, digits and underscores"
+            )
+        current = Variable.get(name, default=None)
+        if current == value:
+            report.add("variable", name, "exists")
+            continue
+        Variable.set(name, value, overwrite=True)
+        report.add("variable", name, "created" if current is None else "updated")
+    return report
+
+
+def read_variable(name: str) -> str | None:
+    from prefect.variables import Variable
+
+    value = Variable.get(name, default=None)
+    return None if value is None else str(value)

@@ -102,7 +102,14 @@ def take_backup(
     logger.info("storage %s is writable", location)
     previous = read_backup_catalog(storage, prefix, pre.database).newest()
     stem, result = upload_dump(
-        pre, storage, prefix, compression, compression_level, options.lock_wait_timeout_s, options.min_bytes
+        pre,
+        storage,
+        prefix,
+        compression,
+        compression_level,
+        options.lock_wait_timeout_s,
+        options.min_bytes,
+        expected_bytes=previous.manifest.raw_bytes if previous is not None else None,
     )
     if previous is not None:
         discard_if_implausible(

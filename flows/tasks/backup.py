@@ -129,8 +129,13 @@ def upload_dump(
     level: int,
     lock_wait_timeout_s: int,
     min_bytes: int,
+    expected_bytes: int | None = None,
 ) -> tuple[str, DumpResult]:
-    """Stream pg_dump into storage under a fresh key; a failed attempt leaves nothing behind."""
+    """Stream pg_dump into storage under a fresh key; a failed attempt leaves nothing behind.
+
+    `expected_bytes` (the previous backup's pg_dump output) only feeds the progress ETA: a dump's size is
+    not known until it ends, and last night's is the best guess a person watching has.
+    """
     store = load_store(storage)
     when = datetime.now(UTC).replace(microsecond=0)
     stem = backup_stem(prefix, pre.database, when)
@@ -145,7 +150,7 @@ def upload_dump(
     logger.info(
         "dumping %s to %s/%s (part size %s)", pre.params.where, store.url, key, human_bytes(part_size)
     )
-    progress = Progress(f"dump of {pre.database}", total=None)
+    progress = Progress(f"dump of {pre.database}", total=expected_bytes)
     result = stream_dump(
         pre.params,
         store,

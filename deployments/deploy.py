@@ -1,0 +1,120 @@
+"""`dbops deploy`: check prefect.yaml against the Prefect server, then `prefect deploy --all`.
+
+`prefect deploy` accepts a deployment whose block does not exist, whose variable is missing (it becomes an
+empty string) or whose work pool nobody created; the mistake then surfaces at 02:00 as a failed run.
+Checking first turns each of those into one sentence, naming the deployment and the fix, before anything
+is deployed or run.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.core.errors import ConfigurationError
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIABLE_RE = re.compile(r"^\{\{\s*prefect\.variables\.([a-z0-9_]+)\s*\}\}$")
+#: parameters that name a PostgresDatabase block / a storage block slug, per flow function
+DATABASE_PARAMS: dict[str, tuple[str, ...]] = {
+    "nightly_dump": ("database",),
+    "wal_archive_check": ("database",),
+    "weekly_reindex": ("database",),
+    "restore_drill": ("scratch",),
+    "restore": ("target",),
+    "list_backups": (),  # its `database` is the name in the object layout, not a block
+    "migrate": ("database", "staging_database"),
+}
+DEFAULT_DATABASE_PARAMS = ("database",)
+STORAGE_PARAMS = ("storage",)
+
+
+def load_deployments(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"{path} cannot be read as YAML ({exc}); fix the file") from None
+    deployments = (data or {}).get("deployments") or []
+    if not deployments:
+        raise ConfigurationError(f"{path} has no deployments; add them under `deployments:`")
+    return deployments
+
+
+def check_deployments(path: Path = ROOT / "prefect.yaml") -> list[str]:
+    """Every problem as one sentence; an empty list means `prefect deploy --all` can go ahead."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.exceptions import ObjectNotFound
+    from prefect.variables import Variable
+
+    from blocks.storage import load_block
+
+    problems: list[str] = []
+    checked_pools: dict[str, bool] = {}
+    with get_client(sync_client=True) as client:
+        for spec in load_deployments(path):
+            name = spec.get("name", "?")
+            function = str(spec.get("entrypoint", "")).rsplit(":", 1)[-1]
+            database_params = DATABASE_PARAMS.get(function, DEFAULT_DATABASE_PARAMS)
+            for schedule in spec.get("schedules") or []:
+                try:
+                    CronSchedule(cron=schedule.get("cron", ""), timezone=schedule.get("timezone") or "UTC")
+                except Exception:  # pydantic says why at length; the sentence below says what to do
+                    problems.append(
+                        f"deployment {name}: schedule cron {schedule.get('cron')!r} / timezone "
+                        f"{schedule.get('timezone')!r} does not parse; use five cron fields and an IANA zone"
+                    )
+            pool = (spec.get("work_pool") or {}).get("name")
+            if pool and pool not in checked_pools:
+                try:
+                    client.read_work_pool(pool)
+                    checked_pools[pool] = True
+                except ObjectNotFound:
+                    checked_pools[pool] = False
+            if pool and not checked_pools[pool]:
+                problems.append(
+                    f"deployment {name}: work pool {pool!r} does not exist; run `dbops setup` or "
+                    f"`prefect work-pool create {pool} --type process`"
+                )
+            for key, raw in (spec.get("parameters") or {}).items():
+                value = raw
+                if isinstance(raw, str) and (m := VARIABLE_RE.match(raw.strip())):
+                    value = Variable.get(m.group(1), default=None)
+                    if value in (None, ""):
+                        problems.append(
+                            f"deployment {name}: parameter {key} reads Prefect Variable {m.group(1)!r}, "
+                            "which is not set; set it under [variables] in the dbops setup config"
+                        )
+                        continue
+                if key in database_params and isinstance(value, str):
+                    problems.extend(_check_block(name, key, f"postgres-database/{value}", load_block))
+                elif key in STORAGE_PARAMS and isinstance(value, str):
+                    problems.extend(_check_block(name, key, value, load_block))
+    return problems
+
+
+def _check_block(deployment: str, key: str, slug: str, load_block: Any) -> list[str]:
+    try:
+        load_block(slug)
+    except ConfigurationError as exc:
+        return [f"deployment {deployment}: parameter {key}: {exc}"]
+    return []
+
+
+def deploy(path: Path = ROOT / "prefect.yaml", out: Any = print) -> int:
+    problems = check_deployments(path)
+    if problems:
+        for problem in problems:
+            out(f"dbops deploy: {problem}")
+        out(f"dbops deploy: nothing deployed ({len(problems)} problem(s) in {path.name})")
+        return 1
+    prefect = Path(sys.executable).parent / "prefect"
+    argv = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all"]
+    if path.resolve() != (ROOT / "prefect.yaml").resolve():
+        argv += ["--prefect-file", str(path)]
+    return subprocess.run(argv, cwd=ROOT, check=False).returncode
