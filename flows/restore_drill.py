@@ -77,7 +77,9 @@ def restore_drill(
         max_age_hours: The run fails when the newest backup ended longer ago than this (default 26 h).
         row_tolerance: Allowed relative difference between restored row counts and the manifest's
             estimates for large tables (default 0.1 = 10 %).
-        exact_below: Tables the manifest estimated below this many rows must match exactly.
+        exact_below: For manifests without exact counts (written by older dbops): tables estimated below
+            this many rows must match exactly. Newer manifests carry exact counts of every table up to
+            8 MB, read in the dump's own snapshot, and those always must match exactly.
         amcheck: Run pg_amcheck (heap and B-tree checks) on the restored database.
         jobs: pg_restore --jobs (above 1 the backup is downloaded to a temporary file first).
         maintenance_database: Database on the scratch server used to create and drop databases.

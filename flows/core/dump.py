@@ -34,7 +34,7 @@ from flows.core.errors import (
     VersionMismatch,
 )
 from flows.core.objectstore import DEFAULT_PART_SIZE, ObjectStore
-from flows.core.postgres import ConnParams, libpq_environment, scrub
+from flows.core.postgres import ConnParams, SnapshotFacts, libpq_environment, scrub
 
 READ_SIZE = 1024 * 1024
 F_SETPIPE_SZ = 1031  # linux/fcntl.h; a 1 MiB pipe means fewer wake-ups between pg_dump and us
@@ -285,6 +285,8 @@ class DumpResult:
     ended_at: datetime
     argv: list[str] = field(default_factory=list)
     stderr: str = ""
+    #: read in the snapshot pg_dump dumped (--snapshot), when the caller exported one
+    facts: SnapshotFacts | None = None
 
     @property
     def seconds(self) -> float:

@@ -41,6 +41,10 @@ class Manifest(BaseModel):
     dump_options: list[str]
     alembic_revision: str | None = None
     row_estimates: dict[str, int] = Field(default_factory=dict)
+    exact_row_counts: dict[str, int] = Field(
+        default_factory=dict,
+        description="count(*) of the small tables, read in the snapshot pg_dump dumped (--snapshot).",
+    )
     globals_key: str | None = None
     flow_run_id: str | None = None
     verified: bool = False

@@ -232,3 +232,69 @@ def database_size(conn: psycopg.Connection) -> int:
 
 def quote_ident(name: str) -> sql.Identifier:
     return sql.Identifier(name)
+
+
+#: tables at most this large (heap bytes) get an exact count(*) in the dump's snapshot
+EXACT_COUNT_MAX_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class SnapshotFacts:
+    """What the database held in the snapshot pg_dump dumped: exactly what the backup contains."""
+
+    snapshot: str
+    exact_row_counts: dict[str, int]
+    alembic_revision: str | None
+
+
+class ExportedSnapshot:
+    """A REPEATABLE READ transaction whose snapshot pg_dump imports with `--snapshot`.
+
+    Facts read in it (exact counts of small tables, the Alembic revision) describe precisely the rows the
+    dump holds, so the restore drill can compare small tables exactly without false alarms from planner
+    estimates that ANALYZE has not refreshed, or from writes between preflight and dump. The exporting
+    transaction must stay open only until pg_dump has imported the snapshot; `release()` ends it as soon
+    as pg_dump's output starts, so no session sits idle in transaction for the length of the dump.
+    """
+
+    def __init__(self, params: ConnParams, exact_count_max_bytes: int = EXACT_COUNT_MAX_BYTES) -> None:
+        self.conn = connect(params, autocommit=False)
+        try:
+            self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            snapshot = str(self.conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+            small = self.conn.execute(
+                """
+                SELECT n.nspname, c.relname
+                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+                  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                  AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
+                  AND pg_relation_size(c.oid) <= %s
+                  AND has_table_privilege(c.oid, 'SELECT')
+                ORDER BY 1, 2
+                """,
+                (exact_count_max_bytes,),
+            ).fetchall()
+            counts = {}
+            for schema, table in small:
+                query = sql.SQL("SELECT count(*) FROM {}.{}").format(
+                    sql.Identifier(schema), sql.Identifier(table)
+                )
+                counts[f"{schema}.{table}"] = int(self.conn.execute(query).fetchone()[0])  # type: ignore[index]
+            self.facts = SnapshotFacts(snapshot, counts, alembic_revision(self.conn))
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def release(self) -> None:
+        if not self.conn.closed:
+            try:
+                self.conn.rollback()
+            finally:
+                self.conn.close()
+
+    def __enter__(self) -> ExportedSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

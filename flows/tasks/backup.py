@@ -28,6 +28,7 @@ from flows.core.manifest import Manifest, Verification
 from flows.core.objectstore import part_size_for
 from flows.core.postgres import (
     ConnParams,
+    ExportedSnapshot,
     alembic_revision,
     database_size,
     dumpable_tables,
@@ -151,18 +152,29 @@ def upload_dump(
         "dumping %s to %s/%s (part size %s)", pre.params.where, store.url, key, human_bytes(part_size)
     )
     progress = Progress(f"dump of {pre.database}", total=expected_bytes)
-    result = stream_dump(
-        pre.params,
-        store,
-        key,
-        tool=pre.pg_dump,
-        compression=compression,
-        level=level,
-        part_size=part_size,
-        lock_wait_timeout_s=lock_wait_timeout_s,
-        progress=progress,
-        min_bytes=min_bytes,
-    )
+    # pg_dump dumps the snapshot in which exact counts of the small tables and the Alembic revision were
+    # read, so the manifest says exactly what the dump holds (the restore drill compares against it).
+    with ExportedSnapshot(pre.params) as snapshot:
+
+        def on_progress(raw: int, stored: int) -> None:
+            if raw:
+                snapshot.release()  # pg_dump imported the snapshot before it wrote its first byte
+            progress(raw, stored)
+
+        result = stream_dump(
+            pre.params,
+            store,
+            key,
+            tool=pre.pg_dump,
+            compression=compression,
+            level=level,
+            part_size=part_size,
+            lock_wait_timeout_s=lock_wait_timeout_s,
+            extra_args=[f"--snapshot={snapshot.facts.snapshot}"],
+            progress=on_progress,
+            min_bytes=min_bytes,
+        )
+    result.facts = snapshot.facts
     logger.info(
         "stored %s (%s from %s of pg_dump output) in %.1f s, %s/s",
         key,
@@ -257,8 +269,9 @@ def write_manifest(
         compression=compression,
         compression_level=level,
         dump_options=result.argv,
-        alembic_revision=pre.alembic_revision,
+        alembic_revision=result.facts.alembic_revision if result.facts else pre.alembic_revision,
         row_estimates=pre.row_estimates,
+        exact_row_counts=result.facts.exact_row_counts if result.facts else {},
         globals_key=globals_object,
         flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
         verified=verification is not None,
