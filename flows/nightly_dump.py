@@ -66,6 +66,13 @@ class DumpOptions(BaseModel):
         gt=0,
         description="How long to wait for the db:<database> concurrency limit held by another dbops job.",
     )
+    zstd_threads: int = Field(
+        default=1,
+        ge=0,
+        le=32,
+        description="libzstd worker threads (0: compress in the flow's own thread). More than 1 only helps "
+        "on a worker with idle cores, when compression is slower than pg_dump's extraction.",
+    )
 
 
 class BackupReport(BaseModel):
@@ -110,6 +117,7 @@ def take_backup(
         options.lock_wait_timeout_s,
         options.min_bytes,
         expected_bytes=previous.manifest.raw_bytes if previous is not None else None,
+        zstd_threads=options.zstd_threads,
     )
     if previous is not None:
         discard_if_implausible(
@@ -157,7 +165,8 @@ def nightly_dump(
         storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
         prefix: Folder inside the storage for this environment's backups (e.g. prod); may be empty.
         compression: zstd (in-process, default), gzip (pg_dump's own) or none.
-        compression_level: zstd 1-19 (default 1) or gzip 0-9 (default 6).
+        compression_level: zstd 1-19 (default 3: tuned for pg_dump output, smaller than pg_dump -Fc) or
+            gzip 0-9 (default 6).
         globals: Also store roles and tablespaces (pg_dumpall --globals-only --no-role-passwords).
         verify: list (default): stream the stored object back into pg_restore --list and check every table
             has data; full: also re-read every byte and compare the sha256; none: skip (retention then

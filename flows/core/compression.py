@@ -4,11 +4,23 @@ zstd runs in libzstd worker threads, outside the GIL, beside pg_dump: compressio
 which is why the pipeline gets close to the cost of `pg_dump -Z0` alone while storing about what
 `pg_dump -Fc` (zlib level 6) would.
 
-The default zstd level is 1: on the imagemanager data (hex checksums, JSON metadata) level 1 is both
-faster and smaller than level 3 (bench/README.md: 208.8 MB vs 221.2 MB and 1.8 vs 3.2 CPU seconds for
-727 MiB of `pg_dump -Z0` output, against 200.8 MB for `pg_dump -Fc`). zstd over the -Z0 archive also
-pays for the 5-byte length word pg_dump writes before every row when it does not compress; only
-level 8 and up (several times the CPU) come out smaller than `pg_dump -Fc` on that data.
+zstd levels are tuned for what pg_dump writes. Its uncompressed custom format puts a 5-byte length word
+before every row, and the imagemanager rows are mostly random hex and short JSON: there, zstd's standard
+levels 2-7 store more than `pg_dump -Fc`'s zlib 6, and level 8 is the first that stores less, at about
+7x level 1's CPU. A minimum match of 6 bytes (a short match at a far offset costs more than the literals
+on random hex) and a 16 K-entry hash table change that (bench/README.md, measured on 353 MiB of -Z0 output
+against 98.3 MB for `pg_dump -Fc`):
+
+    level  parameters                               size vs -Fc   CPU s per 100 MiB
+    1      zstd level 1 (fast)                       104.0 %       0.21
+    2      greedy, hash 14, search 4, min match 6     99.9 %       0.61
+    3      lazy,   hash 14, search 1, min match 6     98.9 %       0.71   <- default
+    4      lazy,   hash 14, search 2, min match 6     97.4 %       0.75
+    5      lazy2,  hash 14, search 2, min match 6     95.2 %       0.87
+    6-19   zstd's level with min match 6             (level 8: 94.7 %, 1.37)
+
+The default, 3, is the cheapest setting that stores less than `pg_dump -Fc`; with zstd in its own thread
+it still runs beside extraction. Level 1 is there for a CPU-starved host.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ class Compression(StrEnum):
 
 #: suffix of the stored object after `.dump`
 SUFFIX = {Compression.zstd: ".zst", Compression.gzip: "", Compression.none: ""}
-DEFAULT_LEVEL = {Compression.zstd: 1, Compression.gzip: 6, Compression.none: 0}
+DEFAULT_LEVEL = {Compression.zstd: 3, Compression.gzip: 6, Compression.none: 0}
 LEVEL_RANGE = {Compression.zstd: (1, 19), Compression.gzip: (0, 9), Compression.none: (0, 0)}
 
 
@@ -36,9 +48,37 @@ def pg_dump_level(compression: Compression, level: int) -> int:
     return level if compression is Compression.gzip else 0
 
 
+#: levels 2-5: (strategy, search_log) with window 19, hash and chain 14, min match 6 (see above)
+_TUNED = {
+    2: (zstandard.STRATEGY_GREEDY, 4),
+    3: (zstandard.STRATEGY_LAZY, 1),
+    4: (zstandard.STRATEGY_LAZY, 2),
+    5: (zstandard.STRATEGY_LAZY2, 2),
+}
+
+
+def zstd_parameters(level: int, threads: int = 1) -> zstandard.ZstdCompressionParameters:
+    """The compression parameters behind a dbops zstd level (1-19)."""
+    if level in _TUNED:
+        strategy, search_log = _TUNED[level]
+        return zstandard.ZstdCompressionParameters(
+            strategy=strategy,
+            window_log=19,
+            hash_log=14,
+            chain_log=14,
+            search_log=search_log,
+            min_match=6,
+            target_length=0,
+            threads=threads,
+        )
+    if level >= 6:
+        return zstandard.ZstdCompressionParameters.from_level(level, min_match=6, threads=threads)
+    return zstandard.ZstdCompressionParameters.from_level(level, threads=threads)
+
+
 def zstd_compress(chunks: Iterable[bytes], level: int = 3, threads: int = 1) -> Iterator[bytes]:
     """Compress a stream into one zstd frame; `threads` > 0 moves the work into libzstd threads."""
-    cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
+    cobj = zstandard.ZstdCompressor(compression_params=zstd_parameters(level, threads)).compressobj()
     for chunk in chunks:
         out = cobj.compress(chunk)
         if out:

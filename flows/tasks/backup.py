@@ -131,6 +131,7 @@ def upload_dump(
     lock_wait_timeout_s: int,
     min_bytes: int,
     expected_bytes: int | None = None,
+    zstd_threads: int = 1,
 ) -> tuple[str, DumpResult]:
     """Stream pg_dump into storage under a fresh key; a failed attempt leaves nothing behind.
 
@@ -171,6 +172,7 @@ def upload_dump(
             part_size=part_size,
             lock_wait_timeout_s=lock_wait_timeout_s,
             extra_args=[f"--snapshot={snapshot.facts.snapshot}"],
+            zstd_threads=zstd_threads,
             progress=on_progress,
             min_bytes=min_bytes,
         )
