@@ -88,63 +88,109 @@ class ReindexReport(BaseModel):
 
 @flow(name="weekly-reindex", log_prints=True)
 def weekly_reindex(
-    database: str = Field(description="Name of the PostgresDatabase block (e.g. imagemanager-prod)."),
-    bloat_threshold: Annotated[float, Field(gt=0, le=1)] = Field(
-        0.3, description="Rebuild B-trees whose estimated wasted fraction is at least this (0.3 = 30 %)."
-    ),
-    min_index_size: Annotated[int, Field(ge=0)] = Field(
-        10 * 1024 * 1024,
-        description="Bytes; smaller indexes are left alone (invalid ones and leftovers are handled at any "
-        "size).",
-    ),
-    time_budget: Annotated[float, Field(ge=0)] = Field(
-        3 * 3600.0,
-        description="Seconds, counted from the first rebuild; no new rebuild starts after that and the rest "
-        "is reported as deferred (the running one finishes).",
-    ),
-    lock_timeout: Annotated[float, Field(gt=0, le=600)] = Field(
-        5.0,
-        description="Seconds a REINDEX may wait for a lock before it gives up and retries; writers never "
-        "wait on the rebuild longer than this.",
-    ),
-    lock_retries: Annotated[int, Field(ge=0, le=50)] = Field(
-        5, description="Retries of one index after a lock timeout or deadlock, with backoff."
-    ),
-    retry_backoff: Annotated[float, Field(ge=0)] = Field(
-        10.0, description="Seconds before the first retry; doubles with every retry."
-    ),
-    include_schemas: list[str] = Field(
-        default=[], description="Only these schemas (shell patterns, e.g. app_*); empty: all."
-    ),
-    exclude_schemas: list[str] = Field(default=[], description="Never these schemas (shell patterns)."),
-    include_tables: list[str] = Field(
-        default=[], description="Only these tables: table or schema.table shell patterns; empty: all."
-    ),
-    exclude_tables: list[str] = Field(
-        default=[], description="Never these tables: table or schema.table shell patterns."
-    ),
-    include_indexes: list[str] = Field(
-        default=[], description="Only these indexes: index or schema.index shell patterns; empty: all."
-    ),
-    exclude_indexes: list[str] = Field(
-        default=[], description="Never these indexes: index or schema.index shell patterns."
-    ),
-    dry_run: bool = Field(
-        default=False, description="Measure and report what would be dropped and rebuilt; change nothing."
-    ),
-    analyze: bool = Field(default=True, description="VACUUM ANALYZE the tables whose indexes were rebuilt."),
-    vacuum_analyze_all: bool = Field(
-        default=False,
-        description="Also run the plain database-wide VACUUM ANALYZE many runbooks schedule "
-        "(SKIP_LOCKED: busy tables are skipped).",
-    ),
-    lock_wait_hours: Annotated[float, Field(gt=0)] = Field(
-        3.0, description="How long to wait for db:<database> held by another dbops job."
-    ),
+    # Defaults are plain Python defaults, constraints and descriptions live in Annotated: a Field(...) as
+    # the default reaches the flow as a FieldInfo object when a deployment run omits the parameter.
+    database: Annotated[
+        str, Field(description="Name of the PostgresDatabase block (e.g. imagemanager-prod).")
+    ],
+    bloat_threshold: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=1,
+            description="Rebuild B-trees whose estimated wasted fraction is at least this (0.3 = 30 %).",
+        ),
+    ] = 0.3,
+    min_index_size: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Bytes; smaller indexes are left alone (invalid ones and leftovers are "
+            "handled at any size).",
+        ),
+    ] = 10 * 1024 * 1024,
+    time_budget: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="Seconds, counted from the first rebuild; no new rebuild starts after that "
+            "and the rest is reported as deferred (the running one finishes).",
+        ),
+    ] = 3 * 3600.0,
+    lock_timeout: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=600,
+            description="Seconds a REINDEX may wait for a lock before it gives up and "
+            "retries; writers never wait on the rebuild longer than this.",
+        ),
+    ] = 5.0,
+    lock_retries: Annotated[
+        int,
+        Field(
+            ge=0, le=50, description="Retries of one index after a lock timeout or deadlock, with backoff."
+        ),
+    ] = 5,
+    retry_backoff: Annotated[
+        float, Field(ge=0, description="Seconds before the first retry; doubles with every retry.")
+    ] = 10.0,
+    include_schemas: Annotated[
+        list[str], Field(description="Only these schemas (shell patterns, e.g. app_*); empty: all.")
+    ] = [],  # noqa: B006 - pydantic copies defaults; Prefect shows them in the form
+    exclude_schemas: Annotated[list[str], Field(description="Never these schemas (shell patterns).")] = [],  # noqa: B006
+    include_tables: Annotated[
+        list[str], Field(description="Only these tables: table or schema.table shell patterns; empty: all.")
+    ] = [],  # noqa: B006
+    exclude_tables: Annotated[
+        list[str], Field(description="Never these tables: table or schema.table shell patterns.")
+    ] = [],  # noqa: B006
+    include_indexes: Annotated[
+        list[str], Field(description="Only these indexes: index or schema.index shell patterns; empty: all.")
+    ] = [],  # noqa: B006
+    exclude_indexes: Annotated[
+        list[str], Field(description="Never these indexes: index or schema.index shell patterns.")
+    ] = [],  # noqa: B006
+    dry_run: Annotated[
+        bool, Field(description="Measure and report what would be dropped and rebuilt; change nothing.")
+    ] = False,
+    analyze: Annotated[
+        bool, Field(description="VACUUM ANALYZE the tables whose indexes were rebuilt.")
+    ] = True,
+    vacuum_analyze_all: Annotated[
+        bool,
+        Field(
+            description="Also run the plain database-wide VACUUM ANALYZE many runbooks schedule "
+            "(SKIP_LOCKED: busy tables are skipped)."
+        ),
+    ] = False,
+    lock_wait_hours: Annotated[
+        float, Field(gt=0, description="How long to wait for db:<database> held by another dbops job.")
+    ] = 3.0,
 ) -> ReindexReport:
     """Rebuild bloated and invalid indexes with REINDEX CONCURRENTLY, never blocking writers for longer than
     lock_timeout; drop the leftovers of failed concurrent builds. Fails, naming the index, when one could not
     be rebuilt after its retries; the table artifact has sizes and bloat before and after.
+
+    Args:
+        database: Name of the PostgresDatabase block (e.g. imagemanager-prod).
+        bloat_threshold: Rebuild B-trees whose estimated wasted fraction is at least this (0.3 = 30 %).
+        min_index_size: Bytes; smaller indexes are left alone (invalid ones and leftovers at any size).
+        time_budget: Seconds from the first rebuild; no new rebuild starts after that, the rest is deferred.
+        lock_timeout: Seconds a REINDEX may wait for a lock before it gives up and retries; writers never
+            wait on the rebuild longer than this.
+        lock_retries: Retries of one index after a lock timeout or deadlock, with backoff.
+        retry_backoff: Seconds before the first retry; doubles with every retry.
+        include_schemas: Only these schemas (shell patterns, e.g. app_*); empty: all.
+        exclude_schemas: Never these schemas (shell patterns).
+        include_tables: Only these tables: table or schema.table shell patterns; empty: all.
+        exclude_tables: Never these tables: table or schema.table shell patterns.
+        include_indexes: Only these indexes: index or schema.index shell patterns; empty: all.
+        exclude_indexes: Never these indexes: index or schema.index shell patterns.
+        dry_run: Measure and report what would be dropped and rebuilt; change nothing.
+        analyze: VACUUM ANALYZE the tables whose indexes were rebuilt.
+        vacuum_analyze_all: Also the database-wide VACUUM ANALYZE many runbooks schedule (SKIP_LOCKED).
+        lock_wait_hours: How long to wait for db:<database> held by another dbops job.
     """
     logger = get_run_logger()
     started = time.monotonic()
