@@ -144,6 +144,16 @@ def _deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=deploy_command)
 
 
+# -- dbops migrate (the pre-deploy gate) -------------------------------------------------------------------
+
+
+@command
+def _migrate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from deployments.migrate_cli import register
+
+    register(sub)
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 
 

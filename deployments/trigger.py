@@ -48,7 +48,7 @@ def trigger_and_wait(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
     try:
         client_cm = get_client(sync_client=True)
@@ -69,13 +69,23 @@ def trigger_and_wait(
                 "deploy it with `prefect deploy --all` (name: FLOW/NAME)"
             )
             return EXIT_FAILED
-        run = client.create_flow_run_from_deployment(dep.id, parameters=parameters or {}, tags=list(tags))
+        try:
+            run = client.create_flow_run_from_deployment(dep.id, parameters=parameters or {}, tags=list(tags))
+        except PrefectHTTPStatusError as exc:  # e.g. 409: parameters the flow's schema refuses
+            try:
+                detail = exc.response.json().get("detail", "")
+            except ValueError:
+                detail = exc.response.text[:300]
+            out(f"the Prefect API refused to start {deployment}: {detail}; nothing was started")
+            return EXIT_FAILED
         out(f"started flow run {run.name} ({run.id}) of {deployment}")
         if not wait:
             return EXIT_COMPLETED
         deadline = None if timeout is None else time.monotonic() + timeout
         seen = 0
-        while True:
+
+        def print_new_logs() -> int:
+            nonlocal seen
             logs = client.read_logs(
                 log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
                 offset=seen,
@@ -84,9 +94,18 @@ def trigger_and_wait(
             for log in logs:
                 out(f"  {log.timestamp:%H:%M:%S} {log.message}")
             seen += len(logs)
+            return len(logs)
+
+        while True:
+            print_new_logs()
             run = client.read_flow_run(run.id)
             state = run.state
             if state is not None and state.is_final():
+                # The run's process ships its last log lines in a batch after the final state is set.
+                for _ in range(3):
+                    time.sleep(poll_interval)
+                    if not print_new_logs():
+                        break
                 message = f": {state.message}" if state.message else ""
                 out(f"flow run {run.name} ended {state.name}{message}")
                 return EXIT_COMPLETED if state.is_completed() else EXIT_FAILED
