@@ -10,7 +10,7 @@ setup:
 	uv sync --frozen
 
 run: setup
-	uv run python -m deployments.demo
+	uv run python -m deployments.stack
 
 test: setup
 	uv run pytest -q
