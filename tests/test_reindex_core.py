@@ -224,6 +224,7 @@ def test_open_transaction_stalls_the_rebuild_which_times_out_drops_its_ccnew_ret
         blocker.rollback()
 
     before = index_size(pg, bloated, "items_pkey")
+    said: list[str] = []
     try:
         result = rebuild_index(
             params_for(pg, bloated),
@@ -233,10 +234,14 @@ def test_open_transaction_stalls_the_rebuild_which_times_out_drops_its_ccnew_ret
             retries=2,
             backoff_s=0.05,
             on_retry=release,
+            progress=said.append,
+            progress_interval=0.2,
         )
     finally:
         blocker.close()
     assert result.status == "rebuilt" and result.attempts == 2 and released == [1]
+    # While stalled, the progress lines say which phase it is in and whom it waits for.
+    assert any(line.startswith("waiting for writers") and str(blocker_pid) in line for line in said), said
     assert result.leftovers_dropped == ["items_pkey_ccnew"] and not result.leftovers_remaining
     [who] = result.blockers
     assert who.pid == blocker_pid and who.application_name == "long-writer"

@@ -172,6 +172,7 @@ def rebuild_one_index(
         retries=retries,
         backoff_s=backoff,
         on_retry=on_retry,
+        progress=lambda line: logger.info("%s: %s", index.qualified, line),
     )
     if result.status == "rebuilt":
         logger.info("rebuilt %s in %.1f s (%d attempts)", index.qualified, result.seconds, result.attempts)
