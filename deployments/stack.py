@@ -23,6 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from flows.core.errors import DbopsError
 
@@ -100,11 +101,14 @@ class Stack:
         from examples.imagemanager.generate import generate
 
         if os.environ.get("DBOPS_DATABASE_URL"):
-            log("using the database in DBOPS_DATABASE_URL")
+            log("using the databases in DBOPS_DATABASE_URL and DBOPS_STAGING_URL")
+            staging = os.environ["DBOPS_STAGING_URL"]
             return {
                 "prod": os.environ["DBOPS_DATABASE_URL"],
-                "staging": os.environ.get("DBOPS_STAGING_URL", ""),
-                "archive": os.environ.get("DBOPS_WAL_ARCHIVE_DIR", ""),
+                "staging": staging,
+                # restore drills create and drop their scratch databases on the staging server
+                "scratch": urlunsplit(urlsplit(staging)._replace(path="/postgres")),
+                "archive": os.environ["DBOPS_WAL_ARCHIVE_DIR"],
             }
         archive = self.state / "wal_archive"
         archive.mkdir(parents=True, exist_ok=True)
@@ -263,11 +267,25 @@ def latest_backup_line(storage_slug: str) -> str:
     return f"{store.url}/{newest.manifest.dump_key}" if newest else "(none)"
 
 
+def check_environment(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """Real databases instead of the sandbox need all three: staging for migrate's rehearsal and the
+    drills, and the WAL archive directory for the archive check. Say so before anything starts."""
+    if environ.get("DBOPS_DATABASE_URL"):
+        missing = [name for name in ("DBOPS_STAGING_URL", "DBOPS_WAL_ARCHIVE_DIR") if not environ.get(name)]
+        if missing:
+            raise SystemExit(
+                f"make run: DBOPS_DATABASE_URL is set, so also set {' and '.join(missing)} (the staging "
+                "database migrate rehearses on, whose server also hosts the restore drills; the directory "
+                "archive_command copies WAL to), or unset DBOPS_DATABASE_URL to use the sandbox"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make run", description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="stop after the first jobs (CI)")
     parser.add_argument("--state", type=Path, default=Path(os.environ.get("DBOPS_STATE_DIR", DEFAULT_STATE)))
     args = parser.parse_args(argv)
+    check_environment()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A worker that polls every few seconds: the first jobs start at once instead of up to 15 s later.
     os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "3")

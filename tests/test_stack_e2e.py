@@ -217,3 +217,18 @@ def test_ctrl_c_stops_everything_and_a_second_run_reuses_the_state(stack: Runnin
     assert "all completed" in again.stdout
     backups = list((stack.state / "backups").rglob("*.dump*"))
     assert len([b for b in backups if b.name.endswith((".dump", ".dump.zst"))]) >= 2, backups
+
+
+def test_real_database_without_staging_and_archive_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    env = {**stack_env(), "DBOPS_DATABASE_URL": "postgresql://dbops@db.invalid/imagemanager"}
+    done = subprocess.run(
+        [sys.executable, "-m", "deployments.stack", "--once", "--state", str(tmp_path / "state")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "also set DBOPS_STAGING_URL and DBOPS_WAL_ARCHIVE_DIR" in done.stderr
+    assert not (tmp_path / "state").exists()  # no server, cluster or folder was started or made
