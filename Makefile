@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench bench-all clean
 
 setup:
 	@bash .ci/install-deps
@@ -20,6 +20,14 @@ lint:
 
 bench: setup
 	uv run python -m bench.bench_dump
+
+# Every bench, one after the other; each prints its comparison and PASS/FAIL lines (a FAIL does not stop
+# the others: the leading `-`).
+bench-all: setup
+	-uv run python -m bench.bench_dump
+	-uv run python -m bench.bench_restore
+	-uv run python -m bench.bench_wal
+	-uv run python -m bench.bench_reindex
 
 clean:
 	rm -rf .state
