@@ -407,3 +407,13 @@ def test_plan_refuses_with_what_to_do(env: Env, pg: PgCluster, tmp_path: Path, c
     for text in expected:
         assert text in message
     assert backups_in(env.backups) == [] and pg.password not in message
+
+
+def test_approval_nobody_gives_times_out_and_leaves_production_alone(env: Env, pg: PgCluster) -> None:
+    state = env.run(require_approval=True, approval_timeout=2, refresh_staging=False)
+    assert state.is_failed()
+    # Once the pause deadline has passed, Prefect's server replaces the flow's own final message with its
+    # own; the flow's sentence ("nobody approved ... within 2 s") is in the run's log.
+    assert "never resumed" in (state.message or "")
+    assert revision(pg, env.prod) == "0001_base" and log_counts(pg, env.prod) == {}
+    assert not has_column(pg, env.prod, "accounts", "nickname")
