@@ -50,6 +50,7 @@ def stack_env() -> dict[str, str]:
         PREFECT_UI_ENABLED="false",
         DBOPS_DEMO_IMAGES="3000",
         PYTHONUNBUFFERED="1",
+        PREFECT_WORKER_QUERY_SECONDS="1",  # the worker picks up each triggered run within a second
     )
     return env
 
