@@ -14,6 +14,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DBOPS_RETRY_BACKOFF", "0.2")
 os.environ.setdefault("DBOPS_TASK_RETRIES", "2")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# The test API server runs only the services tests rely on (event persister, task run recorder, pause
+# expirations). The scheduler, late runs, foreman, repossessor, cleanups and automation triggers watch
+# for things no test waits on, and on 2 cores every loop they run is taken from the tests.
+for _service in (
+    "SCHEDULER",
+    "LATE_RUNS",
+    "FOREMAN",
+    "REPOSSESSOR",
+    "CANCELLATION_CLEANUP",
+    "CLEANUP_RECONCILER",
+    "TRIGGERS",
+):
+    os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{_service}_ENABLED", "false")
 
 from tests.harness.pg import PgCluster, pg_cluster  # noqa: E402
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, s3_endpoint  # noqa: E402
