@@ -24,7 +24,7 @@ from flows.core.manifest import Manifest
 from flows.core.retention import RetentionPolicy
 from flows.nightly_dump import DumpOptions, nightly_dump
 from tests.conftest import make_database_block, make_local_block, make_s3_block
-from tests.harness.pg import PgCluster
+from tests.harness.pg import PgCluster, wait_until
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -41,7 +41,17 @@ def sample_database(pg: PgCluster, name: str, rows: int = 20_000) -> str:
     )
     pg.sql("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)", name)
     pg.sql("INSERT INTO alembic_version VALUES ('0004_classifications_image_index')", name)
-    pg.sql("ANALYZE", name)
+    with pg.connect(name) as conn:
+        # The inserting sessions have ended, but their statistics may still be on the way; ANALYZE sets the
+        # live-tuple count, and a late flush would add the rows a second time. Wait until they arrived.
+        wait_until(
+            lambda: conn.execute(
+                "SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables WHERE relname = 'images'"
+            ).fetchone()[0]
+            == rows,
+            what="the inserts into images to reach the statistics",
+        )
+        conn.execute("ANALYZE")
     return name
 
 

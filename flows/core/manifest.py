@@ -40,7 +40,12 @@ class Manifest(BaseModel):
     format: Literal["custom"] = "custom"
     dump_options: list[str]
     alembic_revision: str | None = None
-    row_estimates: dict[str, int] = Field(default_factory=dict)
+    row_estimates: dict[str, int] = Field(
+        default_factory=dict, description="Live-tuple count per table from the statistics (n_live_tup)."
+    )
+    planner_estimates: dict[str, int] = Field(
+        default_factory=dict, description="The planner's reltuples per table (-1: never analysed)."
+    )
     exact_row_counts: dict[str, int] = Field(
         default_factory=dict,
         description="count(*) of the small tables, read in the snapshot pg_dump dumped (--snapshot).",

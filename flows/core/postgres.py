@@ -195,6 +195,26 @@ def table_row_estimates(conn: psycopg.Connection) -> dict[str, int]:
     return {f"{s}.{t}": int(n) for s, t, n in rows}
 
 
+def table_planner_estimates(conn: psycopg.Connection) -> dict[str, int]:
+    """reltuples per user table: the planner's estimate, as of the last VACUUM or ANALYZE (-1: never).
+
+    Kept beside the live-tuple count because each is wrong in its own way: reltuples lags behind growth,
+    and the live-tuple count is doubled for rows an ANALYZE counted while their inserting session had not
+    yet flushed its statistics (a table bulk-loaded and analysed within a second, in one session).
+    """
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname, c.reltuples::bigint
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p', 'm')
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+        ORDER BY 1, 2
+        """
+    ).fetchall()
+    return {f"{s}.{t}": int(n) for s, t, n in rows}
+
+
 def dumpable_tables(conn: psycopg.Connection) -> list[str]:
     """Plain tables whose rows pg_dump writes as TABLE DATA ("schema.table"): what verification expects.
 

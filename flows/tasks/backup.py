@@ -33,6 +33,7 @@ from flows.core.postgres import (
     database_size,
     dumpable_tables,
     server_version_num,
+    table_planner_estimates,
     table_row_estimates,
     unreadable_tables,
 )
@@ -55,6 +56,7 @@ class Preflight:
     database_bytes: int
     alembic_revision: str | None
     row_estimates: dict[str, int]
+    planner_estimates: dict[str, int]
     tables: list[str]
 
 
@@ -84,6 +86,7 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
         size = database_size(conn)
         revision = alembic_revision(conn)
         estimates = table_row_estimates(conn)
+        planner = table_planner_estimates(conn)
         tables = dumpable_tables(conn)
     pg_dump = find_tool("pg_dump", version_num, pg_bindir)
     pg_restore = find_tool("pg_restore", version_num, pg_bindir)
@@ -109,6 +112,7 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
         database_bytes=size,
         alembic_revision=revision,
         row_estimates=estimates,
+        planner_estimates=planner,
         tables=tables,
     )
 
@@ -273,6 +277,7 @@ def write_manifest(
         dump_options=result.argv,
         alembic_revision=result.facts.alembic_revision if result.facts else pre.alembic_revision,
         row_estimates=pre.row_estimates,
+        planner_estimates=pre.planner_estimates,
         exact_row_counts=result.facts.exact_row_counts if result.facts else {},
         globals_key=globals_object,
         flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
