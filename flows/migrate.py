@@ -351,7 +351,9 @@ def _staging_gate(
         require_at(staging, first.end, plan.target)
         if plan.downgradable:
             back_to = ",".join(first.start) or "base"
-            downgrade_database(staging, ini, options.driver, back_to, lock_ms, statement_ms)
+            downgrade_database(
+                staging, ini, options.driver, back_to, lock_ms, statement_ms, start=first.end
+            )
             again = upgrade_database(
                 staging,
                 ini,

@@ -508,14 +508,16 @@ class AlembicApp:
         *,
         lock_timeout_ms: int = 5000,
         statement_timeout_ms: int = 0,
+        start: list[str] | None = None,
     ) -> RunResult:
         """Apply pending revisions one at a time (`alembic upgrade <next id>`), timing each.
 
-        The steps run in one subprocess (after one that reads the current revision), which re-checks
-        that the database is still where the plan started. A LockTimeout names the revision that waited
-        (`exc.revision`, `exc.result` has the steps done); the revisions before it stay applied.
+        The steps run in one subprocess (after one that reads the current revision, unless the caller
+        just read it and passes `start`), which re-checks that the database is still where the plan
+        started. A LockTimeout names the revision that waited (`exc.revision`, `exc.result` has the steps
+        done); the revisions before it stay applied.
         """
-        start = self.current(params)
+        start = self.current(params) if start is None else sorted(start)
         todo = self.pending(start, target)
         return self._migrate(
             params,
@@ -535,9 +537,10 @@ class AlembicApp:
         lock_timeout_ms: int = 5000,
         statement_timeout_ms: int = 0,
         allow_empty_downgrade: bool = False,
+        start: list[str] | None = None,
     ) -> RunResult:
-        """Undo revisions one at a time down to `target` (a revision id or 'base')."""
-        start = self.current(params)
+        """Undo revisions one at a time down to `target` (a revision id or 'base'); `start` as in upgrade."""
+        start = self.current(params) if start is None else sorted(start)
         self.head()
         goal = self._resolve(target)
         done = self._ancestors(start)

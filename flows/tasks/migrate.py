@@ -280,12 +280,17 @@ def _upgrade_with_retries(
     logger = get_run_logger()
     delays = iter(backoff_delays(retry_budget_s, backoff_first_s))
     deadline = time.monotonic() + retry_budget_s
+    known_start: list[str] | None = applied.start  # just read; after a lock timeout, read it again
     while True:
         if still_locked is not None:
             still_locked()
         try:
             result = app.upgrade(
-                params, target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms
+                params,
+                target,
+                lock_timeout_ms=lock_timeout_ms,
+                statement_timeout_ms=statement_timeout_ms,
+                start=known_start,
             )
         except LockTimeout as exc:
             _count(applied, exc.result.steps if getattr(exc, "result", None) else [])  # type: ignore[attr-defined]
@@ -301,6 +306,7 @@ def _upgrade_with_retries(
                     f"{','.join(applied.end) or 'base'}. Find the blocking session in pg_stat_activity "
                     "(long transaction or idle in transaction), then run the migration again"
                 ) from None
+            known_start = None
             logger.warning("%s; retrying in %.1f s", exc, delay)
             time.sleep(delay)  # backoff before the retry, not synchronisation
             continue
@@ -313,12 +319,24 @@ def _upgrade_with_retries(
 
 @task(name="downgrade_database", cache_policy=NONE)
 def downgrade_database(
-    database: str, alembic_ini: str, driver: str, target: str, lock_timeout_ms: int, statement_timeout_ms: int
+    database: str,
+    alembic_ini: str,
+    driver: str,
+    target: str,
+    lock_timeout_ms: int,
+    statement_timeout_ms: int,
+    start: list[str] | None = None,
 ) -> dict[str, float]:
-    """Staging only: prove every pending revision's downgrade() works before production depends on it."""
+    """Staging only: prove every pending revision's downgrade() works before production depends on it.
+
+    `start` is where the upgrade just left it (the subprocess checks it still is)."""
     params = db_params(database)
     result = _app(alembic_ini, driver).downgrade(
-        params, target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms
+        params,
+        target,
+        lock_timeout_ms=lock_timeout_ms,
+        statement_timeout_ms=statement_timeout_ms,
+        start=start,
     )
     get_run_logger().info(
         "%s: downgraded %s to %s", params.database, ", ".join(s.revision for s in result.steps), target
