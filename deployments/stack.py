@@ -225,6 +225,9 @@ class Stack:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    # Only the first signal counts; the ones after it must not interrupt the shutdown it starts.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -289,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A worker that polls every few seconds: the first jobs start at once instead of up to 15 s later.
     os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "3")
-    # SIGTERM (systemd, docker stop, a CI timeout) shuts down as cleanly as Ctrl-C.
+    # SIGTERM (systemd, docker stop, a CI timeout) shuts down as cleanly as Ctrl-C. SIGINT is set too: a
+    # shell starts background jobs (`make run &`) with SIGINT ignored, and Ctrl-C must still stop it all.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     stack = Stack(args.state)
     code = 1
     try:
@@ -322,11 +327,15 @@ def main(argv: list[str] | None = None) -> int:
             while True:
                 signal.pause()
     except KeyboardInterrupt:
-        log("Ctrl-C: stopping")
+        log("stopping (Ctrl-C or SIGTERM)")
     except (RuntimeError, DbopsError) as exc:
         print(f"make run: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
+        # Ctrl-C in a terminal reaches make, uv and us, and uv forwards its own copy: a second SIGINT (or an
+        # impatient one) must not cut the shutdown short and leave the server or the cluster running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
     return code
 

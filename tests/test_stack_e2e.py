@@ -197,6 +197,9 @@ def test_dbops_migrate_wait_exit_code_follows_the_run(api: str) -> None:
 
 
 def test_ctrl_c_stops_everything_and_a_second_run_reuses_the_state(stack: RunningStack) -> None:
+    # Twice, as a terminal delivers it through `make run` (to make, uv and the stack; uv forwards one too):
+    # the second must not cut the shutdown short and leave the server or the cluster running.
+    os.killpg(stack.proc.pid, signal.SIGINT)
     os.killpg(stack.proc.pid, signal.SIGINT)
     assert stack.proc.wait(timeout=120) == 0, stack.output[-4000:]
     assert "stopped the sandbox PostgreSQL" in stack.output
