@@ -106,6 +106,12 @@ def _check_block(deployment: str, key: str, slug: str, load_block: Any) -> list[
     return []
 
 
+def prefect_bin() -> str:
+    """The `prefect` of this environment (uv's venv), whatever PATH says."""
+    candidate = Path(sys.executable).parent / "prefect"
+    return str(candidate) if candidate.exists() else "prefect"
+
+
 def deploy(path: Path = ROOT / "prefect.yaml", out: Any = print) -> int:
     problems = check_deployments(path)
     if problems:
@@ -113,8 +119,7 @@ def deploy(path: Path = ROOT / "prefect.yaml", out: Any = print) -> int:
             out(f"dbops deploy: {problem}")
         out(f"dbops deploy: nothing deployed ({len(problems)} problem(s) in {path.name})")
         return 1
-    prefect = Path(sys.executable).parent / "prefect"
-    argv = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all"]
+    argv = [prefect_bin(), "--no-prompt", "deploy", "--all"]
     if path.resolve() != (ROOT / "prefect.yaml").resolve():
         argv += ["--prefect-file", str(path)]
     return subprocess.run(argv, cwd=ROOT, check=False).returncode

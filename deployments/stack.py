@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from deployments.deploy import prefect_bin
 from flows.core.errors import DbopsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ class Stack:
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name.replace(' ', '-')}.log", "ab")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", *argv] if argv[0] != "prefect" else [_prefect_bin(), *argv[1:]],
+            [sys.executable, "-m", *argv] if argv[0] != "prefect" else [prefect_bin(), *argv[1:]],
             cwd=ROOT,
             env=self.env,
             stdout=out,
@@ -229,11 +230,6 @@ def _interrupt(signum: int, frame: object) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
-
-
-def _prefect_bin() -> str:
-    candidate = Path(sys.executable).parent / "prefect"
-    return str(candidate) if candidate.exists() else "prefect"
 
 
 def _port_free(port: int) -> bool:

@@ -171,19 +171,23 @@ def alembic_revision(conn: psycopg.Connection) -> str | None:
     return ",".join(revs) if revs else None
 
 
-def table_row_estimates(conn: psycopg.Connection) -> dict[str, int]:
-    """Estimated rows per user table ("schema.table"), cheap on any size of database.
+def table_row_estimates(conn: psycopg.Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """Two row estimates per user table ("schema.table"), cheap on any size of database, each wrong in
+    its own way, so the restore drill accepts a count that agrees with either:
 
-    The statistics system's live-tuple count (n_live_tup) follows every committed insert and delete, where
-    the planner's reltuples only moves when VACUUM or ANALYZE runs: on a table that grew 9 % since its last
-    ANALYZE, reltuples would make the restore drill cry wolf. reltuples is the fallback after the
-    statistics were reset (a crash), and -1 (never analysed, PostgreSQL 14+) tells readers it is unknown.
+    - live: the statistics' live-tuple count (n_live_tup), which follows every committed insert and
+      delete; reltuples stands in after the statistics were reset (a crash). It is doubled for rows an
+      ANALYZE counted while their inserting session had not yet flushed its statistics (a table
+      bulk-loaded and analysed within a second, in one session).
+    - planner: reltuples, as of the last VACUUM or ANALYZE, so it lags behind growth; -1 (never
+      analysed, PostgreSQL 14+) tells readers it is unknown.
     """
     rows = conn.execute(
         """
         SELECT n.nspname, c.relname,
                CASE WHEN s.n_live_tup IS NULL OR (s.n_live_tup = 0 AND c.reltuples > 0)
-                    THEN c.reltuples::bigint ELSE s.n_live_tup END
+                    THEN c.reltuples::bigint ELSE s.n_live_tup END,
+               c.reltuples::bigint
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
         WHERE c.relkind IN ('r', 'p', 'm')
@@ -192,27 +196,9 @@ def table_row_estimates(conn: psycopg.Connection) -> dict[str, int]:
         ORDER BY 1, 2
         """
     ).fetchall()
-    return {f"{s}.{t}": int(n) for s, t, n in rows}
-
-
-def table_planner_estimates(conn: psycopg.Connection) -> dict[str, int]:
-    """reltuples per user table: the planner's estimate, as of the last VACUUM or ANALYZE (-1: never).
-
-    Kept beside the live-tuple count because each is wrong in its own way: reltuples lags behind growth,
-    and the live-tuple count is doubled for rows an ANALYZE counted while their inserting session had not
-    yet flushed its statistics (a table bulk-loaded and analysed within a second, in one session).
-    """
-    rows = conn.execute(
-        """
-        SELECT n.nspname, c.relname, c.reltuples::bigint
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p', 'm')
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-          AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
-        ORDER BY 1, 2
-        """
-    ).fetchall()
-    return {f"{s}.{t}": int(n) for s, t, n in rows}
+    live = {f"{s}.{t}": int(n) for s, t, n, _ in rows}
+    planner = {f"{s}.{t}": int(r) for s, t, _, r in rows}
+    return live, planner
 
 
 def dumpable_tables(conn: psycopg.Connection) -> list[str]:

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from psycopg import sql
 
 from flows.core.catalog import Backup, Catalog
 from flows.core.compression import decompress_stream
-from flows.core.dump import PgTool, _error_summary, _StderrCollector, classify_pg_failure
+from flows.core.dump import PgTool, _error_summary, _hashing, _StderrCollector, classify_pg_failure
 from flows.core.errors import ConfigurationError, DatabaseMissing, DbopsError, TransientError, is_transient
 from flows.core.layout import MANIFEST_SUFFIX
 from flows.core.manifest import Manifest
@@ -294,13 +294,6 @@ def _mismatch(key: str, manifest: Manifest, sha: str, size: int, why: str = "") 
         f"sha256 {manifest.sha256[:16]}…, {manifest.bytes} bytes): the stored object is corrupt, "
         "pg_restore was stopped before it committed anything; restore an older backup"
     )
-
-
-def _hashing(chunks: Iterable[bytes], digest: hashlib._Hash, counter: list[int]) -> Iterator[bytes]:
-    for chunk in chunks:
-        digest.update(chunk)
-        counter[0] += len(chunk)
-        yield chunk
 
 
 def stream_restore(

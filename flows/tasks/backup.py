@@ -33,7 +33,6 @@ from flows.core.postgres import (
     database_size,
     dumpable_tables,
     server_version_num,
-    table_planner_estimates,
     table_row_estimates,
     unreadable_tables,
 )
@@ -85,8 +84,7 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
         version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         size = database_size(conn)
         revision = alembic_revision(conn)
-        estimates = table_row_estimates(conn)
-        planner = table_planner_estimates(conn)
+        estimates, planner = table_row_estimates(conn)
         tables = dumpable_tables(conn)
     pg_dump = find_tool("pg_dump", version_num, pg_bindir)
     pg_restore = find_tool("pg_restore", version_num, pg_bindir)
