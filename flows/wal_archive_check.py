@@ -4,7 +4,8 @@
 2. archiver   pg_stat_archiver: failing now (last failure newer than the last success), failures per hour
 3. lag        complete segments and bytes not yet archived; age of the last archive while WAL waits
 4. backlog    .ready files in pg_wal/archive_status (pg_monitor may read them)
-5. contents   the last archived file is in the archive; no gap since the last verified segment
+5. contents   the last archived file is in the archive; no gap since the last verified segment, and once a
+              day (full_verify) none in the whole window, so a segment deleted behind that point is found
 6. stall      the oldest waiting segment has not moved since the previous run
 7. probe      (active=true) restore point + pg_switch_wal(), then wait for that segment in the archive
 8. standbys   replication lag from pg_stat_replication
@@ -13,13 +14,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
-from flows.core.archive import ArchiveLocation, ContentsResult
+from flows.core.archive import ArchiveLocation, ContentsResult, FullVerify, full_verify_due
 from flows.core.archiver import (
     Check,
     CheckState,
@@ -60,8 +61,16 @@ class CheckOptions(BaseModel):
     window_segments: int = Field(
         default=4096,
         ge=1,
-        description="On the first run (no remembered position), how many segments back from the last "
-        "archived one are checked for gaps; later runs continue from the last verified segment.",
+        description="The window this check answers for: how many segments back from the last archived one "
+        "the first run and every full re-verification check for gaps (never before where the archive "
+        "began); other runs continue from the last verified segment. Keep it within what your WAL "
+        "retention keeps, or expired segments are reported missing.",
+    )
+    full_verify_every_hours: float = Field(
+        default=24,
+        gt=0,
+        description="With full_verify=auto, re-list the whole window when the last full verification is "
+        "older than this.",
     )
     remember: bool = Field(
         default=True,
@@ -85,7 +94,9 @@ class WalArchiveReport(BaseModel):
     verified_through: str | None
     missing_segments: list[str] = Field(default_factory=list)
     listed_keys: int = 0
-    list_requests: int = 0
+    list_requests: int = Field(default=0, description="Listings of the gap window in this run.")
+    total_list_requests: int = Field(default=0, description="Every listing of the archive in this run.")
+    full_verify: bool = Field(default=False, description="This run re-listed the whole window.")
     checked_at: datetime
 
     def first_critical(self) -> Check | None:
@@ -98,6 +109,7 @@ def wal_archive_check(
     archive: ArchiveLocation,
     thresholds: Thresholds | None = None,
     active: bool = False,
+    full_verify: FullVerify = "auto",
     options: CheckOptions | None = None,
 ) -> WalArchiveReport:
     """Check that WAL archiving works; Failed, with what to fix, when it does not.
@@ -109,6 +121,9 @@ def wal_archive_check(
         thresholds: When lag, backlog, failures and stalls become warnings or a failed run.
         active: Also create a restore point, switch WAL and wait for that segment to be archived (needs
             EXECUTE on pg_switch_wal and pg_create_restore_point); skipped on a standby.
+        full_verify: Re-list the whole window, not only segments newer than the last verified one, so a
+            segment deleted from the archive after an earlier run saw it is found by name: auto (once a day,
+            see options), always (now, on demand), never.
         options: Probe timeout, first-run window, where the check remembers its position.
     """
     logger = get_run_logger()
@@ -130,7 +145,8 @@ def wal_archive_check(
     archiving = snap.settings.archive_mode in ("on", "always")
     contents: ContentsResult | None = None
     if archiving:
-        contents = verify_archive_contents(archive, snap, state, options.window_segments)
+        full, why = full_verify_due(full_verify, state, now, timedelta(hours=options.full_verify_every_hours))
+        contents = verify_archive_contents(archive, snap, state, options.window_segments, full, why)
         checks += contents.checks
     else:
         checks.append(Check(name="contents", status="skipped", figure="archive_mode is off"))
@@ -163,12 +179,17 @@ def _next_state(
     failing = archiver_failing(snap.archiver, snap.settings.segment_size)
     same_segsize = state.segment_size == snap.settings.segment_size
     verified = contents.verified_through if contents else None
+    full = contents is not None and contents.full
     return CheckState(
         segment_size=snap.settings.segment_size,
         tli=contents.tli if contents and contents.tli else state.tli,
         verified_through=verified
         if verified is not None
         else (state.verified_through if same_segsize else None),
+        verified_from=contents.window_first  # type: ignore[union-attr]
+        if full
+        else (state.verified_from if same_segsize else None),
+        full_verified_at=snap.taken_at if full else state.full_verified_at,
         oldest_pending=pending,
         oldest_pending_seen_at=(
             state.oldest_pending_seen_at if pending and pending == state.oldest_pending else snap.taken_at
@@ -203,6 +224,8 @@ def _report(
         missing_segments=contents.missing if contents else [],
         listed_keys=contents.listed_keys if contents else 0,
         list_requests=contents.list_requests if contents else 0,
+        total_list_requests=contents.total_list_requests if contents else 0,
+        full_verify=contents.full if contents else False,
         checked_at=snap.taken_at,
     )
 

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,48 @@ def test_deleted_segment_is_reported_as_a_gap_with_its_name(healthy, unique: str
         kept.rename(victim)
     report = wal_archive_check(database=db, archive=location, options=options(unique))
     assert report.status == "ok" and report.verified_through == names[-1]
+
+
+def test_segment_deleted_behind_the_watermark_is_found_by_the_daily_or_asked_for_full_verify(
+    healthy, unique: str
+) -> None:
+    from prefect.variables import Variable
+
+    cluster, archive = healthy
+    db = database_block(cluster, f"wal-{unique}")
+    location = ArchiveLocation(directory=str(archive))
+    names = switch_and_wait_archived(cluster, 3)
+    first = wal_archive_check(database=db, archive=location, options=options(unique))
+    assert first.full_verify and artifact_rows(db)["listing"]["figure"].startswith("full re-verify")
+    assert wal_archive_check(database=db, archive=location, options=options(unique)).status == "ok"
+    victim = archive / names[1]  # verified by both runs: behind the watermark
+    kept = victim.with_name(victim.name + ".aside")
+    victim.rename(kept)
+    try:
+        report = wal_archive_check(database=db, archive=location, options=options(unique))
+        assert report.status == "ok" and not report.full_verify  # incremental: it looks past the watermark
+        assert artifact_rows(db)["listing"]["figure"].startswith("incremental (last full verification 0.0 h")
+        remembered = json.loads(Variable.get(f"wal-test-{unique}"))
+
+        state = wal_archive_check(
+            database=db, archive=location, full_verify="always", options=options(unique), return_state=True
+        )
+        assert state.is_failed() and names[1] in failure_message(state)
+        listing = artifact_rows(db)["listing"]["figure"]
+        assert listing.startswith("full re-verify (asked for (full_verify=always)): ")
+        assert "list request(s)" in listing
+
+        # auto: the last full verification was 25 h ago (written into the state, not waited for)
+        remembered["full_verified_at"] = (datetime.now(UTC) - timedelta(hours=25)).isoformat()
+        Variable.set(f"wal-test-{unique}", json.dumps(remembered), overwrite=True)
+        state = wal_archive_check(database=db, archive=location, options=options(unique), return_state=True)
+        assert state.is_failed() and names[1] in failure_message(state)
+        listing = artifact_rows(db)["listing"]["figure"]
+        assert listing.startswith("full re-verify (last full verification 25 h")
+    finally:
+        kept.rename(victim)
+    report = wal_archive_check(database=db, archive=location, options=options(unique))
+    assert report.status == "ok" and report.verified_through is not None
 
 
 def test_role_with_only_pg_monitor_can_run_the_check(healthy, unique: str) -> None:

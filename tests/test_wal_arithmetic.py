@@ -6,14 +6,19 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from flows.core.archive import ContentsResult, WalArchive, check_contents, full_verify_due
 from flows.core.archiver import (
     ArchiverStats,
     ArchiveSettings,
+    Backlog,
+    CheckState,
+    ServerSnapshot,
     Thresholds,
     archiver_failing,
     check_settings,
     check_stall,
 )
+from flows.core.objectstore import LocalObjectStore
 from flows.core.wal import (
     BadWalName,
     Lineage,
@@ -221,3 +226,90 @@ def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
     )
     assert behind["archive age"].status == "critical"
     assert behind["pending segments"].figure.startswith(f"20 segment(s), {20 * 16 * MiB + 42} bytes")
+
+
+# -- full re-verification: a hole behind the watermark -------------------------------------------------------
+
+
+def _snapshot_at(last_segno: int, size: int = MiB) -> ServerSnapshot:
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    return ServerSnapshot(
+        settings=_settings(segment_size=size),
+        archiver=ArchiverStats(
+            archived_count=last_segno,
+            last_archived_wal=segment_name(1, last_segno, size),
+            last_archived_time=now,
+            failed_count=0,
+            last_failed_wal=None,
+            last_failed_time=None,
+            stats_reset=None,
+        ),
+        position=None,
+        backlog=Backlog(ready=0),
+        standbys=[],
+        user="test",
+        taken_at=now,
+    )
+
+
+def _archive_dir(tmp_path, segnos: range) -> WalArchive:
+    for s in segnos:
+        (tmp_path / segment_name(1, s, MiB)).write_bytes(b"")
+    return WalArchive(LocalObjectStore(tmp_path), "")
+
+
+def _next(state: CheckState, result: ContentsResult, when: datetime) -> CheckState:
+    return state.model_copy(
+        update={
+            "segment_size": MiB,
+            "verified_through": result.verified_through,
+            "verified_from": result.window_first if result.full else state.verified_from,
+            "full_verified_at": when if result.full else state.full_verified_at,
+        }
+    )
+
+
+def test_full_verify_is_due_once_a_day_on_demand_and_on_the_first_run() -> None:
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    fresh = CheckState(verified_through=10, full_verified_at=now - timedelta(hours=23))
+    stale = fresh.model_copy(update={"full_verified_at": now - timedelta(hours=25)})
+    assert full_verify_due("auto", fresh, now) == (False, "last full verification 23.0 h ago")
+    assert full_verify_due("auto", stale, now) == (True, "last full verification 25 h ago")
+    assert full_verify_due("auto", CheckState(verified_through=10), now)[0]  # state from before this check
+    assert full_verify_due("always", fresh, now)[0] and not full_verify_due("never", stale, now)[0]
+    assert full_verify_due("never", CheckState(), now)[0]  # nothing remembered: the first run lists all
+
+
+def test_segment_deleted_behind_the_watermark_is_found_only_by_a_full_verify(tmp_path) -> None:
+    archive = _archive_dir(tmp_path, range(100, 201))
+    t0 = datetime(2026, 11, 29, tzinfo=UTC)
+    first = check_contents(archive, _snapshot_at(200), CheckState(), 4096)
+    assert first.full and first.window_first == 100 and first.verified_through == 200
+    state = _next(CheckState(), first, t0)
+    (tmp_path / segment_name(1, 150, MiB)).unlink()
+    (tmp_path / segment_name(1, 100, MiB)).unlink()  # the oldest one: a hole, not where archiving began
+    for s in range(201, 206):
+        (tmp_path / segment_name(1, s, MiB)).write_bytes(b"")
+    incremental = check_contents(archive, _snapshot_at(205), state, 4096)
+    assert not incremental.full and incremental.checks[-2].status == "ok"  # [-1] is the listing row
+    assert incremental.checks[-1].figure.startswith("incremental")
+    state = _next(state, incremental, t0)
+    full = check_contents(archive, _snapshot_at(205), state, 4096, full=True, why="asked for")
+    assert full.full and full.missing == [segment_name(1, 100, MiB), segment_name(1, 150, MiB)]
+    assert full.checks[-1].figure.startswith("full re-verify (asked for): ")
+    assert full.verified_through == 99  # the watermark goes back to the hole: later runs keep reporting it
+    again = check_contents(archive, _snapshot_at(205), _next(state, full, t0), 4096)
+    assert not again.full and again.missing_count == 2
+
+
+def test_full_verify_window_is_window_segments_back_or_from_the_oldest_needed_segment(tmp_path) -> None:
+    archive = _archive_dir(tmp_path, range(1, 301))
+    (tmp_path / segment_name(1, 20, MiB)).unlink()
+    state = CheckState(segment_size=MiB, verified_through=300)
+    windowed = check_contents(archive, _snapshot_at(300), state, 100, full=True)
+    assert windowed.first == 201 and windowed.missing == []  # 100 back: the old hole is not ours
+    needed = check_contents(
+        archive, _snapshot_at(300), state, 100, full=True, oldest_needed_segment=segment_name(1, 10, MiB)
+    )
+    assert needed.first == 10 and needed.missing == [segment_name(1, 20, MiB)]
+    assert needed.list_requests == 1 and needed.total_list_requests >= needed.list_requests

@@ -17,6 +17,8 @@ import gzip
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -32,6 +34,7 @@ from flows.core.wal import (
     history_name,
     log_prefixes,
     parse_history,
+    parse_wal_name,
     scan_keys,
     segment_name,
 )
@@ -178,8 +181,40 @@ class ArchiveLocation(BaseModel):
         return self.directory or f"{self.storage}:{self.prefix or '/'}"
 
 
+FullVerify = Literal["auto", "always", "never"]
+
+#: how often `auto` re-verifies the whole window: a hole made behind the watermark is found within a day
+FULL_VERIFY_EVERY = timedelta(hours=24)
+
+
+def full_verify_due(
+    mode: FullVerify, state: CheckState, now: datetime, every: timedelta = FULL_VERIFY_EVERY
+) -> tuple[bool, str]:
+    """Whether this run re-lists the whole window instead of only what is newer than the watermark, and why.
+
+    Incremental runs never look behind the last verified segment, so a segment deleted after a run saw it
+    would stay unnoticed for ever; a periodic full pass bounds that to `every`.
+    """
+    if state.verified_through is None:
+        return True, "no remembered position"
+    if mode == "always":
+        return True, "asked for (full_verify=always)"
+    if mode == "never":
+        return False, "full_verify=never"
+    if state.full_verified_at is None:
+        return True, "no full verification recorded"
+    age = now - state.full_verified_at
+    if age >= every:
+        return True, f"last full verification {age.total_seconds() / 3600:.0f} h ago"
+    return False, f"last full verification {age.total_seconds() / 3600:.1f} h ago"
+
+
 class ContentsResult(BaseModel):
     checks: list[Check]
+    full: bool = Field(default=False, description="The whole window was listed, not only new segments.")
+    window_first: int | None = Field(
+        default=None, description="First segment of the window this check answers for (None: unknown)."
+    )
     first: int | None = None
     last: int | None = None
     missing: list[str] = Field(default_factory=list)
@@ -188,6 +223,9 @@ class ContentsResult(BaseModel):
     tli: int | None = None
     list_requests: int = 0
     listed_keys: int = 0
+    total_list_requests: int = Field(
+        default=0, description="Every listing this check made: window, last archived file, history."
+    )
 
 
 def window_end(archived: WalPosition | None, lineage: Lineage) -> int | None:
@@ -208,13 +246,51 @@ def check_contents(
     state: CheckState,
     window_segments: int,
     max_names: int = 50,
+    full: bool = False,
+    oldest_needed_segment: str | None = None,
+    why: str = "",
 ) -> ContentsResult:
-    """The last archived file is in the archive, and no segment is missing since the last verified one."""
+    """The last archived file is in the archive, and no segment is missing since the last verified one.
+
+    `full`: list the whole window this check answers for, not only what is newer than the watermark, so a
+    segment deleted behind it is found. The window starts at `oldest_needed_segment` when given (the start
+    WAL of the oldest kept base backup: every segment from there on is needed; the base-backup work passes
+    it), else `window_segments` back from the last archived one, never before where the archive began.
+    """
+    before = archive.stats.requests
+    result = _check_contents(archive, snap, state, window_segments, max_names, full, oldest_needed_segment)
+    result.total_list_requests = archive.stats.requests - before
+    result.checks.append(_listing_check(result, why))
+    return result
+
+
+def _listing_check(result: ContentsResult, why: str) -> Check:
+    """What this run read: full or incremental, and how many listings it cost (the bound the bench keeps)."""
+    kind = "full re-verify" if result.full else "incremental"
+    return Check(
+        name="listing",
+        status="ok",
+        figure=f"{kind}{f' ({why})' if why else ''}: {result.total_list_requests} list request(s) "
+        f"({result.list_requests} for the window), {result.listed_keys} key(s)",
+    )
+
+
+def _check_contents(
+    archive: WalArchive,
+    snap: ServerSnapshot,
+    state: CheckState,
+    window_segments: int,
+    max_names: int,
+    full: bool,
+    oldest_needed_segment: str | None,
+) -> ContentsResult:
     size = snap.settings.segment_size
     last_name = snap.archiver.last_archived_wal
     archived = wal_position(last_name, size)
     if archived is None:
-        return ContentsResult(checks=[Check(name="contents", status="ok", figure="nothing archived yet")])
+        return ContentsResult(
+            checks=[Check(name="contents", status="ok", figure="nothing archived yet")],
+        )
     checks: list[Check] = []
     key = archive.find(last_name)  # type: ignore[arg-type]
     if key is None:
@@ -248,19 +324,36 @@ def check_contents(
     if end is None or end < 1:
         checks.append(Check(name="gaps", status="ok", figure="no complete segment archived yet"))
         return ContentsResult(checks=checks, tli=tli)
-    resumed = (
-        state.verified_through is not None and state.segment_size == size and state.verified_through <= end
-    )
+    same_size = state.segment_size == size
+    resumed = not full and state.verified_through is not None and same_size and state.verified_through <= end
     start = state.verified_through + 1 if resumed else max(end - window_segments + 1, 1)  # type: ignore[operator]
+    # where the archive began, as a previous full pass found it: a hole there is a hole, not the beginning
+    known_from = state.verified_from if same_size else None
+    if known_from is not None and known_from > end:  # a new cluster: forget the old one's archive start
+        known_from = None
+    if oldest_needed_segment is not None and not resumed:
+        start = parse_wal_name(oldest_needed_segment, size).segno  # a kept base backup needs all from here
+    elif known_from is not None and not resumed:
+        start = max(start, known_from)
     before = (archive.stats.requests, archive.stats.keys)
+    full = not resumed
     if start > end:
         checks.append(
             Check(name="gaps", status="ok", figure=f"no new segment since {segment_name(tli, end, size)}")
         )
-        return ContentsResult(checks=checks, first=start, last=end, verified_through=end, tli=tli)
+        return ContentsResult(
+            checks=checks,
+            first=start,
+            last=end,
+            verified_through=end,
+            tli=tli,
+            full=full,
+            window_first=known_from,
+        )
     tlis = [t for t in lineage.timelines if _overlaps(lineage.ranges[t], start, end)]
     listing = archive.list_window(tlis, start, end, size)
-    if not resumed:  # first run: the archive begins where archiving was switched on, not at segment 1
+    if full and oldest_needed_segment is None and known_from is None:
+        # first pass: the archive begins where archiving was switched on, not at segment 1
         held = [min(s) for t, s in listing.segments.items() if s and t in lineage.ranges]
         start = max(start, min(held, default=end))
     gaps = find_gaps(listing, start, end, lineage, size, max_names=max_names)
@@ -287,10 +380,15 @@ def check_contents(
         last=end,
         missing=gaps.missing_names,
         missing_count=len(gaps.missing),
-        verified_through=gaps.verified_through if gaps.verified_through >= start else state.verified_through,
+        # a hole found by a full pass moves the watermark back to it, so incremental runs keep reporting it
+        verified_through=gaps.verified_through
+        if gaps.verified_through >= start or full
+        else state.verified_through,
         tli=tli,
         list_requests=archive.stats.requests - before[0],
         listed_keys=archive.stats.keys - before[1],
+        full=full,
+        window_first=start if full else known_from,
     )
 
 

@@ -638,6 +638,8 @@ class CheckState(BaseModel):
     segment_size: int | None = None
     tli: int | None = None
     verified_through: int | None = None  # every segment up to this number is in the archive
+    verified_from: int | None = None  # where the last full pass began: the window never reaches before it
+    full_verified_at: datetime | None = None  # when the whole window was last listed (full_verify=auto)
     oldest_pending: str | None = None
     oldest_pending_seen_at: datetime | None = None
     failed_count: int | None = None

@@ -53,16 +53,36 @@ def read_archiver_status(database: str) -> ServerSnapshot:
 
 @task(name="verify_archive_contents", cache_policy=NONE, **retry_policy())
 def verify_archive_contents(
-    location: ArchiveLocation, snap: ServerSnapshot, state: CheckState, window_segments: int
+    location: ArchiveLocation,
+    snap: ServerSnapshot,
+    state: CheckState,
+    window_segments: int,
+    full: bool = False,
+    why: str = "",
+    oldest_needed_segment: str | None = None,
 ) -> ContentsResult:
-    """List the archive from the last verified segment on and look for gaps."""
-    result = check_contents(open_archive(location), snap, state, window_segments)
+    """List the archive from the last verified segment on (or, `full`, the whole window) and look for gaps.
+
+    `oldest_needed_segment`: the start WAL of the oldest kept base backup, once base backups exist; the
+    full window then starts there instead of `window_segments` back.
+    """
+    result = check_contents(
+        open_archive(location),
+        snap,
+        state,
+        window_segments,
+        full=full,
+        oldest_needed_segment=oldest_needed_segment,
+        why=why,
+    )
     get_run_logger().info(
-        "archive %s: checked segments %s..%s with %d listing(s) of %d key(s); %d missing",
+        "archive %s: %s check of segments %s..%s with %d listing(s) (%d in all) of %d key(s); %d missing",
         location.describe(),
+        "full" if result.full else "incremental",
         result.first,
         result.last,
         result.list_requests,
+        result.total_list_requests,
         result.listed_keys,
         result.missing_count,
     )
