@@ -9,7 +9,9 @@ No server is needed: a synthetic archive of N segment names (16 MiB segments, ti
      the loop people usually write (sort the names, parse each with a regex, expect the next name);
   b. checked incrementally: flows.core.archive.check_contents with a remembered position over an
      in-memory object store that counts the keys it hands out, against listing the whole prefix
-     (what a check without memory, or `aws s3 ls`, has to read).
+     (what a check without memory, or `aws s3 ls`, has to read);
+  c. re-verified in full, as the daily full_verify does: the whole 4096-segment window behind the last
+     archived segment, listed again so a segment deleted behind the remembered position is found.
 
 Prints a plain comparison and PASS/FAIL against the targets (gap check under 5 s; the incremental run
 reads at most the new keys plus the rest of one log id).
@@ -39,6 +41,7 @@ from flows.core.wal import Lineage, find_gaps, scan_keys, segment_name, segments
 SEGMENT = 16 * 1024 * 1024
 MAX_GAP_SECONDS = 5.0
 NEW_SEGMENTS = 100
+WINDOW = 4096  # CheckOptions.window_segments' default
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -155,6 +158,7 @@ def main() -> int:
     state = CheckState(segment_size=SEGMENT, tli=1, verified_through=n)
     t_inc, result = timed(lambda: check_contents(archive, snapshot_at(n + NEW_SEGMENTS), state, 4096))
     gaps_check = next(c for c in result.checks if c.name == "gaps")  # type: ignore[union-attr]
+    incremental_listed = store.listed
     print(f"\nb. incremental run after {NEW_SEGMENTS} new segments (previous run verified segment {n})")
     print(
         f"   full listing (no memory)          {int(full):>9,} keys  ~{full_requests:,} list requests  "
@@ -169,20 +173,40 @@ def main() -> int:
         "lookup, the rest the earlier part of the log id holding the last verified segment (< 256 at 16 MiB)"
     )
 
+    # c. the daily full re-verification of the window, after the hole was made behind the watermark
+    store.keys.remove(f"wal/{segment_name(1, n + NEW_SEGMENTS - 10, SEGMENT)}.zst")
+    store.listed = store.requests = 0
+    state = CheckState(segment_size=SEGMENT, tli=1, verified_through=n + NEW_SEGMENTS)
+    t_re, again = timed(
+        lambda: check_contents(archive, snapshot_at(n + NEW_SEGMENTS), state, WINDOW, full=True)
+    )
+    print(f"\nc. full re-verify of the {WINDOW:,}-segment window (a segment behind the watermark deleted)")
+    print(
+        f"   dbops full re-verify              {store.listed:>9,} keys  {store.requests} list requests  "
+        f"{t_re:.3f} s   (found {again.missing})"  # type: ignore[union-attr]
+    )
+
     per_log = segments_per_log(SEGMENT)
     bound = NEW_SEGMENTS + per_log + 1  # + the last-archived lookup
+    full_bound = WINDOW + 2 * per_log + 1  # the window, rounded out to whole log ids, + the lookup
     ok_a = t_ours < MAX_GAP_SECONDS
-    ok_b = store.listed <= bound and gaps_check.status == "ok"
+    ok_b = incremental_listed <= bound and gaps_check.status == "ok"
+    hole_found = again.missing == [segment_name(1, n + NEW_SEGMENTS - 10, SEGMENT)]  # type: ignore[union-attr]
+    ok_c = hole_found and store.listed <= full_bound
     print("\ntargets")
     print(
         f"   gap check over {len(keys):,} names < {MAX_GAP_SECONDS:.0f} s: {t_ours:.2f} s  "
         f"{'PASS' if ok_a else 'FAIL'}"
     )
     print(
-        f"   incremental run lists <= new + one log id ({bound}) keys: {store.listed}  "
+        f"   incremental run lists <= new + one log id ({bound}) keys: {incremental_listed}  "
         f"{'PASS' if ok_b else 'FAIL'}"
     )
-    return 0 if ok_a and ok_b else 1
+    print(
+        f"   full re-verify lists <= window + two log ids ({full_bound}) keys and finds the hole: "
+        f"{store.listed}  {'PASS' if ok_c else 'FAIL'}"
+    )
+    return 0 if ok_a and ok_b and ok_c else 1
 
 
 if __name__ == "__main__":
