@@ -16,6 +16,7 @@ from flows.core.drill import (
 )
 from flows.core.manifest import Manifest
 from flows.core.restore import is_stale, staleness_hours
+from flows.core.tablenames import TableName, legacy_readings, parse_table_key, resolve_key, table_key
 from tests.harness.pg import PgCluster
 
 
@@ -114,3 +115,40 @@ def test_a_large_table_passes_when_either_estimate_agrees_and_fails_when_neither
         assert "public.big: 20000 rows, manifest estimated 40000 or 14000" in check_row_counts(
             conn, m, tables
         ).detail
+
+
+def test_table_keys_with_dots_or_quotes_read_back_as_the_same_pair() -> None:
+    pairs = [("public", "images"), ("my.schema", "t.x"), ("my", "schema.t"), ('we"ird', "a"), ("s", 'x."y')]
+    for schema, table in pairs:
+        assert parse_table_key(table_key(schema, table)) == TableName(schema, table)
+    assert table_key("public", "images") == "public.images"  # unchanged for every ordinary name
+    assert table_key("my.schema", "t.x") == '"my.schema"."t.x"'
+    assert table_key("my", "schema.t") == 'my."schema.t"'
+    assert parse_table_key("my.schema.t") is None  # an older manifest's key: more than one reading
+    assert legacy_readings("my.schema.t") == [TableName("my", "schema.t"), TableName("my.schema", "t")]
+
+
+def test_old_manifest_key_with_several_dots_is_read_the_way_the_restored_catalog_has_it() -> None:
+    catalog = {TableName("my.schema", "t"): "r", TableName("public", "a"): "r"}
+    assert resolve_key("my.schema.t", catalog) == TableName("my.schema", "t")
+    assert resolve_key('"my.schema".t', catalog) == TableName("my.schema", "t")
+    assert resolve_key("public.a", catalog) == TableName("public", "a")
+    assert resolve_key("my.schema.u", catalog) is None and resolve_key('"my.schema"."t.x"', catalog) is None
+
+
+def test_drill_checks_count_tables_with_dots_in_their_names_new_and_old_manifests(
+    pg: PgCluster, unique: str
+) -> None:
+    db = f"chk_{unique}"
+    pg.create_database(db)
+    pg.sql('CREATE SCHEMA "my.schema"; CREATE TABLE "my.schema"."t.x" (id int)', db)
+    pg.sql('INSERT INTO "my.schema"."t.x" SELECT generate_series(1, 5)', db)
+    with pg.connect(db) as conn:
+        tables = restored_tables(conn)
+        assert tables[TableName("my.schema", "t.x")] == "r"
+        for key in ('"my.schema"."t.x"', "my.schema.t.x"):  # this dbops's key, and an older dbops's
+            m = manifest({key: 5}, revision=None)
+            assert check_tables(m, tables).ok and check_row_counts(conn, m, tables).ok, key
+            m = m.model_copy(update={"exact_row_counts": {key: 4}})
+            counts = check_row_counts(conn, m, tables)
+            assert not counts.ok and f"{key}: 5 rows, the dump's snapshot had 4" in counts.detail

@@ -186,3 +186,28 @@ def test_large_table_that_grew_since_analyze_is_compared_with_the_live_tuple_cou
     dumped = nightly_dump(database=block, storage=storage, prefix="prod")
     report = restore_drill(storage=storage, source_database=name, scratch=block, prefix="prod", amcheck=False)
     assert report.passed and report.key == dumped.key, report.checks
+
+
+def test_drill_passes_with_a_dot_in_a_schema_name_and_in_a_table_name(
+    pg: PgCluster, source: tuple[str, str], storage: str, s3: S3Endpoint, bucket: str
+) -> None:
+    # "my.schema"."t.x" and "my"."schema.t": split at a dot, both would read as my / schema.t...
+    block, name = source
+    pg.sql('CREATE SCHEMA "my.schema"; CREATE SCHEMA my', dbname=name)
+    pg.sql('CREATE TABLE "my.schema"."t.x" (id int); CREATE TABLE "my.schema".plain (id int)', dbname=name)
+    pg.sql('CREATE TABLE my."schema.t" (id int)', dbname=name)
+    pg.sql(
+        'INSERT INTO "my.schema"."t.x" SELECT generate_series(1, 7); '
+        'INSERT INTO "my.schema".plain SELECT generate_series(1, 3); '
+        'INSERT INTO my."schema.t" SELECT generate_series(1, 2)',
+        dbname=name,
+    )
+    dumped = nightly_dump(database=block, storage=storage, prefix="prod")
+    report = restore_drill(storage=storage, source_database=name, scratch=block, prefix="prod", amcheck=False)
+    assert report.passed, report.checks
+    manifest = Manifest.from_json(
+        s3.client().get_object(Bucket=bucket, Key="dbops/" + dumped.manifest_key)["Body"].read()
+    )
+    assert manifest.exact_row_counts['"my.schema"."t.x"'] == 7  # quoted like SQL identifiers: unambiguous
+    assert manifest.exact_row_counts['my."schema.t"'] == 2
+    assert manifest.exact_row_counts['"my.schema".plain'] == 3 and "public.images" in manifest.row_estimates

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from flows.core.dump import PgTool, _error_summary
 from flows.core.manifest import Manifest
 from flows.core.postgres import ConnParams, alembic_revision, libpq_environment, scrub
+from flows.core.tablenames import TableName, resolve_key
 
 DRILL_FORMAT_VERSION = 1
 MAX_IDENTIFIER = 63
@@ -79,7 +80,7 @@ def scratch_name(database: str, run_id: str) -> str:
 # -- checks ------------------------------------------------------------------------------------------------
 
 _TABLES = """
-    SELECT n.nspname || '.' || c.relname, c.relkind
+    SELECT n.nspname, c.relname, c.relkind
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.relkind IN ('r', 'p', 'm')
       AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -87,14 +88,14 @@ _TABLES = """
 """
 
 
-def restored_tables(conn: psycopg.Connection) -> dict[str, str]:
-    """ "schema.table" -> relkind, named exactly as the manifest's row_estimates name them."""
-    return {name: kind for name, kind in conn.execute(_TABLES).fetchall()}
+def restored_tables(conn: psycopg.Connection) -> dict[TableName, str]:
+    """(schema, table) -> relkind: pairs, because either name may hold a dot (see flows.core.tablenames)."""
+    return {TableName(schema, table): kind for schema, table, kind in conn.execute(_TABLES).fetchall()}
 
 
-def check_tables(manifest: Manifest, tables: dict[str, str]) -> CheckResult:
+def check_tables(manifest: Manifest, tables: dict[TableName, str]) -> CheckResult:
     expected = sorted(manifest.row_estimates)
-    missing = [t for t in expected if t not in tables]
+    missing = [t for t in expected if resolve_key(t, tables) is None]
     if missing:
         return CheckResult(
             "tables",
@@ -105,10 +106,9 @@ def check_tables(manifest: Manifest, tables: dict[str, str]) -> CheckResult:
     return CheckResult("tables", True, f"all {len(expected)} tables in the manifest exist")
 
 
-def count_rows(conn: psycopg.Connection, qualified: str) -> int:
-    schema, _, table = qualified.partition(".")
+def count_rows(conn: psycopg.Connection, table: TableName) -> int:
     query = psycopg.sql.SQL("SELECT count(*) FROM {}.{}").format(
-        psycopg.sql.Identifier(schema), psycopg.sql.Identifier(table)
+        psycopg.sql.Identifier(table.schema), psycopg.sql.Identifier(table.table)
     )
     return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
 
@@ -123,7 +123,7 @@ def row_count_ok(estimate: int, actual: int, tolerance: float, exact_below: int)
 def check_row_counts(
     conn: psycopg.Connection,
     manifest: Manifest,
-    tables: dict[str, str],
+    tables: dict[TableName, str],
     tolerance: float = 0.1,
     exact_below: int = 1000,
 ) -> CheckResult:
@@ -139,12 +139,13 @@ def check_row_counts(
     skipped = 0
     names = sorted(set(manifest.row_estimates) | set(manifest.exact_row_counts))
     for name in names:
-        if tables.get(name) not in ("r", "m"):
+        table = resolve_key(name, tables)
+        if table is None or tables[table] not in ("r", "m"):
             skipped += 1  # partitioned parent, or missing (the tables check says so)
             continue
         if name in manifest.exact_row_counts:
             expected = manifest.exact_row_counts[name]
-            actual = count_rows(conn, name)
+            actual = count_rows(conn, table)
             compared += 1
             if actual != expected:
                 off.append(f"{name}: {actual} rows, the dump's snapshot had {expected}")
@@ -155,7 +156,7 @@ def check_row_counts(
         if not estimates:
             skipped += 1
             continue
-        actual = count_rows(conn, name)
+        actual = count_rows(conn, table)
         compared += 1
         small = 0 if manifest.exact_row_counts else exact_below
         if not any(row_count_ok(e, actual, tolerance, small) for e in estimates):

@@ -25,6 +25,7 @@ from flows.core.errors import (
     DbopsError,
     PermissionDenied,
 )
+from flows.core.tablenames import table_key
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,9 @@ def alembic_revision(conn: psycopg.Connection) -> str | None:
 
 
 def table_row_estimates(conn: psycopg.Connection) -> tuple[dict[str, int], dict[str, int]]:
-    """Two row estimates per user table ("schema.table"), cheap on any size of database, each wrong in
-    its own way, so the restore drill accepts a count that agrees with either:
+    """Two row estimates per user table (keyed by `tablenames.table_key`: "schema.table", a name with a dot
+    quoted), cheap on any size of database, each wrong in its own way, so the restore drill accepts a count
+    that agrees with either:
 
     - live: the statistics' live-tuple count (n_live_tup), which follows every committed insert and
       delete; reltuples stands in after the statistics were reset (a crash). It is doubled for rows an
@@ -196,8 +198,8 @@ def table_row_estimates(conn: psycopg.Connection) -> tuple[dict[str, int], dict[
         ORDER BY 1, 2
         """
     ).fetchall()
-    live = {f"{s}.{t}": int(n) for s, t, n, _ in rows}
-    planner = {f"{s}.{t}": int(r) for s, t, _, r in rows}
+    live = {table_key(s, t): int(n) for s, t, n, _ in rows}
+    planner = {table_key(s, t): int(r) for s, t, _, r in rows}
     return live, planner
 
 
@@ -292,7 +294,7 @@ class ExportedSnapshot:
                 query = sql.SQL("SELECT count(*) FROM {}.{}").format(
                     sql.Identifier(schema), sql.Identifier(table)
                 )
-                counts[f"{schema}.{table}"] = int(self.conn.execute(query).fetchone()[0])  # type: ignore[index]
+                counts[table_key(schema, table)] = int(self.conn.execute(query).fetchone()[0])  # type: ignore[index]
             self.facts = SnapshotFacts(snapshot, counts, alembic_revision(self.conn))
         except BaseException:
             self.conn.close()
