@@ -517,3 +517,30 @@ def test_standby_and_promotion_to_a_new_timeline(unique: str) -> None:
             assert next(c for c in report.checks if c.name == "timeline history").status == "ok"
         finally:
             standby.stop("immediate")
+
+
+def test_full_verify_finds_a_segment_deleted_behind_the_watermark_in_s3_pgbackrest_layout(
+    s3: S3Endpoint, bucket: str
+) -> None:
+    """The same hole in S3, pgBackRest's per-log folders: incremental misses it, full finds it."""
+    from flows.core.archive import WalArchive, check_contents
+    from flows.core.archiver import CheckState
+    from flows.core.objectstore import S3ObjectStore
+    from flows.core.wal import segment_name
+    from tests.test_wal_arithmetic import MiB, _snapshot_at
+
+    client = s3.client()
+    prefix = "archive/main/15-1"
+    keys = {}
+    for segno in range(4090, 4110):  # across the 1 MiB log id boundary at 4096: two per-log folders
+        name = segment_name(1, segno, MiB)
+        keys[segno] = f"pg/{prefix}/{name[:16]}/{name}-{'0' * 40}.gz"
+        client.put_object(Bucket=bucket, Key=keys[segno], Body=gzip.compress(b"wal"))
+    archive = WalArchive(S3ObjectStore(client, bucket, "pg"), prefix)
+    first = check_contents(archive, _snapshot_at(4109), CheckState(), 4096)
+    assert first.full and first.missing == [] and first.list_requests == 2  # one listing per log id
+    state = CheckState(segment_size=MiB, verified_through=4109, verified_from=first.window_first)
+    client.delete_object(Bucket=bucket, Key=keys[4095])
+    assert check_contents(archive, _snapshot_at(4109), state, 4096).missing == []
+    full = check_contents(archive, _snapshot_at(4109), state, 4096, full=True)
+    assert full.missing == [segment_name(1, 4095, MiB)] and full.list_requests == 2
