@@ -146,6 +146,7 @@ def wal_archive_check(
     contents: ContentsResult | None = None
     if archiving:
         full, why = full_verify_due(full_verify, state, now, timedelta(hours=options.full_verify_every_hours))
+        # Base backups will pass oldest_needed_segment (the oldest kept one's start WAL) to widen the window.
         contents = verify_archive_contents(archive, snap, state, options.window_segments, full, why)
         checks += contents.checks
     else:
