@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from flows.core.childenv import child_environment
 from flows.core.errors import (
     AuthenticationFailed,
     DatabaseMissing,
@@ -126,36 +129,109 @@ def scrub(text: str, *secrets_: str | None) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1********", text, flags=re.IGNORECASE)
 
 
+#: passfiles live in private temporary directories named `dbops-pass-<pid>-<process start>-<random>`
+PASS_DIR_PREFIX = "dbops-pass-"
+_PASS_DIR_RE = re.compile(re.escape(PASS_DIR_PREFIX) + r"(?P<pid>\d+)-(?P<start>\d+|x)-")
+
+
+def _process_start(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from /proc/<pid>/stat; the start time tells a reused pid apart."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+def _process_alive(pid: int, start: str) -> bool:
+    """Whether the process that created a passfile directory still runs (not a zombie, not a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process has that pid now: not ours to judge, keep the directory
+    now = _process_start(pid)
+    if now is None:
+        return True  # no /proc: the pid answers, so assume it is the creator
+    state, started = now
+    return state != "Z" and (start == "x" or started == start)
+
+
+def remove_stale_passfiles(directory: str | None = None) -> list[Path]:
+    """Remove passfile directories of this user whose creating process is gone (killed with SIGKILL, or
+    a crashed worker), so a password does not outlive the run that needed it; never one a live process
+    uses. Directories of another user, or not named by this version, are left alone."""
+    removed: list[Path] = []
+    root = Path(directory or tempfile.gettempdir())
+    try:
+        entries = list(root.glob(PASS_DIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _PASS_DIR_RE.match(entry.name)
+        if not m:
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        if _process_alive(int(m.group("pid")), m.group("start")):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+@contextmanager
+def passfile(params: ConnParams) -> Iterator[str]:
+    """The path of a 0600 passfile holding the password (os.devnull without one), removed afterwards.
+
+    It sits in a private 0700 directory named after this process, so the next run can tell a directory
+    left by a killed run (removed first) from one a live run is using.
+    """
+    remove_stale_passfiles()
+    if not params.password:
+        yield os.devnull
+        return
+    start = _process_start(os.getpid())
+    tmp = tempfile.mkdtemp(prefix=f"{PASS_DIR_PREFIX}{os.getpid()}-{start[1] if start else 'x'}-")
+    try:
+        path = Path(tmp) / f"pgpass-{secrets.token_hex(4)}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+        def esc(value: str) -> str:
+            return value.replace("\\", "\\\\").replace(":", "\\:")
+
+        with os.fdopen(fd, "w") as f:
+            f.write(":".join(["*", "*", "*", esc(params.user), esc(params.password)]) + "\n")
+        yield str(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def libpq_environment(params: ConnParams) -> Iterator[dict[str, str]]:
     """Environment for pg_dump & co: the password in a 0600 passfile, never in argv or a PG* variable.
 
-    The passfile lives in a private temporary directory that is removed when the tool is done.
+    Built on `child_environment`: the worker's own variables reach the tool only when allowlisted
+    (PGSSL* yes, AWS_* or PREFECT_API_KEY no); where and as whom to connect come from the block.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(
-        PGHOST=params.host,
-        PGPORT=str(params.port),
-        PGUSER=params.user,
-        PGDATABASE=params.database,
-        PGSSLMODE=params.sslmode,
-        PGAPPNAME=params.application_name,
-        PGCONNECT_TIMEOUT=str(params.connect_timeout),
-    )
-    with tempfile.TemporaryDirectory(prefix="dbops-pass-") as tmp:
-        if params.password:
-            passfile = Path(tmp) / f"pgpass-{secrets.token_hex(4)}"
-            fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-
-            def esc(value: str) -> str:
-                return value.replace("\\", "\\\\").replace(":", "\\:")
-
-            with os.fdopen(fd, "w") as f:
-                f.write(":".join(["*", "*", "*", esc(params.user), esc(params.password)]) + "\n")
-            env["PGPASSFILE"] = str(passfile)
-        else:
-            env["PGPASSFILE"] = os.devnull
-        yield env
+    extra = {
+        "PGHOST": params.host,
+        "PGPORT": str(params.port),
+        "PGUSER": params.user,
+        "PGDATABASE": params.database,
+        "PGSSLMODE": params.sslmode,
+        "PGAPPNAME": params.application_name,
+        "PGCONNECT_TIMEOUT": str(params.connect_timeout),
+    }
+    with passfile(params) as path:
+        extra["PGPASSFILE"] = path
+        yield child_environment(extra)
 
 
 def server_version_num(conn: psycopg.Connection) -> int:
