@@ -13,8 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from flows.core.childenv import child_environment
 from flows.core.postgres import PASS_DIR_PREFIX, ConnParams, libpq_environment, passfile
+from flows.core.redact import REDACTED, redact_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,3 +139,39 @@ def test_child_environment_keeps_what_tools_need_and_drops_credentials() -> None
         "PGHOST": "db1",
         "PGOPTIONS": "-c lock_timeout=1000",
     }
+
+
+@pytest.mark.parametrize(
+    ("command", "secret"),
+    [
+        ("AWS_SECRET_ACCESS_KEY=abcd1234 aws s3 cp %p s3://b/wal/%f", "abcd1234"),
+        ("env AWS_ACCESS_KEY_ID=AKIAXX AWS_SECRET_ACCESS_KEY='ab cd' aws s3 cp %p s3://b/%f", "ab cd"),
+        ('PGPASSWORD="p w\\"x" psql -c "select 1" && cp %p /a/%f', 'p w\\"x'),
+        ("export AWS_SESSION_TOKEN=tok123; cp %p /a/%f", "tok123"),
+        ("wal-g --password=hunter2 wal-push %p", "hunter2"),
+        ("archiver --api-token=t0k3n --dir=/a %p", "t0k3n"),
+        ("psql 'host=h password=pw99' -f %p", "pw99"),
+        ("aws_secret_access_key=lower123 cp %p /a/%f", "lower123"),
+        ("curl -T %p https://user:urlpw77@archive.example/%f", "urlpw77"),
+        ("(MINIO_SECRET_KEY=mk1 mc cp %p m/b/%f)", "mk1"),
+    ],
+)
+def test_secret_values_in_archive_command_are_redacted(command: str, secret: str) -> None:
+    redacted = redact_secrets(command)
+    assert secret not in redacted and REDACTED in redacted
+    assert "%p" in redacted
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "cp %p /var/lib/postgresql/wal_archive/%f",
+        "test ! -f /a/%f && cp %p /a/%f",
+        "pgbackrest --stanza=main archive-push %p",
+        "gzip < %p > /a/%f.gz",
+        "",
+        "/bin/true",
+    ],
+)
+def test_commands_without_secrets_are_left_as_they_are(command: str) -> None:
+    assert redact_secrets(command) == command

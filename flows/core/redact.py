@@ -1,0 +1,36 @@
+"""Redacting secrets from shell commands the server shows us (archive_command, restore_command).
+
+DBAs put credentials in archive_command more often than they should (`AWS_SECRET_ACCESS_KEY=... aws s3
+cp %p ...`, `PGPASSWORD=... psql ...`, `wal-g --password=...`); the WAL check shows the command in its
+report and artifact, where everyone with read access to Prefect would see them. Only the value goes:
+the command stays recognisable, so a person can still tell which command runs.
+"""
+
+from __future__ import annotations
+
+import re
+
+REDACTED = "********"
+
+#: a key whose value is a secret: AWS_SECRET_ACCESS_KEY, PGPASSWORD, --password, api_token, passphrase...
+SECRET_KEY = re.compile(r"secret|passw|pass(?:phrase)?\b|pass_|pwd|token|key|credential|auth", re.IGNORECASE)
+
+#: `KEY=value` or `--opt=value` as a word of its own (after a start, blank, ; & | or an opening paren);
+#: the value is a quoted string or runs to the next blank or shell operator
+_ASSIGNMENT = re.compile(
+    r"""(?P<key>(?:^|(?<=[\s;&|(]))-{0,2}[A-Za-z_][\w.-]*)=(?P<value>'[^']*'|"(?:[^"\\]|\\.)*"|(?:\\.|[^\s;&|)'"])+)"""
+)
+#: credentials in a URL: scheme://user:password@host
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^\s:/@]*:)(?P<value>[^\s@/]+)(?=@)")
+
+
+def redact_secrets(command: str) -> str:
+    """The command with the values of secret-looking `KEY=value` / `--opt=value` words and URL passwords
+    replaced by ********; `%p`, `%f`, paths and other options are left as they are."""
+
+    def assignment(m: re.Match[str]) -> str:
+        key = m.group("key")
+        return f"{key}={REDACTED}" if SECRET_KEY.search(key.lstrip("-")) else m.group(0)
+
+    text = _ASSIGNMENT.sub(assignment, command)
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
