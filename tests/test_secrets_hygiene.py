@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows.core.childenv import child_environment
-from flows.core.postgres import PASS_DIR_PREFIX, ConnParams, libpq_environment, passfile
+from flows.core.postgres import PASS_DIR_PREFIX, ConnParams, libpq_environment, pass_dir_prefix, passfile
 from flows.core.redact import REDACTED, redact_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def test_passfile_of_a_sigkilled_run_is_removed_by_the_next_run_but_a_live_runs_
         ),
     ):
         assert killed_file.read_text().strip().endswith(":killed-run-pw")
-        assert killed_file.parent.name.startswith(f"{PASS_DIR_PREFIX}{killed.pid}-")
+        assert killed_file.parent.name.startswith(pass_dir_prefix(killed.pid))
         killed.send_signal(signal.SIGKILL)
         killed.wait()
         assert killed_file.exists()  # SIGKILL runs no cleanup: the password is left on disk
@@ -82,17 +82,20 @@ def test_passfile_of_a_sigkilled_run_is_removed_by_the_next_run_but_a_live_runs_
 
 def test_passfile_directory_of_a_reused_pid_or_another_naming_is_judged_safely() -> None:
     """A directory named after our own pid but another start time belongs to a dead process whose pid we
-    got again: stale. A directory without the pid in its name (older dbops) is left alone."""
+    got again: stale. One without the pid in its name (older dbops), or made on another host sharing this
+    temporary directory (whose pids mean nothing here), is left alone."""
     tmp = Path(tempfile.gettempdir())
-    reused = Path(tempfile.mkdtemp(prefix=f"{PASS_DIR_PREFIX}{os.getpid()}-1-", dir=tmp))
+    ours = pass_dir_prefix()
+    reused = Path(tempfile.mkdtemp(prefix=ours[: ours.rindex("-", 0, -1)] + "-1-", dir=tmp))
     legacy = Path(tempfile.mkdtemp(prefix=f"{PASS_DIR_PREFIX}legacy", dir=tmp))
+    elsewhere = Path(tempfile.mkdtemp(prefix=f"{PASS_DIR_PREFIX}00000000-999999999-1-", dir=tmp))
     try:
         with passfile(params()) as path:
             assert not reused.exists()
-            assert legacy.exists()
+            assert legacy.exists() and elsewhere.exists()
             assert Path(path).parent.exists()  # our own, started now: alive
     finally:
-        for d in (reused, legacy):
+        for d in (reused, legacy, elsewhere):
             if d.exists():
                 os.rmdir(d)
 

@@ -6,10 +6,12 @@ into named errors with a fix, and keep the password out of conninfo strings that
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -129,9 +131,24 @@ def scrub(text: str, *secrets_: str | None) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1********", text, flags=re.IGNORECASE)
 
 
-#: passfiles live in private temporary directories named `dbops-pass-<pid>-<process start>-<random>`
+#: passfiles live in private temporary directories named
+#: `dbops-pass-<host>-<pid>-<process start>-<random>` (host: a short hash of the host name, so a /tmp
+#: shared between containers never has one judge the pids of another)
 PASS_DIR_PREFIX = "dbops-pass-"
-_PASS_DIR_RE = re.compile(re.escape(PASS_DIR_PREFIX) + r"(?P<pid>\d+)-(?P<start>\d+|x)-")
+_PASS_DIR_RE = re.compile(
+    re.escape(PASS_DIR_PREFIX) + r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+|x)-"
+)
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def pass_dir_prefix(pid: int | None = None) -> str:
+    """The name prefix of the passfile directories process `pid` (default: this one) creates."""
+    pid = os.getpid() if pid is None else pid
+    start = _process_start(pid)
+    return f"{PASS_DIR_PREFIX}{_host_tag()}-{pid}-{start[1] if start else 'x'}-"
 
 
 def _process_start(pid: int) -> tuple[str, str] | None:
@@ -164,6 +181,7 @@ def remove_stale_passfiles(directory: str | None = None) -> list[Path]:
     a crashed worker), so a password does not outlive the run that needed it; never one a live process
     uses. Directories of another user, or not named by this version, are left alone."""
     removed: list[Path] = []
+    host = _host_tag()
     root = Path(directory or tempfile.gettempdir())
     try:
         entries = list(root.glob(PASS_DIR_PREFIX + "*"))
@@ -171,7 +189,7 @@ def remove_stale_passfiles(directory: str | None = None) -> list[Path]:
         return removed
     for entry in entries:
         m = _PASS_DIR_RE.match(entry.name)
-        if not m:
+        if not m or m.group("host") != host:
             continue
         try:
             st = entry.lstat()
@@ -197,8 +215,7 @@ def passfile(params: ConnParams) -> Iterator[str]:
     if not params.password:
         yield os.devnull
         return
-    start = _process_start(os.getpid())
-    tmp = tempfile.mkdtemp(prefix=f"{PASS_DIR_PREFIX}{os.getpid()}-{start[1] if start else 'x'}-")
+    tmp = tempfile.mkdtemp(prefix=pass_dir_prefix())
     try:
         path = Path(tmp) / f"pgpass-{secrets.token_hex(4)}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -193,6 +193,8 @@ class GlobalsResult:
                 f"; created {len(self.created_tablespaces)} tablespace(s){names(self.created_tablespaces)}, "
                 f"{len(self.present_tablespaces)} already present{names(self.present_tablespaces)}"
             )
+        if self.skipped:
+            text += f"; {self.skipped} statement(s) about present roles or tablespaces not applied"
         return text
 
 
