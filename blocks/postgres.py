@@ -6,9 +6,11 @@ from typing import Literal
 
 import psycopg
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 
+from flows.core.errors import ConfigurationError
 from flows.core.postgres import ConnParams, connect
+from flows.core.redact import libpq_parse_problem, validation_summary
 
 
 class PostgresDatabase(Block):
@@ -74,16 +76,57 @@ class PostgresDatabase(Block):
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> PostgresDatabase:
-        """Build from a postgresql:// URL (as `dbops setup` accepts); the password becomes a SecretStr."""
-        info = psycopg.conninfo.conninfo_to_dict(url)
+        """Build from a postgresql:// URL (as `dbops setup` accepts); the password becomes a SecretStr.
+
+        Any malformed input raises ConfigurationError with one sentence that names the field at fault but
+        never quotes the URL or a value: libpq's parse errors and pydantic's (`input_value=...`) would
+        echo the password into the terminal, a CI log or a flow run's state message.
+        """
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise ConfigurationError(
+                f"the database URL cannot be parsed ({libpq_parse_problem(str(exc))}); write it as "
+                "postgresql://user@host:port/database?sslmode=..., with special characters in the user or "
+                "password percent-encoded (the URL is not shown: it may hold a password)"
+            ) from None
+        unknown = sorted(set(info) - URL_KEYS)
+        if unknown:
+            raise ConfigurationError(
+                f"the database URL sets {', '.join(unknown)}, which dbops does not take from a URL; "
+                f"use only {', '.join(sorted(URL_KEYS))}"
+            )
         fields: dict[str, object] = {
             "host": info.get("host") or "localhost",
-            "port": int(info.get("port") or 5432),
+            "port": _url_int(info.get("port"), "port", 5432),
             "database": info.get("dbname") or "postgres",
             "user": info.get("user") or "postgres",
             "password": info.get("password"),
         }
+        if "," in str(fields["host"]):
+            raise ConfigurationError("the database URL names several hosts; give exactly one host")
         if info.get("sslmode"):
             fields["sslmode"] = info["sslmode"]
+        if info.get("connect_timeout"):
+            fields["connect_timeout"] = _url_int(info["connect_timeout"], "connect_timeout", 10)
+        if info.get("application_name"):
+            fields["application_name"] = info["application_name"]
         fields.update(overrides)
-        return cls(**fields)  # type: ignore[arg-type]
+        try:
+            return cls(**fields)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise ConfigurationError(f"the database URL is not usable: {validation_summary(exc)}") from None
+
+
+#: what a URL may set: where, as whom, and how the connection is secured
+URL_KEYS = frozenset(
+    {"host", "port", "dbname", "user", "password", "sslmode", "connect_timeout", "application_name"}
+)
+
+
+def _url_int(value: str | None, name: str, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if not value.isdigit():
+        raise ConfigurationError(f"the {name} in the database URL is not a number; fix it")
+    return int(value)

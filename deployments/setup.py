@@ -48,9 +48,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from flows.core.errors import ConfigurationError
+from flows.core.redact import validation_summary
 
 Status = Literal["created", "updated", "exists", "registered"]
 
@@ -101,26 +102,33 @@ def load_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> S
         if key.startswith("DBOPS_DATABASE_") and value:
             data["databases"].setdefault(_env_name(key, "DBOPS_DATABASE_"), {"url": value})
         elif key.startswith("DBOPS_STORAGE_") and value:
-            data["storage"].setdefault(_env_name(key, "DBOPS_STORAGE_"), _storage_from_url(value))
+            data["storage"].setdefault(_env_name(key, "DBOPS_STORAGE_"), _storage_from_url(value, key))
     if environ.get("DBOPS_NOTIFY") and not data.get("notify"):
         data["notify"] = environ["DBOPS_NOTIFY"]
     try:
         return SetupConfig.model_validate(data)
-    except ValueError as exc:
-        raise ConfigurationError(f"the dbops setup config is invalid: {exc}") from None
+    except ValidationError as exc:
+        # field names only: pydantic's text quotes each bad value, which may be a URL with a password
+        raise ConfigurationError(f"the dbops setup config is invalid: {validation_summary(exc)}") from None
 
 
 def _env_name(key: str, prefix: str) -> str:
     return key[len(prefix) :].lower().replace("_", "-")
 
 
-def _storage_from_url(url: str) -> dict[str, Any]:
-    parsed = urlparse(url)
+def _storage_from_url(url: str, variable: str) -> dict[str, Any]:
+    try:
+        parsed = urlparse(url)
+    except ValueError:
+        parsed = urlparse("")
     if parsed.scheme == "s3":
         return {"type": "s3", "bucket": parsed.netloc, "folder": parsed.path.strip("/")}
     if parsed.scheme == "file":
         return {"type": "local", "path": parsed.path}
-    raise ConfigurationError(f"storage URL {url!r} is not s3://bucket/folder or file:///path")
+    raise ConfigurationError(
+        f"the storage URL in {variable} is not s3://bucket/folder or file:///path; fix it (the URL is not "
+        "shown: it may hold a credential)"
+    )
 
 
 @dataclass
@@ -195,9 +203,12 @@ def database_block(name: str, cfg: DatabaseConfig, environ: Mapping[str, str]) -
         overrides["password"] = environ[cfg.password_env]
     try:
         return PostgresDatabase.from_url(cfg.url, **overrides)
-    except Exception as exc:  # psycopg's conninfo parser or pydantic
+    except ConfigurationError as exc:  # one sentence without the URL or any value from it
+        raise ConfigurationError(f"database {name}: {exc}") from None
+    except Exception as exc:  # anything else may quote the URL: name the kind of failure only
         raise ConfigurationError(
-            f"database {name}: {cfg.url.split('@')[-1]!r} is not a usable URL ({exc})"
+            f"database {name}: the URL is not usable ({type(exc).__name__}); fix it (the URL is not shown: "
+            "it may hold a password)"
         ) from None
 
 

@@ -1,10 +1,12 @@
 """restore: the restore runbook, as a flow (and list_backups, the listing to choose from).
 
 1. choose      the backup: latest, latest before <timestamp>, or a key; only backups with a manifest
-2. refuse      a protected target without confirm=<its database name>, before any connection to it
+2. refuse      a protected target, or globals=true, without confirm=<its database name>, before any
+               connection to it
 3. preflight   the target server answers; pg_restore of its major version
 4. lock        db:<target block>, so no dump, migrate or reindex runs against it meanwhile
-5. globals     the stored roles file first (optional)
+5. globals     missing roles from the stored roles file first (optional, needs confirm; existing ones
+               are left unchanged)
 6. restore     streamed into pg_restore with the sha256 checked before anything commits;
                create: temporary database renamed on success; replace: one transaction
 7. report      a table artifact with the duration (the RTO figure); Failed with one sentence otherwise
@@ -21,7 +23,13 @@ from pydantic import BaseModel, Field
 
 from blocks.storage import load_store
 from flows.core.catalog import read_catalog
-from flows.core.restore import backup_rows, parse_selector, require_confirmation, select_backup
+from flows.core.restore import (
+    backup_rows,
+    parse_selector,
+    require_confirmation,
+    require_globals_confirmation,
+    select_backup,
+)
 from flows.tasks.backup import read_backup_catalog, require_store_kind
 from flows.tasks.common import artifact_key, database_lock, human_bytes
 from flows.tasks.restore import (
@@ -114,8 +122,10 @@ def restore(
             transaction into the existing database; a failure rolls back (jobs must be 1).
         jobs: pg_restore --jobs. Above 1 the backup is first downloaded to a temporary file (free disk
             space is checked), because parallel pg_restore needs a seekable archive.
-        confirm: Required when the target block is protected: the target database's exact name.
-        globals: Also apply the backup's stored roles file (pg_dumpall --globals-only) first.
+        confirm: The target database's exact name; required when the target block is protected, and
+            whenever globals=true (roles are server-wide).
+        globals: Also create the roles (and tablespaces) of the backup's stored roles file that the target
+            server lacks, first; roles that exist are left unchanged. Needs confirm.
         options: Less common settings (ownership, maintenance database, work directory, timeouts).
     """
     logger = get_run_logger()
@@ -126,6 +136,7 @@ def restore(
     # Refuse before anything connects to the target: only the block is read.
     params, protected = target_of(target)
     require_confirmation(protected, params.database, confirm)
+    require_globals_confirmation(globals, params, confirm)
 
     catalog = read_backup_catalog(storage, prefix, source_database)
     chosen = select_backup(catalog, selector, source_database)

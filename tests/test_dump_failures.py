@@ -297,6 +297,39 @@ def test_password_never_in_pg_dump_argv_or_environment_and_passfile_is_private_a
     assert store.head(KEY) is not None
 
 
+def test_pg_dump_gets_an_allowlisted_environment_without_the_workers_cloud_and_prefect_secrets(
+    pg: PgCluster, small_db: str, pg_dump: PgTool, store: S3ObjectStore, monkeypatch: pytest.MonkeyPatch
+):
+    # The worker's real environment, as a Prefect worker with S3 credentials and an API key has it.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-d3adb33f")
+    monkeypatch.setenv("PREFECT_API_KEY", "pnu_prefect-key-c0ffee")
+    monkeypatch.setenv("DBOPS_SOMETHING_TOKEN", "dbops-token-f00d")
+    monkeypatch.setenv("PGSSLROOTCERT", "/etc/dbops/root.crt")
+    monkeypatch.setenv("PGPASSWORD", "worker-pgpassword")
+    monkeypatch.setenv("PGHOST", "somewhere-else.invalid")
+    seen: dict[str, str] = {}
+
+    def on_start(proc: subprocess.Popen[bytes]) -> None:
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        seen.update(
+            {k.decode(): v.decode() for k, v in (i.split(b"=", 1) for i in environ.split(b"\0") if b"=" in i)}
+        )
+
+    stream_dump(
+        params_for(pg, small_db),
+        store,
+        KEY,
+        tool=pg_dump,
+        compression=Compression.none,
+        level=0,
+        on_start=on_start,
+    )
+    assert "AWS_SECRET_ACCESS_KEY" not in seen and "PREFECT_API_KEY" not in seen
+    assert "DBOPS_SOMETHING_TOKEN" not in seen and "PGPASSWORD" not in seen
+    assert seen["PGSSLROOTCERT"] == "/etc/dbops/root.crt"  # verify-full keeps working for pg_dump
+    assert seen["PGHOST"] == pg.host and seen["PATH"] == os.environ["PATH"]
+
+
 # -- not a plausible dump ------------------------------------------------------------------------------
 
 

@@ -66,11 +66,19 @@ def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
     dumped = nightly_dump(database=block, storage=storage, prefix="prod", globals=True)
     target = make_database_block(pg, f"new-{unique}", f"restored_{unique}")
     report = restore(
-        storage=storage, source_database=name, target=target, prefix="prod", mode="create", globals=True
+        storage=storage,
+        source_database=name,
+        target=target,
+        prefix="prod",
+        mode="create",
+        globals=True,
+        confirm=f"restored_{unique}",
     )
     assert report.key == dumped.key and report.sha256 == dumped.sha256 and report.method == "stream"
     assert content(pg, f"restored_{unique}") == content(pg, name)
-    assert report.globals.startswith("roles file applied") and "existed already" in report.globals
+    assert (
+        report.globals.startswith("roles file: created 0 role(s); ") and "already present" in report.globals
+    )
     assert databases(pg, "%_restoring_%") == []
     artifact = Artifact.get(f"restore-restored-{unique}")
     table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
@@ -194,3 +202,114 @@ def test_latest_before_picks_the_newest_backup_started_before_that_time(
     report = restore(storage=storage, source_database=name, target=before, backup=f"latest before {cutoff}")
     assert report.key == old.key and content(pg, f"before_{unique}") == old_content
     assert new_content != old_content
+
+
+# -- globals=true: roles are server-wide -------------------------------------------------------------------
+
+
+def role(pg: PgCluster, name: str) -> tuple | None:
+    rows = pg.sql(
+        "SELECT rolcanlogin, rolcreatedb, rolconnlimit, "
+        "ARRAY(SELECT b.rolname FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid "
+        "      WHERE m.member = r.oid ORDER BY 1)::text "
+        "FROM pg_roles r WHERE rolname = %s",
+        params=(name,),
+    )
+    return rows[0] if rows else None
+
+
+def can_log_in(pg: PgCluster, user: str, password: str) -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(pg.conninfo(user=user, password=password)).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def test_globals_create_missing_roles_and_leave_existing_ones_exactly_as_they_are(
+    pg: PgCluster, source: tuple[str, str], storage: str, unique: str
+) -> None:
+    block, name = source
+    keep, gone = f"keep_{unique}", f"gone_{unique}"
+    pg.create_role(keep, "old-password")  # LOGIN, NOCREATEDB
+    pg.create_role(gone, "gone-password", "CONNECTION LIMIT 3")
+    pg.sql(f'GRANT "{keep}" TO "{gone}"')
+    pg.sql(f"COMMENT ON ROLE \"{gone}\" IS 'was here; before'")
+    nightly_dump(database=block, storage=storage, globals=True)
+
+    # After the backup: the existing role gets a new password and CREATEDB; the other role is dropped.
+    pg.sql(f"ALTER ROLE \"{keep}\" PASSWORD 'new-password' CREATEDB")
+    pg.sql(f'DROP ROLE "{gone}"')
+    kept_before = role(pg, keep)
+
+    target = make_database_block(pg, f"g-{unique}", f"withroles_{unique}")
+    report = restore(
+        storage=storage, source_database=name, target=target, globals=True, confirm=f"withroles_{unique}"
+    )
+    assert f"created 1 role(s) ({gone})" in report.globals, report.globals
+    assert "already present, left unchanged" in report.globals and keep in report.globals
+    # the missing role is back, with its attributes, membership and comment
+    assert role(pg, gone) == (True, False, 3, f"{{{keep}}}")
+    assert pg.sql(f"SELECT shobj_description('\"{gone}\"'::regrole, 'pg_authid')")[0][0] == "was here; before"
+    # the existing role was not ALTERed: still CREATEDB, still the new password
+    assert role(pg, keep) == kept_before and kept_before[1] is True
+    assert can_log_in(pg, keep, "new-password") and not can_log_in(pg, keep, "old-password")
+    assert content(pg, f"withroles_{unique}") == content(pg, name)
+
+
+def test_globals_without_confirm_is_refused_before_any_connection_even_when_unprotected(
+    source: tuple[str, str], storage: str, unique: str
+) -> None:
+    from blocks import PostgresDatabase
+
+    _, name = source
+    PostgresDatabase(
+        host="127.0.0.1", port=free_port(), database="scratch", user="u", password="p", protected=False
+    ).save(f"scratch-{unique}", overwrite=True)
+    state = restore(
+        storage=storage, source_database=name, target=f"scratch-{unique}", globals=True, return_state=True
+    )
+    message = failure_message(state)
+    assert "globals=true creates roles" in message and "confirm='scratch'" in message
+    assert "cannot reach" not in message
+
+
+@pytest.mark.parametrize(
+    ("statement", "named"),
+    [
+        ("GRANT pg_monitor TO no_such_role_{u} GRANTED BY postgres;", "role 'no_such_role_{u}'"),
+        ("CREATE TABLESPACE ts_{u} LOCATION '/nonexistent/dbops-{u}';", "tablespace 'ts_{u}'"),
+    ],
+    ids=["grant-to-a-role-that-does-not-exist", "tablespace-whose-directory-is-missing"],
+)
+def test_failing_statement_in_the_roles_file_fails_the_run_naming_its_object(
+    pg: PgCluster,
+    source: tuple[str, str],
+    storage: str,
+    s3: S3Endpoint,
+    bucket: str,
+    unique: str,
+    statement: str,
+    named: str,
+) -> None:
+    block, name = source
+    dumped = nightly_dump(database=block, storage=storage, globals=True)
+    manifest = Manifest.from_json(
+        s3.client().get_object(Bucket=bucket, Key=f"dbops/{dumped.manifest_key}")["Body"].read()
+    )
+    extra = statement.format(u=unique).encode()
+    rewrite(s3, bucket, f"dbops/{manifest.globals_key}", lambda body: body + b"\n" + extra + b"\n")
+    target = make_database_block(pg, f"f-{unique}", f"failing_{unique}")
+    state = restore(
+        storage=storage,
+        source_database=name,
+        target=target,
+        globals=True,
+        confirm=f"failing_{unique}",
+        return_state=True,
+    )
+    message = failure_message(state)
+    assert "applying the roles file" in message and named.format(u=unique) in message, message
+    assert databases(pg, f"failing_{unique}%") == []  # the database was not restored after it

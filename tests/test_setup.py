@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,80 @@ def test_invalid_toml_is_one_sentence(tmp_path: Path) -> None:
     bad.write_text("work_pool = ")
     with pytest.raises(ConfigurationError, match="is not valid TOML"):
         load_config(bad, environ={})
+
+
+# -- no password in any error, whatever the input ---------------------------------------------------------
+
+PASSWORD = "S3cr3tPw"
+
+MALFORMED_URLS = [
+    f"postgresql://u:{PASSWORD}@h:notaport/db",  # int() of the port
+    f"postgresql://u:{PASSWORD}@[h/db",  # libpq: unterminated IPv6 bracket, quotes the whole URI
+    f"postgresql://u:{PASSWORD}@h/db?sslmode=bogus",  # pydantic: not one of the sslmodes
+    f"postgresql://u:{PASSWORD}%zz@h/db",  # libpq: bad percent-escape, quotes the token
+    f"postgresql://u:{PASSWORD}@h/db?sslmode",  # libpq: query parameter without "="
+    f"postgresql://u:{PASSWORD}@h:99999/db",  # pydantic: port out of range
+    f"postgresql://u:{PASSWORD}@h/db?connect_timeout=soon",  # int() of connect_timeout
+    f"postgresql://u:{PASSWORD}@h/db?nonsense=1",  # libpq: unknown URI parameter
+    f"http://u:{PASSWORD}@h/db",  # libpq: not a URI it knows, quotes it as conninfo
+    f"host=h password={PASSWORD} port=x",  # conninfo form, bad port
+    f"host=h password='{PASSWORD}",  # conninfo form, unterminated quote
+    f"host=h {PASSWORD}=x",  # conninfo form, the password where an option name goes
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_malformed_database_url_fails_naming_the_field_never_the_password(url: str) -> None:
+    from blocks import PostgresDatabase
+
+    config = load_config(None, environ={"DBOPS_DATABASE_PROD": url})
+    with pytest.raises(ConfigurationError) as info:
+        run_setup(config, environ={})
+    message = str(info.value)
+    assert message.startswith("database prod: ") and PASSWORD not in message, message
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained libpq/pydantic text
+    with pytest.raises(ConfigurationError) as direct:
+        PostgresDatabase.from_url(url)
+    assert PASSWORD not in str(direct.value)
+
+
+def test_bad_port_names_the_port_and_bad_sslmode_names_sslmode() -> None:
+    from blocks import PostgresDatabase
+
+    with pytest.raises(ConfigurationError, match="the port in the database URL is not a number"):
+        PostgresDatabase.from_url(f"postgresql://u:{PASSWORD}@h:notaport/db")
+    with pytest.raises(ConfigurationError, match="sslmode: Input should be 'disable'"):
+        PostgresDatabase.from_url(f"postgresql://u:{PASSWORD}@h/db?sslmode=bogus")
+    block = PostgresDatabase.from_url(f"postgresql://u:{PASSWORD}@h:6543/db?sslmode=verify-full")
+    assert (block.port, block.sslmode, block.password.get_secret_value()) == (6543, "verify-full", PASSWORD)
+
+
+def test_database_url_written_where_a_table_belongs_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "dbops.toml"
+    cfg.write_text(f'[databases]\nprod = "postgresql://u:{PASSWORD}@h/db"\n')
+    with pytest.raises(ConfigurationError) as info:
+        load_config(cfg, environ={})
+    assert "databases.prod" in str(info.value) and PASSWORD not in str(info.value)
+
+
+def test_storage_url_with_a_credential_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_config(None, environ={"DBOPS_STORAGE_NIGHTLY": f"https://key:{PASSWORD}@minio/bucket"})
+    assert "DBOPS_STORAGE_NIGHTLY" in str(info.value) and PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize("url", [MALFORMED_URLS[0], MALFORMED_URLS[1], MALFORMED_URLS[3]])
+def test_dbops_setup_cli_never_prints_the_password_of_a_malformed_url(url: str, tmp_path: Path) -> None:
+    """The real command line, in its own process: what a person or a CI log sees."""
+    env = {**os.environ, "DBOPS_DATABASE_PROD": url, "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "setup"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "dbops: database prod: " in proc.stderr
+    assert PASSWORD not in proc.stdout + proc.stderr

@@ -255,6 +255,40 @@ def test_segment_deleted_behind_the_watermark_is_found_by_the_daily_or_asked_for
     assert report.status == "ok" and report.verified_through is not None
 
 
+def test_secret_in_archive_command_never_reaches_the_report_or_the_artifact(healthy, unique: str) -> None:
+    from prefect.artifacts import Artifact
+
+    from flows.tasks.common import artifact_key
+
+    cluster, archive = healthy
+    command = f"AWS_SECRET_ACCESS_KEY=abcd1234 cp %p {archive}/%f"
+
+    def archive_command_is(value: str) -> bool:
+        with cluster.connect() as conn:
+            return conn.execute("SELECT current_setting('archive_command')").fetchone()[0] == value  # type: ignore[index]
+
+    def set_archive_command(value: str) -> None:
+        with cluster.connect() as conn:
+            conn.execute(sql.SQL("ALTER SYSTEM SET archive_command = {}").format(sql.Literal(value)))
+            conn.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: archive_command_is(value), what="archive_command reloaded")
+
+    set_archive_command(command)
+    try:
+        db = database_block(cluster, f"wal-secret-{unique}")
+        report = wal_archive_check(
+            database=db, archive=ArchiveLocation(directory=str(archive)), active=True, options=options(unique)
+        )
+        assert report.status == "ok"  # the command still archives: only what is shown changed
+        figure = next(c for c in report.checks if c.name == "archive_command").figure
+        assert figure == f"AWS_SECRET_ACCESS_KEY=******** cp %p {archive}/%f"
+        artifact = Artifact.get(artifact_key("wal-archive-check", db))
+        assert artifact is not None and "AWS_SECRET_ACCESS_KEY=********" in json.dumps(artifact.data)
+        assert "abcd1234" not in json.dumps(artifact.data) and "abcd1234" not in report.model_dump_json()
+    finally:
+        set_archive_command(f"cp %p {archive}/%f")
+
+
 def test_role_with_only_pg_monitor_can_run_the_check(healthy, unique: str) -> None:
     cluster, archive = healthy
     role, password = f"mon_{unique}", f"pw-{unique}"

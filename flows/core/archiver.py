@@ -15,6 +15,7 @@ import psycopg
 from pydantic import BaseModel, Field
 
 from flows.core.errors import DbopsError
+from flows.core.redact import redact_secrets
 from flows.core.wal import (
     BadWalName,
     WalPosition,
@@ -186,7 +187,8 @@ def read_settings(conn: psycopg.Connection) -> ArchiveSettings:
         wal_level=s["wal_level"][0],
         archive_mode=mode,
         archive_mode_pending=pending_mode,
-        archive_command=s["archive_command"][0],
+        # redacted here, so no report, artifact or log line can show a credential written into it
+        archive_command=redact_secrets(s["archive_command"][0]),
         archive_library=s.get("archive_library", ("", False))[0],
         archive_timeout=int(s["archive_timeout"][0]),
         segment_size=int(s["wal_segment_size"][0]),

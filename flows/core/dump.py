@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from flows.core.childenv import child_environment
 from flows.core.compression import Compression, decompress_stream, pg_dump_level, zstd_compress
 from flows.core.errors import (
     AuthenticationFailed,
@@ -58,7 +59,9 @@ class PgTool:
 
 def _tool_version(path: Path) -> str | None:
     try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            [str(path), "--version"], capture_output=True, text=True, timeout=30, env=child_environment()
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.search(r"\(PostgreSQL\) (\d+(?:\.\d+)?)", out)
@@ -70,7 +73,9 @@ def _candidate_bindirs(bindir: str | None) -> list[Path]:
         return [Path(bindir)]
     dirs: list[Path] = []
     try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, timeout=30, env=child_environment()
+        ).stdout
         if out.strip():
             dirs.append(Path(out.strip()))
     except (OSError, subprocess.TimeoutExpired):
@@ -440,6 +445,7 @@ def verify_stored_dump(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=child_environment(),
     )
     out_chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]

@@ -6,9 +6,13 @@ into named errors with a fix, and keep the password out of conninfo strings that
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
+import shutil
+import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +22,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from flows.core.childenv import child_environment
 from flows.core.errors import (
     AuthenticationFailed,
     DatabaseMissing,
@@ -127,36 +132,124 @@ def scrub(text: str, *secrets_: str | None) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1********", text, flags=re.IGNORECASE)
 
 
+#: passfiles live in private temporary directories named
+#: `dbops-pass-<host>-<pid>-<process start>-<random>` (host: a short hash of the host name, so a /tmp
+#: shared between containers never has one judge the pids of another)
+PASS_DIR_PREFIX = "dbops-pass-"
+_PASS_DIR_RE = re.compile(
+    re.escape(PASS_DIR_PREFIX) + r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+|x)-"
+)
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def pass_dir_prefix(pid: int | None = None) -> str:
+    """The name prefix of the passfile directories process `pid` (default: this one) creates."""
+    pid = os.getpid() if pid is None else pid
+    start = _process_start(pid)
+    return f"{PASS_DIR_PREFIX}{_host_tag()}-{pid}-{start[1] if start else 'x'}-"
+
+
+def _process_start(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from /proc/<pid>/stat; the start time tells a reused pid apart."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+def _process_alive(pid: int, start: str) -> bool:
+    """Whether the process that created a passfile directory still runs (not a zombie, not a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process has that pid now: not ours to judge, keep the directory
+    now = _process_start(pid)
+    if now is None:
+        return True  # no /proc: the pid answers, so assume it is the creator
+    state, started = now
+    return state != "Z" and (start == "x" or started == start)
+
+
+def remove_stale_passfiles(directory: str | None = None) -> list[Path]:
+    """Remove passfile directories of this user whose creating process is gone (killed with SIGKILL, or
+    a crashed worker), so a password does not outlive the run that needed it; never one a live process
+    uses. Directories of another user, or not named by this version, are left alone."""
+    removed: list[Path] = []
+    host = _host_tag()
+    root = Path(directory or tempfile.gettempdir())
+    try:
+        entries = list(root.glob(PASS_DIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _PASS_DIR_RE.match(entry.name)
+        if not m or m.group("host") != host:
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        if _process_alive(int(m.group("pid")), m.group("start")):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+@contextmanager
+def passfile(params: ConnParams) -> Iterator[str]:
+    """The path of a 0600 passfile holding the password (os.devnull without one), removed afterwards.
+
+    It sits in a private 0700 directory named after this process, so the next run can tell a directory
+    left by a killed run (removed first) from one a live run is using.
+    """
+    remove_stale_passfiles()
+    if not params.password:
+        yield os.devnull
+        return
+    tmp = tempfile.mkdtemp(prefix=pass_dir_prefix())
+    try:
+        path = Path(tmp) / f"pgpass-{secrets.token_hex(4)}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+        def esc(value: str) -> str:
+            return value.replace("\\", "\\\\").replace(":", "\\:")
+
+        with os.fdopen(fd, "w") as f:
+            f.write(":".join(["*", "*", "*", esc(params.user), esc(params.password)]) + "\n")
+        yield str(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def libpq_environment(params: ConnParams) -> Iterator[dict[str, str]]:
     """Environment for pg_dump & co: the password in a 0600 passfile, never in argv or a PG* variable.
 
-    The passfile lives in a private temporary directory that is removed when the tool is done.
+    Built on `child_environment`: the worker's own variables reach the tool only when allowlisted
+    (PGSSL* yes, AWS_* or PREFECT_API_KEY no); where and as whom to connect come from the block.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(
-        PGHOST=params.host,
-        PGPORT=str(params.port),
-        PGUSER=params.user,
-        PGDATABASE=params.database,
-        PGSSLMODE=params.sslmode,
-        PGAPPNAME=params.application_name,
-        PGCONNECT_TIMEOUT=str(params.connect_timeout),
-    )
-    with tempfile.TemporaryDirectory(prefix="dbops-pass-") as tmp:
-        if params.password:
-            passfile = Path(tmp) / f"pgpass-{secrets.token_hex(4)}"
-            fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-
-            def esc(value: str) -> str:
-                return value.replace("\\", "\\\\").replace(":", "\\:")
-
-            with os.fdopen(fd, "w") as f:
-                f.write(":".join(["*", "*", "*", esc(params.user), esc(params.password)]) + "\n")
-            env["PGPASSFILE"] = str(passfile)
-        else:
-            env["PGPASSFILE"] = os.devnull
-        yield env
+    extra = {
+        "PGHOST": params.host,
+        "PGPORT": str(params.port),
+        "PGUSER": params.user,
+        "PGDATABASE": params.database,
+        "PGSSLMODE": params.sslmode,
+        "PGAPPNAME": params.application_name,
+        "PGCONNECT_TIMEOUT": str(params.connect_timeout),
+    }
+    with passfile(params) as path:
+        extra["PGPASSFILE"] = path
+        yield child_environment(extra)
 
 
 def server_version_num(conn: psycopg.Connection) -> int:

@@ -172,6 +172,17 @@ def require_confirmation(protected: bool, database: str, confirm: str | None) ->
         )
 
 
+def require_globals_confirmation(apply_globals: bool, params: ConnParams, confirm: str | None) -> None:
+    """Roles are server-wide: applying a roles file is only done when `confirm` is the target's name,
+    protected or not, because it can create roles every database on that server sees."""
+    if apply_globals and (confirm or "") != params.database:
+        raise RestoreRefused(
+            f"globals=true creates roles and tablespaces on the whole server {params.host}:{params.port}, "
+            f"not only in {params.database!r}, so the run needs confirm={params.database!r} (nothing was "
+            "touched)"
+        )
+
+
 def temporary_name(target: str, run_id: str | None = None) -> str:
     """`<target>_restoring_<id>`, shortened so PostgreSQL does not truncate it (63 bytes)."""
     suffix = f"_restoring_{run_id or secrets.token_hex(4)}"
@@ -476,18 +487,6 @@ def file_restore(
         argv=argv[1:-1],
         warnings=stderr.strip(),
     )
-
-
-def apply_globals(sql_text: bytes, params: ConnParams, psql: PgTool, timeout_s: float = 600) -> str:
-    """Run a pg_dumpall --globals-only file with psql; roles that exist already are reported, not fatal."""
-    argv = [str(psql.path), "--no-password", "-X", "-q", f"--dbname={params.conninfo()}", "-f", "-"]
-    with libpq_environment(params) as env:
-        proc = subprocess.run(argv, input=sql_text, capture_output=True, env=env, timeout=timeout_s)
-    err = scrub(proc.stderr.decode(errors="replace"), params.password)
-    if proc.returncode != 0:
-        raise RestoreFailed(f"psql could not apply the roles file ({_error_summary(err) or proc.returncode})")
-    skipped = [line for line in err.splitlines() if "already exists" in line]
-    return f"roles file applied ({len(skipped)} role(s) existed already)"
 
 
 # -- the whole restore -------------------------------------------------------------------------------------

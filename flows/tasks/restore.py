@@ -22,14 +22,15 @@ from flows.core.drill import (
     restored_tables,
 )
 from flows.core.dump import PgTool, find_tool
+from flows.core.errors import ConfigurationError
 from flows.core.postgres import ConnParams, connect, server_version_num
 from flows.core.restore import (
     RestoreRequest,
     RestoreResult,
-    apply_globals,
     drop_database,
     restore_backup,
 )
+from flows.core.roles import apply_globals
 from flows.tasks.backup import load_database
 from flows.tasks.common import Progress, human_bytes, retry_policy
 
@@ -72,15 +73,22 @@ def check_target_server(block_name: str, maintenance_database: str, pg_bindir: s
 
 @task(name="restore_globals", cache_policy=NONE, **retry_policy())
 def restore_globals(storage: str, backup: Backup, target: Target, maintenance_database: str) -> str:
-    """Apply the stored roles file (pg_dumpall --globals-only) with psql before the database."""
+    """Create the roles (and tablespaces) of the stored roles file that the target server lacks; existing
+    ones are left exactly as they are. Returns what was created and what was already present."""
     if not backup.manifest.globals_key:
         raise FileNotFoundError(
             f"backup {backup.stem.rsplit('/', 1)[-1]} has no roles file; run without globals, or pick a "
             "backup taken with globals=true"
         )
     data = load_store(storage).get_bytes(backup.manifest.globals_key)
-    psql = find_tool("psql", target.server_version_num, str(target.pg_restore.path.parent))
-    detail = apply_globals(data, target.params.with_database(maintenance_database), psql)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"the roles file {backup.manifest.globals_key} is not UTF-8 text; it is damaged"
+        ) from None
+    result = apply_globals(text, target.params.with_database(maintenance_database))
+    detail = f"roles file: {result.summary()}"
     get_run_logger().info(detail)
     return detail
 
