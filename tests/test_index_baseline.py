@@ -4,6 +4,7 @@ against real PostgreSQL B-trees, the size rule in the plan, and the baselines th
 from __future__ import annotations
 
 import pytest
+from psycopg import sql
 
 from flows.core.bloat import IndexRow, plan_reindex, read_indexes
 from flows.core.index_baseline import (
@@ -31,26 +32,32 @@ ROWS, PROJECTS = 150_000, 200
 def low_cardinality_table(pg: PgCluster, dbname: str, table: str = "images") -> None:
     """The seed's shape: `idx_<table>_deleted ON <table>(project_id) WHERE deleted_at IS NULL`, built fresh
     over 150,000 rows in 200 projects (posting lists of ~130 TIDs)."""
-    pg.sql(
-        f"CREATE TABLE {table} (id bigint PRIMARY KEY, project_id bigint NOT NULL, deleted_at timestamptz, "
-        "note text) WITH (autovacuum_enabled = off)",
-        dbname,
-    )
-    pg.sql(
-        f"INSERT INTO {table} SELECT g, (hashint4(g::int) & 2147483647) %% %s, NULL, 'n' "
-        "FROM generate_series(1, %s) g",
-        dbname,
-        (PROJECTS, ROWS),
-    )
-    pg.sql(f"CREATE INDEX idx_{table}_deleted ON {table} (project_id) WHERE deleted_at IS NULL", dbname)
-    pg.sql(f"VACUUM ANALYZE {table}", dbname)
+    t, idx = sql.Identifier(table), sql.Identifier(f"idx_{table}_deleted")
+    with pg.connect(dbname) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id bigint PRIMARY KEY, project_id bigint NOT NULL, deleted_at timestamptz, "
+                "note text) WITH (autovacuum_enabled = off)"
+            ).format(t)
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} SELECT g, (hashint4(g::int) & 2147483647) %% %s, NULL, 'n' "
+                "FROM generate_series(1, %s) g"
+            ).format(t),
+            (PROJECTS, ROWS),
+        )
+        conn.execute(sql.SQL("CREATE INDEX {} ON {} (project_id) WHERE deleted_at IS NULL").format(idx, t))
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(t))
 
 
 def churn(pg: PgCluster, dbname: str, table: str = "images") -> None:
     """Ordinary churn: every image moves to the next project (new index entries arrive one at a time and
     are deduplicated only lazily), then VACUUM and ANALYZE."""
-    pg.sql(f"UPDATE {table} SET project_id = (project_id + 1) %% %s", dbname, (PROJECTS,))
-    pg.sql(f"VACUUM ANALYZE {table}", dbname)
+    t = sql.Identifier(table)
+    with pg.connect(dbname) as conn:
+        conn.execute(sql.SQL("UPDATE {} SET project_id = (project_id + 1) %% %s").format(t), (PROJECTS,))
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(t))
 
 
 def judgements(pg: PgCluster, dbname: str, state: BaselineState | None = None) -> dict[str, SizeJudgement]:
@@ -130,7 +137,9 @@ def test_dense_index_at_three_times_its_baseline_is_chosen_by_the_size_rule_nami
     sized = apply_size_rule(plan, judge_sizes([row], SHAPE, kept(4.1 * MB / 600_000), 8192), 2.0)
 
     [candidate] = sized.rebuilds
-    assert candidate.reason.startswith("size: 21.0 B per tuple, 2.9x its baseline 7.2 B (measured after dbops")
+    assert candidate.reason.startswith(
+        "size: 21.0 B per tuple, 2.9x its baseline 7.2 B (measured after dbops"
+    )
     assert "density: 6% wasted (pgstatindex)" in candidate.reason
     assert not sized.healthy
 
@@ -206,7 +215,10 @@ def test_state_is_split_under_prefects_value_limit_and_read_back_whole() -> None
     state = BaselineState(
         indexes={
             f"app_schema.some_rather_long_index_name_{n:04d}": Baseline(
-                definition_hash="0123456789ab", bytes_per_tuple=7.123, source="rebuilt", recorded_at="2026-11-29"
+                definition_hash="0123456789ab",
+                bytes_per_tuple=7.123,
+                source="rebuilt",
+                recorded_at="2026-11-29",
             )
             for n in range(300)
         }
