@@ -243,7 +243,7 @@ def weekly_reindex(
         found = find_bloated_indexes(
             database, bloat_threshold, min_index_size, selection, not dry_run, lock_timeout
         )
-        found.plan, sizes = judge_index_sizes(database, found, baseline_ratio)
+        found.plan, sizes = judge_index_sizes(database, found, baseline_ratio, not dry_run, lock_timeout)
         report = ReindexReport(
             database=found.database,
             server_version=found.server_version,

@@ -315,3 +315,29 @@ def test_dense_low_cardinality_index_churned_past_twice_its_size_is_rebuilt_and_
     again = weekly_reindex(database=block, include_indexes=["idx_*"], **FAST)
     assert not again.with_action("rebuilt")
     assert {"public.idx_images_deleted", "public.idx_archive_deleted"} <= set(again.healthy)
+
+
+def test_index_of_a_table_that_grew_since_its_last_analyze_is_not_rebuilt_by_the_size_rule(
+    pg: PgCluster, unique: str
+) -> None:
+    """Bytes per tuple rest on reltuples: a table that doubled since its last ANALYZE makes a healthy index
+    look twice its size. The size rule confirms its choice after ANALYZE of the table, and lets it be."""
+    from tests.test_index_baseline import PROJECTS, ROWS, judgements, low_cardinality_table
+
+    dbname = f"grown_{unique}"
+    pg.create_database(dbname)
+    low_cardinality_table(pg, dbname, "images")  # autovacuum off: nothing refreshes reltuples behind us
+    pg.sql(
+        "INSERT INTO images SELECT g, (hashint4(g::int) & 2147483647) %% %s, NULL, 'n' "
+        "FROM generate_series(%s, %s) g",
+        dbname,
+        (PROJECTS, ROWS + 1, 2 * ROWS),
+    )
+    assert judgements(pg, dbname)["public.idx_images_deleted"].ratio >= 2.0  # on stale reltuples
+    block = make_database_block(pg, f"grown-{unique}", dbname)
+    before = index_files(pg, dbname)
+
+    report = weekly_reindex(database=block, include_indexes=["idx_*"], **FAST)
+
+    assert not report.with_action("rebuilt") and "public.idx_images_deleted" in report.healthy
+    assert index_files(pg, dbname)["idx_images_deleted"] == before["idx_images_deleted"]

@@ -257,19 +257,17 @@ def _read_state(name: str) -> BaselineState:
 
 @task(name="judge_index_sizes", cache_policy=NONE, **retry_policy())
 def judge_index_sizes(
-    database: str, found: Inspection, baseline_ratio: float
+    database: str, found: Inspection, baseline_ratio: float, confirm_with_analyze: bool, lock_timeout: float
 ) -> tuple[ReindexPlan, SizeCheck]:
     """Each B-tree's bytes per tuple against its baseline (kept, or a fresh-build estimate); the plan with
-    the size rule added. Baselines live in a Prefect Variable per database identity (no DDL on the
-    database); without one (no pg_control_system() rights) the estimates still judge, nothing is kept."""
+    the size rule added. The figure rests on the index's reltuples: an index chosen by size alone is
+    judged again after ANALYZE of its table (a table that grew since its last ANALYZE must not look
+    bloated). Baselines live in a Prefect Variable per database identity (no DDL on the database);
+    without one (no pg_control_system() rights) the estimates still judge and nothing is kept."""
     logger = get_run_logger()
     block = load_database(database)
     with block.connect() as conn:
-        rows = read_indexes(conn)
-        shapes = read_index_shapes(
-            conn, [r.oid for r in rows if r.am == "btree" and r.valid], server_version_num(conn)
-        )
-        bs = block_size(conn)
+        version_num, bs = server_version_num(conn), block_size(conn)
         variable, problem = None, None
         try:
             variable = state_variable_name(system_identifier(conn), found.database)
@@ -279,10 +277,21 @@ def judge_index_sizes(
                 "GRANT EXECUTE ON FUNCTION pg_control_system() TO the block's role"
             )
             logger.warning("%s; judging by fresh-build estimates only", problem)
-    state = _read_state(variable) if variable else BaselineState()
-    judgements = judge_sizes(rows, shapes, state, bs)
-    plan = apply_size_rule(found.plan, judgements, baseline_ratio)
-    by_size = [c.index.qualified for c in plan.rebuilds if c.reason.startswith("size:")]
+        state = _read_state(variable) if variable else BaselineState()
+
+        def judge() -> tuple[list[IndexRow], dict[str, SizeJudgement], ReindexPlan]:
+            rows = read_indexes(conn)
+            btrees = [r.oid for r in rows if r.am == "btree" and r.valid]
+            judged = judge_sizes(rows, read_index_shapes(conn, btrees, version_num), state, bs)
+            return rows, judged, apply_size_rule(found.plan, judged, baseline_ratio)
+
+        rows, judgements, plan = judge()
+        by_size = [c for c in plan.rebuilds if c.reason.startswith("size:")]
+        if by_size and confirm_with_analyze:
+            tables = sorted({(c.index.schema, c.index.table) for c in by_size})
+            analyze_tables(block.params(), tables, lock_timeout)
+            rows, judgements, plan = judge()
+            by_size = [c for c in plan.rebuilds if c.reason.startswith("size:")]
     logger.info(
         "size per tuple: %d B-trees judged against a baseline (%d kept, %d estimated); %d chosen by size "
         "alone%s",
@@ -290,7 +299,7 @@ def judge_index_sizes(
         len([j for j in judgements.values() if j.source != "estimate"]),
         len([j for j in judgements.values() if j.source == "estimate"]),
         len(by_size),
-        f" ({', '.join(by_size[:10])})" if by_size else "",
+        f" ({', '.join(c.index.qualified for c in by_size[:10])})" if by_size else "",
     )
     present = [r.qualified for r in rows]
     return plan, SizeCheck(variable, state, judgements, present, problem)
