@@ -1,17 +1,20 @@
 """weekly_reindex: the "rebuild bloated indexes without blocking writers" runbook, as a flow.
 
 1. lock        the db:<database> concurrency limit, and a PostgreSQL advisory lock beside it
-2. find        catalog estimate for every index, pgstatindex on the doubtful B-trees, the plan
+2. find        catalog estimate for every index, pgstatindex on the doubtful B-trees, the plan;
+               plus each B-tree's bytes per tuple against its own healthy baseline (size rule)
 3. leftovers   invalid `_ccnew`/`_ccold` of failed concurrent builds: DROP INDEX CONCURRENTLY
 4. rebuild     one REINDEX INDEX CONCURRENTLY at a time, largest waste first, short lock_timeout with
                retries; no new rebuild once the time budget is spent (the rest is deferred)
 5. vacuum      VACUUM ANALYZE the rebuilt indexes' tables (and, if asked, the whole database)
-6. report      a table artifact; Failed with one sentence naming the index that could not be rebuilt
+6. report      a table artifact; Failed with one sentence naming the index that could not be rebuilt;
+               the baselines of rebuilt indexes are kept for the next run
 """
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 from prefect import flow, get_run_logger
@@ -20,15 +23,19 @@ from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from flows.core.bloat import Candidate, Selection
+from flows.core.index_baseline import learn_baselines, record_rebuild
 from flows.core.reindex import RebuildResult, ReindexFailed
 from flows.tasks.common import artifact_key, database_lock, human_bytes
 from flows.tasks.reindex import (
     Inspection,
+    SizeCheck,
     drop_leftover_index,
     find_bloated_indexes,
+    judge_index_sizes,
     measure_index,
     rebuild_one_index,
     reindex_lock,
+    save_index_baselines,
     vacuum_analyze_tables,
 )
 
@@ -47,6 +54,30 @@ class IndexReport(BaseModel):
     attempts: int = Field(default=0, description="REINDEX attempts (lock timeouts are retried)")
     seconds: float = Field(default=0.0, description="Time spent on this index")
     note: str = Field(default="", description="Error, blocking sessions, leftovers")
+    per_tuple_before: float | None = Field(default=None, description="Index bytes per index tuple before")
+    per_tuple_after: float | None = Field(default=None, description="Index bytes per index tuple after")
+    baseline: float | None = Field(
+        default=None, description="Healthy bytes per tuple the size rule compared against (before)"
+    )
+    baseline_source: str | None = Field(
+        default=None, description="rebuilt, measured or estimate: where that baseline came from"
+    )
+
+    @property
+    def ratio_before(self) -> float | None:
+        return (
+            None
+            if not self.baseline or self.per_tuple_before is None
+            else self.per_tuple_before / self.baseline
+        )
+
+    @property
+    def ratio_after(self) -> float | None:
+        return (
+            None
+            if not self.baseline or self.per_tuple_after is None
+            else self.per_tuple_after / self.baseline
+        )
 
 
 class ReindexReport(BaseModel):
@@ -101,6 +132,15 @@ def weekly_reindex(
             description="Rebuild B-trees whose estimated wasted fraction is at least this (0.3 = 30 %).",
         ),
     ] = 0.3,
+    baseline_ratio: Annotated[
+        float,
+        Field(
+            gt=1,
+            description="Also rebuild B-trees whose bytes per tuple are at least this many times their "
+            "healthy baseline (measured after the last rebuild, or estimated for a fresh build): catches "
+            "low-cardinality indexes that deduplication made dense but large.",
+        ),
+    ] = 2.0,
     min_index_size: Annotated[
         int,
         Field(
@@ -175,6 +215,8 @@ def weekly_reindex(
     Args:
         database: Name of the PostgresDatabase block (e.g. imagemanager-prod).
         bloat_threshold: Rebuild B-trees whose estimated wasted fraction is at least this (0.3 = 30 %).
+        baseline_ratio: Also rebuild B-trees whose bytes per tuple are at least this many times their
+            healthy baseline (measured after the last rebuild, or estimated for a fresh build).
         min_index_size: Bytes; smaller indexes are left alone (invalid ones and leftovers at any size).
         time_budget: Seconds from the first rebuild; no new rebuild starts after that, the rest is deferred.
         lock_timeout: Seconds a REINDEX may wait for a lock before it gives up and retries; writers never
@@ -201,6 +243,7 @@ def weekly_reindex(
         found = find_bloated_indexes(
             database, bloat_threshold, min_index_size, selection, not dry_run, lock_timeout
         )
+        found.plan, sizes = judge_index_sizes(database, found, baseline_ratio, not dry_run, lock_timeout)
         report = ReindexReport(
             database=found.database,
             server_version=found.server_version,
@@ -211,12 +254,15 @@ def weekly_reindex(
         )
         if dry_run:
             report.indexes = [_planned(c) for c in found.plan.candidates]
+            _add_sizes(report, sizes)
         else:
             report.indexes = [
                 _drop(database, c, lock_timeout, lock_retries, retry_backoff) for c in found.plan.leftovers
             ]
             rebuilds = _rebuild_all(database, found, time_budget, lock_timeout, lock_retries, retry_backoff)
             report.indexes += rebuilds
+            _add_sizes(report, sizes)
+            _keep_baselines(report, sizes, [c.index.qualified for c in found.plan.rebuilds])
             done = zip(found.plan.rebuilds, rebuilds, strict=True)
             rebuilt = sorted(
                 {(c.index.schema, c.index.table) for c, line in done if line.action == "rebuilt"}
@@ -249,6 +295,34 @@ def _failure_sentence(report: ReindexReport, failed: list[IndexReport]) -> str:
         f"could not {what} {first.index}{others} on {report.database} after {attempts}: {first.note}; "
         f"the other indexes were handled (see the weekly-reindex artifact); {fix}"
     )
+
+
+def _add_sizes(report: ReindexReport, sizes: SizeCheck) -> None:
+    """Size per tuple before and the baseline it was judged against, for every index in the report."""
+    for line in report.indexes:
+        j = sizes.judgements.get(line.index)
+        if j is not None:
+            line.per_tuple_before = round(j.bytes_per_tuple, 2)
+            line.baseline, line.baseline_source = round(j.baseline, 2), j.source
+
+
+def _keep_baselines(report: ReindexReport, sizes: SizeCheck, chosen: list[str]) -> None:
+    """A rebuilt index's size per tuple right after the rebuild becomes its baseline; healthy indexes teach
+    what learn_baselines allows; then the state is saved for the next run."""
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    state = learn_baselines(sizes.state, sizes.judgements, sizes.present, chosen, today)
+    for line in report.with_action("rebuilt"):
+        j = sizes.judgements.get(line.index)
+        if j is None or line.size_after is None or line.per_tuple_after is None:
+            continue
+        tuples = line.size_after / line.per_tuple_after
+        record_rebuild(state, line.index, j.definition_hash, line.size_after, tuples, today)
+    if sizes.variable is None:
+        return
+    try:
+        save_index_baselines(sizes.variable, state)
+    except Exception as exc:  # the rebuilds are done; losing the baselines only costs precision next week
+        get_run_logger().warning("could not keep the index baselines in %s: %s", sizes.variable, exc)
 
 
 def _planned(c: Candidate) -> IndexReport:
@@ -313,6 +387,8 @@ def _rebuild_all(
         if result.status == "rebuilt":
             after = measure_index(database, c.index, found.stattuple_schema)
             line.size_after, line.bloat_after = after.size_bytes, after.bloat
+            if after.size_bytes and after.tuples and after.tuples > 0:
+                line.per_tuple_after = round(after.size_bytes / after.tuples, 2)
     deferred = [line.index for line in out if line.action == "deferred"]
     if deferred:
         logger.warning("time budget spent: %d indexes deferred (%s)", len(deferred), ", ".join(deferred[:10]))
@@ -328,6 +404,11 @@ COLUMNS = (
     "size after",
     "bloat before",
     "bloat after",
+    "per tuple before",
+    "per tuple after",
+    "baseline per tuple",
+    "ratio to baseline before",
+    "ratio to baseline after",
     "attempts",
     "seconds",
     "note",
@@ -336,6 +417,10 @@ COLUMNS = (
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
+
+
+def _num(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{value:.1f}{unit}"
 
 
 def _publish(report: ReindexReport) -> None:
@@ -349,6 +434,11 @@ def _publish(report: ReindexReport) -> None:
             "size after": "-" if i.size_after is None else human_bytes(i.size_after),
             "bloat before": _pct(i.bloat_before),
             "bloat after": _pct(i.bloat_after),
+            "per tuple before": _num(i.per_tuple_before, " B"),
+            "per tuple after": _num(i.per_tuple_after, " B"),
+            "baseline per tuple": "-" if i.baseline is None else f"{i.baseline:.1f} B ({i.baseline_source})",
+            "ratio to baseline before": _num(i.ratio_before, "x"),
+            "ratio to baseline after": _num(i.ratio_after, "x"),
             "attempts": i.attempts,
             "seconds": i.seconds,
             "note": i.note,
@@ -356,7 +446,7 @@ def _publish(report: ReindexReport) -> None:
         for i in report.indexes
     ]
     rows += [
-        {"index": name, "action": "healthy", "reason": "under the bloat threshold"}
+        {"index": name, "action": "healthy", "reason": "under the bloat threshold and the baseline ratio"}
         for name in report.healthy[:100]
     ]
     rows += [

@@ -260,3 +260,84 @@ def test_failed_rebuild_drops_its_ccnew_goes_on_with_the_others_and_fails_the_ru
     actions = {r["index"]: r["action"] for r in rows}
     assert actions["public.dupes_k_key"] == "failed"
     assert actions["public.items_pkey"] == actions["public.items_code_idx"] == "rebuilt"
+
+
+def test_dense_low_cardinality_index_churned_past_twice_its_size_is_rebuilt_and_a_fresh_one_left_alone(
+    pg: PgCluster, unique: str
+) -> None:
+    """Issue 18: a partial index on a low-cardinality key, churned and vacuumed, is three times its fresh
+    build; the density measure (here the catalog estimate: no pgstattuple) calls it healthy, the size rule
+    (bytes per tuple >= 2x a fresh build's) rebuilds it on the first run; the same shape freshly built is
+    left alone. The rebuild's figure becomes the baseline the next run judges by."""
+    from prefect.variables import Variable
+
+    from flows.core.index_baseline import state_from_values, state_variable_name
+    from tests.test_index_baseline import churn, low_cardinality_table
+
+    dbname = f"dedup_{unique}"
+    pg.create_database(dbname)
+    low_cardinality_table(pg, dbname, "images")
+    low_cardinality_table(pg, dbname, "archive")  # freshly built, never churned
+    churn(pg, dbname, "images")
+    block = make_database_block(pg, f"dedup-{unique}", dbname)
+    churned_size = index_size(pg, dbname, "idx_images_deleted")
+    before = index_files(pg, dbname)
+
+    report = weekly_reindex(database=block, include_indexes=["idx_*"], **FAST)
+
+    [line] = report.with_action("rebuilt")
+    assert line.index == "public.idx_images_deleted"
+    assert line.reason.startswith("size: ") and "x its baseline" in line.reason
+    assert (
+        "estimate of a fresh build" in line.reason and "density: " in line.reason and "wasted" in line.reason
+    )
+    assert line.size_before == churned_size and line.size_after is not None
+    assert (
+        line.size_after <= 0.5 * churned_size
+        and index_size(pg, dbname, "idx_images_deleted") <= 0.5 * churned_size
+    )
+    assert line.ratio_before is not None and line.ratio_before >= 2.0
+    assert line.ratio_after is not None and line.ratio_after < 1.3
+    assert "public.idx_archive_deleted" in report.healthy
+    assert index_files(pg, dbname)["idx_archive_deleted"] == before["idx_archive_deleted"]
+    rows, _ = artifact_rows(dbname)
+    row = {r["index"]: r for r in rows}["public.idx_images_deleted"]
+    assert row["ratio to baseline before"].endswith("x") and row["ratio to baseline after"].endswith("x")
+    assert row["baseline per tuple"].endswith("(estimate)") and row["per tuple after"].endswith(" B")
+
+    sysid = int(pg.sql("SELECT system_identifier FROM pg_control_system()", dbname)[0][0])
+    kept = state_from_values([Variable.get(state_variable_name(sysid, dbname))])
+    baseline = kept.indexes["public.idx_images_deleted"]
+    assert baseline.source == "rebuilt" and baseline.bytes_per_tuple == pytest.approx(
+        line.per_tuple_after, rel=0.01
+    )
+
+    again = weekly_reindex(database=block, include_indexes=["idx_*"], **FAST)
+    assert not again.with_action("rebuilt")
+    assert {"public.idx_images_deleted", "public.idx_archive_deleted"} <= set(again.healthy)
+
+
+def test_index_of_a_table_that_grew_since_its_last_analyze_is_not_rebuilt_by_the_size_rule(
+    pg: PgCluster, unique: str
+) -> None:
+    """Bytes per tuple rest on reltuples: a table that doubled since its last ANALYZE makes a healthy index
+    look twice its size. The size rule confirms its choice after ANALYZE of the table, and lets it be."""
+    from tests.test_index_baseline import PROJECTS, ROWS, judgements, low_cardinality_table
+
+    dbname = f"grown_{unique}"
+    pg.create_database(dbname)
+    low_cardinality_table(pg, dbname, "images")  # autovacuum off: nothing refreshes reltuples behind us
+    pg.sql(
+        "INSERT INTO images SELECT g, (hashint4(g::int) & 2147483647) %% %s, NULL, 'n' "
+        "FROM generate_series(%s, %s) g",
+        dbname,
+        (PROJECTS, ROWS + 1, 2 * ROWS),
+    )
+    assert judgements(pg, dbname)["public.idx_images_deleted"].ratio >= 2.0  # on stale reltuples
+    block = make_database_block(pg, f"grown-{unique}", dbname)
+    before = index_files(pg, dbname)
+
+    report = weekly_reindex(database=block, include_indexes=["idx_*"], **FAST)
+
+    assert not report.with_action("rebuilt") and "public.idx_images_deleted" in report.healthy
+    assert index_files(pg, dbname)["idx_images_deleted"] == before["idx_images_deleted"]

@@ -6,17 +6,21 @@ The lock-timeout retries of one REINDEX live in flows.core.reindex (they must dr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import psycopg
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.variables import Variable
 
 from flows.core.bloat import (
     IndexRow,
     ReindexPlan,
     Selection,
+    block_size,
     check_server_version,
     index_by_name,
     measure,
@@ -24,6 +28,17 @@ from flows.core.bloat import (
     pgstattuple_schema,
     plan_reindex,
     read_indexes,
+)
+from flows.core.index_baseline import (
+    BaselineState,
+    SizeJudgement,
+    apply_size_rule,
+    judge_sizes,
+    read_index_shapes,
+    state_from_values,
+    state_to_values,
+    state_variable_name,
+    system_identifier,
 )
 from flows.core.postgres import server_version_num
 from flows.core.reindex import (
@@ -63,6 +78,7 @@ class Inspection:
 class Measured:
     size_bytes: int | None
     bloat: float | None
+    tuples: float | None = None
 
 
 @contextmanager
@@ -197,7 +213,7 @@ def measure_index(database: str, index: IndexRow, stattuple_schema: str | None) 
             return Measured(None, None)
         if stattuple_schema and row.am == "btree" and row.valid:
             row = measure_with_pgstatindex(conn, stattuple_schema, row)
-    return Measured(row.size_bytes, row.estimated_bloat)
+    return Measured(row.size_bytes, row.estimated_bloat, row.index_tuples)
 
 
 @task(name="vacuum_analyze", cache_policy=NONE, **retry_policy())
@@ -213,3 +229,89 @@ def vacuum_analyze_tables(
         else:
             logger.info("VACUUM ANALYZE %s done", table)
     return outcome
+
+
+# -- size per tuple against each index's baseline (issue 18) ---------------------------------------------
+
+
+@dataclass
+class SizeCheck:
+    """The size rule's view of the run: judgements by index, the baselines, and where they are kept."""
+
+    variable: str | None
+    state: BaselineState
+    judgements: dict[str, SizeJudgement]
+    present: list[str]
+    problem: str | None = None
+
+
+def _read_state(name: str) -> BaselineState:
+    first = Variable.get(name, default=None)
+    if first is None:
+        return BaselineState()
+    raw = json.loads(first) if isinstance(first, str) else first
+    parts = int(raw.get("parts", 1)) if isinstance(raw, dict) else 1
+    values = [raw] + [Variable.get(f"{name}_{n}", default=None) for n in range(2, parts + 1)]
+    return state_from_values(v for v in values if v is not None)
+
+
+@task(name="judge_index_sizes", cache_policy=NONE, **retry_policy())
+def judge_index_sizes(
+    database: str, found: Inspection, baseline_ratio: float, confirm_with_analyze: bool, lock_timeout: float
+) -> tuple[ReindexPlan, SizeCheck]:
+    """Each B-tree's bytes per tuple against its baseline (kept, or a fresh-build estimate); the plan with
+    the size rule added. The figure rests on the index's reltuples: an index chosen by size alone is
+    judged again after ANALYZE of its table (a table that grew since its last ANALYZE must not look
+    bloated). Baselines live in a Prefect Variable per database identity (no DDL on the database);
+    without one (no pg_control_system() rights) the estimates still judge and nothing is kept."""
+    logger = get_run_logger()
+    block = load_database(database)
+    with block.connect() as conn:
+        version_num, bs = server_version_num(conn), block_size(conn)
+        variable, problem = None, None
+        try:
+            variable = state_variable_name(system_identifier(conn), found.database)
+        except psycopg.Error as exc:
+            problem = (
+                f"baselines not kept: pg_control_system() refused ({str(exc).strip().splitlines()[0]}); "
+                "GRANT EXECUTE ON FUNCTION pg_control_system() TO the block's role"
+            )
+            logger.warning("%s; judging by fresh-build estimates only", problem)
+        state = _read_state(variable) if variable else BaselineState()
+
+        def judge() -> tuple[list[IndexRow], dict[str, SizeJudgement], ReindexPlan]:
+            rows = read_indexes(conn)
+            btrees = [r.oid for r in rows if r.am == "btree" and r.valid]
+            judged = judge_sizes(rows, read_index_shapes(conn, btrees, version_num), state, bs)
+            return rows, judged, apply_size_rule(found.plan, judged, baseline_ratio)
+
+        rows, judgements, plan = judge()
+        by_size = [c for c in plan.rebuilds if c.reason.startswith("size:")]
+        if by_size and confirm_with_analyze:
+            tables = sorted({(c.index.schema, c.index.table) for c in by_size})
+            analyze_tables(block.params(), tables, lock_timeout)
+            rows, judgements, plan = judge()
+            by_size = [c for c in plan.rebuilds if c.reason.startswith("size:")]
+    logger.info(
+        "size per tuple: %d B-trees judged against a baseline (%d kept, %d estimated); %d chosen by size "
+        "alone%s",
+        len(judgements),
+        len([j for j in judgements.values() if j.source != "estimate"]),
+        len([j for j in judgements.values() if j.source == "estimate"]),
+        len(by_size),
+        f" ({', '.join(c.index.qualified for c in by_size[:10])})" if by_size else "",
+    )
+    present = [r.qualified for r in rows]
+    return plan, SizeCheck(variable, state, judgements, present, problem)
+
+
+@task(name="save_index_baselines", cache_policy=NONE, **retry_policy())
+def save_index_baselines(name: str, state: BaselineState) -> None:
+    """Write the baselines (split under Prefect's value limit); stale extra parts are deleted."""
+    values = state_to_values(state)
+    for n, value in enumerate(values, start=1):
+        Variable.set(name if n == 1 else f"{name}_{n}", value, overwrite=True)
+    n = len(values) + 1
+    while Variable.get(f"{name}_{n}", default=None) is not None:
+        Variable.unset(f"{name}_{n}")
+        n += 1
