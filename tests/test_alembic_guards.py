@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
-from flows.core.alembic_runner import AlembicApp, LockTimeout, MigrationFailed
+from flows.core.alembic_runner import AlembicApp, LockTimeout, MigrationFailed, WatchdogBlind
 from flows.core.ddl_lint import blocking, lint
 from flows.core.postgres import ConnParams
-from tests.harness.pg import PgCluster
+from tests.harness.pg import PgCluster, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
@@ -71,10 +73,17 @@ def stamped(pg: PgCluster, database: str) -> list[str]:
     return sorted(r[0] for r in pg.sql("SELECT version_num FROM alembic_version", database))
 
 
+def allow_connections(database: str, allow: bool) -> str:
+    query = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+        sql.Identifier(database), sql.SQL("true" if allow else "false")
+    )
+    return query  # type: ignore[return-value]  # PgCluster.sql passes it to psycopg as it is
+
+
 def hold_lock(pg: PgCluster, database: str, table: str) -> psycopg.Connection:
     """An open transaction that wrote to the table: ALTER TABLE must wait for it."""
     blocker = pg.connect(database, autocommit=False)
-    blocker.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+    blocker.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(sql.Identifier(table)))
     return blocker
 
 
@@ -150,6 +159,64 @@ def test_watchdog_cancels_a_lock_wait_even_when_the_revision_turns_lock_timeout_
     assert elapsed < 15, f"{elapsed:.1f} s: nothing cancelled the wait"
     assert not has_column(pg, params.database, sample.table, "guard_off")
     assert stamped(pg, params.database) == [sample.base]
+
+
+def test_a_migration_the_watchdog_cannot_see_is_stopped(
+    tmp_path: Path, params: ConnParams, pg: PgCluster
+) -> None:
+    """Fail closed: the watchdog's connection is cut and no new one is allowed (ALLOW_CONNECTIONS false)
+    while the revision, which turned lock_timeout off, waits for a lock: the Alembic child is stopped."""
+    app = app_copy(
+        tmp_path, ASYNCPG, {"0009_guard_off.py": TURNS_GUARD_OFF.format(down="0001_items", table="items")}
+    )
+    (app.ini_path.parent / "alembic" / "versions" / "0002_items_note.py").unlink()
+    app.upgrade(params, "0001_items", lock_timeout_ms=8000, statement_timeout_ms=0, start=[])
+    blocker = hold_lock(pg, params.database, "items")
+    outcome: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            app.upgrade(
+                params, "0009_guard_off", lock_timeout_ms=8000, statement_timeout_ms=0, start=["0001_items"]
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    def sessions(lock_wait: bool = False) -> bool:
+        rows = pg.sql(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND application_name LIKE 'dbops-migrate-%%' "
+            "AND (NOT %s OR wait_event_type = 'Lock')",
+            "postgres",
+            (params.database, lock_wait),
+        )
+        return bool(rows)
+
+    runner = threading.Thread(target=migrate)
+    runner.start()
+    try:
+        wait_until(lambda: sessions(lock_wait=True), timeout=30, what="the revision waiting for the lock")
+        pg.sql(allow_connections(params.database, False))
+        pg.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+            "AND application_name LIKE 'dbops-watchdog %%'",
+            "postgres",
+            (params.database,),
+        )
+        t0 = time.monotonic()
+        runner.join(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        pg.sql(allow_connections(params.database, True))
+        blocker.rollback()
+        blocker.close()
+        runner.join(timeout=60)
+    assert outcome and isinstance(outcome[0], WatchdogBlind), outcome
+    assert "could not watch its locks" in str(outcome[0])
+    assert elapsed < 30, f"{elapsed:.1f} s (blind for 8 s, the longer of 5 s and lock_timeout, then stopped)"
+    # The killed child's session notices its client is gone once it gets the lock, and rolls back.
+    wait_until(lambda: not sessions(), timeout=30, what="the orphaned session to end")
+    assert not has_column(pg, params.database, "items", "guard_off")
+    assert stamped(pg, params.database) == ["0001_items"]
 
 
 SLEEPS = '''"""A revision whose statement runs for a minute."""
