@@ -212,6 +212,7 @@ def test_a_migration_the_watchdog_cannot_see_is_stopped(
         runner.join(timeout=60)
     assert outcome and isinstance(outcome[0], WatchdogBlind), outcome
     assert "could not watch its locks" in str(outcome[0])
+    assert outcome[0].revision == "0009_guard_off"  # type: ignore[attr-defined]
     assert elapsed < 30, f"{elapsed:.1f} s (blind for 8 s, the longer of 5 s and lock_timeout, then stopped)"
     # The killed child's session notices its client is gone once it gets the lock, and rolls back.
     wait_until(lambda: not sessions(), timeout=30, what="the orphaned session to end")

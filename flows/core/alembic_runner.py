@@ -763,7 +763,8 @@ class AlembicApp:
                 f"{answer['blind']:.0f} s (its own connection to the server was lost and could not be made "
                 "again); check the server, then run the migration again (revisions done before stay applied)"
             )
-            exc.revision = answer.get("failed_at")  # type: ignore[attr-defined]
+            done = len(answer.get("steps", []))
+            exc.revision = steps[done][1] if done < len(steps) else None  # type: ignore[attr-defined]
             exc.result = result  # type: ignore[attr-defined]
             exc.log_tail = tail  # type: ignore[attr-defined]
             raise exc
