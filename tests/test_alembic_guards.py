@@ -18,7 +18,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from flows.core.alembic_runner import AlembicApp, LockTimeout, MigrationFailed, WatchdogBlind
+from flows.core.alembic_runner import (
+    AlembicApp,
+    LockTimeout,
+    MigrationFailed,
+    MigrationTimeout,
+    WatchdogBlind,
+)
 from flows.core.ddl_lint import blocking, lint
 from flows.core.postgres import ConnParams
 from tests.harness.pg import PgCluster, wait_until
@@ -50,7 +56,8 @@ def app_copy(tmp_path: Path, sample: Sample, extra: dict[str, str] | None = None
     shutil.copytree(FIXTURES / sample.folder, root, ignore=shutil.ignore_patterns("__pycache__"))
     for name, source in (extra or {}).items():
         (root / "alembic" / "versions" / name).write_text(source)
-    return AlembicApp(root / "alembic.ini", driver=sample.driver, timeout_s=60, **kw)  # type: ignore[arg-type]
+    kw.setdefault("timeout_s", 60)
+    return AlembicApp(root / "alembic.ini", driver=sample.driver, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -71,6 +78,17 @@ def has_column(pg: PgCluster, database: str, table: str, column: str) -> bool:
 
 def stamped(pg: PgCluster, database: str) -> list[str]:
     return sorted(r[0] for r in pg.sql("SELECT version_num FROM alembic_version", database))
+
+
+def migrate_sessions(pg: PgCluster, database: str, lock_wait: bool = False) -> bool:
+    """Whether a session of a migration run (application_name dbops-migrate-<token>) is there (waiting)."""
+    rows = pg.sql(
+        "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND application_name LIKE 'dbops-migrate-%%' "
+        "AND (NOT %s OR wait_event_type = 'Lock')",
+        "postgres",
+        (database, lock_wait),
+    )
+    return bool(rows)
 
 
 def allow_connections(database: str, allow: bool) -> str:
@@ -183,13 +201,7 @@ def test_a_migration_the_watchdog_cannot_see_is_stopped(
             outcome.append(exc)
 
     def sessions(lock_wait: bool = False) -> bool:
-        rows = pg.sql(
-            "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND application_name LIKE 'dbops-migrate-%%' "
-            "AND (NOT %s OR wait_event_type = 'Lock')",
-            "postgres",
-            (params.database, lock_wait),
-        )
-        return bool(rows)
+        return migrate_sessions(pg, params.database, lock_wait)
 
     runner = threading.Thread(target=migrate)
     runner.start()
@@ -218,6 +230,44 @@ def test_a_migration_the_watchdog_cannot_see_is_stopped(
     wait_until(lambda: not sessions(), timeout=30, what="the orphaned session to end")
     assert not has_column(pg, params.database, "items", "guard_off")
     assert stamped(pg, params.database) == ["0001_items"]
+
+
+def test_a_stopped_alembic_leaves_no_session_queued_for_the_lock(
+    tmp_path: Path, params: ConnParams, pg: PgCluster
+) -> None:
+    """Alembic outlives timeout_s and is killed while its ALTER waits (lock_timeout is longer): the server
+    session would stay in the lock queue, blocking the application, until the lock came free."""
+    guard_off = TURNS_GUARD_OFF.format(down="0001_items", table="items")
+    app = app_copy(tmp_path, ASYNCPG, {"0009_guard_off.py": guard_off}, timeout_s=20)
+    (app.ini_path.parent / "alembic" / "versions" / "0002_items_note.py").unlink()
+    app.upgrade(params, "0001_items", lock_timeout_ms=60000, statement_timeout_ms=0, start=[])
+    blocker = hold_lock(pg, params.database, "items")
+    outcome: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            app.upgrade(
+                params, "0009_guard_off", lock_timeout_ms=60000, statement_timeout_ms=0, start=["0001_items"]
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    runner = threading.Thread(target=migrate)
+    runner.start()
+    try:
+        wait_until(
+            lambda: migrate_sessions(pg, params.database, lock_wait=True), timeout=20, what="lock wait"
+        )
+        runner.join(timeout=40)
+        assert outcome and isinstance(outcome[0], MigrationTimeout), outcome
+        # still holding the lock: the queued session must be gone now, not when the lock comes free
+        wait_until(lambda: not migrate_sessions(pg, params.database), timeout=5, what="the session to end")
+        assert blocker.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        blocker.rollback()
+        blocker.close()
+        runner.join(timeout=60)
+    assert not has_column(pg, params.database, "items", "guard_off")
 
 
 SLEEPS = '''"""A revision whose statement runs for a minute."""

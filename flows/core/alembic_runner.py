@@ -491,6 +491,8 @@ class AlembicApp:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.communicate()
+                if dog is not None:
+                    dog.end_sessions()
                 raise MigrationTimeout(
                     f"alembic {command} {' '.join(args)} did not finish within {self.timeout_s:.0f} s and "
                     "was stopped; check for a long-running revision or raise the timeout"
@@ -498,9 +500,12 @@ class AlembicApp:
             except BaseException:
                 proc.kill()
                 proc.wait()
+                if dog is not None:
+                    dog.end_sessions()
                 raise
             tail = scrub("\n".join((stderr or "").splitlines()[-40:]), password)
             if dog is not None and dog.blind_for is not None:
+                dog.end_sessions()  # in case the server can be reached again
                 answer = json.loads(result_path.read_text()) if result_path.exists() else {}
                 return {**answer, "blind": dog.blind_for}, tail
             if not result_path.exists():

@@ -122,6 +122,21 @@ class SessionWatchdog:
         reasons = {c.reason for c in self.cancelled}
         return LOCK if LOCK in reasons else (STATEMENT if reasons else None)
 
+    def end_sessions(self) -> int:
+        """Terminate the watched sessions, after their client was killed: a backend waiting for a lock does
+        not notice that its client is gone, and would sit in the lock queue, blocking the application,
+        until it got the lock. Best effort (the caller is already failing); returns how many ended."""
+        try:
+            with connect(self.params, options="-c statement_timeout=5000") as conn:
+                rows = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                    (self.application_name,),
+                ).fetchall()
+        except Exception:  # noqa: BLE001 - nothing more can be done from here
+            return 0
+        return sum(1 for (ended,) in rows if ended)
+
     # -- the thread ----------------------------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection:
