@@ -18,7 +18,7 @@ class PostgresDatabase(Block):
 
     It connects (psycopg) and hands libpq tools a connection environment; it does not run backups.
     The password is stored encrypted by Prefect and never reaches argv, logs, artifacts or manifests:
-    libpq tools get it through a 0600 passfile, Alembic through PGPASSWORD.
+    libpq tools and Alembic (libpq or asyncpg) get it through a 0600 passfile (PGPASSFILE).
 
     Examples:
         Create the block once (or let `dbops setup` do it):

@@ -87,6 +87,13 @@ class MigrateOptions(BaseModel):
         gt=0,
         description="Seconds before the first retry of a revision that hit lock_timeout; doubles each time.",
     )
+    alembic_env: list[str] = Field(
+        default_factory=list,
+        description="Names of worker environment variables the application's env.py needs besides "
+        "DATABASE_URL (e.g. APP_ENV); they are passed to Alembic as they are. Alembic otherwise sees only "
+        "PATH, HOME, locale, TZ, TMPDIR, PYTHONPATH, VIRTUAL_ENV, PGSSL* and the database settings; the "
+        "password always goes through a private passfile, so PGPASSWORD is refused here.",
+    )
 
 
 class MigrationApproval(RunInput):
@@ -202,7 +209,9 @@ def migrate(
             lock = None if dry_run else held.enter_context(hold_migration_lock(database))
 
             # 1. plan
-            plan = plan_migration(database, staging_database, ini, options.driver, target)
+            plan = plan_migration(
+                database, staging_database, ini, options.driver, target, alembic_env=options.alembic_env
+            )
             report.from_revision, report.to_revision = plan.start_label, plan.target
             report.pending = plan.pending
             if not plan.pending:
@@ -211,7 +220,9 @@ def migrate(
                 return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
 
             # 2. lint
-            linted = lint_migration(database, ini, options.driver, plan, report.waivers)
+            linted = lint_migration(
+                database, ini, options.driver, plan, report.waivers, alembic_env=options.alembic_env
+            )
             _record_lint(report, linted)
             blocked = blocking(linted.findings)
             if blocked:
@@ -266,9 +277,14 @@ def migrate(
                     expected_start=plan.start,
                     still_locked=lock.ensure_held if lock is not None else None,
                     backoff_first_s=options.retry_first_delay_s,
+                    alembic_env=options.alembic_env,
                 )
                 _record_production(report, applied.seconds, applied.attempts)
-                report.production_end = ",".join(verify_current(database, ini, options.driver, plan.target))
+                report.production_end = ",".join(
+                    verify_current(
+                        database, ini, options.driver, plan.target, alembic_env=options.alembic_env
+                    )
+                )
         report.outcome = f"applied {len(plan.pending)} revision(s): {plan.start_label} → {plan.target}"
         return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
     except BaseException as exc:
@@ -277,7 +293,7 @@ def migrate(
             applied_so_far = getattr(exc, "applied", None)
             if applied_so_far is not None:
                 _record_production(report, applied_so_far.seconds, applied_so_far.attempts)
-            _record_production_failure(report, ini, options.driver)
+            _record_production_failure(report, ini, options.driver, options.alembic_env)
         raise
     finally:
         _publish(report)
@@ -345,6 +361,7 @@ def _staging_gate(
             retry_budget,
             expected_start=plan.start if refresh else None,
             backoff_first_s=options.retry_first_delay_s,
+            alembic_env=options.alembic_env,
         )
         for rev, seconds in first.seconds.items():
             report.timing(rev).staging_s = seconds
@@ -352,7 +369,14 @@ def _staging_gate(
         if plan.downgradable:
             back_to = ",".join(first.start) or "base"
             downgrade_database(
-                staging, ini, options.driver, back_to, lock_ms, statement_ms, start=first.end
+                staging,
+                ini,
+                options.driver,
+                back_to,
+                lock_ms,
+                statement_ms,
+                start=first.end,
+                alembic_env=options.alembic_env,
             )
             again = upgrade_database(
                 staging,
@@ -363,6 +387,7 @@ def _staging_gate(
                 statement_ms,
                 retry_budget,
                 backoff_first_s=options.retry_first_delay_s,
+                alembic_env=options.alembic_env,
             )
             for rev, seconds in again.seconds.items():
                 report.timing(rev).staging_again_s = seconds
@@ -427,10 +452,14 @@ def _record_production(report: MigrateReport, seconds: dict[str, float], attempt
         report.timing(rev).attempts = n
 
 
-def _record_production_failure(report: MigrateReport, ini: str, driver: str) -> None:
+def _record_production_failure(
+    report: MigrateReport, ini: str, driver: str, alembic_env: list[str] | None = None
+) -> None:
     """Production's revision after a failed production step (best effort: the report must still go out)."""
     try:
-        current = AlembicApp(Path(ini), driver=driver).current(db_params(report.database))
+        current = AlembicApp(Path(ini), driver=driver, pass_env=tuple(alembic_env or ())).current(
+            db_params(report.database)
+        )
         report.production_end = ",".join(current) or "base"
     except Exception as exc:
         report.production_end = f"unknown ({exc})"

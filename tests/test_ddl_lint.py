@@ -73,7 +73,8 @@ def test_each_sample_revision_triggers_exactly_its_rule(lint_sql: dict[str, str]
     for f in findings:
         by_revision.setdefault(f.revision, set()).add(f.rule)
     assert by_revision == {rev: {rule} for rev, rule in EXPECTED.items()}
-    assert set(EXPECTED.values()) == set(RULES), "every rule has a sample revision"
+    # offline-sql-not-rendered needs a revision that fails to render: tests/test_alembic_guards.py
+    assert set(EXPECTED.values()) == set(RULES) - {"offline-sql-not-rendered"}, "every rule has a sample"
     for f in findings:
         assert f.why == RULES[f.rule].why or f.severity == REVIEW
         assert f.safe and f.statement and f.severity in (BLOCK, REVIEW)

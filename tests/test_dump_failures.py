@@ -34,7 +34,7 @@ from flows.core.errors import (
     is_transient,
 )
 from flows.core.objectstore import MiB, S3ObjectStore
-from flows.core.postgres import ConnParams, connect, server_version_num
+from flows.core.postgres import ConnParams, ExportedSnapshot, connect, server_version_num
 from tests.harness.pg import PgCluster, free_port
 from tests.harness.s3 import S3Endpoint, s3_endpoint
 
@@ -389,6 +389,31 @@ def test_verification_names_a_table_whose_data_is_missing_from_the_dump(
             store, KEY, Compression.gzip, pg_restore, expected_tables=["public.t", "public.audit"]
         )
     assert "no data for 1 table" in str(info.value)
+
+
+def test_archive_of_a_database_without_tables_is_a_backup_only_when_the_catalog_says_so(
+    pg: PgCluster, pg_dump: PgTool, version: int, store: S3ObjectStore, unique: str
+):
+    """A brand-new database (before its first migration): pg_dump writes an archive with no entries."""
+    name = f"empty_{unique}"
+    pg.create_database(name)
+    with ExportedSnapshot(params_for(pg, name)) as snapshot:
+        assert snapshot.facts.tables == []
+        stream_dump(
+            params_for(pg, name),
+            store,
+            KEY,
+            tool=pg_dump,
+            compression=Compression.zstd,
+            level=3,
+            extra_args=[f"--snapshot={snapshot.facts.snapshot}"],
+        )
+    pg_restore = find_tool("pg_restore", version)
+    checked = verify_stored_dump(store, KEY, Compression.zstd, pg_restore, empty_database=True)
+    assert checked.entries == 0 and checked.empty_database
+    assert "no tables" in checked.detail()
+    with pytest.raises(VerificationFailed, match="the backup is empty"):
+        verify_stored_dump(store, KEY, Compression.zstd, pg_restore)
 
 
 # -- versions ----------------------------------------------------------------------------------------------

@@ -5,8 +5,16 @@ so nothing of it runs in our process: a small driver script (`_DRIVER`) runs in 
 cwd = the folder of `alembic.ini`, and writes its answer as JSON to a file we read back.
 
 The application's convention (see ARCHITECTURE.md): `DATABASE_URL` is a SQLAlchemy URL without the
-password, the password travels in `PGPASSWORD`; `PGOPTIONS` carries lock_timeout / statement_timeout
-to every session libpq (psycopg) opens. asyncpg does not read `PGOPTIONS`.
+password, online and offline (`--sql`) alike; the password travels in a private passfile (`PGPASSFILE`,
+read by libpq and asyncpg alike), never in `PGPASSWORD`. The child sees an allowlisted environment
+(`alembic_environment`): the worker's cloud and Prefect credentials stay with the worker.
+
+lock_timeout / statement_timeout reach every session through the driver's own channel: the driver script
+hooks SQLAlchemy's `do_connect` and adds `options=-c ...` for psycopg (and `PGOPTIONS` is set for any
+other libpq user) or `server_settings` for asyncpg, which ignores `PGOPTIONS`. Independently of the
+driver, a `SessionWatchdog` in dbops watches the sessions of the run's unique application_name and
+cancels a lock wait or statement that outlives its timeout (then it counts as a lock timeout, or a
+statement timeout, like PostgreSQL's own).
 
 Only linear trees and trees whose branches are merged again are supported: several heads are refused.
 """
@@ -15,9 +23,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +36,8 @@ import psycopg
 from sqlalchemy.engine import URL
 
 from flows.core.errors import ConfigurationError, DbopsError, TransientError
-from flows.core.postgres import ConnParams, classify_connect_error, scrub
+from flows.core.postgres import ConnParams, classify_connect_error, libpq_environment, scrub
+from flows.core.session_watchdog import LOCK, STATEMENT, SessionWatchdog
 
 
 class AlembicError(DbopsError):
@@ -74,6 +86,10 @@ class RevisionMoved(AlembicError):
 
 class MigrationTimeout(AlembicError):
     pass
+
+
+class WatchdogBlind(AlembicError):
+    """dbops lost sight of the migration's sessions and stopped it rather than let it wait unguarded."""
 
 
 class LockTimeout(AlembicError, TransientError):
@@ -140,10 +156,37 @@ class OfflineSql(dict[str, str]):
         return dict(self)
 
 
-# The script the child Python runs: argv = result_path, ini_path, command, *args.
+# The script the child Python runs: argv = result_path, ini_path, session settings (JSON), command, *args.
 _DRIVER = r"""
 import io, json, sys, time, traceback, warnings
-result_path, ini_path, command, *args = sys.argv[1:]
+result_path, ini_path, session, command, *args = sys.argv[1:]
+
+def guard_sessions(settings):
+    # Every connection SQLAlchemy opens in this process, whatever engine env.py builds, gets the
+    # timeouts and the run's application_name through its driver's own channel.
+    if not settings:
+        return
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    settings = dict(settings)
+    name = settings.pop("application_name", None)
+
+    @event.listens_for(Engine, "do_connect")
+    def _guard(dialect, conn_rec, cargs, cparams):
+        driver = dialect.driver or ""
+        if driver == "asyncpg":
+            server_settings = dict(cparams.get("server_settings") or {})
+            server_settings.update(settings)
+            if name:
+                server_settings["application_name"] = name
+            cparams["server_settings"] = server_settings
+        elif driver.startswith("psycopg"):
+            options = " ".join(f"-c {k}={v}" for k, v in settings.items())
+            cparams["options"] = f"{cparams.get('options') or ''} {options}".strip()
+            if name:
+                cparams["application_name"] = name
+
+guard_sessions(json.loads(session))
 
 def out(obj):
     with open(result_path, "w") as f:
@@ -274,6 +317,81 @@ elif command == "offline":
 """
 
 
+#: What the Alembic child inherits from the worker: what Python, locales and TLS need, nothing else.
+_ALLOWED_NAMES = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV"})
+_ALLOWED_PREFIXES = ("LC_", "PGSSL")
+#: Never passed, even when listed: the password goes only through the passfile.
+_REFUSED_NAMES = frozenset({"PGPASSWORD"})
+
+
+def alembic_environment(
+    params: ConnParams | None,
+    database_url: str | None,
+    *,
+    passfile: str | None = None,
+    application_name: str | None = None,
+    pgoptions: str | None = None,
+    pass_env: Iterable[str] = (),
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of an Alembic child: an allowlist of the worker's variables, `pass_env` (names the
+    application's env.py needs, copied as they are), then the database convention: DATABASE_URL, the
+    passfile, sslmode, application_name, connect timeout and PGOPTIONS.
+
+    Why an allowlist: the worker holds cloud and Prefect credentials (AWS_*, PREFECT_API_KEY) that the
+    application's env.py and revisions have no business seeing, and a crash dump or a revision that logs
+    its environment would spread them.
+    """
+    base = os.environ if base is None else base
+    env = {k: v for k, v in base.items() if k in _ALLOWED_NAMES or k.startswith(_ALLOWED_PREFIXES)}
+    for name in pass_env:
+        if name in base and name not in _REFUSED_NAMES:
+            env[name] = base[name]
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    if params is not None:
+        env.update(
+            PGSSLMODE=params.sslmode,
+            PGAPPNAME=application_name or params.application_name,
+            PGCONNECT_TIMEOUT=str(params.connect_timeout),
+        )
+    if passfile is not None:
+        env["PGPASSFILE"] = passfile
+    if pgoptions:
+        env["PGOPTIONS"] = pgoptions
+    return env
+
+
+@dataclass(frozen=True)
+class SessionGuard:
+    """The timeouts of one migration run and the application_name that lets the watchdog find it."""
+
+    lock_timeout_ms: int
+    statement_timeout_ms: int
+    application_name: str = field(default_factory=lambda: f"dbops-migrate-{secrets.token_hex(6)}")
+
+    def settings(self) -> dict[str, str]:
+        return {
+            "application_name": self.application_name,
+            "lock_timeout": str(int(self.lock_timeout_ms)),
+            "statement_timeout": str(int(self.statement_timeout_ms)),
+        }
+
+    def pgoptions(self) -> str:
+        lock, statement = int(self.lock_timeout_ms), int(self.statement_timeout_ms)
+        return f"-c lock_timeout={lock} -c statement_timeout={statement}"
+
+
+@contextmanager
+def _passfile(params: ConnParams | None) -> Iterator[str | None]:
+    """A 0600 passfile in a private directory, removed afterwards (the same writer as pg_dump's)."""
+    if params is None:
+        yield None
+        return
+    with libpq_environment(params) as env:
+        yield env["PGPASSFILE"]
+
+
 @dataclass
 class AlembicApp:
     """An application's Alembic tree, driven in subprocesses.
@@ -288,6 +406,9 @@ class AlembicApp:
     driver: str = "postgresql+psycopg"
     python: str = field(default_factory=lambda: sys.executable)
     timeout_s: float = 6 * 3600  # per subprocess: one revision, or one listing
+    #: names of worker environment variables the application's env.py needs besides DATABASE_URL
+    pass_env: tuple[str, ...] = ()
+    watchdog_poll_s: float = 0.2
     _history: list[Revision] | None = field(default=None, init=False, repr=False)
     _heads: list[str] = field(default_factory=list, init=False, repr=False)
 
@@ -297,6 +418,13 @@ class AlembicApp:
             raise AlembicConfigMissing(
                 f"no alembic.ini at {self.ini_path}; point the migrate deployment at the application's "
                 "alembic.ini"
+            )
+        self.pass_env = tuple(self.pass_env)
+        refused = sorted(set(self.pass_env) & _REFUSED_NAMES)
+        if refused:
+            raise ConfigurationError(
+                f"{', '.join(refused)} cannot be passed to Alembic: the password reaches it through a "
+                "private passfile; remove it from the migrate option alembic_env"
             )
 
     # -- subprocess plumbing -------------------------------------------------------------------------
@@ -308,45 +436,80 @@ class AlembicApp:
         )
         return url.render_as_string(hide_password=False)
 
-    def _env(self, params: ConnParams | None, pgoptions: str | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
-        if params is not None:
-            env.update(
-                DATABASE_URL=self.database_url(params),
-                PGSSLMODE=params.sslmode,
-                PGAPPNAME=params.application_name,
-                PGCONNECT_TIMEOUT=str(params.connect_timeout),
-            )
-            if params.password:
-                env["PGPASSWORD"] = params.password
-        if pgoptions:
-            env["PGOPTIONS"] = pgoptions
-        return env
-
     def _run(
-        self, command: str, *args: str, params: ConnParams | None = None, pgoptions: str | None = None
+        self,
+        command: str,
+        *args: str,
+        params: ConnParams | None = None,
+        offline: bool = False,
+        guard: SessionGuard | None = None,
+        watchdog: list[SessionWatchdog] | None = None,
     ) -> tuple[dict, str]:
-        """Run the driver; returns its JSON answer and the scrubbed tail of its stderr."""
+        """Run the driver; returns its JSON answer and the scrubbed tail of its stderr.
+
+        `offline`: DATABASE_URL as online, but no password (nothing connects). `guard`: the timeouts go
+        through the driver's channel and a SessionWatchdog watches the run (appended to `watchdog`).
+        """
         password = params.password if params else None
-        with tempfile.TemporaryDirectory(prefix="dbops-alembic-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="dbops-alembic-") as tmp, ExitStack() as stack:
             result_path = Path(tmp) / "result.json"
-            try:
-                proc = subprocess.run(
-                    [self.python, "-c", _DRIVER, str(result_path), str(self.ini_path), command, *args],
-                    cwd=self.ini_path.parent,
-                    env=self._env(params, pgoptions),
-                    capture_output=True,
-                    text=True,
-                    timeout=self.timeout_s,
+            passfile = None if offline else stack.enter_context(_passfile(params))
+            env = alembic_environment(
+                params,
+                self.database_url(params) if params is not None else None,
+                passfile=passfile,
+                application_name=guard.application_name if guard else None,
+                pgoptions=guard.pgoptions() if guard else None,
+                pass_env=self.pass_env,
+            )
+            dog = None
+            if guard is not None and params is not None:
+                dog = SessionWatchdog(
+                    params,
+                    guard.application_name,
+                    lock_timeout_ms=guard.lock_timeout_ms,
+                    statement_timeout_ms=guard.statement_timeout_ms,
+                    poll_s=self.watchdog_poll_s,
+                    blind_limit_s=max(5.0, guard.lock_timeout_ms / 1000),
                 )
+                stack.enter_context(dog)  # connects first: no watchdog, no migration
+                if watchdog is not None:
+                    watchdog.append(dog)
+            session = json.dumps(guard.settings() if guard else {})
+            proc = subprocess.Popen(
+                [self.python, "-c", _DRIVER, str(result_path), str(self.ini_path), session, command, *args],
+                cwd=self.ini_path.parent,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            if dog is not None:
+                dog.on_blind = proc.kill
+            try:
+                stdout, stderr = proc.communicate(timeout=self.timeout_s)
             except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                if dog is not None:
+                    dog.end_sessions()
                 raise MigrationTimeout(
                     f"alembic {command} {' '.join(args)} did not finish within {self.timeout_s:.0f} s and "
                     "was stopped; check for a long-running revision or raise the timeout"
                 ) from None
-            tail = scrub("\n".join((proc.stderr or "").splitlines()[-40:]), password)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                if dog is not None:
+                    dog.end_sessions()
+                raise
+            tail = scrub("\n".join((stderr or "").splitlines()[-40:]), password)
+            if dog is not None and dog.blind_for is not None:
+                dog.end_sessions()  # in case the server can be reached again
+                answer = json.loads(result_path.read_text()) if result_path.exists() else {}
+                return {**answer, "blind": dog.blind_for}, tail
             if not result_path.exists():
-                last = scrub(_last_line(proc.stderr or proc.stdout or "no output"), password)
+                last = scrub(_last_line(stderr or stdout or "no output"), password)
                 raise AlembicError(
                     f"alembic {command} exited with code {proc.returncode} before answering ({last}); "
                     f"run it by hand in {self.ini_path.parent} to see why"
@@ -466,8 +629,14 @@ class AlembicApp:
             visit(rev)
         return order
 
-    def offline_sql(self, from_rev: str | None, to_rev: str = "head") -> OfflineSql:
-        """`alembic upgrade prev:rev --sql` for each revision in (from_rev, to_rev], in order."""
+    def offline_sql(
+        self, from_rev: str | None, to_rev: str = "head", params: ConnParams | None = None
+    ) -> OfflineSql:
+        """`alembic upgrade prev:rev --sql` for each revision in (from_rev, to_rev], in order.
+
+        With `params`, env.py gets the DATABASE_URL of that database (same driver as online, no
+        password: nothing connects), so an env.py that reads os.environ["DATABASE_URL"] renders too.
+        """
         current = [] if from_rev in (None, "base") else [self._resolve(from_rev) or ""]
         todo = self.pending([c for c in current if c], to_rev)
         by_id = self._by_id()
@@ -480,7 +649,7 @@ class AlembicApp:
             pairs.append(f"{frm} {rev}")
         if not pairs:
             return OfflineSql()
-        answer, _ = self._run("offline", *pairs)
+        answer, _ = self._run("offline", *pairs, params=params, offline=True)
         result = OfflineSql()
         for rev in todo:  # keep the migration order
             if rev in answer["sql"]:
@@ -578,18 +747,32 @@ class AlembicApp:
         result = RunResult(start=start, target=target, end=list(start))
         if not steps:
             return result
-        pgoptions = f"-c lock_timeout={int(lock_timeout_ms)} -c statement_timeout={int(statement_timeout_ms)}"
+        guard = SessionGuard(int(lock_timeout_ms), int(statement_timeout_ms))
+        watched: list[SessionWatchdog] = []
         answer, tail = self._run(
             "migrate",
             direction,
             ",".join(start),
             *(f"{to} {rev}" for to, rev in steps),
             params=params,
-            pgoptions=pgoptions,
+            guard=guard,
+            watchdog=watched,
         )
+        cancelled_for = watched[0].reason if watched else None
         result.log_tail = tail
         result.steps = [StepResult(s["rev"], direction, float(s["seconds"])) for s in answer.get("steps", [])]
         result.end = list(answer.get("end") or [])
+        if "blind" in answer:
+            exc = WatchdogBlind(
+                f"the {direction} on {params.where} was stopped because dbops could not watch its locks for "
+                f"{answer['blind']:.0f} s (its own connection to the server was lost and could not be made "
+                "again); check the server, then run the migration again (revisions done before stay applied)"
+            )
+            done = len(answer.get("steps", []))
+            exc.revision = steps[done][1] if done < len(steps) else None  # type: ignore[attr-defined]
+            exc.result = result  # type: ignore[attr-defined]
+            exc.log_tail = tail  # type: ignore[attr-defined]
+            raise exc
         if answer.get("moved"):
             raise RevisionMoved(
                 f"database {params.database!r} moved from revision {', '.join(start) or 'base'} to "
@@ -599,7 +782,7 @@ class AlembicApp:
         if "error" in answer:
             rev = answer.get("failed_at")
             doing = f"{direction} of revision {rev}" if rev else "reading the current revision"
-            exc = self._error(answer["error"], params, tail, doing, rev, result)
+            exc = self._error(answer["error"], params, tail, doing, rev, result, cancelled_for)
             exc.seconds = answer.get("seconds")  # type: ignore[attr-defined]  # how long the failed step ran
             raise exc
         return result
@@ -612,17 +795,29 @@ class AlembicApp:
         doing: str,
         rev: str | None,
         result: RunResult | None = None,
+        cancelled_for: str | None = None,
     ) -> DbopsError:
+        """`cancelled_for`: why the SessionWatchdog cancelled a statement of this run (LOCK, STATEMENT)."""
         message = scrub(err.get("message") or err.get("type") or "unknown error", params.password)
         detail = scrub(err.get("detail") or "", params.password)
         sqlstate = err.get("sqlstate")
         exc: DbopsError
-        if sqlstate == LOCK_NOT_AVAILABLE or "lock timeout" in detail or "lock timeout" in tail:
+        by_watchdog = sqlstate == QUERY_CANCELED or "canceling statement" in detail
+        if (
+            sqlstate == LOCK_NOT_AVAILABLE
+            or "lock timeout" in detail
+            or "lock timeout" in tail
+            or (by_watchdog and cancelled_for == LOCK)
+        ):
             exc = LockTimeout(
                 f"{doing} on {params.where} waited longer than lock_timeout for a lock and was rolled back; "
                 "it will be retried (find the blocking session in pg_stat_activity if it keeps happening)"
             )
-        elif sqlstate == QUERY_CANCELED or "statement timeout" in detail:
+        elif (
+            "statement timeout" in detail
+            or (by_watchdog and cancelled_for == STATEMENT)
+            or (sqlstate == QUERY_CANCELED and cancelled_for is None)
+        ):
             exc = MigrationFailed(
                 f"{doing} on {params.where} ran longer than statement_timeout and was cancelled; raise "
                 "statement_timeout for this revision or make it cheaper"

@@ -143,6 +143,12 @@ _RULES = [
         "Use op.get_context().autocommit_block() instead of explicit transaction statements.",
     ),
     Rule(
+        "offline-sql-not-rendered",
+        "The revision's offline SQL could not be rendered, so nothing in it was linted.",
+        "Make the revision renderable with `alembic upgrade --sql` (no reads through the connection, or "
+        "guard them with context.is_offline_mode()), or review it by hand and waive this rule for it.",
+    ),
+    Rule(
         "unanalysable-sql",
         "DO blocks and function bodies are not analysed: they may lock or rewrite tables.",
         "Review the body by hand; keep locking statements outside of it.",
@@ -411,11 +417,15 @@ def lint(
     revisions: Mapping[str, str],
     existing_tables: Iterable[str] | None = None,
     waivers: Iterable[str] = (),
+    not_rendered: Mapping[str, str] | None = None,
 ) -> list[Finding]:
     """Findings for every revision, in migration order.
 
     `existing_tables` ("table" or "schema.table") are the tables before the migration; None means
-    unknown, and every table not created in the range counts as existing.
+    unknown, and every table not created in the range counts as existing. `not_rendered` ({revision:
+    one line why}) are revisions whose offline SQL could not be produced: each is a blocking finding
+    of its own (fail closed: what the lint could not see is not passed), listed first because the lint
+    is blind there.
     """
     state = _State(
         existing=None if existing_tables is None else {norm_name(t) for t in existing_tables},
@@ -423,10 +433,22 @@ def lint(
         new_indexes=set(),
         col_types={},
     )
-    findings: list[Finding] = []
+    findings: list[Finding] = [_not_rendered(rev, why) for rev, why in (not_rendered or {}).items()]
     for revision, sql in revisions.items():
         findings.extend(_lint_revision(revision, sql, state))
     return apply_waivers(findings, waivers)
+
+
+def _not_rendered(revision: str, why: str) -> Finding:
+    rule = RULES["offline-sql-not-rendered"]
+    return Finding(
+        rule=rule.id,
+        revision=revision,
+        statement=f"(offline SQL not rendered: {why})",
+        why=f"Its offline SQL could not be rendered ({why.rstrip('.')}), so nothing in it was linted.",
+        safe=rule.safe,
+        severity=rule.severity,
+    )
 
 
 def _lint_revision(revision: str, sql: str, state: _State) -> list[Finding]:

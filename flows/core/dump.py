@@ -388,9 +388,12 @@ class ListVerification:
     table_data: set[str]
     sha256: str | None  # set when the whole object was read back
     seconds: float
+    empty_database: bool = False  # the catalog had no dumpable tables when it was dumped
 
     def detail(self) -> str:
         text = f"pg_restore --list read {self.entries} TOC entries, {len(self.table_data)} with table data"
+        if self.empty_database:
+            text += " (the database had no tables when it was dumped)"
         return text + (", sha256 re-checked over the whole object" if self.sha256 else "")
 
 
@@ -433,11 +436,15 @@ def verify_stored_dump(
     full: bool = False,
     expected_sha256: str | None = None,
     expected_tables: Iterable[str] = (),
+    empty_database: bool = False,
 ) -> ListVerification:
     """Stream the stored object back into `pg_restore --list`; `full` also re-hashes every byte.
 
     `list` proves the archive's table of contents is readable and that every table we expected has a
     TABLE DATA entry; `full` reads the whole object again and compares its sha256 with the upload's.
+    An archive without a single entry is refused as empty, unless `empty_database`: the catalog said the
+    database had no dumpable tables when it was dumped (a brand-new database before its first
+    migration), and pg_dump then writes a readable archive with no entries at all.
     """
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -487,7 +494,7 @@ def verify_stored_dump(
     expected = set(expected_tables)
     rests = [m.group("rest") for m in map(_TABLE_DATA_RE.match, entries) if m]
     table_data = _table_data_names(rests, expected)
-    if not entries:
+    if not entries and not empty_database:
         raise VerificationFailed(f"pg_restore --list found no entries in {key}; the backup is empty")
     missing = sorted(expected - table_data)
     if missing:
@@ -500,4 +507,4 @@ def verify_stored_dump(
         raise VerificationFailed(
             f"{key} reads back with sha256 {sha}, not {expected_sha256} as uploaded; the object is corrupt"
         )
-    return ListVerification(len(entries), table_data, sha, time.monotonic() - t0)
+    return ListVerification(len(entries), table_data, sha, time.monotonic() - t0, empty_database)

@@ -352,6 +352,8 @@ class SnapshotFacts:
     snapshot: str
     exact_row_counts: dict[str, int]
     alembic_revision: str | None
+    #: dumpable tables in the snapshot (`dumpable_tables`); empty: pg_dump writes no TABLE DATA at all
+    tables: list[str] | None = None
 
 
 class ExportedSnapshot:
@@ -388,7 +390,9 @@ class ExportedSnapshot:
                     sql.Identifier(schema), sql.Identifier(table)
                 )
                 counts[table_key(schema, table)] = int(self.conn.execute(query).fetchone()[0])  # type: ignore[index]
-            self.facts = SnapshotFacts(snapshot, counts, alembic_revision(self.conn))
+            self.facts = SnapshotFacts(
+                snapshot, counts, alembic_revision(self.conn), tables=dumpable_tables(self.conn)
+            )
         except BaseException:
             self.conn.close()
             raise

@@ -223,7 +223,11 @@ def upload_globals(pre: Preflight, storage: str, stem: str) -> str:
 def verify_backup(
     pre: Preflight, storage: str, result: DumpResult, compression: Compression, method: str
 ) -> ListVerification:
-    """Read the stored object back through pg_restore: a dump counts only if it can be read."""
+    """Read the stored object back through pg_restore: a dump counts only if it can be read.
+
+    "No tables" is decided from the catalog in the dump's own snapshot (preflight's list otherwise): only
+    then is an archive without entries a backup.
+    """
     store = load_store(storage)
     head = store.head(result.key)
     if head is None or head.size != result.bytes:
@@ -239,9 +243,15 @@ def verify_backup(
         full=(method == "full"),
         expected_sha256=result.sha256,
         expected_tables=pre.tables,
+        empty_database=not _tables_at_dump(pre, result),
     )
     get_run_logger().info("verified %s: %s", result.key, verification.detail())
     return verification
+
+
+def _tables_at_dump(pre: Preflight, result: DumpResult) -> list[str]:
+    facts = result.facts
+    return facts.tables if facts is not None and facts.tables is not None else pre.tables
 
 
 @task(name="write_manifest", cache_policy=NONE, **retry_policy())

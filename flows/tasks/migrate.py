@@ -48,16 +48,18 @@ def db_params(block_name: str) -> ConnParams:
     return load_database(block_name).params()
 
 
-_APPS: dict[tuple[str, str, str], AlembicApp] = {}
+_APPS: dict[tuple[str, str, str, tuple[str, ...]], AlembicApp] = {}
 
 
-def _app(alembic_ini: str, driver: str) -> AlembicApp:
+def _app(alembic_ini: str, driver: str, alembic_env: list[str] | None = None) -> AlembicApp:
     """One AlembicApp per flow run: its revision tree is read once (a subprocess each time otherwise), and
-    a long-lived worker still sees a new application version in the next run."""
-    key = (flow_run.get_id() or "", alembic_ini, driver)
+    a long-lived worker still sees a new application version in the next run. `alembic_env`: names of
+    worker environment variables the application's env.py needs (MigrateOptions.alembic_env)."""
+    names = tuple(alembic_env or ())
+    key = (flow_run.get_id() or "", alembic_ini, driver, names)
     if key not in _APPS:
         _APPS.clear()  # only the current run's app is worth keeping
-        _APPS[key] = AlembicApp(Path(alembic_ini), driver=driver)
+        _APPS[key] = AlembicApp(Path(alembic_ini), driver=driver, pass_env=names)
     return _APPS[key]
 
 
@@ -92,12 +94,19 @@ def run_origin() -> tuple[list[str], bool, object | None, str | None]:
 
 
 @task(name="plan_migration", cache_policy=NONE, **retry_policy())
-def plan_migration(database: str, staging_database: str, alembic_ini: str, driver: str, target: str) -> Plan:
+def plan_migration(
+    database: str,
+    staging_database: str,
+    alembic_ini: str,
+    driver: str,
+    target: str,
+    alembic_env: list[str] | None = None,
+) -> Plan:
     """Where production is and what is pending; refuse what a person must sort out first."""
     logger = get_run_logger()
     prod, staging = db_params(database), db_params(staging_database)
     require_distinct(prod, staging)
-    app = _app(alembic_ini, driver)
+    app = _app(alembic_ini, driver, alembic_env)
     start = app.current(prod)
     plan = make_plan(app, start, target)
     if plan.pending:
@@ -126,21 +135,23 @@ class LintOutcome:
 
 @task(name="lint_migration", cache_policy=NONE, **retry_policy())
 def lint_migration(
-    database: str, alembic_ini: str, driver: str, plan: Plan, waivers: list[str]
+    database: str,
+    alembic_ini: str,
+    driver: str,
+    plan: Plan,
+    waivers: list[str],
+    alembic_env: list[str] | None = None,
 ) -> LintOutcome:
-    """Render `alembic upgrade a:b --sql` per revision, keep it as an artifact, and lint it."""
+    """Render `alembic upgrade a:b --sql` per revision (env.py gets production's DATABASE_URL, without
+    password: nothing connects), keep it as an artifact, and lint it. A revision whose SQL cannot be
+    rendered is a blocking finding of its own unless waived."""
     logger = get_run_logger()
-    app = _app(alembic_ini, driver)
-    offline = app.offline_sql(plan.start[0] if len(plan.start) == 1 else None, plan.target)
-    with connect(db_params(database)) as conn:
+    app = _app(alembic_ini, driver, alembic_env)
+    params = db_params(database)
+    offline = app.offline_sql(plan.start[0] if len(plan.start) == 1 else None, plan.target, params)
+    with connect(params) as conn:
         tables = existing_tables(conn)
-    findings = lint(dict(offline), existing_tables=tables, waivers=waivers)
-    for rev, why in offline.failed.items():
-        logger.warning(
-            "revision %s: offline SQL could not be produced (%s); it is not linted: review it by hand",
-            rev,
-            why,
-        )
+    findings = lint(dict(offline), existing_tables=tables, waivers=waivers, not_rendered=offline.failed)
     for f in findings:
         state = "waived" if f.waived else f.severity
         (logger.info if f.waived else logger.warning)(
@@ -228,12 +239,13 @@ def upgrade_database(
     expected_start: list[str] | None = None,
     still_locked: Callable[[], None] | None = None,
     backoff_first_s: float = 1.0,
+    alembic_env: list[str] | None = None,
 ) -> Applied:
     """`alembic upgrade` one revision at a time, each in its own transaction, with lock_timeout and
     statement_timeout on every session; a revision that waited longer than lock_timeout is retried
     with doubling delays until `retry_budget_s` is spent (the ones before it stay applied)."""
     params = db_params(database)
-    app = _app(alembic_ini, driver)
+    app = _app(alembic_ini, driver, alembic_env)
     start = app.current(params)
     if expected_start is not None and start != expected_start:
         raise RevisionMoved(
@@ -326,12 +338,13 @@ def downgrade_database(
     lock_timeout_ms: int,
     statement_timeout_ms: int,
     start: list[str] | None = None,
+    alembic_env: list[str] | None = None,
 ) -> dict[str, float]:
     """Staging only: prove every pending revision's downgrade() works before production depends on it.
 
     `start` is where the upgrade just left it (the subprocess checks it still is)."""
     params = db_params(database)
-    result = _app(alembic_ini, driver).downgrade(
+    result = _app(alembic_ini, driver, alembic_env).downgrade(
         params,
         target,
         lock_timeout_ms=lock_timeout_ms,
@@ -345,10 +358,12 @@ def downgrade_database(
 
 
 @task(name="verify_current", cache_policy=NONE, **retry_policy())
-def verify_current(database: str, alembic_ini: str, driver: str, target: str) -> list[str]:
+def verify_current(
+    database: str, alembic_ini: str, driver: str, target: str, alembic_env: list[str] | None = None
+) -> list[str]:
     """`alembic current` must equal the target after an upgrade; anything else is a failed run."""
     params = db_params(database)
-    current = _app(alembic_ini, driver).current(params)
+    current = _app(alembic_ini, driver, alembic_env).current(params)
     require_at(database, current, target)
     return current
 

@@ -5,8 +5,10 @@ Convention shared with the dbops flows, tests and benchmarks (keep it stable):
 * ``DATABASE_URL`` is a SQLAlchemy URL *without* password, e.g.
   ``postgresql+psycopg://app@127.0.0.1:5432/imagemanager`` or ``postgresql+asyncpg://...``.
   Keeping the secret out of the URL means the URL can be logged and stored in deployment
-  parameters, while the password travels separately as ``PGPASSWORD``.
-* ``PGPASSWORD`` is read by libpq itself for psycopg; asyncpg gets it passed explicitly.
+  parameters, while the password travels separately as ``PGPASSWORD`` or in a passfile
+  (``PGPASSFILE``: dbops's migrate flow uses one).
+* ``PGPASSWORD`` is read by libpq itself for psycopg; asyncpg gets it passed explicitly. Without it,
+  both read the passfile.
 * Each migration runs in its own transaction (``transaction_per_migration=True``) because
   revisions use ``autocommit_block()`` (CREATE INDEX CONCURRENTLY, batched backfills), which
   commits the transaction in progress: with one transaction for the whole run, an earlier
