@@ -154,6 +154,13 @@ def _migrate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     register(sub)
 
 
+@command
+def _run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from deployments.migrate_cli import register_run
+
+    register_run(sub)
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 
 
@@ -167,8 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from deployments.apiurl import find_api, quiet_prefect_at_exit
+
+    quiet_prefect_at_exit()
     try:
-        return int(args.func(args))
+        with find_api() as found:
+            if isinstance(found, int):
+                return found
+            return int(args.func(args))
     except DbopsError as exc:
         print(f"dbops: {exc}", file=sys.stderr)
         return 1
