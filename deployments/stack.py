@@ -203,7 +203,7 @@ class Stack:
         for db in ("imagemanager", "imagemanager_staging"):
             if not cluster.sql("SELECT 1 FROM pg_database WHERE datname = %s", params=(db,)):
                 cluster.create_database(db)
-            alembic_upgrade(cluster.host, cluster.port, cluster.superuser, cluster.password, db)
+            alembic_upgrade(cluster.host, cluster.port, cluster.superuser, cluster.password, db, quiet=True)
             if cluster.sql("SELECT count(*) FROM data_instances", dbname=db)[0][0] == 0:
                 log(f"generating sample data in {db} ({DEMO_IMAGES} images)")
                 generate(cluster.conninfo(db), images=DEMO_IMAGES, seed=0)

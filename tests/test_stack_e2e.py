@@ -42,14 +42,18 @@ STARTUP_TIMEOUT = 600
 @dataclass
 class RunningStack:
     state: Path
-    proc: subprocess.Popen[str]
-    tee: subprocess.Popen[str]
+    proc: subprocess.Popen[str]  # the shell running `stack 2>&1 | tee run.log`, leader of their group
     api_url: str = ""
     lines: list[str] = field(default_factory=list)
 
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+    @property
+    def pid(self) -> int | None:
+        """The stack's own pid (its pid file); the shell and the tee are its neighbours in the group."""
+        return stackstate.live_pid(self.state, "stack")
 
 
 def stack_env() -> dict[str, str]:
@@ -79,8 +83,15 @@ def stack() -> Iterator[RunningStack]:
     # Not under pytest's tmp root: every pytest session resets that to 0700, and the sandbox's postgres
     # user must keep reaching the WAL archive in the state folder while the stack runs.
     state = Path(tempfile.mkdtemp(prefix="dbops-stack-"))
+    # `make run 2>&1 | tee run.log`, as a user pipes it: stack and tee in one process group, so Ctrl-C
+    # reaches (and kills) the tee too. The shell exits with the stack's own exit code.
+    pipeline = (  # `trap :` so the shell itself outlives the Ctrl-C and reports the stack's exit code
+        f"trap : INT; {shlex.quote(sys.executable)} -m deployments.stack "
+        f"--state {shlex.quote(str(state))} 2>&1 "
+        f"| tee {shlex.quote(str(state / 'run.log'))}; exit ${{PIPESTATUS[0]}}"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.stack", "--state", str(state)],
+        ["bash", "-c", pipeline],
         cwd=ROOT,
         env=stack_env(),
         stdout=subprocess.PIPE,
@@ -88,19 +99,9 @@ def stack() -> Iterator[RunningStack]:
         text=True,
         start_new_session=True,
     )
-    # `make run 2>&1 | tee run.log`: the tee is in the stack's process group, so Ctrl-C kills it too.
-    tee = subprocess.Popen(
-        ["tee", str(state / "run.log")],
-        stdin=proc.stdout,
-        stdout=subprocess.PIPE,
-        text=True,
-        process_group=proc.pid,
-    )
-    assert proc.stdout is not None
-    proc.stdout.close()  # only the tee reads the stack's output now
-    running = RunningStack(state=state, proc=proc, tee=tee)
+    running = RunningStack(state=state, proc=proc)
     up = threading.Event()
-    reader = threading.Thread(target=follow, args=(tee, running.lines, "Serving; press Ctrl-C", up))
+    reader = threading.Thread(target=follow, args=(proc, running.lines, "Serving; press Ctrl-C", up))
     reader.start()
     try:
         if not up.wait(STARTUP_TIMEOUT) or proc.poll() is not None:
@@ -117,15 +118,12 @@ def stack() -> Iterator[RunningStack]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        tee.kill()
-        tee.wait()
         reader.join(timeout=30)
-        for name in ("prefect-worker", "prefect-server"):  # whatever a failed test left running
+        for name in ("stack", "prefect-worker", "prefect-server"):  # whatever a failed test left running
             pid = stackstate.live_pid(state, name)
             if pid is not None:
                 stackstate.stop_pid(pid)
-        cluster = Path(state / "pg" / "cluster" / "data")
-        if (cluster / "postmaster.pid").exists():
+        if (state / "pg" / "cluster" / "data" / "postmaster.pid").exists():
             from deployments.sandbox import PgCluster
 
             PgCluster(base_dir=state / "pg" / "cluster", port=0).stop("immediate")
@@ -224,7 +222,11 @@ def wait_final(client: Any, runs: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 def banner_commands(output: str) -> list[list[str]]:
     """The `uv run dbops ...` lines the banner offers for a second shell, as argv after `dbops`."""
-    return [shlex.split(line.strip())[3:] for line in output.splitlines() if "uv run dbops " in line]
+    return [
+        shlex.split(line.split("uv run dbops ", 1)[1])
+        for line in output.splitlines()
+        if "uv run dbops " in line
+    ]
 
 
 def second_shell(stack: RunningStack, argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -292,8 +294,9 @@ def test_a_second_make_run_on_a_served_state_is_refused(stack: RunningStack) -> 
         timeout=120,
     )
     assert second.returncode == 1
-    assert f"another `make run` (pid {stack.proc.pid}) is serving {stack.state}" in second.stderr
-    assert stack.proc.poll() is None and stackstate.live_pid(stack.state, "stack") == stack.proc.pid
+    pid = stack.pid
+    assert pid is not None and f"another `make run` (pid {pid}) is serving {stack.state}" in second.stderr
+    assert stack.proc.poll() is None and stack.pid == pid
 
 
 def started_pids(state: Path) -> dict[str, int]:
@@ -324,9 +327,10 @@ def test_ctrl_c_under_tee_stops_everything(stack: RunningStack) -> None:
     # the second must not cut the shutdown short and leave the server or the cluster running.
     os.killpg(stack.proc.pid, signal.SIGINT)
     os.killpg(stack.proc.pid, signal.SIGINT)
-    assert stack.tee.wait(timeout=60) != 0  # the reader died of the Ctrl-C
     assert stack.proc.wait(timeout=120) == 0, (stack.state / "logs" / "stack.log").read_text()[-4000:]
     assert_all_stopped(stack.state, pids, since)
+    # The scenario really had a dead reader: the tee's copy ends before the shutdown's last lines.
+    assert "stopped the sandbox PostgreSQL" not in (stack.state / "run.log").read_text()
 
 
 def test_a_killed_run_leaves_orphans_the_next_run_adopts_on_the_same_port(stack: RunningStack) -> None:
