@@ -2,12 +2,14 @@
 
     dbops setup [--config FILE] [--notify SLUG]       blocks, work pool, limits, variables, automation
     dbops deploy [--file prefect.yaml]                check prefect.yaml against the server, then deploy
-    dbops migrate --deployment NAME [--param k=v ...] --wait [--timeout S]
+    dbops migrate --deployment NAME [--param k=v ...] --wait [--timeout S] [--verbose]
+    dbops run DEPLOYMENT [--param k=v ...] --wait [--timeout S] [--verbose]
     dbops backups list [--database NAME] [--storage SLUG] [--prefix P] [--json]
 
 Each command group registers itself in COMMANDS with a function that adds its subparser; the parsed
 arguments carry the handler in `func`, which returns the exit code. `dbops setup` and
-`dbops migrate --wait` plug in the same way.
+`dbops migrate --wait` plug in the same way. Before any command runs, `main` settles which Prefect server
+it talks to (PREFECT_API_URL, else the local stack's; deployments/apiurl.py) and says so on stderr.
 """
 
 from __future__ import annotations

@@ -8,8 +8,12 @@
     4. `dbops setup` (blocks, work pool, concurrency limits), then `prefect deploy --all` from prefect.yaml
     5. a process worker on the `dbops` pool
     6. one nightly dump and one WAL archive check, triggered at once and followed to the end
-Then it prints the UI address, what ran and where the backup landed, and keeps serving until Ctrl-C
-(`--once` stops right away, for CI). Everything lives in one state folder, reused by the next run.
+Then it prints the UI address, what ran and where the backup landed, the storage, and commands for a second
+shell, and keeps serving until Ctrl-C, SIGTERM or SIGHUP (`--once` stops right away, for CI). Everything
+lives in one state folder, reused by the next run; `<state>/run/` records the pids of what it started and
+the server's URL (deployments/stackstate.py), so the next start adopts or stops what a killed run left
+behind and `dbops` in a second shell finds the server. Every line also goes to `<state>/logs/stack.log`,
+and the shutdown completes even when the terminal (or the `tee` it was piped into) is gone.
 """
 
 from __future__ import annotations
