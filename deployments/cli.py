@@ -2,12 +2,14 @@
 
     dbops setup [--config FILE] [--notify SLUG]       blocks, work pool, limits, variables, automation
     dbops deploy [--file prefect.yaml]                check prefect.yaml against the server, then deploy
-    dbops migrate --deployment NAME [--param k=v ...] --wait [--timeout S]
+    dbops migrate --deployment NAME [--param k=v ...] --wait [--timeout S] [--verbose]
+    dbops run DEPLOYMENT [--param k=v ...] --wait [--timeout S] [--verbose]
     dbops backups list [--database NAME] [--storage SLUG] [--prefix P] [--json]
 
 Each command group registers itself in COMMANDS with a function that adds its subparser; the parsed
 arguments carry the handler in `func`, which returns the exit code. `dbops setup` and
-`dbops migrate --wait` plug in the same way.
+`dbops migrate --wait` plug in the same way. Before any command runs, `main` settles which Prefect server
+it talks to (PREFECT_API_URL, else the local stack's; deployments/apiurl.py) and says so on stderr.
 """
 
 from __future__ import annotations
@@ -154,6 +156,13 @@ def _migrate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     register(sub)
 
 
+@command
+def _run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from deployments.migrate_cli import register_run
+
+    register_run(sub)
+
+
 # -- entry point -------------------------------------------------------------------------------------------
 
 
@@ -167,8 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from deployments.apiurl import find_api, quiet_prefect_at_exit
+
+    quiet_prefect_at_exit()
     try:
-        return int(args.func(args))
+        with find_api() as found:
+            if isinstance(found, int):
+                return found
+            return int(args.func(args))
     except DbopsError as exc:
         print(f"dbops: {exc}", file=sys.stderr)
         return 1

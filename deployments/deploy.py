@@ -112,7 +112,9 @@ def prefect_bin() -> str:
     return str(candidate) if candidate.exists() else "prefect"
 
 
-def deploy(path: Path = ROOT / "prefect.yaml", out: Any = print) -> int:
+def deploy(path: Path = ROOT / "prefect.yaml", out: Any = print, capture: Path | None = None) -> int:
+    """Check, then `prefect deploy --all`; with `capture`, its output goes to that file instead of the
+    terminal (the local stack keeps its banner its own)."""
     problems = check_deployments(path)
     if problems:
         for problem in problems:
@@ -122,4 +124,7 @@ def deploy(path: Path = ROOT / "prefect.yaml", out: Any = print) -> int:
     argv = [prefect_bin(), "--no-prompt", "deploy", "--all"]
     if path.resolve() != (ROOT / "prefect.yaml").resolve():
         argv += ["--prefect-file", str(path)]
-    return subprocess.run(argv, cwd=ROOT, check=False).returncode
+    if capture is None:
+        return subprocess.run(argv, cwd=ROOT, check=False).returncode
+    with capture.open("ab") as sink:
+        return subprocess.run(argv, cwd=ROOT, check=False, stdout=sink, stderr=subprocess.STDOUT).returncode

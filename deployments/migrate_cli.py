@@ -14,9 +14,22 @@ import argparse
 import os
 import sys
 
-from deployments.trigger import EXIT_FAILED, parse_params, trigger_and_wait
+from deployments.trigger import (
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    parse_params,
+    trigger_and_wait,
+)
 
 DEFAULT_DEPLOYMENT = "migrate/migrate"
+EXIT_MEANING = {
+    EXIT_COMPLETED: "Completed",
+    EXIT_FAILED: "the run did not complete",
+    EXIT_TIMEOUT: "still running at --timeout",
+    EXIT_UNREACHABLE: "Prefect API unreachable",
+}
 
 
 def run_migrate(args: argparse.Namespace) -> int:
@@ -31,21 +44,26 @@ def run_migrate(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     from prefect.exceptions import PrefectHTTPStatusError
 
+    deployment = args.deployment if "/" in args.deployment else f"{args.deployment}/{args.deployment}"
     try:
-        return trigger_and_wait(
-            args.deployment,
+        code = trigger_and_wait(
+            deployment,
             parameters,
             wait=args.wait,
             timeout=args.timeout,
             poll_interval=args.poll_interval,
             tags=("trigger:api", *args.tag),
+            verbose=getattr(args, "verbose", False),
         )
+        if args.wait:
+            print(f"exit code {code} ({EXIT_MEANING.get(code, 'unknown')})")
+        return code
     except PrefectHTTPStatusError as exc:  # e.g. 409: the server refused the parameters; nothing started
         try:
             detail = exc.response.json().get("detail", "")
         except ValueError:
             detail = exc.response.text[:300]
-        print(f"dbops migrate: the Prefect API refused to start {args.deployment}: {detail}", file=sys.stderr)
+        print(f"dbops: the Prefect API refused to start {deployment}: {detail}", file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -75,6 +93,31 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument(
         "--timeout", type=float, default=None, help="seconds to wait with --wait (default: no limit)"
     )
+    add_wait_options(parser)
+    parser.set_defaults(func=run_migrate)
+
+
+def add_wait_options(parser: argparse.ArgumentParser) -> None:
+    """--param, --wait, --timeout, --tag, --verbose: shared by `dbops migrate` and `dbops run`."""
     parser.add_argument("--tag", action="append", default=[], help="extra flow run tag, repeatable")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the run's log messages in full, tracebacks included"
+    )
     parser.add_argument("--poll-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+
+
+def register_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`dbops run DEPLOYMENT`: start any deployment (e.g. a dump now) the way `dbops migrate` does."""
+    parser = sub.add_parser(
+        "run",
+        help="start a deployment (e.g. nightly-dump) and, with --wait, exit 0 only when it Completed",
+        description="Start a deployment through the Prefect API; the exit codes are those of dbops migrate.",
+    )
+    parser.add_argument("deployment", help="FLOW/DEPLOYMENT, or DEPLOYMENT when both names are the same")
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="flow parameter, repeatable"
+    )
+    parser.add_argument("--wait", action="store_true", help="follow the run to its final state")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
+    add_wait_options(parser)
     parser.set_defaults(func=run_migrate)

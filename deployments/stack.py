@@ -8,8 +8,12 @@
     4. `dbops setup` (blocks, work pool, concurrency limits), then `prefect deploy --all` from prefect.yaml
     5. a process worker on the `dbops` pool
     6. one nightly dump and one WAL archive check, triggered at once and followed to the end
-Then it prints the UI address, what ran and where the backup landed, and keeps serving until Ctrl-C
-(`--once` stops right away, for CI). Everything lives in one state folder, reused by the next run.
+Then it prints the UI address, what ran and where the backup landed, the storage, and commands for a second
+shell, and keeps serving until Ctrl-C, SIGTERM or SIGHUP (`--once` stops right away, for CI). Everything
+lives in one state folder, reused by the next run; `<state>/run/` records the pids of what it started and
+the server's URL (deployments/stackstate.py), so the next start adopts or stops what a killed run left
+behind and `dbops` in a second shell finds the server. Every line also goes to `<state>/logs/stack.log`,
+and the shutdown completes even when the terminal (or the `tee` it was piped into) is gone.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from deployments import stackstate
 from deployments.deploy import prefect_bin
 from flows.core.errors import DbopsError
 
@@ -33,20 +38,69 @@ DEFAULT_STATE = ROOT / ".state"
 PROD_BLOCK = "imagemanager-prod"
 STAGING_BLOCK = "imagemanager-staging"
 SCRATCH_BLOCK = "imagemanager-scratch"
+# The `restore` deployment's default target: a database that does not exist until the first restore
+# creates it (mode=create), on the staging server, so the deployment completes with its defaults.
+RESTORED_BLOCK = "imagemanager-restored"
+RESTORED_DATABASE = "imagemanager_restored"
 STORAGE_BLOCK = "imagemanager-backups"
 
 
+_STACK_LOG: list[Path] = []  # <state>/logs/stack.log once the state folder is known
+_BROKEN: set[int] = set()  # file descriptors whose reader went away
+
+
+def say(text: str, err: bool = False) -> None:
+    """Print a line to the terminal and to <state>/logs/stack.log.
+
+    Writing to the terminal may fail: `make run 2>&1 | tee run.log` loses its `tee` to the same Ctrl-C
+    that starts the shutdown, and every later write to the pipe raises BrokenPipeError. The shutdown must
+    go on regardless, so a failed write points that descriptor at /dev/null and the line still reaches
+    stack.log."""
+    for path in _STACK_LOG:
+        try:
+            with path.open("a") as f:
+                f.write(text + "\n")
+        except OSError:
+            pass
+    stream = sys.stderr if err else sys.stdout
+    fd = 2 if err else 1
+    if fd in _BROKEN:
+        return
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        _BROKEN.add(fd)
+        _silence(fd)
+
+
+def _silence(fd: int) -> None:
+    """Point a dead stdout/stderr at /dev/null, so later writes (ours, a library's, the interpreter's
+    flush at exit) cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    replacement = open(os.devnull, "w")  # noqa: SIM115 - replaces sys.stdout/stderr for the process's life
+    if fd == 1:
+        sys.stdout = replacement
+    else:
+        sys.stderr = replacement
+
+
 def log(msg: str) -> None:
-    print(f"== {msg}", flush=True)
+    say(f"== {msg}")
 
 
 class Stack:
     def __init__(self, state: Path, port: int | None = None) -> None:
         self.state = state.resolve()
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.adopted: list[tuple[str, int]] = []  # leftovers of an earlier run, not our children
+        self.notes: list[str] = []  # what happened to leftovers and the port, for the banner
         self.cluster: Any = None
         self.port = port
         self.storage_slug = ""
+        self.prefix = "prod"
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(self.state / "prefect"),
@@ -62,17 +116,29 @@ class Stack:
             return os.environ["PREFECT_API_URL"]
         from deployments.sandbox import free_port
 
-        port_file = self.state / "prefect" / "port"
-        port_file.parent.mkdir(parents=True, exist_ok=True)
-        port = self.port or (int(port_file.read_text()) if port_file.exists() else 4200)
-        if not _port_free(port):
-            port = free_port()
-        port_file.write_text(str(port))
-        url = f"http://127.0.0.1:{port}/api"
-        log(f"starting a local Prefect server on {url} (SQLite in {self.state / 'prefect'})")
-        argv = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-        self._spawn("prefect server", argv)
-        _wait_http(f"{url}/health", timeout=180, what="the Prefect server", procs=self.procs)
+        adopted = [pid for name, pid in self.adopted if name == "prefect server"]
+        url = stackstate.recorded_api_url(self.state) or ""
+        if adopted:
+            log(f"using the Prefect server left running by an earlier run on {url} (pid {adopted[0]})")
+        else:
+            port_file = self.state / "prefect" / "port"
+            port_file.parent.mkdir(parents=True, exist_ok=True)
+            wanted = self.port or (int(port_file.read_text()) if port_file.exists() else 4200)
+            port = wanted
+            if not _port_free(port):
+                port = free_port()
+                self.notes.append(
+                    f"port {wanted} is held by another program, so the Prefect server listens on {port}"
+                )
+                log(self.notes[-1])
+            port_file.write_text(str(port))
+            url = f"http://127.0.0.1:{port}/api"
+            log(f"starting a local Prefect server on {url} (SQLite in {self.state / 'prefect'})")
+            argv = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+            proc = self._spawn("prefect server", argv)
+            stackstate.write_pid(self.state, "prefect-server", proc.pid)
+            stackstate.write_api_url(self.state, url)
+            _wait_http(f"{url}/health", timeout=180, what="the Prefect server", procs=self.procs)
         self.env["PREFECT_API_URL"] = url
         os.environ["PREFECT_API_URL"] = url
         os.environ["PREFECT_HOME"] = self.env["PREFECT_HOME"]
@@ -109,6 +175,7 @@ class Stack:
                 "staging": staging,
                 # restore drills create and drop their scratch databases on the staging server
                 "scratch": urlunsplit(urlsplit(staging)._replace(path="/postgres")),
+                "restored": urlunsplit(urlsplit(staging)._replace(path=f"/{RESTORED_DATABASE}")),
                 "archive": os.environ["DBOPS_WAL_ARCHIVE_DIR"],
             }
         archive = self.state / "wal_archive"
@@ -124,7 +191,14 @@ class Stack:
             "archive_timeout": "60",
         }
         log(f"sandbox PostgreSQL in {self.state / 'pg'} (WAL archive in {archive})")
+        before = _postmaster_pid(self.state / "pg")
         cluster = persistent_cluster(self.state / "pg", settings=settings)
+        if before is not None and before == _postmaster_pid(self.state / "pg"):
+            self.notes.append(
+                "adopted the sandbox PostgreSQL an earlier run left running "
+                f"(pid {before}, port {cluster.port})"
+            )
+            log(self.notes[-1])
         if cluster.sql("SHOW archive_mode")[0][0] != "on":
             command = settings["archive_command"][1:-1]
             cluster.set(wal_level="replica", archive_mode="on", archive_command=command)
@@ -133,7 +207,7 @@ class Stack:
         for db in ("imagemanager", "imagemanager_staging"):
             if not cluster.sql("SELECT 1 FROM pg_database WHERE datname = %s", params=(db,)):
                 cluster.create_database(db)
-            alembic_upgrade(cluster.host, cluster.port, cluster.superuser, cluster.password, db)
+            alembic_upgrade(cluster.host, cluster.port, cluster.superuser, cluster.password, db, quiet=True)
             if cluster.sql("SELECT count(*) FROM data_instances", dbname=db)[0][0] == 0:
                 log(f"generating sample data in {db} ({DEMO_IMAGES} images)")
                 generate(cluster.conninfo(db), images=DEMO_IMAGES, seed=0)
@@ -143,6 +217,7 @@ class Stack:
             "prod": f"{base}/imagemanager",
             "staging": f"{base}/imagemanager_staging",
             "scratch": f"{base}/postgres",
+            "restored": f"{base}/{RESTORED_DATABASE}",
             "archive": str(archive),
         }
 
@@ -173,6 +248,8 @@ class Stack:
             databases[STAGING_BLOCK] = DatabaseConfig(url=urls["staging"], password_env=password_env)
         if urls.get("scratch"):
             databases[SCRATCH_BLOCK] = DatabaseConfig(url=urls["scratch"], password_env=password_env)
+        if urls.get("restored"):
+            databases[RESTORED_BLOCK] = DatabaseConfig(url=urls["restored"], password_env=password_env)
         variables: dict[str, object] = {"dbops_storage": storage_slug}
         if urls.get("archive"):
             variables["dbops_wal_archive"] = {"directory": urls["archive"]}
@@ -184,19 +261,32 @@ class Stack:
         )
         log("dbops setup")
         report = run_setup(config)
-        print(report.render(), flush=True)
+        say(report.render())
         self.storage_slug = storage_slug
 
     def deploy(self) -> None:
         from deployments.deploy import deploy
 
         log("dbops deploy: check prefect.yaml, then prefect deploy --all")
-        if deploy() != 0:
-            raise RuntimeError("deploying prefect.yaml failed; see above")
+        # prefect deploy's own output (its advice to start a worker, once per deployment) goes to a log:
+        # the stack starts the worker itself. On failure the log's tail is shown.
+        deploy_log = self.state / "logs" / "prefect-deploy.log"
+        deploy_log.parent.mkdir(parents=True, exist_ok=True)
+        if deploy(out=say, capture=deploy_log) != 0:
+            tail = deploy_log.read_text(errors="replace").splitlines()[-30:]
+            say("\n".join(tail), err=True)
+            raise RuntimeError(f"deploying prefect.yaml failed; the output is in {deploy_log}")
+        import yaml
+
+        names = [d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]]
+        log(f"deployed {len(names)} deployments: {', '.join(names)}")
 
     def start_worker(self) -> None:
         log("starting a process worker on the dbops pool")
-        self._spawn("prefect worker", ["prefect", "worker", "start", "--pool", "dbops", "--type", "process"])
+        proc = self._spawn(
+            "prefect worker", ["prefect", "worker", "start", "--pool", "dbops", "--type", "process"]
+        )
+        stackstate.write_pid(self.state, "prefect-worker", proc.pid)
 
     def run_first_jobs(self) -> int:
         from deployments.trigger import trigger_and_wait
@@ -206,41 +296,119 @@ class Stack:
             log(f"running {deployment}")
             # On a fresh sandbox nothing may be archived yet: the active probe switches WAL and waits.
             parameters = {"active": True} if deployment.startswith("wal") else None
-            code = trigger_and_wait(deployment, parameters, timeout=900, tags=("trigger:make-run",))
+            label = deployment.split("/")[0]
+            code = trigger_and_wait(
+                deployment,
+                parameters,
+                timeout=900,
+                tags=("trigger:make-run",),
+                out=lambda line, label=label: say(f"   {label} | {line.strip()}"),
+            )
             worst = max(worst, code)
         return worst
 
+    def take_over_leftovers(self) -> None:
+        """Before anything starts: one `make run` per state folder, and what an earlier one left running
+        (killed with SIGKILL, or its shutdown cut short) is adopted when it still works, stopped otherwise.
+        Never two Prefect servers on one SQLite state."""
+        other = stackstate.live_pid(self.state, "stack")
+        if other is not None and other != os.getpid():
+            raise RuntimeError(
+                f"another `make run` (pid {other}) is serving {self.state}; use that one, stop it first "
+                f"(Ctrl-C in its terminal, or kill {other}), or set DBOPS_STATE_DIR to another folder"
+            )
+        stackstate.write_pid(self.state, "stack", os.getpid())
+        if os.environ.get("PREFECT_API_URL"):
+            return
+        server = stackstate.live_pid(self.state, "prefect-server")
+        url = stackstate.recorded_api_url(self.state)
+        if server is not None:
+            if url and _answers(f"{url}/health"):
+                self.adopted.append(("prefect server", server))
+                self.notes.append(f"adopted the Prefect server an earlier run left running (pid {server})")
+            else:
+                stackstate.stop_pid(server)
+                self.notes.append(f"stopped a Prefect server an earlier run left behind (pid {server})")
+            log(self.notes[-1])
+        worker = stackstate.live_pid(self.state, "prefect-worker")
+        if worker is not None:
+            # A new worker is started below with this run's settings; the old one must not compete.
+            stackstate.stop_pid(worker)
+            self.notes.append(f"stopped a process worker an earlier run left behind (pid {worker})")
+            log(self.notes[-1])
+
     def stop(self) -> None:
-        for name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            log(f"stopped {name}")
+        """Stop everything this run started or adopted, in reverse order. Each step is guarded: one that
+        fails (or a terminal that went away) must not leave the ones after it running."""
+        units: list[tuple[str, subprocess.Popen[bytes] | int]] = [*self.adopted, *self.procs]
+        for name, proc in reversed(units):
+            try:
+                if isinstance(proc, int):
+                    stackstate.stop_pid(proc)
+                elif proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGINT)
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                stackstate.forget(self.state, name.replace(" ", "-"))
+                log(f"stopped {name}")
+            except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+                say(
+                    f"make run: stopping {name} failed ({exc}); check with `ps` and stop it by hand", err=True
+                )
         if self.cluster is not None:
-            self.cluster.stop()
-            log("stopped the sandbox PostgreSQL")
+            try:
+                self.cluster.stop()
+                log("stopped the sandbox PostgreSQL")
+            except Exception as exc:  # noqa: BLE001
+                say(
+                    f"make run: stopping the sandbox PostgreSQL failed ({exc}); run pg_ctl stop -D "
+                    f"{self.cluster.data_dir}",
+                    err=True,
+                )
+        if stackstate.live_pid(self.state, "stack") == os.getpid():
+            stackstate.forget(self.state, "stack")
 
 
 def _interrupt(signum: int, frame: object) -> None:
     # Only the first signal counts; the ones after it must not interrupt the shutdown it starts.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def _postmaster_pid(pg: Path) -> int | None:
+    """The sandbox server's pid while it runs (first line of postmaster.pid), else None."""
+    try:
+        pid = int((pg / "cluster" / "data" / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    return pid if stackstate.alive(pid) else None
 
 
 def _port_free(port: int) -> bool:
     import socket
 
     with socket.socket() as s:
+        # SO_REUSEADDR as the server (uvicorn) binds: connections of the previous run in TIME-WAIT on
+        # this port do not keep it from binding, only a program listening on it does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
         except OSError:
             return False
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5).read()
+        return True
+    except OSError:
+        return False
 
 
 def _wait_http(url: str, timeout: float, what: str, procs: list) -> None:
@@ -279,6 +447,34 @@ def check_environment(environ: dict[str, str] | os._Environ[str] = os.environ) -
             )
 
 
+def banner(stack: Stack, url: str, code: int, latest: str) -> str:
+    """What a person needs next: where the UI is, what ran, and commands for a second terminal."""
+    ui = url.removesuffix("/api")
+    env_lines = [f"export PREFECT_API_URL={url}"]
+    if stack.state != (ROOT / ".state").resolve():
+        env_lines.append(f"export DBOPS_STATE_DIR={stack.state}")
+    commands = [
+        f"uv run dbops backups list --storage {stack.storage_slug} --prefix {stack.prefix}",
+        "uv run dbops run nightly-dump --wait",
+        "uv run dbops migrate --wait",
+    ]
+    pad = "\n" + " " * 18
+    return f"""
+== dbops is up
+   Prefect UI     {ui}
+   ran            nightly-dump and wal-archive-check ({"all completed" if code == 0 else "see above"})
+   latest backup  {latest}
+   storage        {stack.storage_slug}, prefix {stack.prefix}
+   state folder   {stack.state}   (a second `make run` reuses it; `make clean` removes it)
+   leftovers      {"; ".join(stack.notes) if stack.notes else "none: everything was started by this run"}
+   schedules      nightly-dump 02:00, wal-archive-check every 15 min, weekly-reindex Sun 03:00,
+                  restore-drill Sun 05:00 (UTC); migrate runs only when triggered
+   second shell   `dbops` finds this server by itself; `prefect` commands need:
+                  {pad.join(env_lines)}
+   try            {pad.join(commands)}
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make run", description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="stop after the first jobs (CI)")
@@ -290,11 +486,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "3")
     # SIGTERM (systemd, docker stop, a CI timeout) shuts down as cleanly as Ctrl-C. SIGINT is set too: a
     # shell starts background jobs (`make run &`) with SIGINT ignored, and Ctrl-C must still stop it all.
+    # SIGHUP (the terminal closed) as well, unless it is ignored on purpose (`nohup make run`).
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _interrupt)
     stack = Stack(args.state)
+    (stack.state / "logs").mkdir(parents=True, exist_ok=True)
+    _STACK_LOG[:] = [stack.state / "logs" / "stack.log"]
     code = 1
     try:
+        stack.take_over_leftovers()
         url = stack.start_prefect()
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -305,33 +507,22 @@ def main(argv: list[str] | None = None) -> int:
             stack.start_worker()
             code = stack.run_first_jobs()
             latest = latest_backup_line(stack.storage_slug)
-        ui = url.removesuffix("/api")
-        print(
-            f"""
-== dbops is up
-   Prefect UI     {ui}
-   ran            nightly-dump and wal-archive-check ({'all completed' if code == 0 else 'see above'})
-   latest backup  {latest}
-   state folder   {stack.state}   (a second `make run` reuses it; `make clean` removes it)
-   schedules      nightly-dump 02:00, wal-archive-check every 15 min, weekly-reindex Sun 03:00,
-                  restore-drill Sun 05:00 (UTC); migrate runs only when triggered
-""",
-            flush=True,
-        )
+        say(banner(stack, url, code, latest))
         if not args.once:
-            print("Serving; press Ctrl-C to stop.", flush=True)
+            say("Serving; press Ctrl-C to stop.")
             while True:
                 signal.pause()
     except KeyboardInterrupt:
         log("stopping (Ctrl-C or SIGTERM)")
     except (RuntimeError, DbopsError) as exc:
-        print(f"make run: {exc}", file=sys.stderr, flush=True)
+        say(f"make run: {exc}", err=True)
         code = 1
     finally:
         # Ctrl-C in a terminal reaches make, uv and us, and uv forwards its own copy: a second SIGINT (or an
         # impatient one) must not cut the shutdown short and leave the server or the cluster running.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         stack.stop()
     return code
 

@@ -9,6 +9,7 @@ logs, and turn the final state into an exit code a pipeline can gate on.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +35,37 @@ def parse_params(pairs: Iterable[str]) -> dict[str, Any]:
     return params
 
 
+def brief_log(message: str) -> str:
+    """One line for a log message: a traceback becomes its first line and the exception it ended with
+    (`--verbose` prints the whole of it)."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if len(lines) == 1:
+        return lines[0]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        head = lines[0].rstrip(": ")
+        return f"{head}: {lines[-1].strip()}" if head != lines[-1] else head
+    return " ".join(line.strip() for line in lines)
+
+
+_WRAPPED = re.compile(r"^(Flow run|Task run) encountered an exception: [\w.]+: ")
+
+
+def final_sentence(message: str | None) -> str:
+    """The run's own sentence, without Prefect's 'Flow run encountered an exception: XError:' wrapper."""
+    return _WRAPPED.sub("", (message or "").strip())
+
+
+def flow_run_url(flow_run_id: object) -> str:
+    """The run's page in the Prefect UI (PREFECT_UI_URL, or the API URL without /api)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    ui = settings.ui_url or str(settings.api.url or "").removesuffix("/api")
+    return f"{ui}/runs/flow-run/{flow_run_id}"
+
+
 def trigger_and_wait(
     deployment: str,
     parameters: dict[str, Any] | None = None,
@@ -43,8 +75,11 @@ def trigger_and_wait(
     poll_interval: float = 2.0,
     out: Callable[[str], None] = print,
     tags: Iterable[str] = ("trigger:api",),
+    verbose: bool = False,
 ) -> int:
-    """Start `flow-name/deployment-name` and, with `wait`, follow it to a final state."""
+    """Start `flow-name/deployment-name` and, with `wait`, follow it to a final state. The run's log lines
+    are printed one line each (tracebacks folded to their last line unless `verbose`); at the end, the
+    run's final sentence and its page in the UI."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
@@ -92,7 +127,9 @@ def trigger_and_wait(
                 sort=LogSort.TIMESTAMP_ASC,
             )
             for log in logs:
-                out(f"  {log.timestamp:%H:%M:%S} {log.message}")
+                text = log.message if verbose else brief_log(log.message)
+                if text:
+                    out(f"  {log.timestamp:%H:%M:%S} {text}")
             seen += len(logs)
             return len(logs)
 
@@ -106,13 +143,16 @@ def trigger_and_wait(
                     time.sleep(poll_interval)
                     if not print_new_logs():
                         break
-                message = f": {state.message}" if state.message else ""
+                sentence = state.message if verbose else final_sentence(state.message)
+                message = f": {sentence}" if sentence else ""
                 out(f"flow run {run.name} ended {state.name}{message}")
+                out(f"run page: {flow_run_url(run.id)}")
                 return EXIT_COMPLETED if state.is_completed() else EXIT_FAILED
             if deadline is not None and time.monotonic() > deadline:
                 out(
                     f"flow run {run.name} is still {state.name if state else 'pending'} "
-                    f"after {timeout:.0f} s; it was not cancelled, follow it in the Prefect UI"
+                    f"after {timeout:.0f} s; it was not cancelled, follow it in the Prefect UI: "
+                    f"{flow_run_url(run.id)}"
                 )
                 return EXIT_TIMEOUT
             time.sleep(poll_interval)

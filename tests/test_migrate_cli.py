@@ -114,6 +114,9 @@ def test_exit_code_follows_the_final_state_of_the_run(
     else:
         assert code == 1, out
         assert "ended Failed" in out and "0099_not_in_the_tree" in out
+        # The run's sentence, its page and the exit code; the traceback only with --verbose.
+        assert "Traceback" not in out, out
+        assert "/runs/flow-run/" in out and out.rstrip().endswith("exit code 1 (the run did not complete)")
     assert box["state"].is_completed() == (outcome == "completed")
 
 

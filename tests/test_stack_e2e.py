@@ -3,15 +3,20 @@
 One real Prefect server, a process worker, the sandbox PostgreSQL with archiving, `dbops setup`, and
 `prefect deploy --all` from prefect.yaml, all started by `python -m deployments.stack` (what `make run`
 runs) in its own process. The tests then talk to that server over HTTP like a deploy pipeline would:
-every deployment is triggered through the API and must complete, the schedules the server stored must
-be the ones in prefect.yaml, and `dbops migrate --wait` must turn the run's final state into its exit
-code. Ctrl-C must stop everything, and a second run must reuse the state folder.
+every deployment is triggered through the API with its defaults only and must complete, the schedules
+the server stored must be the ones in prefect.yaml, the banner's second-shell commands must work as
+pasted (no PREFECT_API_URL), and `dbops migrate --wait` must turn the run's final state into its exit
+code in a few lines. The stack's output is piped through a real `tee` in its process group, as in
+`make run 2>&1 | tee run.log`: Ctrl-C kills the tee too, and the shutdown must still stop everything. A
+run killed with SIGKILL leaves orphans; the next run (stdout to a file, SIGHUP ignored, as under nohup,
+and stopped with SIGTERM as a service manager does) must adopt them, keep the port, and reuse the state.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,9 +27,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+
+from deployments import stackstate
+from tests.harness.pg import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 600
@@ -33,13 +42,18 @@ STARTUP_TIMEOUT = 600
 @dataclass
 class RunningStack:
     state: Path
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[str]  # the shell running `stack 2>&1 | tee run.log`, leader of their group
     api_url: str = ""
     lines: list[str] = field(default_factory=list)
 
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+    @property
+    def pid(self) -> int | None:
+        """The stack's own pid (its pid file); the shell and the tee are its neighbours in the group."""
+        return stackstate.live_pid(self.state, "stack")
 
 
 def stack_env() -> dict[str, str]:
@@ -69,8 +83,15 @@ def stack() -> Iterator[RunningStack]:
     # Not under pytest's tmp root: every pytest session resets that to 0700, and the sandbox's postgres
     # user must keep reaching the WAL archive in the state folder while the stack runs.
     state = Path(tempfile.mkdtemp(prefix="dbops-stack-"))
+    # `make run 2>&1 | tee run.log`, as a user pipes it: stack and tee in one process group, so Ctrl-C
+    # reaches (and kills) the tee too. The shell exits with the stack's own exit code.
+    pipeline = (  # `trap :` so the shell itself outlives the Ctrl-C and reports the stack's exit code
+        f"trap : INT; {shlex.quote(sys.executable)} -m deployments.stack "
+        f"--state {shlex.quote(str(state))} 2>&1 "
+        f"| tee {shlex.quote(str(state / 'run.log'))}; exit ${{PIPESTATUS[0]}}"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.stack", "--state", str(state)],
+        ["bash", "-c", pipeline],
         cwd=ROOT,
         env=stack_env(),
         stdout=subprocess.PIPE,
@@ -98,6 +119,14 @@ def stack() -> Iterator[RunningStack]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         reader.join(timeout=30)
+        for name in ("stack", "prefect-worker", "prefect-server"):  # whatever a failed test left running
+            pid = stackstate.live_pid(state, name)
+            if pid is not None:
+                stackstate.stop_pid(pid)
+        if (state / "pg" / "cluster" / "data" / "postmaster.pid").exists():
+            from deployments.sandbox import PgCluster
+
+            PgCluster(base_dir=state / "pg" / "cluster", port=0).stop("immediate")
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -120,6 +149,12 @@ def flow_name(entrypoint: str) -> str:
 def test_first_dump_and_wal_check_completed_and_the_backup_is_where_it_says(stack: RunningStack) -> None:
     out = stack.output
     assert "nightly-dump and wal-archive-check (all completed)" in out, out[-4000:]
+    # Every line is dbops's own: the runs' log lines say whose they are, and prefect deploy's advice to
+    # start a worker (the stack started one) stays in its log file.
+    assert "start a worker" not in out, out[-4000:]
+    for line in out.splitlines():
+        if "Finished in state" in line:
+            assert line.startswith(("   nightly-dump | ", "   wal-archive-check | ")), line
     match = re.search(r"latest backup\s+file://(\S+)", out)
     assert match, out[-4000:]
     dump = Path(match.group(1))
@@ -145,35 +180,81 @@ def test_the_server_holds_every_deployment_with_the_schedules_of_prefect_yaml(ap
     assert not [s for s in deployments_in_yaml() if s["name"] in ("migrate", "restore")][0].get("schedules")
 
 
-OTHER_DEPLOYMENTS = {
-    "weekly-reindex/weekly-reindex": {},
-    "restore-drill/restore-drill": {},
-    "list-backups/list-backups": {},
-    "restore/restore": {"mode": "replace"},
-    "migrate/migrate": {},
-}
-
-
-def test_each_other_deployment_completes_when_triggered_through_the_api(api: str) -> None:
-    """All started at once, as a busy Sunday morning would: the db:<name> limits queue them, none fails."""
+def test_each_other_deployment_completes_when_triggered_with_its_defaults(api: str) -> None:
+    """Every deployment of prefect.yaml the stack did not run yet, defaults only, all started at once as a
+    busy Sunday morning would: the db:<name> limits queue them, none fails. Then a second restore with
+    the defaults is refused (the first one's database exists), with the sentence saying what to do."""
     from prefect.client.orchestration import get_client
 
+    others = [
+        f"{flow_name(spec['entrypoint'])}/{spec['name']}"
+        for spec in deployments_in_yaml()
+        if spec["name"] not in ("nightly-dump", "wal-archive-check")
+    ]
+    assert "restore/restore" in others and len(others) >= 5
     with get_client(sync_client=True) as client:
-        runs = {}
-        for name, parameters in OTHER_DEPLOYMENTS.items():
-            deployment = client.read_deployment_by_name(name)
-            runs[name] = client.create_flow_run_from_deployment(
-                deployment.id, parameters=parameters, tags=["trigger:api"]
-            ).id
-        deadline = time.monotonic() + 600
-        final = {}
-        while len(final) < len(runs) and time.monotonic() < deadline:
-            for name, run_id in runs.items():
-                state = client.read_flow_run(run_id).state
-                if name not in final and state is not None and state.is_final():
-                    final[name] = (state.type.value, state.message)
-            time.sleep(0.5)  # polling the API for a state, not waiting for time to pass
-    assert {name: kind for name, (kind, _) in final.items()} == {name: "COMPLETED" for name in runs}, final
+        runs = {name: start(client, name) for name in others}
+        final = wait_final(client, runs)
+        assert {name: kind for name, (kind, _) in final.items()} == {name: "COMPLETED" for name in runs}, (
+            final
+        )
+        again = wait_final(client, {"restore/restore": start(client, "restore/restore")})
+    kind, message = again["restore/restore"]
+    assert kind == "FAILED" and "already exists" in message and "mode=replace" in message, message
+
+
+def start(client: Any, name: str) -> Any:
+    deployment = client.read_deployment_by_name(name)
+    return client.create_flow_run_from_deployment(deployment.id, parameters={}, tags=["trigger:api"]).id
+
+
+def wait_final(client: Any, runs: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    deadline = time.monotonic() + 600
+    final: dict[str, tuple[str, str]] = {}
+    while len(final) < len(runs) and time.monotonic() < deadline:
+        for name, run_id in runs.items():
+            state = client.read_flow_run(run_id).state
+            if name not in final and state is not None and state.is_final():
+                final[name] = (state.type.value, state.message or "")
+        time.sleep(0.5)  # polling the API for a state, not waiting for time to pass
+    return final
+
+
+def banner_commands(output: str) -> list[list[str]]:
+    """The `uv run dbops ...` lines the banner offers for a second shell, as argv after `dbops`."""
+    return [
+        shlex.split(line.split("uv run dbops ", 1)[1])
+        for line in output.splitlines()
+        if "uv run dbops " in line
+    ]
+
+
+def second_shell(stack: RunningStack, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """A new terminal: no PREFECT_API_URL; the banner's export of DBOPS_STATE_DIR (a non-default state)."""
+    exports = dict(re.findall(r"export (DBOPS_STATE_DIR)=(\S+)", stack.output))
+    assert exports.get("DBOPS_STATE_DIR") == str(stack.state), stack.output[-3000:]
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.cli", *argv],
+        cwd=ROOT,
+        env={**stack_env(), **exports},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_banners_commands_work_in_a_second_shell(stack: RunningStack) -> None:
+    commands = banner_commands(stack.output)
+    assert [c[:2] for c in commands] == [["backups", "list"], ["run", "nightly-dump"], ["migrate", "--wait"]]
+    assert f"export PREFECT_API_URL={stack.api_url}" in stack.output
+    listed = second_shell(stack, commands[0])
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert f"Prefect server {stack.api_url} (the local stack in {stack.state})" in listed.stderr
+    assert re.search(r"imagemanager: \d+ backup\(s\)", listed.stdout), listed.stdout
+    dump = second_shell(stack, commands[1])
+    assert dump.returncode == 0 and "exit code 0" in dump.stdout, dump.stdout + dump.stderr
+    for done in (listed, dump):
+        assert "Still processing items" not in done.stderr, done.stderr
 
 
 def dbops_migrate(api_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -188,37 +269,132 @@ def dbops_migrate(api_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_dbops_migrate_wait_exit_code_follows_the_run(api: str) -> None:
-    ok = dbops_migrate(api, "--wait", "--timeout", "500")
+def test_dbops_migrate_wait_exit_code_follows_the_run(stack: RunningStack, api: str) -> None:
+    ok = second_shell(stack, banner_commands(stack.output)[2])  # the banner's own migrate command
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    # A target the Alembic tree does not know fails the run, and the pipeline must not roll out.
+    # A target the Alembic tree does not know fails the run, and the pipeline must not roll out. What it
+    # prints is the run's sentence, its page and the exit code, not pages of tracebacks.
     bad = dbops_migrate(api, "--param", "target=ffffffffffff", "--wait", "--timeout", "500")
     assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+    assert re.search(r"ended Failed: .*ffffffffffff", bad.stdout), bad.stdout
+    assert f"run page: {api.removesuffix('/api')}/runs/flow-run/" in bad.stdout
+    assert bad.stdout.rstrip().endswith("exit code 1 (the run did not complete)"), bad.stdout
+    assert len((bad.stdout + bad.stderr).splitlines()) < 60, bad.stdout + bad.stderr
 
 
-def test_ctrl_c_stops_everything_and_a_second_run_reuses_the_state(stack: RunningStack) -> None:
-    # Twice, as a terminal delivers it through `make run` (to make, uv and the stack; uv forwards one too):
-    # the second must not cut the shutdown short and leave the server or the cluster running.
-    os.killpg(stack.proc.pid, signal.SIGINT)
-    os.killpg(stack.proc.pid, signal.SIGINT)
-    assert stack.proc.wait(timeout=120) == 0, stack.output[-4000:]
-    assert "stopped the sandbox PostgreSQL" in stack.output
-    # Every process the stack started was in its session; none may be left behind.
-    leftovers = subprocess.run(["pgrep", "-s", str(stack.proc.pid)], capture_output=True, text=True)
-    assert leftovers.stdout.strip() == "", leftovers.stdout
-
-    again = subprocess.run(
+def test_a_second_make_run_on_a_served_state_is_refused(stack: RunningStack) -> None:
+    """Never two Prefect servers on one SQLite state: the second start stops before it starts anything."""
+    second = subprocess.run(
         [sys.executable, "-m", "deployments.stack", "--once", "--state", str(stack.state)],
         cwd=ROOT,
         env=stack_env(),
         capture_output=True,
         text=True,
-        timeout=STARTUP_TIMEOUT,
+        timeout=120,
     )
-    assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-3000:]
-    assert "generating sample data" not in again.stdout  # the sandbox cluster and its data were reused
-    assert re.search(r"block postgres-database/imagemanager-prod\s+exists", again.stdout), again.stdout
-    assert "all completed" in again.stdout
+    assert second.returncode == 1
+    pid = stack.pid
+    assert pid is not None and f"another `make run` (pid {pid}) is serving {stack.state}" in second.stderr
+    assert stack.proc.poll() is None and stack.pid == pid
+
+
+def started_pids(state: Path) -> dict[str, int]:
+    pids = {name: stackstate.live_pid(state, name) for name in ("stack", "prefect-server", "prefect-worker")}
+    postmaster = state / "pg" / "cluster" / "data" / "postmaster.pid"
+    pids["postgres"] = int(postmaster.read_text().split()[0]) if postmaster.exists() else None
+    return pids
+
+
+def log_size(state: Path) -> int:
+    return (state / "logs" / "stack.log").stat().st_size
+
+
+def assert_all_stopped(state: Path, pids: dict[str, int | None], since: int = 0) -> None:
+    assert all(pids.values()), pids
+    assert [name for name, pid in pids.items() if stackstate.alive(pid)] == [], pids
+    assert not (state / "pg" / "cluster" / "data" / "postmaster.pid").exists()
+    said = (state / "logs" / "stack.log").read_text()[since:]
+    for line in ("stopped prefect worker", "stopped prefect server", "stopped the sandbox PostgreSQL"):
+        assert line in said, said[-3000:]
+
+
+def test_ctrl_c_under_tee_stops_everything(stack: RunningStack) -> None:
+    """`make run 2>&1 | tee run.log`, Ctrl-C: the tee dies with it, and the shutdown must not."""
+    pids = started_pids(stack.state)
+    since = log_size(stack.state)
+    # Twice, as a terminal delivers it through `make run` (to make, uv and the stack; uv forwards one too):
+    # the second must not cut the shutdown short and leave the server or the cluster running.
+    os.killpg(stack.proc.pid, signal.SIGINT)
+    os.killpg(stack.proc.pid, signal.SIGINT)
+    assert stack.proc.wait(timeout=120) == 0, (stack.state / "logs" / "stack.log").read_text()[-4000:]
+    assert_all_stopped(stack.state, pids, since)
+    # The scenario really had a dead reader: the tee's copy ends before the shutdown's last lines.
+    assert "stopped the sandbox PostgreSQL" not in (stack.state / "run.log").read_text()
+
+
+def test_a_killed_run_leaves_orphans_the_next_run_adopts_on_the_same_port(stack: RunningStack) -> None:
+    assert stack.proc.poll() is not None  # the Ctrl-C test stopped the first run
+    # A run killed with SIGKILL (OOM killer, `kill -9`) once its server and cluster are up. Its server
+    # binds the first run's port although that run's connections are still in TIME-WAIT.
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "deployments.stack", "--state", str(stack.state)],
+        cwd=ROOT,
+        env=stack_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reached = threading.Event()
+    reader = threading.Thread(target=follow, args=(killed, lines, "== dbops setup", reached))
+    reader.start()
+    assert reached.wait(STARTUP_TIMEOUT) and killed.poll() is None, "".join(lines)[-4000:]
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    reader.join(timeout=30)
+    assert f"starting a local Prefect server on {stack.api_url}" in "".join(lines), "".join(lines)[-3000:]
+    orphan = stackstate.live_pid(stack.state, "prefect-server")
+    assert orphan is not None
+
+    # The next run as a service manager or nohup runs it: SIGHUP ignored, stdout to a file, SIGTERM to stop.
+    out = stack.state / "nohup.out"
+    since = log_size(stack.state)
+    with out.open("w") as sink:
+        again = subprocess.Popen(
+            [sys.executable, "-m", "deployments.stack", "--state", str(stack.state)],
+            cwd=ROOT,
+            env=stack_env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        )
+    try:
+        wait_until(
+            lambda: "Serving; press Ctrl-C" in out.read_text() or again.poll() is not None,
+            timeout=STARTUP_TIMEOUT,
+            interval=0.5,
+            what="the next run to serve",
+        )
+        text = out.read_text()
+        assert again.poll() is None, text[-6000:]
+        assert f"adopted the Prefect server an earlier run left running (pid {orphan})" in text, text[-4000:]
+        assert "adopted the sandbox PostgreSQL an earlier run left running" in text, text[-4000:]
+        assert f"Prefect UI     {stack.api_url.removesuffix('/api')}" in text  # the same port again
+        assert "generating sample data" not in text  # the sandbox cluster and its data were reused
+        assert re.search(r"block postgres-database/imagemanager-prod\s+exists", text), text
+        assert "all completed" in text
+        pids = started_pids(stack.state)
+        assert pids["prefect-server"] == orphan
+        os.kill(again.pid, signal.SIGTERM)
+        assert again.wait(timeout=120) == 0, out.read_text()[-4000:]
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+            again.wait()
+    assert_all_stopped(stack.state, pids, since)
     backups = list((stack.state / "backups").rglob("*.dump*"))
     assert len([b for b in backups if b.name.endswith((".dump", ".dump.zst"))]) >= 2, backups
 

@@ -256,6 +256,14 @@ def server_version_num(conn: psycopg.Connection) -> int:
     return int(conn.execute("SHOW server_version_num").fetchone()[0])  # type: ignore[index]
 
 
+def version_text(version_num: int) -> str:
+    """server_version_num as people write it: 150018 -> "15.18", 90624 -> "9.6.24" (before 10 the
+    major version had two parts)."""
+    if version_num >= 100000:
+        return f"{version_num // 10000}.{version_num % 10000}"
+    return f"{version_num // 10000}.{version_num // 100 % 100}.{version_num % 100}"
+
+
 def alembic_revision(conn: psycopg.Connection) -> str | None:
     """The Alembic revision recorded in the database, if it uses Alembic (public or search_path table)."""
     row = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()

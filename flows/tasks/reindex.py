@@ -127,7 +127,7 @@ def find_bloated_indexes(
             )
     inspection = Inspection(params.database, params.where, version, schema, plan)
     logger.info(
-        "%s (PostgreSQL %s): %d leftovers to drop, %d indexes to rebuild, %d healthy, %d skipped "
+        "%s (PostgreSQL %s): %d leftovers to drop, %d indexes to rebuild, %d not bloated, %s "
         "(system catalogs not counted); "
         "bloat by %s",
         params.where,
@@ -135,10 +135,27 @@ def find_bloated_indexes(
         len(plan.leftovers),
         len(plan.rebuilds),
         len(plan.healthy),
-        len([s for s in plan.skipped if s.reason != "system catalog"]),
+        skipped_summary([s.reason for s in plan.skipped]),
         inspection.method,
     )
     return inspection
+
+
+# How the log names each reason an index was not considered (the artifact keeps the full reason).
+_SKIP_WORDS = {"under the minimum size": "below min size", "not selected": "excluded"}
+
+
+def skipped_summary(reasons: list[str]) -> str:
+    """`10 skipped (7 below min size, 3 excluded)`: the count says why, not only how many."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        if reason != "system catalog":
+            word = _SKIP_WORDS.get(reason, reason.split(" (")[0])
+            counts[word] = counts.get(word, 0) + 1
+    if not counts:
+        return "0 skipped"
+    parts = ", ".join(f"{n} {word}" for word, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{sum(counts.values())} skipped ({parts})"
 
 
 @task(name="drop_leftover_index", cache_policy=NONE, **retry_policy())

@@ -23,7 +23,7 @@ from flows.core.drill import (
 )
 from flows.core.dump import PgTool, find_tool
 from flows.core.errors import ConfigurationError
-from flows.core.postgres import ConnParams, connect, server_version_num
+from flows.core.postgres import ConnParams, connect, server_version_num, version_text
 from flows.core.restore import (
     RestoreRequest,
     RestoreResult,
@@ -60,10 +60,10 @@ def check_target_server(block_name: str, maintenance_database: str, pg_bindir: s
         version = server_version_num(conn)
     tool = find_tool("pg_restore", version, pg_bindir)
     get_run_logger().info(
-        "target %s:%s (PostgreSQL %d), database %s; using %s %s",
+        "target %s:%s (PostgreSQL %s), database %s; using %s %s",
         params.host,
         params.port,
-        version,
+        version_text(version),
         params.database,
         tool.path,
         tool.version,
