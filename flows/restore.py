@@ -2,11 +2,13 @@
 
 1. choose      the backup: latest, latest before <timestamp>, or a key; only backups with a manifest
 2. refuse      a protected target without confirm=<its database name>, before any connection to it
-3. preflight   the target server answers; pg_restore of its major version
-4. lock        db:<target block>, so no dump, migrate or reindex runs against it meanwhile
+3. preflight   the target server answers; pg_restore of its major version; which database the target is
+               (server system identifier + name): a database of any protected block needs confirm too
+4. lock        db:<server>:<database>, so no dump, migrate or reindex runs against it meanwhile
 5. globals     the stored roles file first (optional)
 6. restore     streamed into pg_restore with the sha256 checked before anything commits;
-               create: temporary database renamed on success; replace: one transaction
+               create: temporary database renamed on success; replace: one transaction; the target is
+               re-identified on the connection that acts before each drop, rename or replace
 7. report      a table artifact with the duration (the RTO figure); Failed with one sentence otherwise
 """
 
@@ -21,9 +23,11 @@ from pydantic import BaseModel, Field
 
 from blocks.storage import load_store
 from flows.core.catalog import read_catalog
+from flows.core.identity import Guard
 from flows.core.restore import backup_rows, parse_selector, require_confirmation, select_backup
 from flows.tasks.backup import read_backup_catalog, require_store_kind
 from flows.tasks.common import artifact_key, database_lock, human_bytes
+from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (
     check_target_server,
     read_drill_records,
@@ -141,8 +145,17 @@ def restore(
         m.verification.detail if m.verified else "NOT verified when it was taken",
     )
     server = check_target_server(target, options.maintenance_database, options.pg_bindir)
+    guard = Guard(
+        block=target,
+        planned=server.identity,
+        action="restore into",
+        protected=protected_databases(options.maintenance_database),
+        confirm=confirm,
+    )
+    check_guard(guard)
     run_id = (flow_run.get_id() or "")[:8] or None
-    with database_lock(target, wait_seconds=options.lock_wait_hours * 3600):
+    lock_wait = options.lock_wait_hours * 3600
+    with database_lock(target, wait_seconds=lock_wait, maintenance_database=options.maintenance_database):
         globals_detail = "not applied"
         if globals:
             globals_detail = restore_globals(storage, chosen, server, options.maintenance_database)
@@ -159,6 +172,7 @@ def restore(
             run_id or "manual",
             options.timeout_hours * 3600,
             options.lock_timeout_s or None,
+            guard,
         )
     report = RestoreReport(
         source_database=source_database,

@@ -305,14 +305,17 @@ def test_implausibly_small_dump_is_discarded(pg: PgCluster, db: str, s3_storage:
 def test_dump_waits_for_the_database_lock_and_gives_up_clearly(db: str, s3_storage: str) -> None:
     from prefect.concurrency.sync import concurrency
 
+    from flows.core.identity import limit_name, resolve
+    from flows.tasks.backup import load_database
     from flows.tasks.common import ensure_concurrency_limit
 
-    ensure_concurrency_limit(f"db:{db}")
-    with concurrency(f"db:{db}", occupy=1, strict=True):
+    name = limit_name(resolve(load_database(db).params()))  # db:<system identifier>:<database>
+    ensure_concurrency_limit(name)
+    with concurrency(name, occupy=1, strict=True):
         state = nightly_dump(
             database=db, storage=s3_storage, options=DumpOptions(lock_wait_hours=0.0005), return_state=True
         )
-    assert f"held db:{db}" in failure_message(state)
+    assert f"held {name} ({db})" in failure_message(state)
     assert "upload_dump" not in task_runs(state.state_details.flow_run_id)
 
 
