@@ -216,6 +216,17 @@ def migrate(
                 report.outcome = f"already at {plan.start_label}"
                 return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
 
+            staging_guard = None
+            if refresh_staging and not dry_run:  # a protected staging is refused before any work
+                assert plan.staging is not None  # plan_migration identified it
+                staging_guard = Guard(
+                    block=staging_database,
+                    planned=plan.staging,
+                    action="refresh staging",
+                    protected=protected_databases(options.maintenance_database),
+                )
+                check_guard(staging_guard)
+
             # 2. lint
             linted = lint_migration(database, ini, options.driver, plan, report.waivers)
             _record_lint(report, linted)
@@ -230,16 +241,6 @@ def migrate(
                 )
                 logger.info(report.outcome)
                 return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
-
-            staging_guard = None
-            if refresh_staging and plan.staging is not None:  # refuse a protected staging before the backup
-                staging_guard = Guard(
-                    block=staging_database,
-                    planned=plan.staging,
-                    action="refresh staging",
-                    protected=protected_databases(options.maintenance_database),
-                )
-                check_guard(staging_guard)
 
             # 3. pre-backup: no backup, no migration
             with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
