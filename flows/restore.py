@@ -118,7 +118,8 @@ def restore(
             transaction into the existing database; a failure rolls back (jobs must be 1).
         jobs: pg_restore --jobs. Above 1 the backup is first downloaded to a temporary file (free disk
             space is checked), because parallel pg_restore needs a seekable archive.
-        confirm: Required when the target block is protected: the target database's exact name.
+        confirm: Required when the target block is protected, or its database is one a protected block
+            names (through another host name or block): the target database's exact name.
         globals: Also apply the backup's stored roles file (pg_dumpall --globals-only) first.
         options: Less common settings (ownership, maintenance database, work directory, timeouts).
     """

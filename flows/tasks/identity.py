@@ -10,26 +10,18 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 
-from blocks.postgres import PostgresDatabase
-from blocks.storage import load_block
 from flows.core.errors import DbopsError
 from flows.core.identity import DatabaseIdentity, Guard, Protected, resolve
+from flows.tasks.backup import load_database
 from flows.tasks.common import retry_policy
 
 BLOCK_TYPE = "postgres-database"
 
 
-def _load(block_name: str) -> PostgresDatabase:
-    slug = block_name if "/" in block_name else f"{BLOCK_TYPE}/{block_name}"
-    block = load_block(slug, PostgresDatabase)
-    assert isinstance(block, PostgresDatabase)
-    return block
-
-
 @task(name="identify_target", cache_policy=NONE, **retry_policy())
 def identify_target(block_name: str, maintenance_database: str = "postgres") -> DatabaseIdentity:
     """Connect with the block and read the server's system identifier and the database's oid."""
-    identity = resolve(_load(block_name).params(), maintenance_database)
+    identity = resolve(load_database(block_name).params(), maintenance_database)
     get_run_logger().info("%s reaches %s", block_name, identity)
     return identity
 
@@ -60,7 +52,7 @@ def protected_databases(maintenance_database: str = "postgres") -> tuple[Protect
     logger = get_run_logger()
     found: list[Protected] = []
     for name in protected_block_names():
-        block = _load(name)
+        block = load_database(name)
         try:
             found.append(Protected(name, block.database, resolve(block.params(), maintenance_database)))
         except DbopsError as exc:
