@@ -115,9 +115,10 @@ def require_distinct(
     if production.same_database(staging):
         raise SameDatabase(
             f"blocks {production_block!r} and {staging_block!r} reach the same database "
-            f"{production.database!r} on server {production.system_identifier} (through different host "
-            "names, addresses or ports); staging is dropped and restored from the backup, so point "
-            f"{staging_block!r} at a database of its own"
+            f"{production.database!r} on server {production.system_identifier}, whatever host names or "
+            "addresses they use; staging is dropped and restored from the backup, so point "
+            f"{staging_block!r} at a database of its own (on a server cloned from production's files, "
+            "which keeps its system identifier, that means another database name)"
         )
 
 
