@@ -1,8 +1,10 @@
 """`dbops setup`: everything the flows need on a Prefect server, created idempotently.
 
 Registers our block types, creates database and storage blocks from a config file or the environment
-(passwords stored as SecretStr, never echoed), the work pool, one global concurrency limit `db:<name>`
-per database, and, when a notification block is named, an automation that notifies on any Failed or
+(passwords stored as SecretStr, never echoed), the work pool, one global concurrency limit
+`db:<system identifier>:<database>` per database (it connects to learn the server's identity, so every
+block and spelling of one database shares one limit; a database it cannot reach is reported, not
+guessed), and, when a notification block is named, an automation that notifies on any Failed or
 Crashed run of a dbops deployment. Running it twice changes nothing: each item is reported as created,
 updated (the config changed) or existing.
 
@@ -53,7 +55,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError
 from flows.core.errors import ConfigurationError
 from flows.core.redact import validation_summary
 
-Status = Literal["created", "updated", "exists", "registered"]
+Status = Literal["created", "updated", "exists", "registered", "not created"]
 
 
 class DatabaseConfig(BaseModel):
@@ -263,6 +265,24 @@ def ensure_limit(name: str, report: SetupReport) -> None:
     report.add("concurrency limit", name, "created" if ensure_concurrency_limit(name) else "exists")
 
 
+def ensure_database_limit(block_name: str, block: Any, report: SetupReport) -> None:
+    """The limit the flows take for this block's database: named after what the server says it is.
+
+    A server that cannot be reached gets no limit rather than a wrong one; the flows create it on their
+    first run (they identify the database the same way).
+    """
+    from flows.core.errors import DbopsError
+    from flows.core.identity import limit_name, resolve
+
+    try:
+        identity = resolve(block.params())
+    except DbopsError as exc:
+        why = f"for {block_name} (cannot connect to learn its name: {exc})"
+        report.add("concurrency limit", why, "not created")
+        return
+    ensure_limit(limit_name(identity), report)
+
+
 AUTOMATION_NAME = "dbops: notify on failed or crashed runs"
 
 
@@ -315,8 +335,8 @@ def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> S
     for name, (block, slug) in stores.items():
         _save_block(block, name, "block", report, slug)
     ensure_work_pool(config.work_pool, report)
-    for name in config.databases:
-        ensure_limit(f"db:{name}", report)
+    for name, block in dbs.items():
+        ensure_database_limit(name, block, report)
     if config.variables:
         set_variables(config.variables, report)
     if config.notify:

@@ -2,11 +2,13 @@
 
 0. lock        the migration advisory lock of production for the whole run: a second migrator fails fast
 1. plan        current revisions, pending ones; refuse several heads, unknown stamps, a target behind,
-               INVALID indexes on production; nothing pending → Completed "already at <rev>"
+               INVALID indexes on production, a staging block that reaches production's database
+               (server system identifier + name); nothing pending → Completed "already at <rev>"
 2. lint        offline SQL per revision (an artifact), DDL lint; blocking findings stop unless waived
 3. pre-backup  a verified nightly-dump-style backup of production: the rollback point
-4. staging     refresh staging from that backup, upgrade it with production's guards, check the revision,
-               and when every revision can be undone: downgrade to the start and upgrade again
+4. staging     refresh staging from that backup (staging re-identified on the connection that drops
+               it; never a database a protected block names), upgrade it with production's guards, check
+               the revision, and when every revision can be undone: downgrade to the start and upgrade again
 5. approval    (optional) pause with a form: lint result, staging timings, backup key; the approver is kept
 6. production  one revision per transaction, lock_timeout on every session, lock timeouts retried inside
                retry_budget, then `alembic current` must equal the target
@@ -33,6 +35,7 @@ from flows.core.alembic_runner import AlembicApp
 from flows.core.compression import DEFAULT_LEVEL, Compression
 from flows.core.ddl_lint import apply_waivers, blocking
 from flows.core.errors import DbopsError
+from flows.core.identity import Guard
 from flows.core.migrate_plan import (
     ApprovalRejected,
     LintBlocked,
@@ -47,6 +50,7 @@ from flows.core.migrate_plan import (
 from flows.nightly_dump import BackupReport, DumpOptions, take_backup
 from flows.tasks.backup import require_store_kind
 from flows.tasks.common import artifact_key, database_lock
+from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.migrate import (
     LintOutcome,
     db_params,
@@ -210,7 +214,13 @@ def migrate(
 
             # 1. plan
             plan = plan_migration(
-                database, staging_database, ini, options.driver, target, alembic_env=options.alembic_env
+                database,
+                staging_database,
+                ini,
+                options.driver,
+                target,
+                options.maintenance_database,
+                alembic_env=options.alembic_env,
             )
             report.from_revision, report.to_revision = plan.start_label, plan.target
             report.pending = plan.pending
@@ -218,6 +228,17 @@ def migrate(
                 report.production_end = plan.start_label
                 report.outcome = f"already at {plan.start_label}"
                 return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
+
+            staging_guard = None
+            if refresh_staging and not dry_run:  # a protected staging is refused before any work
+                assert plan.staging is not None  # plan_migration identified it
+                staging_guard = Guard(
+                    block=staging_database,
+                    planned=plan.staging,
+                    action="refresh staging",
+                    protected=protected_databases(options.maintenance_database),
+                )
+                check_guard(staging_guard)
 
             # 2. lint
             linted = lint_migration(
@@ -243,7 +264,11 @@ def migrate(
             logger.info("rollback point: %s (alembic %s)", backup.key, backup.alembic_revision)
 
             # 4. staging gate
-            with database_lock(staging_database, wait_seconds=options.lock_wait_hours * 3600):
+            with database_lock(
+                staging_database,
+                wait_seconds=options.lock_wait_hours * 3600,
+                maintenance_database=options.maintenance_database,
+            ):
                 _staging_gate(
                     report,
                     plan,
@@ -257,6 +282,7 @@ def migrate(
                     lock_ms,
                     statement_ms,
                     retry_budget,
+                    staging_guard,
                 )
 
             # 5. approval
@@ -343,13 +369,15 @@ def _staging_gate(
     lock_ms: int,
     statement_ms: int,
     retry_budget: float,
+    guard: Guard | None,
 ) -> None:
     """Rehearse on production's data; any failure here ends the run before production is touched."""
     logger = get_run_logger()
     try:
         if refresh:
+            assert guard is not None  # the plan identified staging
             refresh_staging(
-                staging, storage, prefix, backup.database, backup.key, options.maintenance_database
+                staging, storage, prefix, backup.database, backup.key, options.maintenance_database, guard
             )
         first = upgrade_database(
             staging,

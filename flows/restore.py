@@ -3,12 +3,14 @@
 1. choose      the backup: latest, latest before <timestamp>, or a key; only backups with a manifest
 2. refuse      a protected target, or globals=true, without confirm=<its database name>, before any
                connection to it
-3. preflight   the target server answers; pg_restore of its major version
-4. lock        db:<target block>, so no dump, migrate or reindex runs against it meanwhile
+3. preflight   the target server answers; pg_restore of its major version; which database the target is
+               (server system identifier + name): a database of any protected block needs confirm too
+4. lock        db:<server>:<database>, so no dump, migrate or reindex runs against it meanwhile
 5. globals     missing roles from the stored roles file first (optional, needs confirm; existing ones
                are left unchanged)
 6. restore     streamed into pg_restore with the sha256 checked before anything commits;
-               create: temporary database renamed on success; replace: one transaction
+               create: temporary database renamed on success; replace: one transaction; the target is
+               re-identified on the connection that acts before each drop, rename or replace
 7. report      a table artifact with the duration (the RTO figure); Failed with one sentence otherwise
 """
 
@@ -23,6 +25,7 @@ from pydantic import BaseModel, Field
 
 from blocks.storage import load_store
 from flows.core.catalog import read_catalog
+from flows.core.identity import Guard
 from flows.core.restore import (
     backup_rows,
     parse_selector,
@@ -32,6 +35,7 @@ from flows.core.restore import (
 )
 from flows.tasks.backup import read_backup_catalog, require_store_kind
 from flows.tasks.common import artifact_key, database_lock, human_bytes
+from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (
     check_target_server,
     read_drill_records,
@@ -122,8 +126,9 @@ def restore(
             transaction into the existing database; a failure rolls back (jobs must be 1).
         jobs: pg_restore --jobs. Above 1 the backup is first downloaded to a temporary file (free disk
             space is checked), because parallel pg_restore needs a seekable archive.
-        confirm: The target database's exact name; required when the target block is protected, and
-            whenever globals=true (roles are server-wide).
+        confirm: The target database's exact name; required when the target block is protected, or its
+            database is one a protected block names (through another host name or block), and whenever
+            globals=true (roles are server-wide).
         globals: Also create the roles (and tablespaces) of the backup's stored roles file that the target
             server lacks, first; roles that exist are left unchanged. Needs confirm.
         options: Less common settings (ownership, maintenance database, work directory, timeouts).
@@ -152,8 +157,17 @@ def restore(
         m.verification.detail if m.verified else "NOT verified when it was taken",
     )
     server = check_target_server(target, options.maintenance_database, options.pg_bindir)
+    guard = Guard(
+        block=target,
+        planned=server.identity,
+        action="restore into",
+        protected=protected_databases(options.maintenance_database),
+        confirm=confirm,
+    )
+    check_guard(guard)
     run_id = (flow_run.get_id() or "")[:8] or None
-    with database_lock(target, wait_seconds=options.lock_wait_hours * 3600):
+    lock_wait = options.lock_wait_hours * 3600
+    with database_lock(target, wait_seconds=lock_wait, maintenance_database=options.maintenance_database):
         globals_detail = "not applied"
         if globals:
             globals_detail = restore_globals(storage, chosen, server, options.maintenance_database)
@@ -170,6 +184,7 @@ def restore(
             run_id or "manual",
             options.timeout_hours * 3600,
             options.lock_timeout_s or None,
+            guard,
         )
     report = RestoreReport(
         source_database=source_database,

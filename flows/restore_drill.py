@@ -4,13 +4,15 @@
 2. restore     the latest backup into a fresh scratch database named after the run (sha256 checked)
 3. check       tables from the manifest exist, row counts agree with its estimates (exact for small
                tables), Alembic revision equals the manifest's, pg_amcheck passes
-4. drop        the scratch database, also when a check failed
+4. drop        the scratch database, also when a check failed; re-identified first on the connection
+               that drops it, and never a database a protected block names
 5. record      RTO and result in `<stem>.drill.json` beside the manifest; a table artifact
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated
 
 from prefect import flow, get_run_logger
@@ -20,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from flows.core.drill import CheckResult, scratch_name
 from flows.core.errors import DbopsError
+from flows.core.identity import DatabaseIdentity, Guard
 from flows.core.restore import (
     Selector,
     is_stale,
@@ -29,6 +32,7 @@ from flows.core.restore import (
 )
 from flows.tasks.backup import read_backup_catalog, require_store_kind
 from flows.tasks.common import artifact_key, human_bytes
+from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (
     check_restored_database,
     check_target_server,
@@ -107,6 +111,14 @@ def restore_drill(
     chosen = select_backup(catalog, Selector("latest"), source_database)
     report.key = chosen.manifest.dump_key
     server = check_target_server(scratch, maintenance_database)
+    guard = Guard(
+        block=scratch,
+        planned=DatabaseIdentity(server.identity.system_identifier, name),
+        action="restore the drill's scratch database",
+        protected=protected_databases(maintenance_database),
+    )
+    check_guard(guard)
+    dropping = replace(guard, action="drop the drill's scratch database")
     checks: list[CheckResult] = []
     rto: float | None = None
     restored = 0
@@ -125,7 +137,10 @@ def restore_drill(
                 None,
                 run_id.replace("-", "")[:8],
                 None,
+                guard=guard,
             )
+            if result.identity is not None:
+                dropping = dropping.with_planned(result.identity)  # the scratch database as created
             rto = time.monotonic() - t0
             restored = result.raw_bytes
             logger.info("restored %s into %s in %.1f s (RTO)", human_bytes(restored), name, rto)
@@ -145,7 +160,7 @@ def restore_drill(
             except Exception as exc:
                 checks.append(CheckResult("checks", False, f"the checks could not run: {exc}"))
     finally:
-        drop_scratch_database(server.params, name, maintenance_database)
+        drop_scratch_database(server.params, name, maintenance_database, dropping)
         report.rto_seconds = round(rto, 3) if rto is not None else None
         report.checks = [
             {"check": c.name, "result": "ok" if c.ok else "FAILED", "detail": c.detail} for c in checks

@@ -158,7 +158,8 @@ def test_wrong_password_fails_on_first_try_and_is_not_logged(
     assert state.is_failed()
     message = failure_message(state)
     assert "rejected the password" in message and "fix the password" in message
-    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1  # permanent: no retry
+    # the first connection identifies the database for its db:<...> limit; permanent: no retry
+    assert task_runs(state.state_details.flow_run_id)["identify_target"] == 1
     logs = run_logs(state.state_details.flow_run_id)
     assert secret not in logs and secret not in message
 
@@ -173,7 +174,8 @@ def test_unreachable_database_is_retried_then_fails_clearly(unique: str, s3_stor
     state = nightly_dump(database=f"down-{unique}", storage=s3_storage, return_state=True)
     assert state.is_failed()
     assert "cannot reach PostgreSQL" in failure_message(state)
-    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1 + int(
+    # the first connection identifies the database for its db:<...> limit: retried, then one sentence
+    assert task_runs(state.state_details.flow_run_id)["identify_target"] == 1 + int(
         os.environ["DBOPS_TASK_RETRIES"]
     )
 
@@ -305,14 +307,17 @@ def test_implausibly_small_dump_is_discarded(pg: PgCluster, db: str, s3_storage:
 def test_dump_waits_for_the_database_lock_and_gives_up_clearly(db: str, s3_storage: str) -> None:
     from prefect.concurrency.sync import concurrency
 
+    from flows.core.identity import limit_name, resolve
+    from flows.tasks.backup import load_database
     from flows.tasks.common import ensure_concurrency_limit
 
-    ensure_concurrency_limit(f"db:{db}")
-    with concurrency(f"db:{db}", occupy=1, strict=True):
+    name = limit_name(resolve(load_database(db).params()))  # db:<system identifier>:<database>
+    ensure_concurrency_limit(name)
+    with concurrency(name, occupy=1, strict=True):
         state = nightly_dump(
             database=db, storage=s3_storage, options=DumpOptions(lock_wait_hours=0.0005), return_state=True
         )
-    assert f"held db:{db}" in failure_message(state)
+    assert f"held {name} ({db})" in failure_message(state)
     assert "upload_dump" not in task_runs(state.state_details.flow_run_id)
 
 

@@ -65,8 +65,13 @@ def test_setup_twice_creates_then_reports_everything_existing(
         f"s3-bucket/backups-{unique}",
         f"local-file-system/local-{unique}",
         f"dbops-{unique}",
-        f"db:prod-{unique}",
     } <= created
+    # the limit the flows take: named after the server's identity and the database, not the block
+    sysid = pg.sql("SELECT system_identifier FROM pg_control_system()")[0][0]
+    limit = f"db:{sysid}:postgres"
+    # "exists" when another test's block for the same database created it: one database, one limit
+    limits = {(name, status) for kind, name, status in first.items if kind == "concurrency limit"}
+    assert limits & {(limit, "created"), (limit, "exists")}
     second = run_setup(config, environ=env_for(pg, unique))
     assert not second.changed, second.render()
     block = PostgresDatabase.load(f"prod-{unique}")
@@ -74,7 +79,7 @@ def test_setup_twice_creates_then_reports_everything_existing(
     assert pg.password not in first.render() + second.render()
     with get_client(sync_client=True) as client:
         assert client.read_work_pool(f"dbops-{unique}").type == "process"
-        assert client.read_global_concurrency_limit_by_name(f"db:prod-{unique}").limit == 1
+        assert client.read_global_concurrency_limit_by_name(limit).limit == 1
 
 
 def test_changed_password_updates_the_block(
@@ -116,6 +121,18 @@ def test_notification_automation_is_created_once(
     assert len(automations) == 1
     trigger = automations[0].trigger
     assert trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+
+
+def test_a_database_setup_cannot_reach_gets_no_limit_and_the_report_says_why(unique: str) -> None:
+    from tests.harness.pg import free_port
+
+    config = load_config(
+        None, environ={f"DBOPS_DATABASE_GONE_{unique.upper()}": f"postgresql://u:p@127.0.0.1:{free_port()}/x"}
+    )
+    report = run_setup(config, environ={})
+    (item,) = [(name, status) for kind, name, status in report.items if kind == "concurrency limit"]
+    assert item[1] == "not created" and item[0].startswith(f"for gone-{unique} (cannot connect")
+    assert "p@" not in report.render()
 
 
 def test_environment_urls_become_blocks(unique: str) -> None:

@@ -63,6 +63,22 @@ class VerificationFailed(DbopsError):
     pass
 
 
+class IdentityUnknown(DbopsError):
+    """The server would not say which cluster it is (pg_control_system() failed): nothing is dropped."""
+
+
+class TargetIdentityMismatch(DbopsError):
+    """The database about to be dropped or replaced is not the one the plan recorded."""
+
+
+class SameDatabase(ConfigurationError):
+    """Two blocks that must name different databases reach one and the same database."""
+
+
+class ProtectedTarget(ConfigurationError):
+    """A database named by a protected block would be dropped or replaced without confirm."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a retry may help; unknown errors are not retried (they need a person)."""
     return isinstance(exc, DbopsError) and exc.transient

@@ -17,7 +17,7 @@ import psycopg
 from flows.core.alembic_runner import AlembicApp, AlembicConfigMissing
 from flows.core.ddl_lint import Finding
 from flows.core.errors import ConfigurationError, DbopsError
-from flows.core.postgres import ConnParams
+from flows.core.identity import DatabaseIdentity
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,16 +110,6 @@ def resolve_alembic_ini(path: str, base: Path | None = None) -> Path:
     )
 
 
-def require_distinct(production: ConnParams, staging: ConnParams) -> None:
-    """Staging is dropped and recreated: it must never be the production database."""
-    same_host = production.host == staging.host and production.port == staging.port
-    if same_host and production.database == staging.database:
-        raise ConfigurationError(
-            f"staging_database points at the production database {production.where}; staging is dropped and "
-            "restored from the backup, so give it its own database"
-        )
-
-
 # -- plan --------------------------------------------------------------------------------------------------
 
 
@@ -132,6 +122,8 @@ class Plan:
     pending: list[str]
     downgradable: bool = False  # every pending revision has a real downgrade()
     docs: dict[str, str] = field(default_factory=dict)
+    production: DatabaseIdentity | None = None  # which databases the plan saw: staging's is re-checked
+    staging: DatabaseIdentity | None = None  # on the connection that drops it
 
     @property
     def start_label(self) -> str:

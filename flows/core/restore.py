@@ -40,6 +40,7 @@ from flows.core.catalog import Backup, Catalog
 from flows.core.compression import decompress_stream
 from flows.core.dump import PgTool, _error_summary, _hashing, _StderrCollector, classify_pg_failure
 from flows.core.errors import ConfigurationError, DatabaseMissing, DbopsError, TransientError, is_transient
+from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.layout import MANIFEST_SUFFIX
 from flows.core.manifest import Manifest
 from flows.core.objectstore import ObjectStore
@@ -249,6 +250,7 @@ class RestoreResult:
     ended_at: datetime
     argv: list[str] = field(default_factory=list)
     warnings: str = ""
+    identity: DatabaseIdentity | None = None  # create: the database as renamed, read on that connection
 
     @property
     def seconds(self) -> float:
@@ -508,6 +510,8 @@ class RestoreRequest:
     run_id: str | None = None
     timeout_s: float | None = None
     lock_timeout_s: int | None = None
+    #: re-checked on the maintenance connection before every DROP, rename and replace (None: unchecked)
+    guard: Guard | None = None
 
 
 def restore_backup(
@@ -517,8 +521,18 @@ def restore_backup(
     log: Callable[[str], None] = print,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> RestoreResult:
-    """create: temporary database, renamed on success, dropped on failure; replace: one transaction."""
+    """create: temporary database, renamed on success, dropped on failure; replace: one transaction.
+
+    With a guard, the target is re-identified on the maintenance connection right before each step that
+    drops, renames onto or replaces it: a block that now leads to another server, or a database that was
+    recreated since the plan, or a protected one, is refused before anything happens to it.
+    """
     name = req.target.database
+
+    def guard(conn: psycopg.Connection) -> None:
+        if req.guard is not None:
+            req.guard.check(conn)
+
     admin = req.target.with_database(req.maintenance_database)
     manifest = req.backup.manifest
     if req.mode == "replace":
@@ -528,6 +542,7 @@ def restore_backup(
                 "cannot combine --single-transaction with --jobs; use jobs=1, or mode=create into a new name"
             )
         with connect(admin) as conn:
+            guard(conn)
             if not database_exists(conn, name):
                 raise DatabaseMissing(
                     f"database {name!r} does not exist on {admin.host}:{admin.port}, so there is nothing to "
@@ -551,6 +566,7 @@ def restore_backup(
 
     temp = temporary_name(name, req.run_id)
     with connect(admin) as conn:
+        guard(conn)
         if database_exists(conn, name):
             raise RestoreRefused(
                 f"database {name!r} already exists on {admin.host}:{admin.port}; mode=create only restores "
@@ -587,16 +603,20 @@ def restore_backup(
                 timeout_s=req.timeout_s,
             )
         with connect(admin) as conn:
+            guard(conn)
             rename_database(conn, temp, name)
+            identity = identify_database(conn, name) if req.guard is not None else None
         ok = True
     finally:
         if not ok:
             try:
                 with connect(admin) as conn:
+                    guard(conn)
                     drop_database(conn, temp)
             except Exception as exc:  # the restore's own error matters more; say what is left behind
                 log(f"could not drop temporary database {temp} ({exc}); drop it by hand")
     result.database = name
+    result.identity = identity
     result.ended_at = datetime.now(UTC)
     return result
 

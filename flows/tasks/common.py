@@ -7,7 +7,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from prefect import get_run_logger
@@ -18,6 +18,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.tasks import exponential_backoff
 
 from flows.core.errors import ConfigurationError, is_transient
+from flows.core.identity import limit_name
 
 
 def _exception_of(state: Any) -> BaseException | None:
@@ -49,10 +50,6 @@ def retry_policy() -> dict[str, Any]:
     }
 
 
-def limit_name(database_block: str) -> str:
-    return f"db:{database_block}"
-
-
 def ensure_concurrency_limit(name: str) -> bool:
     """Create the one-slot limit if `dbops setup` has not: a missing limit must never mean "unguarded"."""
     with get_client(sync_client=True) as client:
@@ -68,22 +65,44 @@ def ensure_concurrency_limit(name: str) -> bool:
 
 
 @contextmanager
-def database_lock(database_block: str, wait_seconds: float = 3 * 3600) -> Iterator[None]:
-    """Hold `db:<block>` so dump, migrate, reindex and restore never overlap on one database."""
-    name = limit_name(database_block)
+def database_lock(
+    database_block: str,
+    wait_seconds: float = 3 * 3600,
+    maintenance_database: str = "postgres",
+) -> Iterator[None]:
+    """Hold `db:<system identifier>:<database>` so dump, migrate, reindex and restore never overlap on one
+    database, whichever block or spelling (localhost, an IP, an alias) names it.
+
+    The target is identified first (connecting with the block; through `maintenance_database` when the
+    database does not exist yet). A failed lease renewal (a short API outage) only logs: cancelling a
+    running dump or migration half way would do more harm, and migrate and reindex keep their
+    PostgreSQL advisory locks. Only a timeout while *acquiring* the slot means another job holds it.
+    """
+    from flows.tasks.identity import identify_target  # flows.tasks.identity imports this module
+
+    name = limit_name(identify_target(database_block, maintenance_database))
     logger = get_run_logger()
     if ensure_concurrency_limit(name):
         logger.warning("created the missing concurrency limit %s (run `dbops setup` to manage it)", name)
-    logger.info("waiting for concurrency limit %s", name)
-    try:
-        with concurrency(name, occupy=1, strict=True, timeout_seconds=wait_seconds):
-            logger.info("holding %s", name)
-            yield
-    except TimeoutError:
-        raise ConfigurationError(
-            f"another dbops job held {name} for more than {wait_seconds / 3600:.1f} h; check for a stuck run "
-            "in the Prefect UI"
-        ) from None
+    logger.info("waiting for concurrency limit %s (%s)", name, database_block)
+    with ExitStack() as held:
+        try:
+            held.enter_context(
+                concurrency(
+                    name,
+                    occupy=1,
+                    strict=True,
+                    timeout_seconds=wait_seconds,
+                    raise_on_lease_renewal_failure=False,
+                )
+            )
+        except TimeoutError:
+            raise ConfigurationError(
+                f"another dbops job held {name} ({database_block}) for more than "
+                f"{wait_seconds / 3600:.1f} h; check for a stuck run in the Prefect UI"
+            ) from None
+        logger.info("holding %s", name)
+        yield
 
 
 def artifact_key(*parts: str) -> str:

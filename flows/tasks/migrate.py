@@ -25,6 +25,7 @@ from flows.core.catalog import read_catalog
 from flows.core.ddl_lint import Finding, lint
 from flows.core.dump import find_tool
 from flows.core.errors import ConfigurationError
+from flows.core.identity import Guard, require_distinct, resolve
 from flows.core.migrate_plan import (
     LockBudgetExhausted,
     Plan,
@@ -33,7 +34,6 @@ from flows.core.migrate_plan import (
     invalid_indexes,
     make_plan,
     refuse_invalid_indexes,
-    require_distinct,
     sql_sha256,
     timings,
 )
@@ -100,15 +100,22 @@ def plan_migration(
     alembic_ini: str,
     driver: str,
     target: str,
+    maintenance_database: str = "postgres",
     alembic_env: list[str] | None = None,
 ) -> Plan:
-    """Where production is and what is pending; refuse what a person must sort out first."""
+    """Where production is and what is pending; refuse what a person must sort out first.
+
+    Production and staging are told apart by what the servers say they are (system identifier and
+    database), not by the blocks' spelling: `localhost` and `127.0.0.1` reach one database.
+    """
     logger = get_run_logger()
     prod, staging = db_params(database), db_params(staging_database)
-    require_distinct(prod, staging)
+    prod_id, staging_id = resolve(prod), resolve(staging, maintenance_database)
+    require_distinct(database, prod_id, staging_database, staging_id)
     app = _app(alembic_ini, driver, alembic_env)
     start = app.current(prod)
     plan = make_plan(app, start, target)
+    plan.production, plan.staging = prod_id, staging_id
     if plan.pending:
         with connect(prod) as conn:
             refuse_invalid_indexes(prod.database, invalid_indexes(conn))
@@ -176,10 +183,19 @@ def lint_migration(
 
 @task(name="refresh_staging", cache_policy=NONE, **retry_policy())
 def refresh_staging(
-    staging_database: str, storage: str, prefix: str, source_database: str, backup_key: str, maintenance: str
+    staging_database: str,
+    storage: str,
+    prefix: str,
+    source_database: str,
+    backup_key: str,
+    maintenance: str,
+    guard: Guard,
 ) -> float:
     """Drop staging and restore the pre-backup into it (create mode: a temporary database renamed on
-    success), so staging holds production's data at the revision production is at."""
+    success), so staging holds production's data at the revision production is at.
+
+    `guard` holds staging as the plan identified it: the connection that drops staging checks first that
+    it reaches that server and that incarnation of staging, and that it is no protected database."""
     logger = get_run_logger()
     block = load_database(staging_database)
     if block.protected:
@@ -195,6 +211,7 @@ def refresh_staging(
     admin = params.with_database(maintenance)
     with connect(admin) as conn:
         version = server_version_num(conn)
+        guard.check(conn)
         drop_database(conn, params.database)
     tool = find_tool("pg_restore", version, None)
     run_id = (flow_run.get_id() or "manual")[:8]
@@ -207,6 +224,7 @@ def refresh_staging(
             mode="create",
             run_id=run_id,
             maintenance_database=maintenance,
+            guard=guard,
         ),
         log=logger.info,
     )

@@ -23,6 +23,7 @@ from flows.core.drill import (
 )
 from flows.core.dump import PgTool, find_tool
 from flows.core.errors import ConfigurationError
+from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.postgres import ConnParams, connect, server_version_num, version_text
 from flows.core.restore import (
     RestoreRequest,
@@ -44,6 +45,7 @@ class Target:
     protected: bool
     server_version_num: int
     pg_restore: PgTool
+    identity: DatabaseIdentity  # the block's database as planned (oid None: it does not exist yet)
 
 
 def target_of(block_name: str) -> tuple[ConnParams, bool]:
@@ -58,17 +60,18 @@ def check_target_server(block_name: str, maintenance_database: str, pg_bindir: s
     params, protected = target_of(block_name)
     with connect(params.with_database(maintenance_database)) as conn:
         version = server_version_num(conn)
+        identity = identify_database(conn, params.database)
     tool = find_tool("pg_restore", version, pg_bindir)
     get_run_logger().info(
-        "target %s:%s (PostgreSQL %s), database %s; using %s %s",
+        "target %s:%s (PostgreSQL %s), %s; using %s %s",
         params.host,
         params.port,
         version_text(version),
-        params.database,
+        identity,
         tool.path,
         tool.version,
     )
-    return Target(block_name, params, protected, version, tool)
+    return Target(block_name, params, protected, version, tool, identity)
 
 
 @task(name="restore_globals", cache_policy=NONE, **retry_policy())
@@ -107,6 +110,7 @@ def restore_database(
     run_id: str,
     timeout_s: float | None,
     lock_timeout_s: int | None = None,
+    guard: Guard | None = None,
 ) -> RestoreResult:
     """Stream the backup into pg_restore (sha256 checked before anything commits) into `database`."""
     logger = get_run_logger()
@@ -127,6 +131,7 @@ def restore_database(
         run_id=run_id,
         timeout_s=timeout_s,
         lock_timeout_s=lock_timeout_s,
+        guard=guard,
     )
     result = restore_backup(req, progress=progress, log=logger.info)
     logger.info(
@@ -170,8 +175,10 @@ def check_restored_database(
 
 
 @task(name="drop_scratch_database", cache_policy=NONE, **retry_policy())
-def drop_scratch_database(params: ConnParams, name: str, maintenance_database: str) -> None:
+def drop_scratch_database(params: ConnParams, name: str, maintenance_database: str, guard: Guard) -> None:
+    """Drop the drill's scratch database, re-identified on the connection that drops it (`guard`)."""
     with connect(params.with_database(maintenance_database)) as conn:
+        guard.check(conn)
         drop_database(conn, name)
     get_run_logger().info("dropped scratch database %s", name)
 
