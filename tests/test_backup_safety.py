@@ -59,13 +59,25 @@ def manifest_for(stem: str, when: datetime, *, database: str = DB, dump: str | N
     )
 
 
-def write_backup(store: ObjectStore, days_ago: float, *, globals_file: bool = False) -> str:
+def write_backup(
+    store: ObjectStore,
+    days_ago: float,
+    *,
+    globals_file: bool = False,
+    prefix: str = PREFIX,
+    database: str = DB,
+    naive: bool = False,
+) -> str:
+    """A backup's objects as a dump writes them; `naive`: its manifest's times carry no time zone."""
     when = NOW - timedelta(days=days_ago)
-    stem = backup_stem(PREFIX, DB, when)
+    stem = backup_stem(prefix, database, when)
     store.put_bytes(dump_key(stem, ".zst"), b"dump")
     if globals_file:
         store.put_bytes(globals_key(stem), b"roles")
-    store.put_bytes(manifest_key(stem), manifest_for(stem, when).to_json())
+    text = manifest_for(stem, when, database=database).to_json()
+    if naive:  # what an older tool wrote: no time zone
+        text = text.replace(b"+00:00", b"").replace(b'Z"', b'"')
+    store.put_bytes(manifest_key(stem), text)
     return stem
 
 
@@ -229,11 +241,7 @@ def test_naive_timestamp_manifest_is_unreadable_reported_and_left_alone_while_th
 ) -> None:
     store = s3_store
     good = [write_backup(store, days) for days in (1, 30, 31)]
-    naive_stem = backup_stem(PREFIX, DB, NOW - timedelta(days=60))
-    text = manifest_for(naive_stem, NOW - timedelta(days=60)).to_json().decode()
-    text = text.replace("+00:00", "").replace('Z"', '"')  # what an older tool wrote: no time zone
-    store.put_bytes(dump_key(naive_stem, ".zst"), b"dump")
-    store.put_bytes(manifest_key(naive_stem), text.encode())
+    naive_stem = write_backup(store, 60, naive=True)
 
     catalog = read_catalog(store, PREFIX, DB)
     assert [b.stem for b in catalog.backups] == good
