@@ -4,6 +4,7 @@ no Prefect."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 
 from flows.core.catalog import Catalog, read_catalog
 from flows.core.compression import Compression
+from flows.core.dump import find_tool, stream_dump
 from flows.core.errors import ConfigurationError, ObjectExists, StorageError
 from flows.core.expiry import carry_out, plan_cleanup
 from flows.core.layout import (
@@ -30,9 +32,12 @@ from flows.core.leases import BackupGone, Lease, take_lease
 from flows.core.listing import list_backups
 from flows.core.manifest import Manifest, Verification
 from flows.core.objectstore import LocalObjectStore, MiB, ObjectInfo, ObjectStore, S3ObjectStore
+from flows.core.postgres import ConnParams
 from flows.core.restore import Selector, select_backup
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
+from tests.harness.pg import PgCluster
 from tests.harness.s3 import S3Endpoint
+from tests.test_nightly_dump_flow import sample_database
 
 DB = "imagemanager"
 PREFIX = "prod"
@@ -431,3 +436,19 @@ def test_lease_key_is_layout_and_its_expiry_is_timezone_aware(store: ObjectStore
     assert key == lease_key(stem, "a/b c") and parse_key(key, PREFIX, DB).kind == "lease"  # type: ignore[union-attr]
     lease = Lease.from_json(store.get_bytes(key))
     assert lease.expires_at.tzinfo is not None and lease.expires_at - lease.taken_at == timedelta(hours=1)
+
+
+def test_a_second_pg_dump_into_a_taken_key_is_discarded_and_the_first_stays(
+    pg: PgCluster, s3_store: S3ObjectStore, unique: str
+) -> None:
+    """The dump path asks for the conditional create: what upload_dump turns into a retry on a new name."""
+    name = sample_database(pg, f"race_{unique}", rows=500)
+    version = int(pg.sql("SHOW server_version_num")[0][0])
+    conn = ConnParams(host=pg.host, port=pg.port, database=name, user=pg.superuser, password=pg.password)
+    key = dump_key(backup_stem(PREFIX, name, NOW), ".zst")
+    tool = find_tool("pg_dump", version)
+    first = stream_dump(conn, s3_store, key, tool=tool, compression=Compression.zstd, level=3, if_absent=True)
+    with pytest.raises(ObjectExists, match="nothing was replaced"):
+        stream_dump(conn, s3_store, key, tool=tool, compression=Compression.zstd, level=1, if_absent=True)
+    assert hashlib.sha256(s3_store.get_bytes(key)).hexdigest() == first.sha256
+    assert s3_store.list_incomplete_uploads() == [] and keys(s3_store) == {key}
