@@ -20,15 +20,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flows.core.errors import DbopsError
+
+if TYPE_CHECKING:
+    from flows.core.objectstore import ObjectStore
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 Register = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]
 COMMANDS: list[Register] = []
-
-LIST_COLUMNS = ["time", "age", "size", "compression", "verified", "drilled", "alembic", "key"]
 
 
 def command(register: Register) -> Register:
@@ -39,14 +41,13 @@ def command(register: Register) -> Register:
 # -- dbops backups -----------------------------------------------------------------------------------------
 
 
-def databases_under(storage: str, prefix: str) -> list[str]:
+def databases_under(store: ObjectStore, prefix: str) -> list[str]:
     """Database names with a dumps folder under the prefix (from the object layout)."""
-    from blocks.storage import load_store
     from flows.core.layout import DUMP_RE
 
     root = prefix.strip("/")
     names = set()
-    for info in load_store(storage).list(f"{root}/" if root else ""):
+    for info in store.list(f"{root}/" if root else ""):
         m = DUMP_RE.match(info.key)
         rel = info.key[len(root) + 1 :] if root else info.key
         if m and rel.split("/", 2)[1:2] == ["dumps"]:
@@ -55,30 +56,35 @@ def databases_under(storage: str, prefix: str) -> list[str]:
 
 
 def backups_list(args: argparse.Namespace) -> int:
-    from flows.restore import catalog_rows
+    """The same listing as the list-backups flow (flows.core.listing), read through the storage block."""
+    from blocks.storage import load_store
+    from flows.core.layout import check_location, check_prefix
+    from flows.core.listing import COLUMNS, BackupListing, format_table, list_backups
 
     if not args.storage:
         print("dbops: --storage is required (or set DBOPS_STORAGE), e.g. s3-bucket/backups", file=sys.stderr)
         return 2
-    databases = [args.database] if args.database else databases_under(args.storage, args.prefix)
+    check_prefix(args.prefix)
+    if args.database:
+        check_location(args.prefix, args.database)
+    store = load_store(args.storage)
+    databases = [args.database] if args.database else databases_under(store, args.prefix)
     if not databases:
         print(f"no backups under {args.storage} prefix {args.prefix!r}")
         return 0
-    everything: dict[str, list[dict[str, str]]] = {}
-    for database in databases:
-        everything[database] = catalog_rows(args.storage, args.prefix, database)
+    everything: dict[str, BackupListing] = {db: list_backups(store, args.prefix, db) for db in databases}
     if args.json:
-        print(json.dumps(everything if not args.database else everything[args.database], indent=2))
+        rows = {db: listing.rows + listing.left_alone for db, listing in everything.items()}
+        print(json.dumps(rows if not args.database else rows[args.database], indent=2))
         return 0
-    from flows.core.restore import format_table
-
-    for database, rows in everything.items():
-        print(
-            f"{database}: {len(rows)} backup(s) in {args.storage}"
-            + (f" prefix {args.prefix}" if args.prefix else "")
-        )
-        if rows:
-            print(format_table(rows, LIST_COLUMNS))
+    for database, listing in everything.items():
+        where = f"{args.storage}" + (f" prefix {args.prefix}" if args.prefix else "")
+        print(f"{database}: {listing.describe()} in {where}")
+        if listing.rows:
+            print(format_table(listing.rows, COLUMNS))
+        if listing.left_alone:
+            print("left alone (no flow reads or deletes these):")
+            print(format_table(listing.left_alone, ["key", "problem"]))
         print()
     return 0
 

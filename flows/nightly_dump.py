@@ -20,12 +20,14 @@ from pydantic import BaseModel, Field
 
 from flows.core.compression import DEFAULT_LEVEL, LEVEL_RANGE, Compression
 from flows.core.errors import ConfigurationError
+from flows.core.layout import check_prefix
 from flows.core.retention import RetentionPolicy
 from flows.tasks.backup import (
     check_database,
     check_storage,
     delete_expired_backups,
     discard_if_implausible,
+    plan_backup_cleanup,
     plan_from_catalog,
     read_backup_catalog,
     require_store_kind,
@@ -90,6 +92,12 @@ class BackupReport(BaseModel):
     kept: list[str] = Field(default_factory=list)
     deleted: list[str] = Field(default_factory=list)
     orphans_removed: list[str] = Field(default_factory=list)
+    in_use: list[str] = Field(
+        default_factory=list, description="Expired backups kept: a restore or drill reads them."
+    )
+    left_alone: list[str] = Field(
+        default_factory=list, description="Foreign objects and unreadable manifests: reported, never deleted."
+    )
 
 
 def take_backup(
@@ -178,6 +186,7 @@ def nightly_dump(
     logger = get_run_logger()
     options = options or DumpOptions()
     require_store_kind(storage)
+    check_prefix(prefix)
     level = DEFAULT_LEVEL[compression] if compression_level is None else compression_level
     low, high = LEVEL_RANGE[compression]
     if not low <= level <= high:
@@ -197,20 +206,27 @@ def nightly_dump(
             now = datetime.now(UTC)
             catalog = read_backup_catalog(storage, prefix, report.database)
             plan = plan_from_catalog(catalog, retention, now)
+            cleanup = plan_backup_cleanup(storage, catalog, plan, now, prefix, report.database)
             report.kept = [k.record.stem for k in plan.keep]
-            report.deleted = [r.stem for r in plan.delete]
-            stale = [stem for stem, _ in catalog.stale_orphans(now)]
+            report.in_use = sorted(cleanup.in_use)
+            report.left_alone = [f"{key} ({why})" for key, why in cleanup.unreadable + cleanup.foreign]
             if retention_dry_run:
-                report.retention = f"dry run: {plan.summary()}; {len(stale)} stale orphan(s) would be removed"
+                report.deleted = [r.stem for r in plan.delete if r.stem in cleanup.expired]
+                report.retention = f"dry run: {plan.summary()}; would remove {cleanup.summary()}"
             else:
-                counts = delete_expired_backups(storage, catalog, plan, now)
-                report.orphans_removed = stale
+                cleanup = delete_expired_backups(storage, cleanup, prefix, report.database)
+                report.in_use += cleanup.kept_after_recheck
+                report.deleted = [
+                    r.stem for r in plan.delete if r.stem in cleanup.expired and r.stem not in report.in_use
+                ]
+                report.orphans_removed = sorted(cleanup.orphans)
                 report.retention = (
-                    f"{plan.summary()}; removed {counts['objects']} objects "
-                    f"({counts['backups']} backups, {counts['orphans']} orphans)"
+                    f"{plan.summary()}; removed {cleanup.deleted_objects} objects ({cleanup.summary()})"
                 )
-            for key, why in catalog.unreadable:
-                logger.warning("left alone: %s (%s)", key, why)
+            for stem, who in cleanup.in_use.items():
+                logger.info("kept while in use: %s (%s)", stem, who)
+            for line in report.left_alone:
+                logger.warning("left alone: %s", line)
             logger.info("retention: %s", report.retention)
 
     _publish(report)
@@ -232,6 +248,8 @@ def _publish(report: BackupReport) -> None:
         {"item": "retention", "value": report.retention},
         {"item": "kept", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.kept[:50])},
         {"item": "deleted", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.deleted[:50])},
+        {"item": "kept while in use", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.in_use[:50])},
+        {"item": "left alone (foreign or unreadable)", "value": "; ".join(report.left_alone[:50])},
     ]
     create_table_artifact(
         key=artifact_key("nightly-dump", report.database),

@@ -23,11 +23,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from blocks.storage import load_store
-from flows.core.catalog import read_catalog
 from flows.core.identity import Guard
+from flows.core.layout import check_location
 from flows.core.restore import (
-    backup_rows,
     parse_selector,
     require_confirmation,
     require_globals_confirmation,
@@ -38,7 +36,7 @@ from flows.tasks.common import artifact_key, database_lock, human_bytes
 from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (
     check_target_server,
-    read_drill_records,
+    read_backup_listing,
     restore_database,
     restore_globals,
     target_of,
@@ -136,6 +134,7 @@ def restore(
     logger = get_run_logger()
     options = options or RestoreOptions()
     require_store_kind(storage)
+    check_location(prefix, source_database)
     selector = parse_selector(backup)
 
     # Refuse before anything connects to the target: only the block is read.
@@ -236,26 +235,11 @@ def list_backups(storage: str, database: str, prefix: str = "") -> list[dict[str
         prefix: Folder inside the storage (e.g. prod); may be empty.
     """
     require_store_kind(storage)
-    catalog = read_backup_catalog(storage, prefix, database)
-    drills = read_drill_records(storage, catalog)
-    rows = backup_rows(catalog, dict(drills))
+    check_location(prefix, database)
+    listing = read_backup_listing(storage, prefix, database)
     create_table_artifact(
         key=artifact_key("backups", database),
-        table=rows or [{"time": "no backups"}],
-        description=f"Backups of {database} ({len(rows)}; {len(catalog.orphans)} dumps without a manifest)",
+        table=(listing.rows or [{"time": "no backups"}]) + listing.left_alone,
+        description=f"Backups of {database}: {listing.describe()}",
     )
-    return rows
-
-
-def catalog_rows(storage: str, prefix: str, database: str) -> list[dict[str, str]]:
-    """The listing without a flow run (the CLI): storage read directly through its block."""
-    from flows.core.catalog import DRILL_SUFFIX, read_sidecars
-    from flows.core.drill import DrillRecord
-
-    store = load_store(storage)
-    catalog = read_catalog(store, prefix, database)
-    drills = {
-        stem: DrillRecord.from_json(data)
-        for stem, data in read_sidecars(store, catalog, DRILL_SUFFIX).items()
-    }
-    return backup_rows(catalog, dict(drills))
+    return listing.rows

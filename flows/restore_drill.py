@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from flows.core.drill import CheckResult, scratch_name
 from flows.core.errors import DbopsError
 from flows.core.identity import DatabaseIdentity, Guard
+from flows.core.layout import check_location
 from flows.core.restore import (
     Selector,
     is_stale,
@@ -90,6 +91,7 @@ def restore_drill(
     """
     logger = get_run_logger()
     require_store_kind(storage)
+    check_location(prefix, source_database)
     catalog = read_backup_catalog(storage, prefix, source_database)
     hours = staleness_hours(catalog)
     stale = is_stale(hours, max_age_hours)

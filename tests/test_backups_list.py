@@ -7,12 +7,15 @@ import json
 import pytest
 
 from deployments.cli import main
+from flows.core.errors import ConfigurationError
+from flows.core.objectstore import S3ObjectStore
 from flows.nightly_dump import nightly_dump
 from flows.restore import list_backups
 from flows.restore_drill import restore_drill
 from tests.conftest import make_database_block, make_s3_block
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import S3Endpoint
+from tests.test_backup_safety import DB, PREFIX, write_backup
 from tests.test_nightly_dump_flow import sample_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -59,3 +62,38 @@ def test_list_without_storage_says_what_to_pass(capsys: pytest.CaptureFixture[st
 def test_list_of_an_unknown_block_is_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["backups", "list", "--storage", "s3-bucket/no-such-block", "--database", "x"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_corrupt_drill_record_or_manifest_shows_in_the_listing_and_never_breaks_it(
+    s3: S3Endpoint, bucket: str, unique: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One implementation for the flow and the CLI: both show the same rows and the same problems."""
+    storage = make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")
+    store = S3ObjectStore(s3.client(), bucket, "dbops")
+    newest, older = write_backup(store, 1), write_backup(store, 2)
+    store.put_bytes(newest + ".drill.json", b'{"passed": tru')  # cut off mid-write by hand
+    bad = write_backup(store, 3)
+    store.put_bytes(bad + ".manifest.json", b"{not json")
+    capsys.readouterr()
+
+    assert main(["backups", "list", "--storage", storage, "--prefix", PREFIX, "--database", DB]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "/dumps/" in line]
+    assert older in rows[1] and "never" in rows[1]
+    assert newest in rows[0] and "drill record unreadable" in rows[0]
+    assert bad + ".manifest.json" in rows[2] and "unreadable manifest" in rows[2]
+
+    flow_rows = list_backups(storage=storage, database=DB, prefix=PREFIX)
+    assert [r["drilled"] for r in flow_rows] == ["drill record unreadable", "never"]
+
+
+def test_list_refuses_a_prefix_or_database_that_leaves_the_layout(
+    s3: S3Endpoint, bucket: str, unique: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    storage = make_s3_block(s3, f"s3-{unique}", bucket)
+    assert main(["backups", "list", "--storage", storage, "--prefix", "../outside"]) == 1
+    assert "prefix '../outside' contains a '..' segment" in capsys.readouterr().err
+    assert main(["backups", "list", "--storage", storage, "--database", ".."]) == 1
+    assert "database name '..'" in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match="'..' segment"):
+        list_backups(storage=storage, database="..", prefix="")

@@ -45,10 +45,12 @@ def sample_database(pg: PgCluster, name: str, rows: int = 20_000) -> str:
         # The inserting sessions have ended, but their statistics may still be on the way; ANALYZE sets the
         # live-tuple count, and a late flush would add the rows a second time. Wait until they arrived.
         wait_until(
-            lambda: conn.execute(
-                "SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables WHERE relname = 'images'"
-            ).fetchone()[0]
-            == rows,
+            lambda: (
+                conn.execute(
+                    "SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables WHERE relname = 'images'"
+                ).fetchone()[0]
+                == rows
+            ),
             what="the inserts into images to reach the statistics",
         )
         conn.execute("ANALYZE")
@@ -340,3 +342,39 @@ def test_unreachable_s3_endpoint_is_retried_then_fails_clearly(db: str, unique: 
     assert "cannot reach the S3 endpoint" in failure_message(state)
     retries = int(os.environ["DBOPS_TASK_RETRIES"])
     assert task_runs(state.state_details.flow_run_id)["check_storage"] == 1 + retries
+
+
+def test_an_unreadable_manifest_and_foreign_objects_are_left_alone_while_dump_and_retention_run(
+    db: str, s3: S3Endpoint, bucket: str, s3_storage: str, unique: str
+) -> None:
+    """One manifest without time zones (an older tool) once made every dump fail with a TypeError."""
+    from flows.core.objectstore import S3ObjectStore
+    from tests.test_backup_safety import write_backup
+
+    name = f"im_{unique}"  # the database the `db` block names
+    store = S3ObjectStore(s3.client(), bucket, "dbops")
+    expired = write_backup(store, 40, prefix="p", database=name)
+    naive = write_backup(store, 60, prefix="p", database=name, naive=True)
+    foreign = f"p/{name}/dumps/keep-forever/{name}-20200101T020000Z.dump.zst"
+    store.put_bytes(foreign, b"a person's copy")
+
+    report = nightly_dump(
+        database=db, storage=s3_storage, prefix="p", retention=RetentionPolicy(max_age_days=7)
+    )
+
+    assert report.deleted == [expired]
+    left = {o.key for o in store.list(f"p/{name}/")}
+    assert {naive + ".manifest.json", naive + ".dump.zst", foreign, report.key} <= left
+    assert not any(k.startswith(expired) for k in left)
+    assert any(naive + ".manifest.json" in line and "timezone" in line for line in report.left_alone)
+    assert any(foreign in line for line in report.left_alone)
+
+
+def test_prefix_that_leaves_the_storage_folder_is_refused_before_any_work(
+    db: str, tmp_path: Path, unique: str
+) -> None:
+    root = tmp_path / "backups"
+    storage = make_local_block(f"local-{unique}", root)
+    state = nightly_dump(database=db, storage=storage, prefix="../outside", return_state=True)
+    assert "prefix '../outside' contains a '..' segment" in failure_message(state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups"] and list(root.iterdir()) == []

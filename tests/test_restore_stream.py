@@ -13,6 +13,7 @@ import pytest
 from flows.core.catalog import Backup
 from flows.core.compression import Compression
 from flows.core.dump import find_tool, stream_dump
+from flows.core.layout import LEASE_MARK, manifest_key
 from flows.core.manifest import Manifest
 from flows.core.objectstore import LocalObjectStore, MiB
 from flows.core.postgres import ConnParams
@@ -74,6 +75,8 @@ def test_changed_byte_found_at_end_of_stream_kills_pg_restore_before_it_commits(
         compression_level=0,
         dump_options=[],
     )
+    stem = key.split(".dump", 1)[0]
+    store.put_bytes(manifest_key(stem), manifest.to_json())  # a backup has one (the restore leases it)
     if compression is Compression.none:
         (tmp_path / key).write_bytes(flip_one_byte_of_row_data((tmp_path / key).read_bytes()))
     else:  # the same effect for a zstd object: the stored bytes are not the ones the manifest describes
@@ -86,7 +89,7 @@ def test_changed_byte_found_at_end_of_stream_kills_pg_restore_before_it_commits(
 
     request = RestoreRequest(
         store=store,
-        backup=Backup(key.removesuffix(".dump"), manifest, [key]),
+        backup=Backup(stem, manifest, [key]),
         target=params(pg, name),
         tool=find_tool("pg_restore", version),
         mode="replace",
@@ -95,3 +98,53 @@ def test_changed_byte_found_at_end_of_stream_kills_pg_restore_before_it_commits(
         restore_backup(request, on_start=seen, log=lambda _: None)
     assert content(pg, name) == before
     assert not store.exited_early  # pg_restore was still waiting for its last bytes
+
+
+def test_restore_holds_a_read_lease_while_pg_restore_runs_and_removes_it_after(
+    pg: PgCluster, unique: str, tmp_path: Path
+) -> None:
+    """Retention never deletes a backup a restore reads: the lease is there while pg_restore runs."""
+    name = sample_database(pg, f"lease_{unique}", rows=500)
+    version = int(pg.sql("SHOW server_version_num")[0][0])
+    store = LocalObjectStore(tmp_path)
+    stem = f"x/{name}/dumps/2026/01/01/{name}-20260101T000000Z"
+    dumped = stream_dump(
+        params(pg, name),
+        store,
+        stem + ".dump",
+        tool=find_tool("pg_dump", version),
+        compression=Compression.none,
+        level=0,
+    )
+    manifest = Manifest(
+        database=name,
+        server="x",
+        server_version="15",
+        pg_dump_version="15",
+        started_at=datetime.now(UTC),
+        ended_at=datetime.now(UTC),
+        dump_key=dumped.key,
+        bytes=dumped.bytes,
+        raw_bytes=dumped.raw_bytes,
+        sha256=dumped.sha256,
+        compression=Compression.none,
+        compression_level=0,
+        dump_options=[],
+    )
+    store.put_bytes(manifest_key(stem), manifest.to_json())
+    seen: list[list[str]] = []
+
+    def leases_now(_: subprocess.Popen[bytes]) -> None:
+        seen.append([o.key for o in store.list(stem) if LEASE_MARK in o.key])
+
+    request = RestoreRequest(
+        store=store,
+        backup=Backup(stem, manifest, [dumped.key, manifest_key(stem)]),
+        target=params(pg, f"{name}_copy"),
+        tool=find_tool("pg_restore", version),
+        run_id="r1",
+    )
+    restore_backup(request, on_start=leases_now, log=lambda _: None)
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(stem + ".reading-r1-")
+    assert [o.key for o in store.list(stem) if LEASE_MARK in o.key] == []
+    assert pg.sql("SELECT count(*) FROM images", f"{name}_copy")[0][0] == 500

@@ -3,6 +3,11 @@
 Only a dump with a manifest is a backup. Dumps without one are orphans (a run that died, or one still
 in progress: hence the age threshold before anything removes them). Manifests are read concurrently,
 because a few years of nightly backups is thousands of small objects.
+
+Everything else is left alone and reported, never guessed at: keys that are not exactly this database's
+layout (foreign), manifests that cannot be read or that describe another database or object (unreadable,
+foreign), objects that vanished between the listing and the read (skipped: someone else deleted them).
+One bad object never stops the others from being listed, restored or expired.
 """
 
 from __future__ import annotations
@@ -14,16 +19,28 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
-from flows.core.layout import Listing, dumps_prefix, group_listing
-from flows.core.manifest import Manifest
+from flows.core.errors import ObjectNotFound
+from flows.core.layout import DRILL_SUFFIX, Listing, dumps_prefix, group_listing, parse_key
+from flows.core.leases import Lease, read_lease
+from flows.core.manifest import Manifest, why_invalid
 from flows.core.objectstore import ObjectStore
+
+__all__ = [
+    "DRILL_SUFFIX",
+    "Backup",
+    "Catalog",
+    "deletion_order",
+    "drill_key",
+    "read_catalog",
+    "read_sidecars",
+]
 
 
 @dataclass
 class Backup:
     stem: str
     manifest: Manifest
-    keys: list[str]  # every object of this backup: dump, manifest, globals, sidecars
+    keys: list[str]  # every object of this backup: dump, manifest, globals, sidecars (never leases)
 
 
 @dataclass
@@ -31,6 +48,10 @@ class Catalog:
     backups: list[Backup]  # newest first (by manifest end time)
     orphans: list[tuple[str, list[str], datetime]]  # (stem, keys, dump last-modified)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (manifest key, why)
+    foreign: list[tuple[str, str]] = field(default_factory=list)  # (key, why it is not ours)
+    leftovers: list[tuple[str, list[str]]] = field(default_factory=list)  # sidecars of a deleted backup
+    leases: dict[str, list[tuple[str, Lease | str]]] = field(default_factory=dict)  # stem -> (key, lease|why)
+    vanished: list[str] = field(default_factory=list)  # manifests deleted between listing and reading
 
     def newest(self, verified_only: bool = True) -> Backup | None:
         for b in self.backups:
@@ -41,31 +62,86 @@ class Catalog:
     def stale_orphans(
         self, now: datetime, min_age: timedelta = timedelta(days=1)
     ) -> list[tuple[str, list[str]]]:
-        """Orphans old enough that no running dump can still own them."""
-        return [(stem, keys) for stem, keys, modified in self.orphans if now - modified > min_age]
+        """Orphans old enough that no running dump can still own them (and that nobody is reading)."""
+        in_use = self.in_use(now)
+        return [
+            (stem, keys)
+            for stem, keys, modified in self.orphans
+            if now - modified > min_age and stem not in in_use
+        ]
+
+    def in_use(self, now: datetime) -> dict[str, str]:
+        """stem -> who reads it, for stems with an unexpired lease (or an unreadable one: fail closed)."""
+        found: dict[str, str] = {}
+        for stem, leases in self.leases.items():
+            for key, lease in leases:
+                if isinstance(lease, str):
+                    found[stem] = f"{key}: {lease}"
+                elif lease.expires_at > now:
+                    found[stem] = (
+                        f"{lease.purpose} run {lease.run_id} until {lease.expires_at:%Y-%m-%d %H:%M}Z"
+                    )
+        return found
+
+    def expired_leases(self, now: datetime) -> list[str]:
+        return [
+            key
+            for leases in self.leases.values()
+            for key, lease in leases
+            if not isinstance(lease, str) and lease.expires_at <= now
+        ]
+
+
+def _belongs(manifest: Manifest, stem: str, prefix: str, database: str) -> str:
+    """Why this manifest does not describe the backup at `stem` ("" when it does)."""
+    if manifest.database != database:
+        return f"manifest names database {manifest.database!r}, not {database!r}"
+    parsed = parse_key(manifest.dump_key, prefix, database)
+    if parsed is None or parsed.kind != "dump" or parsed.stem != stem:
+        return f"manifest names dump key {manifest.dump_key!r}, not one beside it"
+    return ""
 
 
 def read_catalog(store: ObjectStore, prefix: str, database: str, workers: int = 16) -> Catalog:
-    listing: Listing = group_listing(store.list(dumps_prefix(prefix, database)))
+    listing: Listing = group_listing(store.list(dumps_prefix(prefix, database)), prefix, database)
 
     def read(stem: str) -> tuple[str, Manifest | None, str]:
         key = listing.manifests[stem]
         try:
-            return stem, Manifest.from_json(store.get_bytes(key)), ""
+            manifest = Manifest.from_json(store.get_bytes(key))
+        except ObjectNotFound:
+            return stem, None, "vanished"
         except (ValueError, ValidationError) as exc:
-            return stem, None, f"unreadable manifest: {str(exc).splitlines()[0]}"
+            return stem, None, f"unreadable manifest ({why_invalid(exc)}); left alone, fix or remove it"
+        return stem, manifest, ""
 
     backups: list[Backup] = []
     unreadable: list[tuple[str, str]] = []
+    foreign: list[tuple[str, str]] = [
+        (key, "not in this database's backup layout") for key in listing.foreign
+    ]
+    vanished: list[str] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for stem, manifest, why in pool.map(read, list(listing.manifests)):
+            key = listing.manifests[stem]
             if manifest is None:
-                unreadable.append((listing.manifests[stem], why))
+                (vanished.append(key) if why == "vanished" else unreadable.append((key, why)))
+                continue
+            other = _belongs(manifest, stem, prefix, database)
+            if other:
+                foreign.append((key, f"{other}; this backup's objects are left alone"))
                 continue
             backups.append(Backup(stem, manifest, sorted(listing.objects[stem])))
     backups.sort(key=lambda b: (b.manifest.ended_at, b.stem), reverse=True)
     orphans = [(stem, sorted(listing.objects[stem]), listing.dump_times[stem]) for stem in listing.orphans]
-    return Catalog(backups, orphans, unreadable)
+    leftovers = [(stem, sorted(listing.objects[stem])) for stem in listing.leftovers]
+    leases: dict[str, list[tuple[str, Lease | str]]] = {}
+    for stem, keys in listing.leases.items():
+        for key in keys:
+            lease = read_lease(store, key)
+            if lease is not None:
+                leases.setdefault(stem, []).append((key, lease))
+    return Catalog(backups, orphans, unreadable, sorted(foreign), leftovers, leases, vanished)
 
 
 def deletion_order(keys: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -79,8 +155,6 @@ def deletion_order(keys: Iterable[str]) -> tuple[list[str], list[str]]:
 
 # -- sidecars (added for restore drills) -------------------------------------------------------------------
 
-DRILL_SUFFIX = ".drill.json"
-
 
 def drill_key(stem: str) -> str:
     """`<stem>.drill.json`: the last restore drill of this backup (written by restore_drill)."""
@@ -88,11 +162,17 @@ def drill_key(stem: str) -> str:
 
 
 def read_sidecars(store: ObjectStore, catalog: Catalog, suffix: str, workers: int = 16) -> dict[str, bytes]:
-    """stem -> content of `<stem><suffix>` for the backups that have one, read concurrently."""
+    """stem -> content of `<stem><suffix>` for the backups that have one, read concurrently.
+
+    A sidecar deleted between the listing and the read is skipped.
+    """
     wanted = [(b.stem, b.stem + suffix) for b in catalog.backups if b.stem + suffix in b.keys]
 
-    def read(item: tuple[str, str]) -> tuple[str, bytes]:
-        return item[0], store.get_bytes(item[1])
+    def read(item: tuple[str, str]) -> tuple[str, bytes | None]:
+        try:
+            return item[0], store.get_bytes(item[1])
+        except ObjectNotFound:
+            return item[0], None
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(pool.map(read, wanted))
+        return {stem: data for stem, data in pool.map(read, wanted) if data is not None}

@@ -12,10 +12,9 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass
-from datetime import datetime
 
 import psycopg
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 
 from flows.core.dump import PgTool, _error_summary
 from flows.core.manifest import Manifest
@@ -44,7 +43,7 @@ class DrillRecord(BaseModel):
 
     format_version: int = DRILL_FORMAT_VERSION
     dump_key: str
-    drilled_at: datetime
+    drilled_at: AwareDatetime
     passed: bool
     rto_seconds: float = Field(description="Seconds from the start of the restore until it was usable.")
     restored_bytes: int = 0

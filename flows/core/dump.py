@@ -320,11 +320,13 @@ def stream_dump(
     progress: Callable[[int, int], None] | None = None,
     on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
     min_bytes: int = MIN_DUMP_BYTES,
+    if_absent: bool = False,
 ) -> DumpResult:
     """Run pg_dump and stream its output into `key`; returns sizes and the stored object's sha256.
 
     `progress(raw_bytes, stored_bytes)` is called as data flows; `on_start` sees the pg_dump process
-    (tests use it to kill pg_dump mid-stream).
+    (tests use it to kill pg_dump mid-stream). `if_absent`: the object is created only if `key` is still
+    free when it completes (`ObjectExists` otherwise, nothing replaced).
     """
     argv = pg_dump_argv(tool, compression, level, lock_wait_timeout_s=lock_wait_timeout_s, extra=extra_args)
     started = datetime.now(UTC)
@@ -341,7 +343,9 @@ def stream_dump(
                 if progress:
                     progress(run.raw_bytes, stored[0])
 
-            put = store.put_stream(key, _hashing(body, digest, stored), part_size=part_size, progress=report)
+            put = store.put_stream(
+                key, _hashing(body, digest, stored), part_size=part_size, progress=report, if_absent=if_absent
+            )
         finally:
             run.stop()
     if run.raw_bytes < min_bytes:

@@ -47,6 +47,14 @@ class StorageError(DbopsError):
     """A permanent storage problem (missing bucket, access denied)."""
 
 
+class ObjectExists(StorageError):
+    """A conditional create found the key taken: another writer won, nothing was replaced."""
+
+
+class ObjectNotFound(StorageError):
+    """The object is not there (never was, or deleted since it was listed)."""
+
+
 class StorageUnavailable(TransientError):
     """S3 5xx, SlowDown, connection reset: retried."""
 

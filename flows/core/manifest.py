@@ -7,10 +7,9 @@ It never contains a password: connection details are reduced to host, port and d
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field, ValidationError
 
 from flows.core.compression import Compression
 
@@ -19,7 +18,7 @@ FORMAT_VERSION = 1
 
 class Verification(BaseModel):
     method: Literal["none", "list", "full"]
-    verified_at: datetime | None = None
+    verified_at: AwareDatetime | None = None
     detail: str = ""
 
 
@@ -29,8 +28,9 @@ class Manifest(BaseModel):
     server: str = Field(description="host:port the dump was taken from.")
     server_version: str
     pg_dump_version: str
-    started_at: datetime
-    ended_at: datetime
+    # Aware only: a timestamp without a zone cannot be placed in a UTC day, nor compared with the others.
+    started_at: AwareDatetime
+    ended_at: AwareDatetime
     dump_key: str
     bytes: int = Field(description="Size of the stored object.")
     raw_bytes: int = Field(description="Size of pg_dump's own output before our compression.")
@@ -62,3 +62,15 @@ class Manifest(BaseModel):
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
         return cls.model_validate(json.loads(data))
+
+
+def why_invalid(exc: Exception) -> str:
+    """The first problem of an invalid JSON document in a few words, e.g. `ended_at: Input should have
+    timezone info (and 2 more)`; pydantic's own first line only says how many errors there are."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors()
+        first = errors[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "document"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return f"{where}: {first.get('msg', 'invalid')}{more}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -8,6 +8,7 @@ local files are written under a temporary name and renamed only when complete.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import threading
@@ -16,10 +17,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from flows.core.errors import StorageError, StorageUnavailable
+from flows.core.errors import ObjectExists, ObjectNotFound, StorageError, StorageUnavailable
 
 MiB = 1024 * 1024
 S3_MIN_PART = 5 * MiB
@@ -34,6 +35,15 @@ class ObjectInfo:
     key: str
     size: int
     last_modified: datetime
+
+
+@dataclass(frozen=True)
+class IncompleteWrite:
+    """A write that never finished: an open S3 multipart upload, or a local `.partial-` file."""
+
+    key: str  # the key it was meant to become
+    started: datetime
+    handle: str  # S3 upload id, or the temporary file's key
 
 
 @dataclass(frozen=True)
@@ -82,11 +92,16 @@ class ObjectStore(ABC):
         *,
         part_size: int = DEFAULT_PART_SIZE,
         progress: Callable[[int], None] | None = None,
+        if_absent: bool = False,
     ) -> PutResult:
-        """Store a stream of unknown length; the object appears only when the stream ended cleanly."""
+        """Store a stream of unknown length; the object appears only when the stream ended cleanly.
+
+        `if_absent`: the object is created only if no object has that key when it appears (S3
+        `If-None-Match: *`, a hard link for a directory); otherwise `ObjectExists` and nothing is replaced.
+        """
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
 
     @abstractmethod
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
@@ -105,13 +120,34 @@ class ObjectStore(ABC):
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.get_stream(key))
 
+    def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
+        """Writes under `prefix` that were started and never finished (none by default)."""
+        return []
+
+    def discard_incomplete(self, writes: Iterable[IncompleteWrite]) -> int:
+        """Abort or remove what `incomplete_writes` found; returns how many were discarded."""
+        return 0
+
     def check_writable(self, prefix: str) -> None:
-        """Preflight: write, read back and delete a marker, so a dump never starts into a dead end."""
+        """Preflight: write, read back and delete a marker, so a dump never starts into a dead end.
+
+        Also checks that a conditional create of a taken key is refused: dump keys rely on it so that two
+        dumps started in the same second never overwrite each other, and a store that silently ignores
+        the condition would make that a silent overwrite (fail closed).
+        """
         key = f"{prefix.rstrip('/')}/.dbops-write-check-{secrets.token_hex(6)}"
-        self.put_bytes(key, b"dbops write check\n")
+        self.put_bytes(key, b"dbops write check\n", if_absent=True)
         try:
             if self.get_bytes(key) != b"dbops write check\n":
                 raise StorageError(f"{self.url}/{key} did not read back what was written; check the storage")
+            try:
+                self.put_bytes(key, b"dbops second writer\n", if_absent=True)
+            except ObjectExists:
+                return
+            raise StorageError(
+                f"{self.url} ignores conditional writes (If-None-Match: *), so two dumps started in the same "
+                "second could overwrite each other; use storage that supports them (AWS S3, MinIO 2024+)"
+            )
         finally:
             self.delete([key])
 
@@ -203,8 +239,32 @@ class S3ObjectStore(ObjectStore):
         except Exception as exc:  # translated below, never swallowed
             raise _translate_s3_error(exc, self.bucket, action) from exc
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._call("put", self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+    def _exists_error(self, exc: Exception, key: str) -> ObjectExists | None:
+        """S3's answer to a lost `If-None-Match: *` race: 412 PreconditionFailed (409 while in flight)."""
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+                return ObjectExists(
+                    f"{self.url}/{key} already exists (another writer created it first); nothing was replaced"
+                )
+        return None
+
+    def _conditional(self, action: str, fn: Callable[..., Any], key: str, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except Exception as exc:
+            exists = self._exists_error(exc, key)
+            if exists is not None:
+                raise exists from exc
+            raise _translate_s3_error(exc, self.bucket, action) from exc
+
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        self._conditional(
+            "put", self.client.put_object, key, Bucket=self.bucket, Key=self._key(key), Body=data, **extra
+        )
 
     def put_stream(
         self,
@@ -213,6 +273,7 @@ class S3ObjectStore(ObjectStore):
         *,
         part_size: int = DEFAULT_PART_SIZE,
         progress: Callable[[int], None] | None = None,
+        if_absent: bool = False,
     ) -> PutResult:
         full = self._key(key)
         base = max(part_size, S3_MIN_PART)
@@ -275,13 +336,15 @@ class S3ObjectStore(ObjectStore):
             for fut in in_flight:
                 fut.result()
             ordered = [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]
-            self._call(
+            self._conditional(
                 "complete multipart upload",
                 self.client.complete_multipart_upload,
+                key,
                 Bucket=self.bucket,
                 Key=full,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": ordered},
+                **({"IfNoneMatch": "*"} if if_absent else {}),
             )
             completed = True
             return PutResult(key=key, bytes=total, parts=len(ordered))
@@ -306,7 +369,18 @@ class S3ObjectStore(ObjectStore):
             raise _translate_s3_error(exc, self.bucket, "list") from exc
 
     def get_stream(self, key: str, chunk_size: int = MiB) -> Iterator[bytes]:
-        resp = self._call("get", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        from botocore.exceptions import ClientError
+
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
+                raise ObjectNotFound(
+                    f"{self.url}/{key} does not exist (deleted since it was listed?)"
+                ) from exc
+            raise _translate_s3_error(exc, self.bucket, "get") from exc
+        except Exception as exc:
+            raise _translate_s3_error(exc, self.bucket, "get") from exc
         body = resp["Body"]
         try:
             while True:
@@ -374,6 +448,39 @@ class S3ObjectStore(ObjectStore):
         )
         return [self._rel(u["Key"]) for u in resp.get("Uploads", [])]
 
+    def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
+        """Open multipart uploads under `prefix`, every page (a dead upload keeps its parts, and its cost)."""
+        found: list[IncompleteWrite] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key(prefix)}
+        while True:
+            resp = self._call("list multipart uploads", self.client.list_multipart_uploads, **kwargs)
+            for upload in resp.get("Uploads", []):
+                found.append(
+                    IncompleteWrite(self._rel(upload["Key"]), upload["Initiated"], upload["UploadId"])
+                )
+            if not resp.get("IsTruncated"):
+                return found
+            kwargs["KeyMarker"] = resp.get("NextKeyMarker", "")
+            kwargs["UploadIdMarker"] = resp.get("NextUploadIdMarker", "")
+
+    def discard_incomplete(self, writes: Iterable[IncompleteWrite]) -> int:
+        from botocore.exceptions import ClientError
+
+        done = 0
+        for write in writes:
+            try:
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(write.key), UploadId=write.handle
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    continue  # finished or aborted meanwhile
+                raise _translate_s3_error(exc, self.bucket, "abort multipart upload") from exc
+            except Exception as exc:
+                raise _translate_s3_error(exc, self.bucket, "abort multipart upload") from exc
+            done += 1
+        return done
+
 
 # -- local directory ---------------------------------------------------------------------------------------
 
@@ -391,14 +498,39 @@ class LocalObjectStore(ObjectStore):
             raise StorageError(f"key {key!r} escapes the storage directory {self.root}")
         return path
 
+    def _publish(self, tmp: Path, path: Path, key: str) -> None:
+        """Make the finished temporary file visible as `path` without replacing anything there.
+
+        link(2) fails with EEXIST when the name exists, atomically, also on NFS: of two writers racing for
+        one key exactly one wins. Filesystems without hard links get an O_EXCL placeholder first.
+        """
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise ObjectExists(
+                f"{self.url}/{key} already exists (another writer created it first); nothing was replaced"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV}:
+                raise
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                raise ObjectExists(
+                    f"{self.url}/{key} already exists (another writer created it first); nothing was replaced"
+                ) from None
+            os.replace(tmp, path)
+            return
+        tmp.unlink()
+
     def _ensure_root(self) -> None:
         if not self.root.is_dir():
             raise StorageError(
                 f"local storage directory {self.root} does not exist; create it or fix basepath in the block"
             )
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self.put_stream(key, [data])
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        self.put_stream(key, [data], if_absent=if_absent)
 
     def put_stream(
         self,
@@ -407,6 +539,7 @@ class LocalObjectStore(ObjectStore):
         *,
         part_size: int = DEFAULT_PART_SIZE,
         progress: Callable[[int], None] | None = None,
+        if_absent: bool = False,
     ) -> PutResult:
         self._ensure_root()
         path = self._path(key)
@@ -426,7 +559,10 @@ class LocalObjectStore(ObjectStore):
                         progress(total)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if if_absent:
+                self._publish(tmp, path, key)
+            else:
+                os.replace(tmp, path)
             ok = True
         except PermissionError as exc:
             raise StorageError(
@@ -437,11 +573,17 @@ class LocalObjectStore(ObjectStore):
                 tmp.unlink(missing_ok=True)
         return PutResult(key=key, bytes=total, parts=1)
 
+    def _walk_start(self, prefix: str) -> Path:
+        """The deepest directory the prefix names, confined to the root (`..` never lists outside it)."""
+        if ".." in PurePosixPath(prefix).parts:
+            raise StorageError(f"prefix {prefix!r} escapes the storage directory {self.root}")
+        return self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         self._ensure_root()
         prefix = prefix.lstrip("/")
         # Walk only below the deepest directory the prefix names; filter by the rest of the prefix.
-        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        start = self._walk_start(prefix)
         if not start.is_dir():
             return
         for dirpath, dirnames, filenames in os.walk(start):
@@ -460,7 +602,7 @@ class LocalObjectStore(ObjectStore):
         try:
             f = open(path, "rb")
         except FileNotFoundError as exc:
-            raise StorageError(f"{self.url}/{key} does not exist") from exc
+            raise ObjectNotFound(f"{self.url}/{key} does not exist") from exc
         with f:
             while chunk := f.read(chunk_size):
                 yield chunk
@@ -489,3 +631,37 @@ class LocalObjectStore(ObjectStore):
                     break
                 parent = parent.parent
         return deleted
+
+    def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
+        """`.<name>.partial-<token>` files under `prefix`: a writer that died before its rename."""
+        self._ensure_root()
+        prefix = prefix.lstrip("/")
+        start = self._walk_start(prefix)
+        if not start.is_dir():
+            return []
+        found: list[IncompleteWrite] = []
+        for dirpath, _dirnames, filenames in os.walk(start):
+            for name in filenames:
+                if not name.startswith(".") or ".partial-" not in name:
+                    continue
+                full = Path(dirpath) / name
+                rel = full.relative_to(self.root).as_posix()
+                meant = (Path(dirpath) / name[1:].rsplit(".partial-", 1)[0]).relative_to(self.root).as_posix()
+                if not meant.startswith(prefix):
+                    continue
+                try:
+                    st = full.stat()
+                except FileNotFoundError:
+                    continue  # finished (renamed) or removed meanwhile
+                found.append(IncompleteWrite(meant, datetime.fromtimestamp(st.st_mtime, UTC), rel))
+        return sorted(found, key=lambda w: w.handle)
+
+    def discard_incomplete(self, writes: Iterable[IncompleteWrite]) -> int:
+        done = 0
+        for write in writes:
+            try:
+                self._path(write.handle).unlink()
+                done += 1
+            except FileNotFoundError:
+                continue
+        return done

@@ -236,7 +236,11 @@ class BlockerWatch:
                     for _, event, pid, app, state, xact_start, query in rows:
                         if pid not in self.blockers:
                             self.blockers[pid] = Blocker(
-                                pid, app or "", state or "", xact_start or "-", query or "",
+                                pid,
+                                app or "",
+                                state or "",
+                                xact_start or "-",
+                                query or "",
                                 waiting_for(event),
                             )
                     if self.progress is not None and time.monotonic() - last_report >= self.progress_interval:

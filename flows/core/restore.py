@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +42,14 @@ from flows.core.dump import PgTool, _error_summary, _hashing, _StderrCollector, 
 from flows.core.errors import ConfigurationError, DatabaseMissing, DbopsError, TransientError, is_transient
 from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.layout import MANIFEST_SUFFIX
+from flows.core.leases import release_lease, take_lease
+from flows.core.listing import (  # noqa: F401 - moved to flows.core.listing, still importable from here
+    age_hours,
+    format_table,
+    is_stale,
+    stale_message,
+    staleness_hours,
+)
 from flows.core.manifest import Manifest
 from flows.core.objectstore import ObjectStore
 from flows.core.postgres import ConnParams, connect, libpq_environment, scrub
@@ -514,6 +522,11 @@ class RestoreRequest:
     guard: Guard | None = None
 
 
+#: how long a reader's lease outlives its own time limit (a reader that died holds the backup until then)
+LEASE_MARGIN = timedelta(hours=1)
+LEASE_WITHOUT_TIMEOUT = timedelta(hours=24)
+
+
 def restore_backup(
     req: RestoreRequest,
     *,
@@ -526,7 +539,29 @@ def restore_backup(
     With a guard, the target is re-identified on the maintenance connection right before each step that
     drops, renames onto or replaces it: a block that now leads to another server, or a database that was
     recreated since the plan, or a protected one, is refused before anything happens to it.
+
+    The backup is leased while it is read (`<stem>.reading-<run>.json`), so retention never deletes it
+    under the restore; the lease is removed afterwards, whatever happened.
     """
+    ttl = (timedelta(seconds=req.timeout_s) if req.timeout_s else LEASE_WITHOUT_TIMEOUT) + LEASE_MARGIN
+    reader = f"{req.run_id or 'manual'}-{secrets.token_hex(4)}"
+    lease = take_lease(req.store, req.backup.stem, reader, f"restore into {req.target.database}", ttl)
+    try:
+        return _restore_backup(req, progress=progress, log=log, on_start=on_start)
+    finally:
+        try:
+            release_lease(req.store, lease)
+        except Exception as exc:  # it expires on its own; the restore's outcome matters more
+            log(f"could not remove the read lease {lease} ({exc}); it expires by itself")
+
+
+def _restore_backup(
+    req: RestoreRequest,
+    *,
+    progress: Callable[[int], None] | None,
+    log: Callable[[str], None],
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None,
+) -> RestoreResult:
     name = req.target.database
 
     def guard(conn: psycopg.Connection) -> None:
@@ -619,71 +654,3 @@ def restore_backup(
     result.identity = identity
     result.ended_at = datetime.now(UTC)
     return result
-
-
-# -- listing -----------------------------------------------------------------------------------------------
-
-
-def age_hours(when: datetime, now: datetime | None = None) -> float:
-    return ((now or datetime.now(UTC)) - when).total_seconds() / 3600
-
-
-def staleness_hours(catalog: Catalog, now: datetime | None = None) -> float | None:
-    """Hours since the newest backup (with a manifest) ended; None when there is none."""
-    newest = catalog.newest(verified_only=False)
-    return None if newest is None else round(age_hours(newest.manifest.ended_at, now), 2)
-
-
-def is_stale(hours: float | None, threshold_hours: float) -> bool:
-    return hours is None or hours > threshold_hours
-
-
-def stale_message(database: str, hours: float | None, threshold_hours: float) -> str:
-    if hours is None:
-        return f"there is no backup of {database!r} at all; check the nightly-dump deployment and its storage"
-    return (
-        f"the newest backup of {database!r} is {hours:.1f} h old (threshold {threshold_hours:g} h); "
-        "check that the nightly-dump deployment runs and completes"
-    )
-
-
-def backup_rows(
-    catalog: Catalog, drills: dict[str, object], now: datetime | None = None
-) -> list[dict[str, str]]:
-    """One row per backup, newest first: what `dbops backups list` and the list-backups artifact show."""
-    from flows.core.drill import DrillRecord
-
-    rows: list[dict[str, str]] = []
-    for b in catalog.backups:
-        m = b.manifest
-        drill = drills.get(b.stem)
-        rows.append(
-            {
-                "time": f"{m.ended_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z",
-                "age": f"{age_hours(m.ended_at, now):.1f} h",
-                "size": _human(m.bytes),
-                "raw": _human(m.raw_bytes),
-                "compression": m.compression.value,
-                "verified": m.verification.method if m.verified else "no",
-                "drilled": drill.describe() if isinstance(drill, DrillRecord) else "never",
-                "alembic": m.alembic_revision or "-",
-                "key": m.dump_key,
-            }
-        )
-    return rows
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def format_table(rows: list[dict[str, str]], columns: list[str]) -> str:
-    """A plain fixed-width table for terminals."""
-    widths = {c: max([len(c)] + [len(r.get(c, "")) for r in rows]) for c in columns}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
-    lines += ["  ".join(r.get(c, "").ljust(widths[c]) for c in columns).rstrip() for r in rows]
-    return "\n".join(lines)

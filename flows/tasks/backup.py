@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 
 from blocks.postgres import PostgresDatabase
 from blocks.storage import load_block, load_store
-from flows.core.catalog import Catalog, deletion_order, read_catalog
+from flows.core.catalog import Catalog, read_catalog
 from flows.core.compression import SUFFIX, Compression
 from flows.core.dump import (
     DumpResult,
@@ -22,8 +22,9 @@ from flows.core.dump import (
     stream_dump,
     verify_stored_dump,
 )
-from flows.core.errors import ConfigurationError, DumpFailed, PermissionDenied
-from flows.core.layout import backup_stem, dump_key, globals_key, manifest_key
+from flows.core.errors import ConfigurationError, DumpFailed, ObjectExists, PermissionDenied, TransientError
+from flows.core.expiry import Cleanup, carry_out, plan_cleanup
+from flows.core.layout import backup_stem, check_database_name, dump_key, globals_key, manifest_key
 from flows.core.manifest import Manifest, Verification
 from flows.core.objectstore import part_size_for
 from flows.core.postgres import (
@@ -86,6 +87,7 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
         revision = alembic_revision(conn)
         estimates, planner = table_row_estimates(conn)
         tables = dumpable_tables(conn)
+    check_database_name(params.database)  # it names the backup folder: no `..`, no slash
     pg_dump = find_tool("pg_dump", version_num, pg_bindir)
     pg_restore = find_tool("pg_restore", version_num, pg_bindir)
     logger.info(
@@ -123,6 +125,10 @@ def check_storage(storage: str, prefix: str) -> str:
     return store.url
 
 
+class StemTaken(TransientError):
+    """Another dump created the same key first; a retry picks the next free name."""
+
+
 @task(name="upload_dump", cache_policy=NONE, **retry_policy())
 def upload_dump(
     pre: Preflight,
@@ -139,12 +145,15 @@ def upload_dump(
 
     `expected_bytes` (the previous backup's pg_dump output) only feeds the progress ETA: a dump's size is
     not known until it ends, and last night's is the best guess a person watching has.
+
+    The key is created conditionally (S3 If-None-Match, a hard link locally): of two dumps that started in
+    the same second, one wins the name and the other is discarded and retried under the next free name.
     """
     store = load_store(storage)
     when = datetime.now(UTC).replace(microsecond=0)
     stem = backup_stem(prefix, pre.database, when)
-    while store.head(manifest_key(stem)) or store.head(dump_key(stem, SUFFIX[compression])):
-        when += timedelta(seconds=1)  # two runs in one second must not overwrite each other's backup
+    while store.head(manifest_key(stem)) or any(store.head(dump_key(stem, s)) for s in set(SUFFIX.values())):
+        when += timedelta(seconds=1)  # taken: the conditional create below settles any race that is left
         stem = backup_stem(prefix, pre.database, when)
     key = dump_key(stem, SUFFIX[compression])
     # Our zstd output is usually a fifth to a third of the database size; part sizes are chosen
@@ -164,20 +173,27 @@ def upload_dump(
                 snapshot.release()  # pg_dump imported the snapshot before it wrote its first byte
             progress(raw, stored)
 
-        result = stream_dump(
-            pre.params,
-            store,
-            key,
-            tool=pre.pg_dump,
-            compression=compression,
-            level=level,
-            part_size=part_size,
-            lock_wait_timeout_s=lock_wait_timeout_s,
-            extra_args=[f"--snapshot={snapshot.facts.snapshot}"],
-            zstd_threads=zstd_threads,
-            progress=on_progress,
-            min_bytes=min_bytes,
-        )
+        try:
+            result = stream_dump(
+                pre.params,
+                store,
+                key,
+                tool=pre.pg_dump,
+                compression=compression,
+                level=level,
+                part_size=part_size,
+                lock_wait_timeout_s=lock_wait_timeout_s,
+                extra_args=[f"--snapshot={snapshot.facts.snapshot}"],
+                zstd_threads=zstd_threads,
+                progress=on_progress,
+                min_bytes=min_bytes,
+                if_absent=True,
+            )
+        except ObjectExists as exc:
+            raise StemTaken(
+                f"another dump of {pre.database} created {key} first (same second); this copy was discarded "
+                "without replacing it, and the task retries under the next free name"
+            ) from exc
     result.facts = snapshot.facts
     logger.info(
         "stored %s (%s from %s of pg_dump output) in %.1f s, %s/s",
@@ -297,7 +313,18 @@ def write_manifest(
         ),
         dbops_version=__version__,
     )
-    load_store(storage).put_bytes(manifest_key(stem), manifest.to_json())
+    store = load_store(storage)
+    try:
+        store.put_bytes(manifest_key(stem), manifest.to_json(), if_absent=True)
+    except ObjectExists:
+        # Ours if an earlier attempt of this task wrote it and only the answer was lost; never replaced.
+        existing = Manifest.from_json(store.get_bytes(manifest_key(stem)))
+        if (existing.dump_key, existing.sha256) != (result.key, result.sha256):
+            raise DumpFailed(
+                f"another dump already wrote {manifest_key(stem)} (same second); it was not replaced, and "
+                f"this dump {result.key} has no manifest (an orphan retention removes); run the dump again"
+            ) from None
+        return existing
     return manifest
 
 
@@ -311,24 +338,18 @@ def plan_from_catalog(catalog: Catalog, policy: RetentionPolicy, now: datetime) 
     return plan_retention(records, policy, now)
 
 
+@task(name="plan_cleanup", cache_policy=NONE, **retry_policy())
+def plan_backup_cleanup(
+    storage: str, catalog: Catalog, plan: RetentionPlan, now: datetime, prefix: str, database: str
+) -> Cleanup:
+    """What retention will delete (expired backups, leftovers, old incomplete uploads) and leave alone."""
+    return plan_cleanup(load_store(storage), catalog, plan, now, prefix, database)
+
+
 @task(name="delete_expired_backups", cache_policy=NONE, **retry_policy())
-def delete_expired_backups(
-    storage: str, catalog: Catalog, plan: RetentionPlan, now: datetime
-) -> dict[str, int]:
-    """Delete what the plan expires plus stale orphans; manifests first, in batches of at most 1000."""
-    store = load_store(storage)
-    keys_of = {b.stem: b.keys for b in catalog.backups}
-    newest = catalog.newest()
-    doomed = [r.stem for r in plan.delete]
-    if newest is not None and newest.stem in doomed:  # the planner guarantees this; we check again
-        raise ConfigurationError(
-            f"retention planned to delete the newest verified backup {newest.stem}; refusing"
-        )
-    keys = [k for stem in doomed for k in keys_of[stem]]
-    orphan_keys = [k for _, ks in catalog.stale_orphans(now) for k in ks]
-    manifests, rest = deletion_order(keys)
-    deleted = store.delete(manifests) + store.delete(rest + orphan_keys)
-    return {"backups": len(doomed), "orphans": len(catalog.stale_orphans(now)), "objects": deleted}
+def delete_expired_backups(storage: str, cleanup: Cleanup, prefix: str, database: str) -> Cleanup:
+    """Delete what the cleanup plan found: manifests first, leases looked for again, then the rest."""
+    return carry_out(load_store(storage), cleanup, prefix, database)
 
 
 def require_store_kind(storage: str) -> None:

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from blocks.storage import load_store
-from flows.core.catalog import DRILL_SUFFIX, Backup, Catalog, drill_key, read_sidecars
+from flows.core.catalog import Backup, drill_key
 from flows.core.drill import (
     CheckResult,
     DrillCheck,
@@ -24,6 +24,7 @@ from flows.core.drill import (
 from flows.core.dump import PgTool, find_tool
 from flows.core.errors import ConfigurationError
 from flows.core.identity import DatabaseIdentity, Guard, identify_database
+from flows.core.listing import BackupListing, list_backups
 from flows.core.postgres import ConnParams, connect, server_version_num, version_text
 from flows.core.restore import (
     RestoreRequest,
@@ -211,12 +212,7 @@ def record_drill(
     return record
 
 
-@task(name="read_drill_records", cache_policy=NONE, **retry_policy())
-def read_drill_records(storage: str, catalog: Catalog) -> dict[str, DrillRecord]:
-    records: dict[str, DrillRecord] = {}
-    for stem, data in read_sidecars(load_store(storage), catalog, DRILL_SUFFIX).items():
-        try:
-            records[stem] = DrillRecord.from_json(data)
-        except ValueError:
-            continue
-    return records
+@task(name="read_backup_listing", cache_policy=NONE, **retry_policy())
+def read_backup_listing(storage: str, prefix: str, database: str) -> BackupListing:
+    """Backups with their drill records, and what was left alone (the same code `dbops backups list` runs)."""
+    return list_backups(load_store(storage), prefix, database)

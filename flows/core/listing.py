@@ -1,0 +1,133 @@
+"""The backup listing: one implementation behind the list-backups flow and `dbops backups list`.
+
+A row per backup (time, age, size, compression, verified, last drill, Alembic revision, key), newest
+first, then a row per object that was left alone (an unreadable manifest, a foreign object) so a person
+sees it. One bad object never breaks the listing: a drill record that cannot be read shows as
+"drill record unreadable" on its backup's row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+
+from flows.core.catalog import Catalog, read_catalog, read_sidecars
+from flows.core.drill import DrillRecord
+from flows.core.layout import DRILL_SUFFIX
+from flows.core.manifest import why_invalid
+from flows.core.objectstore import ObjectStore
+
+COLUMNS = ["time", "age", "size", "compression", "verified", "drilled", "alembic", "key"]
+DRILL_UNREADABLE = "drill record unreadable"
+
+
+def age_hours(when: datetime, now: datetime | None = None) -> float:
+    return ((now or datetime.now(UTC)) - when).total_seconds() / 3600
+
+
+def staleness_hours(catalog: Catalog, now: datetime | None = None) -> float | None:
+    """Hours since the newest backup (with a manifest) ended; None when there is none."""
+    newest = catalog.newest(verified_only=False)
+    return None if newest is None else round(age_hours(newest.manifest.ended_at, now), 2)
+
+
+def is_stale(hours: float | None, threshold_hours: float) -> bool:
+    return hours is None or hours > threshold_hours
+
+
+def stale_message(database: str, hours: float | None, threshold_hours: float) -> str:
+    if hours is None:
+        return f"there is no backup of {database!r} at all; check the nightly-dump deployment and its storage"
+    return (
+        f"the newest backup of {database!r} is {hours:.1f} h old (threshold {threshold_hours:g} h); "
+        "check that the nightly-dump deployment runs and completes"
+    )
+
+
+def read_drill_records(store: ObjectStore, catalog: Catalog) -> dict[str, DrillRecord | str]:
+    """stem -> its last drill record, or why that record cannot be read (shown on the row, not raised)."""
+    records: dict[str, DrillRecord | str] = {}
+    for stem, data in read_sidecars(store, catalog, DRILL_SUFFIX).items():
+        try:
+            records[stem] = DrillRecord.from_json(data)
+        except (ValueError, ValidationError) as exc:
+            records[stem] = f"{DRILL_UNREADABLE}: {why_invalid(exc)}"
+    return records
+
+
+def _drilled(drill: DrillRecord | str | None) -> str:
+    if drill is None:
+        return "never"
+    if isinstance(drill, str):
+        return DRILL_UNREADABLE
+    return drill.describe()
+
+
+def backup_rows(
+    catalog: Catalog, drills: dict[str, DrillRecord | str], now: datetime | None = None
+) -> list[dict[str, str]]:
+    """One row per backup, newest first: what `dbops backups list` and the list-backups artifact show."""
+    rows: list[dict[str, str]] = []
+    for b in catalog.backups:
+        m = b.manifest
+        rows.append(
+            {
+                "time": f"{m.ended_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z",
+                "age": f"{age_hours(m.ended_at, now):.1f} h",
+                "size": _human(m.bytes),
+                "raw": _human(m.raw_bytes),
+                "compression": m.compression.value,
+                "verified": m.verification.method if m.verified else "no",
+                "drilled": _drilled(drills.get(b.stem)),
+                "alembic": m.alembic_revision or "-",
+                "key": m.dump_key,
+            }
+        )
+    return rows
+
+
+def left_alone_rows(catalog: Catalog) -> list[dict[str, str]]:
+    """Objects no flow touches: unreadable manifests and foreign objects, each with the reason."""
+    rows = [{"key": key, "problem": why} for key, why in catalog.unreadable]
+    rows += [{"key": key, "problem": f"foreign: {why}"} for key, why in catalog.foreign]
+    return rows
+
+
+@dataclass
+class BackupListing:
+    database: str
+    catalog: Catalog
+    rows: list[dict[str, str]]  # one per backup, newest first
+    left_alone: list[dict[str, str]]  # key, problem
+
+    def describe(self) -> str:
+        text = f"{len(self.rows)} backup(s); {len(self.catalog.orphans)} dump(s) without a manifest"
+        if self.left_alone:
+            text += f"; {len(self.left_alone)} object(s) left alone (unreadable or foreign)"
+        return text
+
+
+def list_backups(
+    store: ObjectStore, prefix: str, database: str, now: datetime | None = None
+) -> BackupListing:
+    catalog = read_catalog(store, prefix, database)
+    rows = backup_rows(catalog, read_drill_records(store, catalog), now)
+    return BackupListing(database, catalog, rows, left_alone_rows(catalog))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_table(rows: list[dict[str, str]], columns: list[str]) -> str:
+    """A plain fixed-width table for terminals."""
+    widths = {c: max([len(c)] + [len(r.get(c, "")) for r in rows]) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
+    lines += ["  ".join(r.get(c, "").ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    return "\n".join(lines)
