@@ -61,8 +61,8 @@ class PgBouncer:
             connect_timeout=10,
         )
 
-    def connect(self, dbname: str, **kw: object) -> psycopg.Connection:
-        return psycopg.connect(self.conninfo(dbname), autocommit=True, **kw)  # type: ignore[arg-type]
+    def connect(self, dbname: str, autocommit: bool = True, **kw: object) -> psycopg.Connection:
+        return psycopg.connect(self.conninfo(dbname), autocommit=autocommit, **kw)  # type: ignore[arg-type]
 
     def admin(self, command: str) -> list[dict[str, object]]:
         """A console command (SHOW POOLS, RELOAD...) as rows of dicts."""
