@@ -19,7 +19,7 @@ from prefect.logging import disable_run_logger
 from prefect.variables import Variable
 
 from blocks import PostgresDatabase
-from flows.core.errors import ConnectionPoolerInTheWay
+from flows.core.errors import ConfigurationError, ConnectionPoolerInTheWay
 from flows.core.pooler import ServerView, connect_direct, route_signals
 from flows.core.postgres import ConnParams, connect
 from tests.conftest import make_local_block
@@ -345,3 +345,49 @@ def test_allow_pooler_accepts_session_pooling_with_a_dedicated_server_session(se
             with conn:
                 assert conn.execute("SELECT count(*) FROM images").fetchone() == (500,)
     assert route.kind == "session pooler (allowed)" and "PgBouncer 1.18.0" in route.detail
+
+
+# -- dbops setup: the application's URL is refused, PostgreSQL's own is asked for ----------------------------
+
+
+@pytest.mark.parametrize("where", ["pgbouncer on the line", "port 6432 unreachable"])
+def test_dbops_setup_refuses_the_applications_pgbouncer_url(setup: Setup, where: str) -> None:
+    from deployments.setup import DatabaseConfig, SetupConfig, run_setup
+
+    name = f"app-url-{secrets.token_hex(3)}"
+    port = setup.bouncer.port if where == "pgbouncer on the line" else 6432
+    host = setup.pg.host if where == "pgbouncer on the line" else "127.0.0.254"
+    url = f"postgresql://{setup.pg.superuser}@{host}:{port}/{setup.database}?connect_timeout=2"
+    config = SetupConfig(databases={name: DatabaseConfig(url=url, password_env="PW")})
+    with pytest.raises(ConfigurationError) as caught:
+        run_setup(config, environ={"PW": setup.pg.password})
+    message = str(caught.value)
+    assert "not the application's DATABASE_URL" in message
+    if where == "pgbouncer on the line":
+        assert message.startswith(sentence(name, setup.bouncer))
+    else:
+        assert message.startswith(f"database {name}: port 6432 is PgBouncer's")
+    with pytest.raises(ValueError):  # nothing was created
+        PostgresDatabase.load(name)
+
+
+def test_dbops_setup_takes_postgresqls_own_url_and_a_pgbouncer_console_block(setup: Setup) -> None:
+    from deployments.setup import DatabaseConfig, SetupConfig, run_setup
+
+    direct, console = f"own-url-{secrets.token_hex(3)}", f"console-{secrets.token_hex(3)}"
+    user = setup.pg.superuser
+    config = SetupConfig(
+        databases={
+            direct: DatabaseConfig(
+                url=f"postgresql://{user}@{setup.pg.host}:{setup.pg.port}/{setup.database}"
+            ),
+            console: DatabaseConfig(
+                url=f"postgresql://{user}@{setup.bouncer.host}:{setup.bouncer.port}/pgbouncer"
+            ),
+        }
+    )
+    for cfg in config.databases.values():
+        cfg.password_env = "PW"
+    report = run_setup(config, environ={"PW": setup.pg.password})
+    assert ("block", f"postgres-database/{direct}", "created") in report.items
+    assert ("block", f"postgres-database/{console}", "created") in report.items
