@@ -291,6 +291,25 @@ def test_signals_are_the_server_port_and_the_client_endpoint() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("fatal", "pgbouncer"),
+    [
+        ("not allowed", True),  # a user outside admin_users / stats_users at the console
+        ("no such database: postgres", True),
+        ("SASL authentication failed", True),
+        ("pgbouncer cannot connect to server", True),
+        ('database "pgbouncer" does not exist', False),  # PostgreSQL itself
+        ('password authentication failed for user "dbops"', False),
+        ('role "dbops" is not permitted to log in', False),
+    ],
+)
+def test_pgbouncers_own_refusals_are_told_from_postgresqls(fatal: str, pgbouncer: bool) -> None:
+    from flows.core.pooler import is_pgbouncer_refusal
+
+    text = f'connection failed: connection to server at "10.0.0.1", port 6432 failed: FATAL:  {fatal}'
+    assert is_pgbouncer_refusal(text) is pgbouncer
+
+
 # -- PgBouncer's own login errors, and allow_pooler --------------------------------------------------------
 
 

@@ -45,19 +45,18 @@ from flows.core.postgres import ConnParams, connect
 #: PgBouncer's default listen_port: a URL with it is an application's URL until proven otherwise
 PGBOUNCER_DEFAULT_PORT = 6432
 
-#: what only PgBouncer says when it refuses a login (PostgreSQL words these differently)
-PGBOUNCER_LOGIN_ERRORS = (
-    "no such database:",
-    "no such user",
-    "not allowed",
-    "SASL authentication failed",
-    "pgbouncer cannot connect to server",
-    "server login has been failing",
-    "bouncer config error",
-    "client_login_timeout",
-    "query_wait_timeout",
-    "pooler error",
+#: what only PgBouncer says when it refuses a login (the FATAL line; PostgreSQL words these differently)
+PGBOUNCER_LOGIN_ERRORS = re.compile(
+    r"^(not allowed$|no such database: |no such user|SASL authentication failed$|"
+    r"pgbouncer cannot connect to server|server login has been failing|bouncer config error|"
+    r"client_login_timeout|query_wait_timeout)"
 )
+
+
+def is_pgbouncer_refusal(text: str) -> bool:
+    match = re.search(r"FATAL:\s*(.+)", text)
+    return bool(match and PGBOUNCER_LOGIN_ERRORS.match(match.group(1).strip()))
+
 
 #: PostgreSQL's own answers to a login to a database called `pgbouncer`
 POSTGRES_ANSWERS = (
@@ -100,10 +99,8 @@ def pooler_login_refusal(
 ) -> ConnectionPoolerInTheWay | None:
     """A failed login whose text only PgBouncer writes ("no such database: postgres"): say so, instead of
     sending the person to check whether PostgreSQL is up."""
-    for phrase in PGBOUNCER_LOGIN_ERRORS:
-        if phrase.lower() in text.lower():
-            said = _fatal_line(text)
-            return refusal(block, params.host, params.port, evidence=f"PgBouncer answered: {said}")
+    if is_pgbouncer_refusal(text):
+        return refusal(block, params.host, params.port, evidence=f"PgBouncer answered: {_fatal_line(text)}")
     return None
 
 
@@ -196,7 +193,7 @@ def probe_admin_console(params: ConnParams) -> Fingerprint:
         text = str(exc)
         if any(answer in text for answer in POSTGRES_ANSWERS):
             return Fingerprint("postgresql", _fatal_line(text))
-        if any(phrase.lower() in text.lower() for phrase in PGBOUNCER_LOGIN_ERRORS):
+        if is_pgbouncer_refusal(text):
             return Fingerprint("pgbouncer", f"PgBouncer answered: {_fatal_line(text)}")
         return Fingerprint("unknown", _fatal_line(text))
     try:
