@@ -140,3 +140,28 @@ def test_the_console_refuses_a_user_outside_stats_users_with_the_fix(
     assert "is PostgreSQL, not PgBouncer" in failure_message(state)
     with pytest.raises(psycopg.OperationalError):  # the harness' sanity: the console needs a known user
         psycopg.connect(host=bouncer.host, port=bouncer.port, dbname="pgbouncer", user="nobody", password="x")
+
+
+def test_server_connections_are_judged_against_postgresqls_max_connections() -> None:
+    from flows.core.health.pooler import PgBouncerSnapshot, ServerLimits, check_server_connections
+
+    pool = {"database": "imagemanager", "user": "app", "sv_active": 40, "sv_idle": 10, "cl_waiting": 0}
+    snap = PgBouncerSnapshot(
+        version="PgBouncer 1.18.0",
+        pools=[pool, {"database": "pgbouncer", "user": "pgbouncer"}],
+        stats=[],
+        databases=[{"name": "imagemanager", "pool_size": 50, "reserve_pool": 10}],
+        config={"default_pool_size": "20", "reserve_pool_size": "0"},
+    )
+    t = PoolerThresholds()
+    quiet = check_server_connections(snap, ServerLimits(200, 3, 60, "db1:5432"), t)
+    assert quiet.status == "ok"
+    assert quiet.figure == (
+        "PgBouncer holds 50 server connections, its pools may open 60; "
+        "PostgreSQL db1:5432 has 60 of 197 connections in use"
+    )
+    too_small = check_server_connections(snap, ServerLimits(50, 3, 20, "db1:5432"), t)
+    assert too_small.status == "warning"
+    assert too_small.message == "PgBouncer's pools may open 60 server connections, PostgreSQL allows 47"
+    full = check_server_connections(snap, ServerLimits(100, 3, 95, "db1:5432"), t)
+    assert full.status == "critical" and "95 of 97 connections in use" in full.message
