@@ -9,6 +9,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, ValidationError
 
 from flows.core.errors import ConfigurationError
+from flows.core.pooler import SessionRoute, connect_direct
 from flows.core.postgres import ConnParams, connect
 from flows.core.redact import libpq_parse_problem, validation_summary
 
@@ -58,6 +59,14 @@ class PostgresDatabase(Block):
         "database name.",
     )
 
+    allow_pooler: bool = Field(
+        default=False,
+        description="Accept a connection pooler between dbops and PostgreSQL. Leave off: every flow refuses "
+        "a block that reaches PostgreSQL through PgBouncer, because pg_dump's snapshot, the migration lock "
+        "and lock_timeout need a real session. On only for a pooler in session mode; transaction pooling is "
+        "refused even then.",
+    )
+
     def params(self, database: str | None = None) -> ConnParams:
         return ConnParams(
             host=self.host,
@@ -73,6 +82,16 @@ class PostgresDatabase(Block):
     def connect(self, database: str | None = None, autocommit: bool = True) -> psycopg.Connection:
         """A psycopg connection; failures raise dbops errors with one sentence saying what to fix."""
         return connect(self.params(database), autocommit=autocommit)
+
+    def connect_direct(
+        self, database: str | None = None, autocommit: bool = True
+    ) -> tuple[psycopg.Connection, SessionRoute]:
+        """Connect, and refuse (ConnectionPoolerInTheWay) when the connection goes through a pooler:
+        the preflight of every flow opens its first connection with this."""
+        name = getattr(self, "_block_document_name", None)
+        return connect_direct(
+            self.params(database), allow_pooler=self.allow_pooler, block=name, autocommit=autocommit
+        )
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> PostgresDatabase:

@@ -17,6 +17,12 @@ Config file (TOML):
     url = "postgresql://dbops@db1.internal:5432/imagemanager?sslmode=verify-full"
     password_env = "IMAGEMANAGER_PROD_PASSWORD"   # the password comes from this variable
     protected = true
+    # PostgreSQL's own URL, not the application's DATABASE_URL through PgBouncer (:6432), which is refused;
+    # allow_pooler = true accepts a pooler in session mode only
+
+    [databases.imagemanager-pgbouncer]            # optional: PgBouncer's console, for pgbouncer-check
+    url = "postgresql://stats@pgbouncer.internal:6432/pgbouncer"
+    password_env = "PGBOUNCER_STATS_PASSWORD"
 
     [storage.imagemanager-backups]
     type = "s3"
@@ -63,6 +69,10 @@ class DatabaseConfig(BaseModel):
     password_env: str | None = Field(default=None, description="Environment variable holding the password.")
     protected: bool = Field(default=False, description="Production: restores into it need confirm.")
     application_name: str = Field(default="dbops", description="application_name of dbops sessions.")
+    allow_pooler: bool = Field(
+        default=False,
+        description="Accept a connection pooler in session mode between dbops and PostgreSQL (see README).",
+    )
 
 
 class StorageConfig(BaseModel):
@@ -195,7 +205,11 @@ def _plain(value: Any) -> Any:
 def database_block(name: str, cfg: DatabaseConfig, environ: Mapping[str, str]) -> Any:
     from blocks import PostgresDatabase
 
-    overrides: dict[str, object] = {"protected": cfg.protected, "application_name": cfg.application_name}
+    overrides: dict[str, object] = {
+        "protected": cfg.protected,
+        "application_name": cfg.application_name,
+        "allow_pooler": cfg.allow_pooler,
+    }
     if cfg.password_env:
         if not environ.get(cfg.password_env):
             raise ConfigurationError(
@@ -212,6 +226,35 @@ def database_block(name: str, cfg: DatabaseConfig, environ: Mapping[str, str]) -
             f"database {name}: the URL is not usable ({type(exc).__name__}); fix it (the URL is not shown: "
             "it may hold a password)"
         ) from None
+
+
+def refuse_pooler(name: str, block: Any) -> None:
+    """The application's DATABASE_URL goes through PgBouncer (port 6432); a person copies it into the
+    config. Refuse it before anything is created and ask for PostgreSQL's own URL: found on the line with
+    the flows' own check, or, when the server cannot be reached from here, by PgBouncer's default port.
+    A block for PgBouncer's console (database `pgbouncer`, for pgbouncer-check) is what it says."""
+    from flows.core.errors import ConnectionPoolerInTheWay, ConnectionRouteUnknown, DbopsError
+    from flows.core.health.pooler import ADMIN_DATABASE
+    from flows.core.pooler import PGBOUNCER_DEFAULT_PORT, connect_direct
+
+    if block.database == ADMIN_DATABASE:
+        return
+    direct_url = "in the dbops setup config give PostgreSQL's own URL, not the application's DATABASE_URL"
+    try:
+        conn, _ = connect_direct(block.params(), allow_pooler=block.allow_pooler, block=name)
+        conn.close()
+        return  # PostgreSQL itself (or a plain TCP forward, or an allowed session pooler) answered
+    except (ConnectionPoolerInTheWay, ConnectionRouteUnknown) as exc:
+        raise ConfigurationError(f"{exc} ({direct_url})") from None
+    except DbopsError:
+        pass  # not reachable from here (every flow checks again in its preflight); the port still says a lot
+    if block.port == PGBOUNCER_DEFAULT_PORT and not block.allow_pooler:
+        raise ConfigurationError(
+            f"database {name}: port {PGBOUNCER_DEFAULT_PORT} is PgBouncer's, and {block.host}:{block.port} "
+            f"could not be checked from here; {direct_url} (PostgreSQL's port, usually 5432): pg_dump's "
+            "snapshot, the migration lock and lock_timeout need a real session (allow_pooler = true only "
+            "for a pooler in session mode)"
+        )
 
 
 def storage_block(name: str, cfg: StorageConfig, environ: Mapping[str, str]) -> tuple[Any, str]:
@@ -329,6 +372,8 @@ def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> S
     # Build every block first: a config error must stop setup before it changes anything.
     dbs = {name: database_block(name, cfg, environ) for name, cfg in config.databases.items()}
     stores = {name: storage_block(name, cfg, environ) for name, cfg in config.storage.items()}
+    for name, block in dbs.items():
+        refuse_pooler(name, block)
     register_block_types(report)
     for name, block in dbs.items():
         _save_block(block, name, "block", report, "postgres-database")

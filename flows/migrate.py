@@ -64,6 +64,7 @@ from flows.tasks.migrate import (
     upgrade_database,
     verify_current,
 )
+from flows.tasks.session import check_database_route
 
 
 class MigrateOptions(BaseModel):
@@ -208,6 +209,10 @@ def migrate(
         apply_waivers([], report.waivers)  # a misspelt rule id fails now, not after the backup
         require_store_kind(storage)
         ini = str(resolve_alembic_ini(alembic))
+
+        # 0. both blocks reach PostgreSQL itself: the lock and lock_timeout mean nothing through a pooler
+        check_database_route(database)
+        check_database_route(staging_database, options.maintenance_database if refresh_staging else None)
 
         with ExitStack() as held:
             lock = None if dry_run else held.enter_context(hold_migration_lock(database))

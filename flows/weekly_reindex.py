@@ -38,6 +38,7 @@ from flows.tasks.reindex import (
     save_index_baselines,
     vacuum_analyze_tables,
 )
+from flows.tasks.session import check_database_route
 
 
 class IndexReport(BaseModel):
@@ -239,6 +240,7 @@ def weekly_reindex(
     selection = Selection(
         include_schemas, exclude_schemas, include_tables, exclude_tables, include_indexes, exclude_indexes
     )
+    check_database_route(database)  # PostgreSQL itself, before the session lock is taken
     with database_lock(database, wait_seconds=lock_wait_hours * 3600), reindex_lock(database):
         found = find_bloated_indexes(
             database, bloat_threshold, min_index_size, selection, not dry_run, lock_timeout

@@ -110,3 +110,18 @@ def test_setting_variables_twice_reports_exists(unique: str) -> None:
     assert not second.changed
     with pytest.raises(ConfigurationError, match="not allowed"):
         set_variables({"Bad-Name": "x"})
+
+
+def test_a_paused_deployment_may_name_a_block_that_does_not_exist_yet(
+    tmp_path: Path, configured: str
+) -> None:
+    """pgbouncer-check ships paused: an installation without PgBouncer deploys prefect.yaml as it is."""
+    paused = dump_deployment(
+        configured,
+        parameters={"database": "no-pgbouncer-here", "storage": f"local-file-system/store-{configured}"},
+        schedules=[{"cron": "*/15 * * * *", "timezone": "UTC", "active": False}],
+    )
+    assert check_deployments(write_yaml(tmp_path, [paused])) == []
+    paused["schedules"][0]["active"] = True
+    [problem] = check_deployments(write_yaml(tmp_path, [paused]))
+    assert "'postgres-database/no-pgbouncer-here' does not exist" in problem

@@ -90,3 +90,31 @@ class ProtectedTarget(ConfigurationError):
 def is_transient(exc: BaseException) -> bool:
     """Whether a retry may help; unknown errors are not retried (they need a person)."""
     return isinstance(exc, DbopsError) and exc.transient
+
+
+class ConnectionPoolerInTheWay(DbopsError):
+    """A database block reaches PostgreSQL through a connection pooler (PgBouncer in transaction pooling):
+    pg_dump's exported snapshot, the migration's session advisory lock and a session's lock_timeout would
+    land on whichever server connection the pooler hands out. Permanent: the block must change."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        block: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        server_port: int | None = None,
+        evidence: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.block = block
+        self.host = host
+        self.port = port
+        self.server_port = server_port
+        self.evidence = evidence
+
+
+class ConnectionRouteUnknown(DbopsError):
+    """The server is not where the block points (a different port or client address) and the probe that
+    tells a plain TCP forward from a pooler failed: fail closed, a person must look."""

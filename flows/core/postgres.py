@@ -73,6 +73,11 @@ def classify_connect_error(exc: psycopg.Error, params: ConnParams) -> DbopsError
     """Turn libpq's text into a named error with one sentence; the password never appears in it."""
     text = str(exc)
     where = params.where
+    from flows.core.pooler import pooler_login_refusal  # here: flows.core.pooler imports this module
+
+    pooler = pooler_login_refusal(text, params)
+    if pooler is not None:  # PgBouncer's own words: not "is the server up?" but "wrong port"
+        return pooler
     if "password authentication failed" in text or "authentication failed" in text:
         return AuthenticationFailed(
             f"PostgreSQL rejected the password for user {params.user!r} at {params.host}:{params.port}; "

@@ -39,6 +39,7 @@ from flows.core.postgres import (
 )
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
 from flows.tasks.common import Progress, human_bytes, retry_policy
+from flows.tasks.session import direct_session
 
 
 @dataclass
@@ -73,7 +74,7 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
     logger = get_run_logger()
     block = load_database(database)
     params = block.params()
-    with block.connect() as conn:
+    with direct_session(block) as conn:  # refuses a connection pooler before anything else
         denied = unreadable_tables(conn)
         if denied:
             raise PermissionDenied(

@@ -35,6 +35,7 @@ from flows.core.restore import (
 from flows.core.roles import apply_globals
 from flows.tasks.backup import load_database
 from flows.tasks.common import Progress, human_bytes, retry_policy
+from flows.tasks.session import direct_session
 
 
 @dataclass
@@ -58,8 +59,9 @@ def target_of(block_name: str) -> tuple[ConnParams, bool]:
 @task(name="check_target_server", cache_policy=NONE, **retry_policy())
 def check_target_server(block_name: str, maintenance_database: str, pg_bindir: str | None = None) -> Target:
     """Connect to the target server's maintenance database and find a matching pg_restore."""
-    params, protected = target_of(block_name)
-    with connect(params.with_database(maintenance_database)) as conn:
+    block = load_database(block_name)
+    params, protected = block.params(), block.protected
+    with direct_session(block, maintenance_database) as conn:  # refuses a connection pooler
         version = server_version_num(conn)
         identity = identify_database(conn, params.database)
     tool = find_tool("pg_restore", version, pg_bindir)

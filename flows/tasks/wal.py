@@ -18,6 +18,7 @@ from flows.core.errors import ConfigurationError
 from flows.core.objectstore import LocalObjectStore
 from flows.tasks.backup import load_database
 from flows.tasks.common import artifact_key, retry_policy
+from flows.tasks.session import direct_session
 
 
 def open_archive(location: ArchiveLocation) -> WalArchive:
@@ -37,7 +38,7 @@ def open_archive(location: ArchiveLocation) -> WalArchive:
 def read_archiver_status(database: str) -> ServerSnapshot:
     """Settings, pg_stat_archiver, the current WAL position, the .ready backlog and the standbys."""
     block = load_database(database)
-    with block.connect() as conn:
+    with direct_session(block) as conn:  # refuses a connection pooler, like every flow
         conn.execute("SET statement_timeout = '30s'")
         snap = snapshot(conn)
     get_run_logger().info(
