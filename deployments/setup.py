@@ -59,6 +59,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from flows.core.errors import ConfigurationError
+from flows.core.health.pooler import ADMIN_DATABASE
 from flows.core.redact import validation_summary
 
 Status = Literal["created", "updated", "exists", "registered", "not created"]
@@ -381,7 +382,8 @@ def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> S
         _save_block(block, name, "block", report, slug)
     ensure_work_pool(config.work_pool, report)
     for name, block in dbs.items():
-        ensure_database_limit(name, block, report)
+        if block.database != ADMIN_DATABASE:  # PgBouncer's console is watched, never dumped or locked
+            ensure_database_limit(name, block, report)
     if config.variables:
         set_variables(config.variables, report)
     if config.notify:

@@ -215,9 +215,19 @@ def test_storage_url_with_a_credential_is_refused_without_echoing_it() -> None:
 
 
 @pytest.mark.parametrize("url", [MALFORMED_URLS[0], MALFORMED_URLS[1], MALFORMED_URLS[3]])
-def test_dbops_setup_cli_never_prints_the_password_of_a_malformed_url(url: str, tmp_path: Path) -> None:
-    """The real command line, in its own process: what a person or a CI log sees."""
-    env = {**os.environ, "DBOPS_DATABASE_PROD": url, "PREFECT_HOME": str(tmp_path / "prefect")}
+def test_dbops_setup_cli_never_prints_the_password_of_a_malformed_url(
+    url: str, tmp_path: Path, prefect_api: None
+) -> None:
+    """The real command line, in its own process: what a person or a CI log sees (with a server to talk
+    to, so it gets as far as reading the config)."""
+    from prefect.settings import get_current_settings
+
+    env = {
+        **os.environ,
+        "DBOPS_DATABASE_PROD": url,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": str(get_current_settings().api.url),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "deployments.cli", "setup"],
         cwd=Path(__file__).resolve().parent.parent,

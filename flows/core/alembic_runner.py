@@ -35,6 +35,7 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import URL
 
+from flows.core.childenv import child_environment
 from flows.core.errors import ConfigurationError, DbopsError, TransientError
 from flows.core.postgres import ConnParams, classify_connect_error, libpq_environment, scrub
 from flows.core.session_watchdog import LOCK, STATEMENT, SessionWatchdog
@@ -318,8 +319,8 @@ elif command == "offline":
 
 
 #: What the Alembic child inherits from the worker: what Python, locales and TLS need, nothing else.
-_ALLOWED_NAMES = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV"})
-_ALLOWED_PREFIXES = ("LC_", "PGSSL")
+#: Beyond what every child gets (flows.core.childenv): what a Python child needs to find its packages.
+_PYTHON_NAMES = ("PYTHONPATH", "VIRTUAL_ENV")
 #: Never passed, even when listed: the password goes only through the passfile.
 _REFUSED_NAMES = frozenset({"PGPASSWORD"})
 
@@ -343,7 +344,8 @@ def alembic_environment(
     its environment would spread them.
     """
     base = os.environ if base is None else base
-    env = {k: v for k, v in base.items() if k in _ALLOWED_NAMES or k.startswith(_ALLOWED_PREFIXES)}
+    env = child_environment(environ=base)
+    env.update({k: base[k] for k in _PYTHON_NAMES if k in base})
     for name in pass_env:
         if name in base and name not in _REFUSED_NAMES:
             env[name] = base[name]

@@ -76,7 +76,14 @@ def identify_database(conn: psycopg.Connection, name: str) -> DatabaseIdentity:
 
 def identify(conn: psycopg.Connection) -> DatabaseIdentity:
     """The identity of the database `conn` is connected to."""
-    name = str(conn.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
+    try:
+        name = str(conn.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
+    except psycopg.Error as exc:  # e.g. PgBouncer's console, which speaks only SHOW
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise IdentityUnknown(
+            f"the server at {conn.info.host}:{conn.info.port} would not say which database this is "
+            f"({first}); dbops needs PostgreSQL itself here, so nothing was done"
+        ) from None
     return identify_database(conn, name)
 
 
