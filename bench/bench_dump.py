@@ -422,11 +422,11 @@ class ChildPeaks(threading.Thread):
 
 def instrument_dump() -> dict[str, float]:
     """Observe (not change) the dump: when pg_dump's output ended, how long S3 took to complete the upload."""
-    import flows.core.dump as dump_module
     from flows.core.objectstore import S3ObjectStore
+    from flows.core.pgtools import ToolRun
 
     marks: dict[str, float] = {}
-    chunks, call = dump_module.ToolRun.chunks, S3ObjectStore._call
+    chunks, call = ToolRun.chunks, S3ObjectStore._call
 
     def timed_chunks(self):  # type: ignore[no-untyped-def]
         marks.setdefault("pg_dump_started", time.monotonic())
@@ -442,7 +442,7 @@ def instrument_dump() -> dict[str, float]:
                 marks["complete_started"] = t0
                 marks["complete_ended"] = time.monotonic()
 
-    dump_module.ToolRun.chunks = timed_chunks  # type: ignore[method-assign]
+    ToolRun.chunks = timed_chunks  # type: ignore[method-assign]
     S3ObjectStore._call = timed_call  # type: ignore[method-assign]
     return marks
 
@@ -612,7 +612,7 @@ def run_all(cluster: Any, workdir: Path, db: dict[str, Any], level: int | None) 
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.core.dump import find_tool
+    from flows.core.pgtools import find_tool
     from flows.core.postgres import ConnParams, libpq_environment
     from tests.harness.s3 import s3_endpoint
 

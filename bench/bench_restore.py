@@ -130,10 +130,11 @@ def dump_once(cluster: Any, store_root: Path) -> dict[str, Any]:
     """One backup in the local store, with a manifest (the restore reads it like any other)."""
     from flows.core.catalog import read_catalog
     from flows.core.compression import Compression
-    from flows.core.dump import find_tool, stream_dump
+    from flows.core.dump import stream_dump
     from flows.core.layout import backup_stem, dump_key, manifest_key
     from flows.core.manifest import Manifest, Verification
     from flows.core.objectstore import LocalObjectStore
+    from flows.core.pgtools import find_tool
 
     store = LocalObjectStore(store_root)
     existing = read_catalog(store, "bench", DBNAME).newest(verified_only=False)
@@ -187,8 +188,8 @@ def drop(cluster: Any, name: str) -> None:
 def child(args: argparse.Namespace) -> int:
     """One dbops restore in this process: flows.core.restore.restore_backup, as the flow's task runs it."""
     from flows.core.catalog import read_catalog
-    from flows.core.dump import find_tool
     from flows.core.objectstore import LocalObjectStore
+    from flows.core.pgtools import find_tool
     from flows.core.postgres import ConnParams, connect, server_version_num
     from flows.core.restore import RestoreRequest, restore_backup
 
@@ -235,7 +236,7 @@ def measure_plain(cluster: Any, store_root: Path, tmp: Path, key: str) -> dict[s
     """a. decompress once (not timed), then plain pg_restore from the local file into a new database."""
     import zstandard
 
-    from flows.core.dump import find_tool
+    from flows.core.pgtools import find_tool
     from flows.core.postgres import libpq_environment
 
     archive = tmp / "plain.dump"

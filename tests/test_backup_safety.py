@@ -15,7 +15,7 @@ import pytest
 
 from flows.core.catalog import Catalog, read_catalog
 from flows.core.compression import Compression
-from flows.core.dump import find_tool, stream_dump
+from flows.core.dump import stream_dump
 from flows.core.errors import ConfigurationError, ObjectExists, StorageError
 from flows.core.expiry import carry_out, plan_cleanup
 from flows.core.layout import (
@@ -32,6 +32,7 @@ from flows.core.leases import BackupGone, Lease, take_lease
 from flows.core.listing import list_backups
 from flows.core.manifest import Manifest, Verification
 from flows.core.objectstore import LocalObjectStore, MiB, ObjectInfo, ObjectStore, S3ObjectStore
+from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams
 from flows.core.restore import Selector, select_backup
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention

@@ -19,7 +19,7 @@ import pytest
 from psycopg import sql
 
 from flows.core.compression import Compression
-from flows.core.dump import PgTool, check_tool_version, find_tool, stream_dump, verify_stored_dump
+from flows.core.dump import stream_dump, verify_stored_dump
 from flows.core.errors import (
     AuthenticationFailed,
     DatabaseMissing,
@@ -34,6 +34,7 @@ from flows.core.errors import (
     is_transient,
 )
 from flows.core.objectstore import MiB, S3ObjectStore
+from flows.core.pgtools import PgTool, check_tool_version, find_tool
 from flows.core.postgres import ConnParams, ExportedSnapshot, connect, server_version_num
 from tests.harness.pg import PgCluster, free_port
 from tests.harness.s3 import S3Endpoint, s3_endpoint

@@ -12,10 +12,11 @@ import pytest
 
 from flows.core.catalog import Backup
 from flows.core.compression import Compression
-from flows.core.dump import find_tool, stream_dump
+from flows.core.dump import stream_dump
 from flows.core.layout import LEASE_MARK, manifest_key
 from flows.core.manifest import Manifest
 from flows.core.objectstore import LocalObjectStore, MiB
+from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams
 from flows.core.restore import ChecksumMismatch, RestoreRequest, restore_backup
 from tests.harness.pg import PgCluster

@@ -21,11 +21,12 @@ against 98.3 MB for `pg_dump -Fc`):
 
 The default, 3, is the cheapest setting that stores less than `pg_dump -Fc`; with zstd in its own thread
 it still runs beside extraction. Level 1 is there for a CPU-starved host.
+
+The stages that apply these settings to a stream are in `flows.core.streams`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from enum import StrEnum
 
 import zstandard
@@ -74,28 +75,3 @@ def zstd_parameters(level: int, threads: int = 1) -> zstandard.ZstdCompressionPa
     if level >= 6:
         return zstandard.ZstdCompressionParameters.from_level(level, min_match=6, threads=threads)
     return zstandard.ZstdCompressionParameters.from_level(level, threads=threads)
-
-
-def zstd_compress(chunks: Iterable[bytes], level: int = 3, threads: int = 1) -> Iterator[bytes]:
-    """Compress a stream into one zstd frame; `threads` > 0 moves the work into libzstd threads."""
-    cobj = zstandard.ZstdCompressor(compression_params=zstd_parameters(level, threads)).compressobj()
-    for chunk in chunks:
-        out = cobj.compress(chunk)
-        if out:
-            yield out
-    tail = cobj.flush()
-    if tail:
-        yield tail
-
-
-def zstd_decompress(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    dobj = zstandard.ZstdDecompressor().decompressobj()
-    for chunk in chunks:
-        out = dobj.decompress(chunk)
-        if out:
-            yield out
-
-
-def decompress_stream(compression: Compression, chunks: Iterable[bytes]) -> Iterable[bytes]:
-    """What pg_restore can read: zstd is undone here, pg_dump's own gzip is read by pg_restore itself."""
-    return zstd_decompress(chunks) if compression is Compression.zstd else chunks

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 import psycopg
 from pydantic import AwareDatetime, BaseModel, Field
 
-from flows.core.dump import PgTool, _error_summary
 from flows.core.manifest import Manifest
+from flows.core.pgtools import MAX_IDENTIFIER, PgTool, error_summary
 from flows.core.postgres import ConnParams, alembic_revision, libpq_environment, scrub
 from flows.core.tablenames import TableName, resolve_key
 
 DRILL_FORMAT_VERSION = 1
-MAX_IDENTIFIER = 63
 
 
 @dataclass
@@ -198,7 +197,7 @@ def check_amcheck(params: ConnParams, tool: PgTool, timeout_s: float = 3600) -> 
             return CheckResult("amcheck", False, f"pg_amcheck did not finish in {timeout_s:.0f} s")
     out = scrub((proc.stdout + proc.stderr).decode(errors="replace"), params.password).strip()
     if proc.returncode != 0:
-        first = _error_summary(out) or (out.splitlines()[0] if out else f"exit {proc.returncode}")
+        first = error_summary(out) or (out.splitlines()[0] if out else f"exit {proc.returncode}")
         return CheckResult("amcheck", False, f"pg_amcheck found problems ({first})")
     return CheckResult("amcheck", True, "pg_amcheck: heap and B-tree indexes are consistent")
 

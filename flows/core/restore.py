@@ -33,12 +33,9 @@ from pathlib import Path
 from typing import Literal
 
 import psycopg
-import zstandard
 from psycopg import sql
 
 from flows.core.catalog import Backup, Catalog
-from flows.core.compression import decompress_stream
-from flows.core.dump import PgTool, _error_summary, _hashing, _StderrCollector, classify_pg_failure
 from flows.core.errors import ConfigurationError, DatabaseMissing, DbopsError, TransientError, is_transient
 from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.layout import MANIFEST_SUFFIX
@@ -52,13 +49,14 @@ from flows.core.listing import (  # noqa: F401 - moved to flows.core.listing, st
 )
 from flows.core.manifest import Manifest
 from flows.core.objectstore import ObjectStore
+from flows.core.pgtools import MAX_IDENTIFIER, PgTool, StderrCollector, classify_pg_failure, error_summary
 from flows.core.postgres import ConnParams, connect, libpq_environment, scrub
+from flows.core.streams import DecompressionError, decompress_stream, hashing
 
 Mode = Literal["create", "replace"]
 #: free space wanted beyond the archive itself when downloading for `jobs > 1`
 DISK_MARGIN = 1.10
 DISK_SLACK = 256 * 1024 * 1024
-MAX_IDENTIFIER = 63  # NAMEDATALEN - 1
 
 
 class RestoreFailed(DbopsError):
@@ -297,7 +295,7 @@ def session_options(lock_timeout_s: int | None) -> dict[str, str]:
 
 def _failure(rc: int, stderr: str, params: ConnParams, where: str) -> Exception:
     text = scrub(stderr, params.password).strip()
-    summary = _error_summary(text) if text else ""
+    summary = error_summary(text) if text else ""
     if rc < 0 or is_transient(classify_pg_failure("pg_restore", rc, stderr, params)):
         return RestoreInterrupted(
             f"pg_restore into {where} was interrupted (exit {rc}{': ' + summary if summary else ''}); "
@@ -346,7 +344,7 @@ def stream_restore(
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
         )
-        errors = _StderrCollector(proc.stderr)
+        errors = StderrCollector(proc.stderr)
         errors.start()
         if on_start:
             on_start(proc)
@@ -355,7 +353,7 @@ def stream_restore(
         decode_error = ""
         try:
             pending: bytes | None = None
-            chunks = decompress_stream(manifest.compression, _hashing(store.get_stream(key), digest, stored))
+            chunks = decompress_stream(manifest.compression, hashing(store.get_stream(key), digest, stored))
             try:
                 for chunk in chunks:
                     if feeding and pending is not None:
@@ -368,9 +366,9 @@ def stream_restore(
                             progress(fed)
                     pending = chunk
             except Exception as exc:  # zstd could not decode: the object is corrupt
-                if isinstance(exc, zstandard.ZstdError):
+                if isinstance(exc, DecompressionError):
                     decode_error = f"zstd cannot decompress it: {exc}"
-                    for _ in _hashing(store.get_stream(key), hashlib.sha256(), [0]):
+                    for _ in hashing(store.get_stream(key), hashlib.sha256(), [0]):
                         pass  # the object is readable, the failure is in its bytes
                 else:
                     raise
@@ -427,14 +425,14 @@ def download_archive(
     raw = 0
     try:
         with open(path, "wb") as f:
-            hashed = _hashing(store.get_stream(key), digest, stored)
+            hashed = hashing(store.get_stream(key), digest, stored)
             for chunk in decompress_stream(manifest.compression, hashed):
                 f.write(chunk)
                 raw += len(chunk)
                 if progress:
                     progress(raw)
     except Exception as exc:
-        if isinstance(exc, zstandard.ZstdError):
+        if isinstance(exc, DecompressionError):
             raise _mismatch(key, manifest, "", stored[0], f"zstd cannot decompress it: {exc}") from None
         raise
     sha = digest.hexdigest()

@@ -13,20 +13,13 @@ from blocks.postgres import PostgresDatabase
 from blocks.storage import load_block, load_store
 from flows.core.catalog import Catalog, read_catalog
 from flows.core.compression import SUFFIX, Compression
-from flows.core.dump import (
-    DumpResult,
-    ListVerification,
-    PgTool,
-    dump_globals,
-    find_tool,
-    stream_dump,
-    verify_stored_dump,
-)
+from flows.core.dump import DumpResult, ListVerification, dump_globals, stream_dump, verify_stored_dump
 from flows.core.errors import ConfigurationError, DumpFailed, ObjectExists, PermissionDenied, TransientError
 from flows.core.expiry import Cleanup, carry_out, plan_cleanup
 from flows.core.layout import backup_stem, check_database_name, dump_key, globals_key, manifest_key
 from flows.core.manifest import Manifest, Verification
 from flows.core.objectstore import part_size_for
+from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import (
     ConnParams,
     ExportedSnapshot,

@@ -23,7 +23,6 @@ from blocks.storage import load_store
 from flows.core.alembic_runner import AlembicApp, LockTimeout, MigrationFailed, RevisionMoved
 from flows.core.catalog import read_catalog
 from flows.core.ddl_lint import Finding, lint
-from flows.core.dump import find_tool
 from flows.core.errors import ConfigurationError
 from flows.core.identity import Guard, require_distinct, resolve
 from flows.core.migrate_plan import (
@@ -38,6 +37,7 @@ from flows.core.migrate_plan import (
     timings,
 )
 from flows.core.migration_lock import MigrationLock, migration_lock
+from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num
 from flows.core.restore import RestoreRequest, drop_database, parse_selector, restore_backup, select_backup
 from flows.tasks.backup import load_database

@@ -21,10 +21,10 @@ from flows.core.drill import (
     failed_summary,
     restored_tables,
 )
-from flows.core.dump import PgTool, find_tool
 from flows.core.errors import ConfigurationError
 from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.listing import BackupListing, list_backups
+from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num, version_text
 from flows.core.restore import (
     RestoreRequest,
