@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from blocks.postgres import PostgresDatabase
@@ -38,7 +37,7 @@ from flows.core.postgres import (
     unreadable_tables,
 )
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
-from flows.tasks.common import Progress, human_bytes, retry_policy
+from flows.tasks.common import Progress, dbops_task, human_bytes
 from flows.tasks.session import direct_session
 
 
@@ -68,7 +67,7 @@ def load_database(name: str) -> PostgresDatabase:
     return block
 
 
-@task(name="check_database", cache_policy=NONE, **retry_policy())
+@dbops_task("check_database")
 def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
     """Connect, and make sure this machine's pg_dump can dump this server."""
     logger = get_run_logger()
@@ -118,7 +117,7 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
     )
 
 
-@task(name="check_storage", cache_policy=NONE, **retry_policy())
+@dbops_task("check_storage")
 def check_storage(storage: str, prefix: str) -> str:
     """Write, read back and delete a marker: a dump must not discover at 3 AM that the bucket is gone."""
     store = load_store(storage)
@@ -130,7 +129,7 @@ class StemTaken(TransientError):
     """Another dump created the same key first; a retry picks the next free name."""
 
 
-@task(name="upload_dump", cache_policy=NONE, **retry_policy())
+@dbops_task("upload_dump")
 def upload_dump(
     pre: Preflight,
     storage: str,
@@ -207,7 +206,7 @@ def upload_dump(
     return stem, result
 
 
-@task(name="discard_if_implausible", cache_policy=NONE, **retry_policy())
+@dbops_task("discard_if_implausible")
 def discard_if_implausible(
     storage: str, result: DumpResult, previous_raw_bytes: int, previous_stem: str, min_ratio: float
 ) -> None:
@@ -226,7 +225,7 @@ def discard_if_implausible(
     )
 
 
-@task(name="upload_globals", cache_policy=NONE, **retry_policy())
+@dbops_task("upload_globals")
 def upload_globals(pre: Preflight, storage: str, stem: str) -> str:
     """Roles and tablespaces (no password hashes): needed to restore onto a new server."""
     tool = find_tool("pg_dumpall", pre.server_version_num, str(pre.pg_dump.path.parent))
@@ -236,7 +235,7 @@ def upload_globals(pre: Preflight, storage: str, stem: str) -> str:
     return key
 
 
-@task(name="verify_backup", cache_policy=NONE, **retry_policy())
+@dbops_task("verify_backup")
 def verify_backup(
     pre: Preflight, storage: str, result: DumpResult, compression: Compression, method: str
 ) -> ListVerification:
@@ -271,7 +270,7 @@ def _tables_at_dump(pre: Preflight, result: DumpResult) -> list[str]:
     return facts.tables if facts is not None and facts.tables is not None else pre.tables
 
 
-@task(name="write_manifest", cache_policy=NONE, **retry_policy())
+@dbops_task("write_manifest")
 def write_manifest(
     pre: Preflight,
     storage: str,
@@ -329,7 +328,7 @@ def write_manifest(
     return manifest
 
 
-@task(name="read_backup_catalog", cache_policy=NONE, **retry_policy())
+@dbops_task("read_backup_catalog")
 def read_backup_catalog(storage: str, prefix: str, database: str) -> Catalog:
     return read_catalog(load_store(storage), prefix, database)
 
@@ -339,7 +338,7 @@ def plan_from_catalog(catalog: Catalog, policy: RetentionPolicy, now: datetime) 
     return plan_retention(records, policy, now)
 
 
-@task(name="plan_cleanup", cache_policy=NONE, **retry_policy())
+@dbops_task("plan_cleanup")
 def plan_backup_cleanup(
     storage: str, catalog: Catalog, plan: RetentionPlan, now: datetime, prefix: str, database: str
 ) -> Cleanup:
@@ -347,7 +346,7 @@ def plan_backup_cleanup(
     return plan_cleanup(load_store(storage), catalog, plan, now, prefix, database)
 
 
-@task(name="delete_expired_backups", cache_policy=NONE, **retry_policy())
+@dbops_task("delete_expired_backups")
 def delete_expired_backups(storage: str, cleanup: Cleanup, prefix: str, database: str) -> Cleanup:
     """Delete what the cleanup plan found: manifests first, leases looked for again, then the rest."""
     return carry_out(load_store(storage), cleanup, prefix, database)

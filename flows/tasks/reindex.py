@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 from prefect.variables import Variable
 
 from flows.core.bloat import (
@@ -51,7 +50,7 @@ from flows.core.reindex import (
     vacuum_analyze,
 )
 from flows.tasks.backup import load_database
-from flows.tasks.common import human_bytes, retry_policy
+from flows.tasks.common import dbops_task, human_bytes
 
 
 @dataclass
@@ -92,7 +91,7 @@ def reindex_lock(database: str) -> Iterator[None]:
         yield
 
 
-@task(name="find_bloated_indexes", cache_policy=NONE, **retry_policy())
+@dbops_task("find_bloated_indexes")
 def find_bloated_indexes(
     database: str,
     bloat_threshold: float,
@@ -158,7 +157,7 @@ def skipped_summary(reasons: list[str]) -> str:
     return f"{sum(counts.values())} skipped ({parts})"
 
 
-@task(name="drop_leftover_index", cache_policy=NONE, **retry_policy())
+@dbops_task("drop_leftover_index")
 def drop_leftover_index(
     database: str, index: IndexRow, lock_timeout: float, retries: int, backoff: float
 ) -> str | None:
@@ -173,7 +172,7 @@ def drop_leftover_index(
     return problem
 
 
-@task(name="rebuild_index", cache_policy=NONE, **retry_policy())
+@dbops_task("rebuild_index")
 def rebuild_one_index(
     database: str, index: IndexRow, lock_timeout: float, retries: int, backoff: float
 ) -> RebuildResult:
@@ -221,7 +220,7 @@ def rebuild_one_index(
     return result
 
 
-@task(name="measure_index", cache_policy=NONE, **retry_policy())
+@dbops_task("measure_index")
 def measure_index(database: str, index: IndexRow, stattuple_schema: str | None) -> Measured:
     """Size and bloat after the rebuild, by the same method as before."""
     with load_database(database).connect() as conn:
@@ -233,7 +232,7 @@ def measure_index(database: str, index: IndexRow, stattuple_schema: str | None) 
     return Measured(row.size_bytes, row.estimated_bloat, row.index_tuples)
 
 
-@task(name="vacuum_analyze", cache_policy=NONE, **retry_policy())
+@dbops_task("vacuum_analyze")
 def vacuum_analyze_tables(
     database: str, tables: list[tuple[str, str]] | None, lock_timeout: float
 ) -> dict[str, str | None]:
@@ -272,7 +271,7 @@ def _read_state(name: str) -> BaselineState:
     return state_from_values(v for v in values if v is not None)
 
 
-@task(name="judge_index_sizes", cache_policy=NONE, **retry_policy())
+@dbops_task("judge_index_sizes")
 def judge_index_sizes(
     database: str, found: Inspection, baseline_ratio: float, confirm_with_analyze: bool, lock_timeout: float
 ) -> tuple[ReindexPlan, SizeCheck]:
@@ -322,7 +321,7 @@ def judge_index_sizes(
     return plan, SizeCheck(variable, state, judgements, present, problem)
 
 
-@task(name="save_index_baselines", cache_policy=NONE, **retry_policy())
+@dbops_task("save_index_baselines")
 def save_index_baselines(name: str, state: BaselineState) -> None:
     """Write the baselines (split under Prefect's value limit); stale extra parts are deleted."""
     values = state_to_values(state)
