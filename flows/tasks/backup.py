@@ -24,7 +24,7 @@ from flows.core.dump import (
 from flows.core.errors import ConfigurationError, DumpFailed, ObjectExists, PermissionDenied, TransientError
 from flows.core.expiry import Cleanup, carry_out, plan_cleanup
 from flows.core.layout import backup_stem, check_database_name, dump_key, globals_key, manifest_key
-from flows.core.manifest import Manifest, Verification
+from flows.core.manifest import Manifest, Verification, VerifyMethod
 from flows.core.objectstore import part_size_for
 from flows.core.postgres import (
     ConnParams,
@@ -43,7 +43,13 @@ from flows.tasks.session import direct_session
 
 @dataclass
 class Preflight:
-    """What the dump needs to know before it starts; holds no password."""
+    """What the dump needs to know before it starts.
+
+    It holds the password: `params` is the block's ConnParams, password included, because pg_dump,
+    pg_dumpall and the verification connect with it. Only the repr hides it (ConnParams.__repr__), so a
+    Preflight may appear whole in a log line or a traceback, but `params.password` must never be written
+    anywhere (log, artifact, manifest), and pickling a Preflight (a persisted result) would store it too.
+    """
 
     block: str
     params: ConnParams
@@ -237,7 +243,7 @@ def upload_globals(pre: Preflight, storage: str, stem: str) -> str:
 
 @dbops_task("verify_backup")
 def verify_backup(
-    pre: Preflight, storage: str, result: DumpResult, compression: Compression, method: str
+    pre: Preflight, storage: str, result: DumpResult, compression: Compression, method: VerifyMethod
 ) -> ListVerification:
     """Read the stored object back through pg_restore: a dump counts only if it can be read.
 
@@ -278,7 +284,7 @@ def write_manifest(
     result: DumpResult,
     compression: Compression,
     level: int,
-    method: str,
+    method: VerifyMethod,
     verification: ListVerification | None,
     globals_object: str | None,
 ) -> Manifest:
@@ -307,7 +313,7 @@ def write_manifest(
         flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
         verified=verification is not None,
         verification=Verification(
-            method=method,  # type: ignore[arg-type]
+            method=method,
             verified_at=datetime.now(UTC) if verification else None,
             detail=verification.detail() if verification else "not verified (verify=none)",
         ),
@@ -343,7 +349,7 @@ def plan_backup_cleanup(
     storage: str, catalog: Catalog, plan: RetentionPlan, now: datetime, prefix: str, database: str
 ) -> Cleanup:
     """What retention will delete (expired backups, leftovers, old incomplete uploads) and leave alone."""
-    return plan_cleanup(load_store(storage), catalog, plan, now, prefix, database)
+    return plan_cleanup(load_store(storage), catalog, plan, now=now, prefix=prefix, database=database)
 
 
 @dbops_task("delete_expired_backups")

@@ -55,7 +55,7 @@ def protected_databases(maintenance_database: str = "postgres") -> tuple[Protect
         try:
             found.append(Protected(name, block.database, resolve(block.params(), maintenance_database)))
         except DbopsError as exc:
-            found.append(Protected(name, block.database, None, str(exc)))
+            found.append(Protected(name, block.database, identity=None, unreachable=str(exc)))
     for p in found:
         seen = p.identity or f"{p.database!r}, not reachable ({p.unreachable})"
         logger.info("protected block %s: %s", p.block, seen)

@@ -212,7 +212,7 @@ def refresh_staging(
         version = server_version_num(conn)
         guard.check(conn)
         drop_database(conn, params.database)
-    tool = find_tool("pg_restore", version, None)
+    tool = find_tool("pg_restore", version, bindir=None)
     run_id = (flow_run.get_id() or "manual")[:8]
     result = restore_backup(
         RestoreRequest(
@@ -274,13 +274,13 @@ def upgrade_database(
         return _upgrade_with_retries(
             app,
             params,
-            target,
-            lock_timeout_ms,
-            statement_timeout_ms,
-            retry_budget_s,
-            applied,
-            still_locked,
-            backoff_first_s,
+            target=target,
+            lock_timeout_ms=lock_timeout_ms,
+            statement_timeout_ms=statement_timeout_ms,
+            retry_budget_s=retry_budget_s,
+            applied=applied,
+            still_locked=still_locked,
+            backoff_first_s=backoff_first_s,
         )
     except Exception as exc:
         done = getattr(getattr(exc, "result", None), "steps", None) or []

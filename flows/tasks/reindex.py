@@ -124,7 +124,13 @@ def find_bloated_indexes(
                 min_index_size=min_index_size,
                 selection=selection,
             )
-    inspection = Inspection(params.database, params.where, version, schema, plan)
+    inspection = Inspection(
+        database=params.database,
+        where=params.where,
+        server_version=version,
+        stattuple_schema=schema,
+        plan=plan,
+    )
     logger.info(
         "%s (PostgreSQL %s): %d leftovers to drop, %d indexes to rebuild, %d not bloated, %s "
         "(system catalogs not counted); "
@@ -163,7 +169,9 @@ def drop_leftover_index(
 ) -> str | None:
     """DROP INDEX CONCURRENTLY an invalid `_ccnew`/`_ccold`; returns the error text, or None when dropped."""
     params = load_database(database).params()
-    problem = drop_index_concurrently(params, index.schema, index.name, lock_timeout, retries, backoff)
+    problem = drop_index_concurrently(
+        params, index.schema, index.name, lock_timeout_s=lock_timeout, retries=retries, backoff_s=backoff
+    )
     logger = get_run_logger()
     if problem:
         logger.warning("could not drop leftover %s: %s", index.qualified, problem)
@@ -226,7 +234,7 @@ def measure_index(database: str, index: IndexRow, stattuple_schema: str | None) 
     with load_database(database).connect() as conn:
         row = index_by_name(conn, index.schema, index.name)
         if row is None:
-            return Measured(None, None)
+            return Measured(size_bytes=None, bloat=None)
         if stattuple_schema and row.am == "btree" and row.valid:
             row = measure_with_pgstatindex(conn, stattuple_schema, row)
     return Measured(row.size_bytes, row.estimated_bloat, row.index_tuples)
@@ -318,7 +326,9 @@ def judge_index_sizes(
         f" ({', '.join(c.index.qualified for c in by_size[:10])})" if by_size else "",
     )
     present = [r.qualified for r in rows]
-    return plan, SizeCheck(variable, state, judgements, present, problem)
+    return plan, SizeCheck(
+        variable=variable, state=state, judgements=judgements, present=present, problem=problem
+    )
 
 
 @dbops_task("save_index_baselines")

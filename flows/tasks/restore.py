@@ -26,6 +26,7 @@ from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.listing import BackupListing, list_backups
 from flows.core.postgres import ConnParams, connect, server_version_num, version_text
 from flows.core.restore import (
+    Mode,
     RestoreRequest,
     RestoreResult,
     drop_database,
@@ -73,7 +74,14 @@ def check_target_server(block_name: str, maintenance_database: str, pg_bindir: s
         tool.path,
         tool.version,
     )
-    return Target(block_name, params, protected, version, tool, identity)
+    return Target(
+        block=block_name,
+        params=params,
+        protected=protected,
+        server_version_num=version,
+        pg_restore=tool,
+        identity=identity,
+    )
 
 
 @dbops_task("restore_globals")
@@ -104,7 +112,7 @@ def restore_database(
     backup: Backup,
     target: Target,
     database: str,
-    mode: str,
+    mode: Mode,
     jobs: int,
     no_owner: bool,
     maintenance_database: str,
@@ -125,7 +133,7 @@ def restore_database(
         backup=backup,
         target=target.params.with_database(database),
         tool=target.pg_restore,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         jobs=jobs,
         no_owner=no_owner,
         maintenance_database=maintenance_database,
@@ -165,7 +173,9 @@ def check_restored_database(
     with connect(params) as conn:
         tables = restored_tables(conn)
         checks = [check_tables(manifest, tables)]
-        checks.append(check_row_counts(conn, manifest, tables, row_tolerance, exact_below))
+        checks.append(
+            check_row_counts(conn, manifest, tables, tolerance=row_tolerance, exact_below=exact_below)
+        )
         checks.append(check_alembic(conn, manifest))
     if amcheck:
         checks.append(check_amcheck(params, find_tool("pg_amcheck", server_version, tool_dir)))
