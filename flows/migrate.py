@@ -219,12 +219,12 @@ def migrate(
 
             # 1. plan
             plan = plan_migration(
-                database,
-                staging_database,
-                ini,
-                options.driver,
-                target,
-                options.maintenance_database,
+                database=database,
+                staging_database=staging_database,
+                alembic_ini=ini,
+                driver=options.driver,
+                target=target,
+                maintenance_database=options.maintenance_database,
                 alembic_env=options.alembic_env,
             )
             report.from_revision, report.to_revision = plan.start_label, plan.target
@@ -247,7 +247,12 @@ def migrate(
 
             # 2. lint
             linted = lint_migration(
-                database, ini, options.driver, plan, report.waivers, alembic_env=options.alembic_env
+                database=database,
+                alembic_ini=ini,
+                driver=options.driver,
+                plan=plan,
+                waivers=report.waivers,
+                alembic_env=options.alembic_env,
             )
             _record_lint(report, linted)
             blocked = blocking(linted.findings)
@@ -279,15 +284,15 @@ def migrate(
                     plan,
                     ini,
                     options,
-                    staging_database,
-                    storage,
-                    prefix,
-                    backup,
-                    refresh_staging,
-                    lock_ms,
-                    statement_ms,
-                    retry_budget,
-                    staging_guard,
+                    staging=staging_database,
+                    storage=storage,
+                    prefix=prefix,
+                    backup=backup,
+                    refresh=refresh_staging,
+                    lock_ms=lock_ms,
+                    statement_ms=statement_ms,
+                    retry_budget=retry_budget,
+                    guard=staging_guard,
                 )
 
             # 5. approval
@@ -298,13 +303,13 @@ def migrate(
             in_production = True
             with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
                 applied = upgrade_database(
-                    database,
-                    ini,
-                    options.driver,
-                    plan.target,
-                    lock_ms,
-                    statement_ms,
-                    retry_budget,
+                    database=database,
+                    alembic_ini=ini,
+                    driver=options.driver,
+                    target=plan.target,
+                    lock_timeout_ms=lock_ms,
+                    statement_timeout_ms=statement_ms,
+                    retry_budget_s=retry_budget,
                     expected_start=plan.start,
                     still_locked=lock.ensure_held if lock is not None else None,
                     backoff_first_s=options.retry_first_delay_s,
@@ -313,7 +318,11 @@ def migrate(
                 _record_production(report, applied.seconds, applied.attempts)
                 report.production_end = ",".join(
                     verify_current(
-                        database, ini, options.driver, plan.target, alembic_env=options.alembic_env
+                        database=database,
+                        alembic_ini=ini,
+                        driver=options.driver,
+                        target=plan.target,
+                        alembic_env=options.alembic_env,
                     )
                 )
         report.outcome = f"applied {len(plan.pending)} revision(s): {plan.start_label} → {plan.target}"
@@ -343,14 +352,14 @@ def _pre_backup(database: str, storage: str, prefix: str) -> BackupReport:
     """take_backup without its own lock (we hold db:<database>); anything short of a verified backup stops."""
     try:
         backup = take_backup(
-            database,
-            storage,
-            prefix,
-            Compression.zstd,
-            DEFAULT_LEVEL[Compression.zstd],
-            False,
-            "list",
-            DumpOptions(),
+            database=database,
+            storage=storage,
+            prefix=prefix,
+            compression=Compression.zstd,
+            compression_level=DEFAULT_LEVEL[Compression.zstd],
+            include_globals=False,
+            verify="list",
+            options=DumpOptions(),
         )
     except DbopsError as exc:
         raise PreBackupFailed(
@@ -382,16 +391,22 @@ def _staging_gate(
         if refresh:
             assert guard is not None  # the plan identified staging
             refresh_staging(
-                staging, storage, prefix, backup.database, backup.key, options.maintenance_database, guard
+                staging_database=staging,
+                storage=storage,
+                prefix=prefix,
+                source_database=backup.database,
+                backup_key=backup.key,
+                maintenance=options.maintenance_database,
+                guard=guard,
             )
         first = upgrade_database(
-            staging,
-            ini,
-            options.driver,
-            plan.target,
-            lock_ms,
-            statement_ms,
-            retry_budget,
+            database=staging,
+            alembic_ini=ini,
+            driver=options.driver,
+            target=plan.target,
+            lock_timeout_ms=lock_ms,
+            statement_timeout_ms=statement_ms,
+            retry_budget_s=retry_budget,
             expected_start=plan.start if refresh else None,
             backoff_first_s=options.retry_first_delay_s,
             alembic_env=options.alembic_env,
@@ -402,23 +417,23 @@ def _staging_gate(
         if plan.downgradable:
             back_to = ",".join(first.start) or "base"
             downgrade_database(
-                staging,
-                ini,
-                options.driver,
-                back_to,
-                lock_ms,
-                statement_ms,
+                database=staging,
+                alembic_ini=ini,
+                driver=options.driver,
+                target=back_to,
+                lock_timeout_ms=lock_ms,
+                statement_timeout_ms=statement_ms,
                 start=first.end,
                 alembic_env=options.alembic_env,
             )
             again = upgrade_database(
-                staging,
-                ini,
-                options.driver,
-                plan.target,
-                lock_ms,
-                statement_ms,
-                retry_budget,
+                database=staging,
+                alembic_ini=ini,
+                driver=options.driver,
+                target=plan.target,
+                lock_timeout_ms=lock_ms,
+                statement_timeout_ms=statement_ms,
+                retry_budget_s=retry_budget,
                 backoff_first_s=options.retry_first_delay_s,
                 alembic_env=options.alembic_env,
             )

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -21,6 +20,7 @@ from pydantic import BaseModel, Field
 from flows.core.compression import DEFAULT_LEVEL, LEVEL_RANGE, Compression
 from flows.core.errors import ConfigurationError
 from flows.core.layout import check_prefix
+from flows.core.manifest import VerifyMethod
 from flows.core.retention import RetentionPolicy
 from flows.tasks.backup import (
     check_database,
@@ -107,7 +107,7 @@ def take_backup(
     compression: Compression,
     compression_level: int,
     include_globals: bool,
-    verify: str,
+    verify: VerifyMethod,
     options: DumpOptions,
 ) -> BackupReport:
     """Steps 1-5 without the lock: migrate's pre-backup calls this while already holding it."""
@@ -118,25 +118,37 @@ def take_backup(
     previous = read_backup_catalog(storage, prefix, pre.database).newest()
     stem, result = upload_dump(
         pre,
-        storage,
-        prefix,
-        compression,
-        compression_level,
-        options.lock_wait_timeout_s,
-        options.min_bytes,
+        storage=storage,
+        prefix=prefix,
+        compression=compression,
+        level=compression_level,
+        lock_wait_timeout_s=options.lock_wait_timeout_s,
+        min_bytes=options.min_bytes,
         expected_bytes=previous.manifest.raw_bytes if previous is not None else None,
         zstd_threads=options.zstd_threads,
     )
     if previous is not None:
         discard_if_implausible(
-            storage, result, previous.manifest.raw_bytes, previous.stem, options.min_ratio_of_previous
+            storage,
+            result,
+            previous_raw_bytes=previous.manifest.raw_bytes,
+            previous_stem=previous.stem,
+            min_ratio=options.min_ratio_of_previous,
         )
     globals_object = upload_globals(pre, storage, stem) if include_globals else None
     verification = None
     if verify != "none":
-        verification = verify_backup(pre, storage, result, compression, verify)
+        verification = verify_backup(pre, storage, result, compression=compression, method=verify)
     manifest = write_manifest(
-        pre, storage, stem, result, compression, compression_level, verify, verification, globals_object
+        pre,
+        storage,
+        stem=stem,
+        result=result,
+        compression=compression,
+        level=compression_level,
+        method=verify,
+        verification=verification,
+        globals_object=globals_object,
     )
     return BackupReport(
         database=pre.database,
@@ -161,7 +173,7 @@ def nightly_dump(
     compression: Compression = Compression.zstd,
     compression_level: int | None = None,
     globals: bool = False,  # noqa: A002 - the parameter name users see in the UI
-    verify: Literal["list", "full", "none"] = "list",
+    verify: VerifyMethod = "list",
     retention: RetentionPolicy | None = None,
     retention_dry_run: bool = False,
     options: DumpOptions | None = None,
@@ -195,7 +207,16 @@ def nightly_dump(
         )
 
     with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
-        report = take_backup(database, storage, prefix, compression, level, globals, verify, options)
+        report = take_backup(
+            database,
+            storage,
+            prefix,
+            compression=compression,
+            compression_level=level,
+            include_globals=globals,
+            verify=verify,
+            options=options,
+        )
 
         if retention is None:
             report.retention = "no retention policy: every backup is kept"
@@ -206,7 +227,9 @@ def nightly_dump(
             now = datetime.now(UTC)
             catalog = read_backup_catalog(storage, prefix, report.database)
             plan = plan_from_catalog(catalog, retention, now)
-            cleanup = plan_backup_cleanup(storage, catalog, plan, now, prefix, report.database)
+            cleanup = plan_backup_cleanup(
+                storage, catalog, plan, now=now, prefix=prefix, database=report.database
+            )
             report.kept = [k.record.stem for k in plan.keep]
             report.in_use = sorted(cleanup.in_use)
             report.left_alone = [f"{key} ({why})" for key, why in cleanup.unreadable + cleanup.foreign]

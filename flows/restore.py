@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from flows.core.identity import Guard
 from flows.core.layout import check_location
 from flows.core.restore import (
+    Mode,
     parse_selector,
     require_confirmation,
     require_globals_confirmation,
@@ -102,7 +103,7 @@ def restore(
     target: str,
     prefix: str = "",
     backup: str = "latest",
-    mode: Literal["create", "replace"] = "create",
+    mode: Mode = "create",
     jobs: Annotated[int, Field(ge=1, le=64)] = 1,
     confirm: str = "",
     globals: bool = False,  # noqa: A002 - the parameter name users see in the UI
@@ -174,16 +175,16 @@ def restore(
             storage,
             chosen,
             server,
-            params.database,
-            mode,
-            jobs,
-            options.no_owner,
-            options.maintenance_database,
-            options.workdir,
-            run_id or "manual",
-            options.timeout_hours * 3600,
-            options.lock_timeout_s or None,
-            guard,
+            database=params.database,
+            mode=mode,
+            jobs=jobs,
+            no_owner=options.no_owner,
+            maintenance_database=options.maintenance_database,
+            workdir=options.workdir,
+            run_id=run_id or "manual",
+            timeout_s=options.timeout_hours * 3600,
+            lock_timeout_s=options.lock_timeout_s or None,
+            guard=guard,
         )
     report = RestoreReport(
         source_database=source_database,

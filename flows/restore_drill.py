@@ -131,14 +131,14 @@ def restore_drill(
                 storage,
                 chosen,
                 server,
-                name,
-                "create",
-                jobs,
-                False,
-                maintenance_database,
-                None,
-                run_id.replace("-", "")[:8],
-                None,
+                database=name,
+                mode="create",
+                jobs=jobs,
+                no_owner=False,
+                maintenance_database=maintenance_database,
+                workdir=None,
+                run_id=run_id.replace("-", "")[:8],
+                timeout_s=None,
                 guard=guard,
             )
             if result.identity is not None:
@@ -147,20 +147,20 @@ def restore_drill(
             restored = result.raw_bytes
             logger.info("restored %s into %s in %.1f s (RTO)", human_bytes(restored), name, rto)
         except Exception as exc:
-            checks.append(CheckResult("restore", False, str(exc)))
+            checks.append(CheckResult("restore", ok=False, detail=str(exc)))
         if not checks:
             try:
                 checks = check_restored_database(
                     chosen,
                     server.params.with_database(name),
-                    str(server.pg_restore.path.parent),
-                    server.server_version_num,
-                    row_tolerance,
-                    exact_below,
-                    amcheck,
+                    tool_dir=str(server.pg_restore.path.parent),
+                    server_version=server.server_version_num,
+                    row_tolerance=row_tolerance,
+                    exact_below=exact_below,
+                    amcheck=amcheck,
                 )
             except Exception as exc:
-                checks.append(CheckResult("checks", False, f"the checks could not run: {exc}"))
+                checks.append(CheckResult("checks", ok=False, detail=f"the checks could not run: {exc}"))
     finally:
         drop_scratch_database(server.params, name, maintenance_database, dropping)
         report.rto_seconds = round(rto, 3) if rto is not None else None
@@ -172,11 +172,11 @@ def restore_drill(
             storage,
             chosen,
             checks,
-            rto or 0.0,
-            restored,
-            name,
-            f"{server.params.host}:{server.params.port}",
-            str(flow_run.get_id()) if flow_run.get_id() else None,
+            rto_seconds=rto or 0.0,
+            restored_bytes=restored,
+            scratch=name,
+            server=f"{server.params.host}:{server.params.port}",
+            flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
         )
         _publish(report)
 

@@ -137,7 +137,12 @@ def wal_archive_check(
     hours = (now - state.checked_at).total_seconds() / 3600 if state.checked_at else None
     checks = check_settings(snap.settings)
     checks += check_archiver(
-        snap.archiver, snap.settings, thresholds, state.failed_count_at_success, state.failed_count, hours
+        snap.archiver,
+        snap.settings,
+        thresholds,
+        failed_count_at_success=state.failed_count_at_success,
+        previous_failed_count=state.failed_count,
+        hours_since_previous=hours,
     )
     checks += check_lag(snap, thresholds, now)
     checks.append(check_backlog(snap.backlog, thresholds))
@@ -147,13 +152,23 @@ def wal_archive_check(
     if archiving:
         full, why = full_verify_due(full_verify, state, now, timedelta(hours=options.full_verify_every_hours))
         # Base backups will pass oldest_needed_segment (the oldest kept one's start WAL) to widen the window.
-        contents = verify_archive_contents(archive, snap, state, options.window_segments, full, why)
+        contents = verify_archive_contents(
+            archive, snap, state, window_segments=options.window_segments, full=full, why=why
+        )
         checks += contents.checks
     else:
         checks.append(Check(name="contents", status="skipped", figure="archive_mode is off"))
 
     pending = oldest_pending(snap)
-    checks.append(check_stall(pending, state.oldest_pending, state.oldest_pending_seen_at, now, thresholds))
+    checks.append(
+        check_stall(
+            pending,
+            previous=state.oldest_pending,
+            previous_seen_at=state.oldest_pending_seen_at,
+            now=now,
+            t=thresholds,
+        )
+    )
 
     if active and archiving:
         checks.append(switch_wal_and_wait_for_archive(database, archive, options.probe_timeout_seconds))

@@ -238,14 +238,30 @@ def weekly_reindex(
     logger = get_run_logger()
     started = time.monotonic()
     selection = Selection(
-        include_schemas, exclude_schemas, include_tables, exclude_tables, include_indexes, exclude_indexes
+        include_schemas=include_schemas,
+        exclude_schemas=exclude_schemas,
+        include_tables=include_tables,
+        exclude_tables=exclude_tables,
+        include_indexes=include_indexes,
+        exclude_indexes=exclude_indexes,
     )
     check_database_route(database)  # PostgreSQL itself, before the session lock is taken
     with database_lock(database, wait_seconds=lock_wait_hours * 3600), reindex_lock(database):
         found = find_bloated_indexes(
-            database, bloat_threshold, min_index_size, selection, not dry_run, lock_timeout
+            database,
+            bloat_threshold=bloat_threshold,
+            min_index_size=min_index_size,
+            selection=selection,
+            confirm_with_analyze=not dry_run,
+            lock_timeout=lock_timeout,
         )
-        found.plan, sizes = judge_index_sizes(database, found, baseline_ratio, not dry_run, lock_timeout)
+        found.plan, sizes = judge_index_sizes(
+            database,
+            found,
+            baseline_ratio=baseline_ratio,
+            confirm_with_analyze=not dry_run,
+            lock_timeout=lock_timeout,
+        )
         report = ReindexReport(
             database=found.database,
             server_version=found.server_version,
@@ -259,9 +275,17 @@ def weekly_reindex(
             _add_sizes(report, sizes)
         else:
             report.indexes = [
-                _drop(database, c, lock_timeout, lock_retries, retry_backoff) for c in found.plan.leftovers
+                _drop(database, c, lock_timeout=lock_timeout, retries=lock_retries, backoff=retry_backoff)
+                for c in found.plan.leftovers
             ]
-            rebuilds = _rebuild_all(database, found, time_budget, lock_timeout, lock_retries, retry_backoff)
+            rebuilds = _rebuild_all(
+                database,
+                found,
+                budget=time_budget,
+                lock_timeout=lock_timeout,
+                retries=lock_retries,
+                backoff=retry_backoff,
+            )
             report.indexes += rebuilds
             _add_sizes(report, sizes)
             _keep_baselines(report, sizes, [c.index.qualified for c in found.plan.rebuilds])
@@ -272,7 +296,7 @@ def weekly_reindex(
             if analyze and rebuilt:
                 report.vacuum.update(vacuum_analyze_tables(database, rebuilt, lock_timeout))
             if vacuum_analyze_all:
-                report.vacuum.update(vacuum_analyze_tables(database, None, lock_timeout))
+                report.vacuum.update(vacuum_analyze_tables(database, tables=None, lock_timeout=lock_timeout))
     report.seconds = round(time.monotonic() - started, 1)
     _publish(report)
     failed = report.with_action("failed")
@@ -312,13 +336,20 @@ def _keep_baselines(report: ReindexReport, sizes: SizeCheck, chosen: list[str]) 
     """A rebuilt index's size per tuple right after the rebuild becomes its baseline; healthy indexes teach
     what learn_baselines allows; then the state is saved for the next run."""
     today = datetime.now(UTC).strftime("%Y-%m-%d")
-    state = learn_baselines(sizes.state, sizes.judgements, sizes.present, chosen, today)
+    state = learn_baselines(sizes.state, sizes.judgements, present=sizes.present, chosen=chosen, today=today)
     for line in report.with_action("rebuilt"):
         j = sizes.judgements.get(line.index)
         if j is None or line.size_after is None or line.per_tuple_after is None:
             continue
         tuples = line.size_after / line.per_tuple_after
-        record_rebuild(state, line.index, j.definition_hash, line.size_after, tuples, today)
+        record_rebuild(
+            state,
+            line.index,
+            definition=j.definition_hash,
+            size_bytes=line.size_after,
+            tuples=tuples,
+            today=today,
+        )
     if sizes.variable is None:
         return
     try:
@@ -340,7 +371,9 @@ def _planned(c: Candidate) -> IndexReport:
 
 def _drop(database: str, c: Candidate, lock_timeout: float, retries: int, backoff: float) -> IndexReport:
     started = time.monotonic()
-    problem = drop_leftover_index(database, c.index, lock_timeout, retries, backoff)
+    problem = drop_leftover_index(
+        database, c.index, lock_timeout=lock_timeout, retries=retries, backoff=backoff
+    )
     return IndexReport(
         index=c.index.qualified,
         table=c.index.qualified_table,
@@ -374,7 +407,9 @@ def _rebuild_all(
         if time.monotonic() - phase_start >= budget:
             line.note = f"time budget of {budget:.0f} s spent; next run"
             continue
-        result: RebuildResult = rebuild_one_index(database, c.index, lock_timeout, retries, backoff)
+        result: RebuildResult = rebuild_one_index(
+            database, c.index, lock_timeout=lock_timeout, retries=retries, backoff=backoff
+        )
         line.action, line.attempts, line.seconds = result.status, result.attempts, result.seconds
         notes = [result.error or ""]
         if result.blockers:

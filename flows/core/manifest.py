@@ -15,9 +15,12 @@ from flows.core.compression import Compression
 
 FORMAT_VERSION = 1
 
+# How a stored dump is read back: list (pg_restore --list), full (also re-hash every byte), none (skip).
+VerifyMethod = Literal["list", "full", "none"]
+
 
 class Verification(BaseModel):
-    method: Literal["none", "list", "full"]
+    method: VerifyMethod
     verified_at: AwareDatetime | None = None
     detail: str = ""
 

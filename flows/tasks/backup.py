@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from blocks.postgres import PostgresDatabase
@@ -17,7 +16,7 @@ from flows.core.dump import DumpResult, ListVerification, dump_globals, stream_d
 from flows.core.errors import ConfigurationError, DumpFailed, ObjectExists, PermissionDenied, TransientError
 from flows.core.expiry import Cleanup, carry_out, plan_cleanup
 from flows.core.layout import backup_stem, check_database_name, dump_key, globals_key, manifest_key
-from flows.core.manifest import Manifest, Verification
+from flows.core.manifest import Manifest, Verification, VerifyMethod
 from flows.core.objectstore import part_size_for
 from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import (
@@ -31,13 +30,19 @@ from flows.core.postgres import (
     unreadable_tables,
 )
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
-from flows.tasks.common import Progress, human_bytes, retry_policy
+from flows.tasks.common import Progress, dbops_task, human_bytes
 from flows.tasks.session import direct_session
 
 
 @dataclass
 class Preflight:
-    """What the dump needs to know before it starts; holds no password."""
+    """What the dump needs to know before it starts.
+
+    It holds the password: `params` is the block's ConnParams, password included, because pg_dump,
+    pg_dumpall and the verification connect with it. Only the repr hides it (ConnParams.__repr__), so a
+    Preflight may appear whole in a log line or a traceback, but `params.password` must never be written
+    anywhere (log, artifact, manifest), and pickling a Preflight (a persisted result) would store it too.
+    """
 
     block: str
     params: ConnParams
@@ -61,7 +66,7 @@ def load_database(name: str) -> PostgresDatabase:
     return block
 
 
-@task(name="check_database", cache_policy=NONE, **retry_policy())
+@dbops_task("check_database")
 def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
     """Connect, and make sure this machine's pg_dump can dump this server."""
     logger = get_run_logger()
@@ -111,7 +116,7 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
     )
 
 
-@task(name="check_storage", cache_policy=NONE, **retry_policy())
+@dbops_task("check_storage")
 def check_storage(storage: str, prefix: str) -> str:
     """Write, read back and delete a marker: a dump must not discover at 3 AM that the bucket is gone."""
     store = load_store(storage)
@@ -123,7 +128,7 @@ class StemTaken(TransientError):
     """Another dump created the same key first; a retry picks the next free name."""
 
 
-@task(name="upload_dump", cache_policy=NONE, **retry_policy())
+@dbops_task("upload_dump")
 def upload_dump(
     pre: Preflight,
     storage: str,
@@ -200,7 +205,7 @@ def upload_dump(
     return stem, result
 
 
-@task(name="discard_if_implausible", cache_policy=NONE, **retry_policy())
+@dbops_task("discard_if_implausible")
 def discard_if_implausible(
     storage: str, result: DumpResult, previous_raw_bytes: int, previous_stem: str, min_ratio: float
 ) -> None:
@@ -219,7 +224,7 @@ def discard_if_implausible(
     )
 
 
-@task(name="upload_globals", cache_policy=NONE, **retry_policy())
+@dbops_task("upload_globals")
 def upload_globals(pre: Preflight, storage: str, stem: str) -> str:
     """Roles and tablespaces (no password hashes): needed to restore onto a new server."""
     tool = find_tool("pg_dumpall", pre.server_version_num, str(pre.pg_dump.path.parent))
@@ -229,9 +234,9 @@ def upload_globals(pre: Preflight, storage: str, stem: str) -> str:
     return key
 
 
-@task(name="verify_backup", cache_policy=NONE, **retry_policy())
+@dbops_task("verify_backup")
 def verify_backup(
-    pre: Preflight, storage: str, result: DumpResult, compression: Compression, method: str
+    pre: Preflight, storage: str, result: DumpResult, compression: Compression, method: VerifyMethod
 ) -> ListVerification:
     """Read the stored object back through pg_restore: a dump counts only if it can be read.
 
@@ -264,7 +269,7 @@ def _tables_at_dump(pre: Preflight, result: DumpResult) -> list[str]:
     return facts.tables if facts is not None and facts.tables is not None else pre.tables
 
 
-@task(name="write_manifest", cache_policy=NONE, **retry_policy())
+@dbops_task("write_manifest")
 def write_manifest(
     pre: Preflight,
     storage: str,
@@ -272,7 +277,7 @@ def write_manifest(
     result: DumpResult,
     compression: Compression,
     level: int,
-    method: str,
+    method: VerifyMethod,
     verification: ListVerification | None,
     globals_object: str | None,
 ) -> Manifest:
@@ -301,7 +306,7 @@ def write_manifest(
         flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
         verified=verification is not None,
         verification=Verification(
-            method=method,  # type: ignore[arg-type]
+            method=method,
             verified_at=datetime.now(UTC) if verification else None,
             detail=verification.detail() if verification else "not verified (verify=none)",
         ),
@@ -322,7 +327,7 @@ def write_manifest(
     return manifest
 
 
-@task(name="read_backup_catalog", cache_policy=NONE, **retry_policy())
+@dbops_task("read_backup_catalog")
 def read_backup_catalog(storage: str, prefix: str, database: str) -> Catalog:
     return read_catalog(load_store(storage), prefix, database)
 
@@ -332,15 +337,15 @@ def plan_from_catalog(catalog: Catalog, policy: RetentionPolicy, now: datetime) 
     return plan_retention(records, policy, now)
 
 
-@task(name="plan_cleanup", cache_policy=NONE, **retry_policy())
+@dbops_task("plan_cleanup")
 def plan_backup_cleanup(
     storage: str, catalog: Catalog, plan: RetentionPlan, now: datetime, prefix: str, database: str
 ) -> Cleanup:
     """What retention will delete (expired backups, leftovers, old incomplete uploads) and leave alone."""
-    return plan_cleanup(load_store(storage), catalog, plan, now, prefix, database)
+    return plan_cleanup(load_store(storage), catalog, plan, now=now, prefix=prefix, database=database)
 
 
-@task(name="delete_expired_backups", cache_policy=NONE, **retry_policy())
+@dbops_task("delete_expired_backups")
 def delete_expired_backups(storage: str, cleanup: Cleanup, prefix: str, database: str) -> Cleanup:
     """Delete what the cleanup plan found: manifests first, leases looked for again, then the rest."""
     return carry_out(load_store(storage), cleanup, prefix, database)

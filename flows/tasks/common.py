@@ -1,16 +1,17 @@
-"""What every dbops task shares: the retry policy (transient errors only), the per-database lock,
-progress logging at a steady interval, and artifact keys Prefect accepts."""
+"""What every dbops task shares: the task decorator with its retry policy (transient errors only), the
+per-database lock, progress logging at a steady interval, and artifact keys Prefect accepts."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from prefect import get_run_logger
+from prefect import Task, get_run_logger, task
+from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
@@ -48,6 +49,23 @@ def retry_policy() -> dict[str, Any]:
         "retry_jitter_factor": 0.5 if factor > 0 else None,
         "retry_condition_fn": retry_if_transient,
     }
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def dbops_task(name: str, *, retry: bool = True, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """The decorator of every dbops task.
+
+    No result cache: a task checks or changes the world (a server, a bucket) and must do so on every
+    run; its arguments (blocks, connection parameters with a password) are neither hashable nor meant
+    to be stored. `retry=True` adds `retry_policy()` (transient errors only), read when the task is
+    defined, that is when its module is imported. `retry=False` is for work that must not run twice on
+    its own (a migration step, the checks of a restored database). `options` go to Prefect's `task`.
+    """
+    policy = retry_policy() if retry else {}
+    return task(name=name, cache_policy=NONE, **{**policy, **options})
 
 
 def ensure_concurrency_limit(name: str) -> bool:

@@ -6,19 +6,18 @@ API) and connect, with the retry policy for a server that does not answer right 
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 
 from flows.core.errors import DbopsError
 from flows.core.identity import DatabaseIdentity, Guard, Protected, resolve
 from flows.tasks.backup import load_database
-from flows.tasks.common import retry_policy
+from flows.tasks.common import dbops_task
 
 BLOCK_TYPE = "postgres-database"
 
 
-@task(name="identify_target", cache_policy=NONE, **retry_policy())
+@dbops_task("identify_target")
 def identify_target(block_name: str, maintenance_database: str = "postgres") -> DatabaseIdentity:
     """Connect with the block and read the server's system identifier and the database's oid."""
     identity = resolve(load_database(block_name).params(), maintenance_database)
@@ -41,7 +40,7 @@ def protected_block_names() -> list[str]:
             offset += page
 
 
-@task(name="find_protected_databases", cache_policy=NONE, **retry_policy())
+@dbops_task("find_protected_databases")
 def protected_databases(maintenance_database: str = "postgres") -> tuple[Protected, ...]:
     """The identities of the databases protected blocks name, once per run.
 
@@ -56,7 +55,7 @@ def protected_databases(maintenance_database: str = "postgres") -> tuple[Protect
         try:
             found.append(Protected(name, block.database, resolve(block.params(), maintenance_database)))
         except DbopsError as exc:
-            found.append(Protected(name, block.database, None, str(exc)))
+            found.append(Protected(name, block.database, identity=None, unreachable=str(exc)))
     for p in found:
         seen = p.identity or f"{p.database!r}, not reachable ({p.unreachable})"
         logger.info("protected block %s: %s", p.block, seen)

@@ -14,9 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
 from blocks.storage import load_store
@@ -41,7 +40,7 @@ from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num
 from flows.core.restore import RestoreRequest, drop_database, parse_selector, restore_backup, select_backup
 from flows.tasks.backup import load_database
-from flows.tasks.common import artifact_key, retry_policy
+from flows.tasks.common import artifact_key, dbops_task
 
 
 def db_params(block_name: str) -> ConnParams:
@@ -93,7 +92,7 @@ def run_origin() -> tuple[list[str], bool, object | None, str | None]:
 # -- 1. plan -----------------------------------------------------------------------------------------------
 
 
-@task(name="plan_migration", cache_policy=NONE, **retry_policy())
+@dbops_task("plan_migration")
 def plan_migration(
     database: str,
     staging_database: str,
@@ -140,7 +139,7 @@ class LintOutcome:
     sha256: str
 
 
-@task(name="lint_migration", cache_policy=NONE, **retry_policy())
+@dbops_task("lint_migration")
 def lint_migration(
     database: str,
     alembic_ini: str,
@@ -181,7 +180,7 @@ def lint_migration(
 # -- 4. staging --------------------------------------------------------------------------------------------
 
 
-@task(name="refresh_staging", cache_policy=NONE, **retry_policy())
+@dbops_task("refresh_staging")
 def refresh_staging(
     staging_database: str,
     storage: str,
@@ -213,7 +212,7 @@ def refresh_staging(
         version = server_version_num(conn)
         guard.check(conn)
         drop_database(conn, params.database)
-    tool = find_tool("pg_restore", version, None)
+    tool = find_tool("pg_restore", version, bindir=None)
     run_id = (flow_run.get_id() or "manual")[:8]
     result = restore_backup(
         RestoreRequest(
@@ -245,7 +244,7 @@ class Applied:
     attempts: dict[str, int] = field(default_factory=dict)  # revision -> attempts (lock timeouts retried)
 
 
-@task(name="upgrade_database", cache_policy=NONE)
+@dbops_task("upgrade_database", retry=False)
 def upgrade_database(
     database: str,
     alembic_ini: str,
@@ -275,13 +274,13 @@ def upgrade_database(
         return _upgrade_with_retries(
             app,
             params,
-            target,
-            lock_timeout_ms,
-            statement_timeout_ms,
-            retry_budget_s,
-            applied,
-            still_locked,
-            backoff_first_s,
+            target=target,
+            lock_timeout_ms=lock_timeout_ms,
+            statement_timeout_ms=statement_timeout_ms,
+            retry_budget_s=retry_budget_s,
+            applied=applied,
+            still_locked=still_locked,
+            backoff_first_s=backoff_first_s,
         )
     except Exception as exc:
         done = getattr(getattr(exc, "result", None), "steps", None) or []
@@ -347,7 +346,7 @@ def _upgrade_with_retries(
         return applied
 
 
-@task(name="downgrade_database", cache_policy=NONE)
+@dbops_task("downgrade_database", retry=False)
 def downgrade_database(
     database: str,
     alembic_ini: str,
@@ -375,7 +374,7 @@ def downgrade_database(
     return {s.revision: round(s.seconds, 3) for s in result.steps}
 
 
-@task(name="verify_current", cache_policy=NONE, **retry_policy())
+@dbops_task("verify_current")
 def verify_current(
     database: str, alembic_ini: str, driver: str, target: str, alembic_env: list[str] | None = None
 ) -> list[str]:

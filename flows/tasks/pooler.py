@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 
 from flows.core.health.pooler import (
     PgBouncerSnapshot,
@@ -13,11 +12,11 @@ from flows.core.health.pooler import (
     read_server_limits,
 )
 from flows.tasks.backup import load_database
-from flows.tasks.common import retry_policy
+from flows.tasks.common import dbops_task
 from flows.tasks.session import direct_session
 
 
-@task(name="read_pgbouncer_console", cache_policy=NONE, **retry_policy())
+@dbops_task("read_pgbouncer_console")
 def read_pgbouncer_console(pgbouncer: str) -> PgBouncerSnapshot:
     """SHOW POOLS / STATS / DATABASES / CONFIG from the console of the PgBouncer the block points at."""
     params = load_database(pgbouncer).params()
@@ -36,7 +35,7 @@ def read_pgbouncer_console(pgbouncer: str) -> PgBouncerSnapshot:
     return snap
 
 
-@task(name="read_connection_limits", cache_policy=NONE, **retry_policy())
+@dbops_task("read_connection_limits")
 def read_connection_limits(database: str) -> ServerLimits:
     """max_connections, superuser_reserved_connections and client backends of PostgreSQL itself."""
     block = load_database(database)

@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 from prefect.variables import Variable
 
 from flows.core.bloat import (
@@ -51,7 +50,7 @@ from flows.core.reindex import (
     vacuum_analyze,
 )
 from flows.tasks.backup import load_database
-from flows.tasks.common import human_bytes, retry_policy
+from flows.tasks.common import dbops_task, human_bytes
 
 
 @dataclass
@@ -92,7 +91,7 @@ def reindex_lock(database: str) -> Iterator[None]:
         yield
 
 
-@task(name="find_bloated_indexes", cache_policy=NONE, **retry_policy())
+@dbops_task("find_bloated_indexes")
 def find_bloated_indexes(
     database: str,
     bloat_threshold: float,
@@ -125,7 +124,13 @@ def find_bloated_indexes(
                 min_index_size=min_index_size,
                 selection=selection,
             )
-    inspection = Inspection(params.database, params.where, version, schema, plan)
+    inspection = Inspection(
+        database=params.database,
+        where=params.where,
+        server_version=version,
+        stattuple_schema=schema,
+        plan=plan,
+    )
     logger.info(
         "%s (PostgreSQL %s): %d leftovers to drop, %d indexes to rebuild, %d not bloated, %s "
         "(system catalogs not counted); "
@@ -158,13 +163,15 @@ def skipped_summary(reasons: list[str]) -> str:
     return f"{sum(counts.values())} skipped ({parts})"
 
 
-@task(name="drop_leftover_index", cache_policy=NONE, **retry_policy())
+@dbops_task("drop_leftover_index")
 def drop_leftover_index(
     database: str, index: IndexRow, lock_timeout: float, retries: int, backoff: float
 ) -> str | None:
     """DROP INDEX CONCURRENTLY an invalid `_ccnew`/`_ccold`; returns the error text, or None when dropped."""
     params = load_database(database).params()
-    problem = drop_index_concurrently(params, index.schema, index.name, lock_timeout, retries, backoff)
+    problem = drop_index_concurrently(
+        params, index.schema, index.name, lock_timeout_s=lock_timeout, retries=retries, backoff_s=backoff
+    )
     logger = get_run_logger()
     if problem:
         logger.warning("could not drop leftover %s: %s", index.qualified, problem)
@@ -173,7 +180,7 @@ def drop_leftover_index(
     return problem
 
 
-@task(name="rebuild_index", cache_policy=NONE, **retry_policy())
+@dbops_task("rebuild_index")
 def rebuild_one_index(
     database: str, index: IndexRow, lock_timeout: float, retries: int, backoff: float
 ) -> RebuildResult:
@@ -221,19 +228,19 @@ def rebuild_one_index(
     return result
 
 
-@task(name="measure_index", cache_policy=NONE, **retry_policy())
+@dbops_task("measure_index")
 def measure_index(database: str, index: IndexRow, stattuple_schema: str | None) -> Measured:
     """Size and bloat after the rebuild, by the same method as before."""
     with load_database(database).connect() as conn:
         row = index_by_name(conn, index.schema, index.name)
         if row is None:
-            return Measured(None, None)
+            return Measured(size_bytes=None, bloat=None)
         if stattuple_schema and row.am == "btree" and row.valid:
             row = measure_with_pgstatindex(conn, stattuple_schema, row)
     return Measured(row.size_bytes, row.estimated_bloat, row.index_tuples)
 
 
-@task(name="vacuum_analyze", cache_policy=NONE, **retry_policy())
+@dbops_task("vacuum_analyze")
 def vacuum_analyze_tables(
     database: str, tables: list[tuple[str, str]] | None, lock_timeout: float
 ) -> dict[str, str | None]:
@@ -272,7 +279,7 @@ def _read_state(name: str) -> BaselineState:
     return state_from_values(v for v in values if v is not None)
 
 
-@task(name="judge_index_sizes", cache_policy=NONE, **retry_policy())
+@dbops_task("judge_index_sizes")
 def judge_index_sizes(
     database: str, found: Inspection, baseline_ratio: float, confirm_with_analyze: bool, lock_timeout: float
 ) -> tuple[ReindexPlan, SizeCheck]:
@@ -319,10 +326,12 @@ def judge_index_sizes(
         f" ({', '.join(c.index.qualified for c in by_size[:10])})" if by_size else "",
     )
     present = [r.qualified for r in rows]
-    return plan, SizeCheck(variable, state, judgements, present, problem)
+    return plan, SizeCheck(
+        variable=variable, state=state, judgements=judgements, present=present, problem=problem
+    )
 
 
-@task(name="save_index_baselines", cache_policy=NONE, **retry_policy())
+@dbops_task("save_index_baselines")
 def save_index_baselines(name: str, state: BaselineState) -> None:
     """Write the baselines (split under Prefect's value limit); stale extra parts are deleted."""
     values = state_to_values(state)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 
 from blocks.storage import load_store
 from flows.core.catalog import Backup, drill_key
@@ -27,6 +26,7 @@ from flows.core.listing import BackupListing, list_backups
 from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num, version_text
 from flows.core.restore import (
+    Mode,
     RestoreRequest,
     RestoreResult,
     drop_database,
@@ -34,7 +34,7 @@ from flows.core.restore import (
 )
 from flows.core.roles import apply_globals
 from flows.tasks.backup import load_database
-from flows.tasks.common import Progress, human_bytes, retry_policy
+from flows.tasks.common import Progress, dbops_task, human_bytes
 from flows.tasks.session import direct_session
 
 
@@ -56,7 +56,7 @@ def target_of(block_name: str) -> tuple[ConnParams, bool]:
     return block.params(), block.protected
 
 
-@task(name="check_target_server", cache_policy=NONE, **retry_policy())
+@dbops_task("check_target_server")
 def check_target_server(block_name: str, maintenance_database: str, pg_bindir: str | None = None) -> Target:
     """Connect to the target server's maintenance database and find a matching pg_restore."""
     block = load_database(block_name)
@@ -74,10 +74,17 @@ def check_target_server(block_name: str, maintenance_database: str, pg_bindir: s
         tool.path,
         tool.version,
     )
-    return Target(block_name, params, protected, version, tool, identity)
+    return Target(
+        block=block_name,
+        params=params,
+        protected=protected,
+        server_version_num=version,
+        pg_restore=tool,
+        identity=identity,
+    )
 
 
-@task(name="restore_globals", cache_policy=NONE, **retry_policy())
+@dbops_task("restore_globals")
 def restore_globals(storage: str, backup: Backup, target: Target, maintenance_database: str) -> str:
     """Create the roles (and tablespaces) of the stored roles file that the target server lacks; existing
     ones are left exactly as they are. Returns what was created and what was already present."""
@@ -99,13 +106,13 @@ def restore_globals(storage: str, backup: Backup, target: Target, maintenance_da
     return detail
 
 
-@task(name="restore_database", cache_policy=NONE, **retry_policy())
+@dbops_task("restore_database")
 def restore_database(
     storage: str,
     backup: Backup,
     target: Target,
     database: str,
-    mode: str,
+    mode: Mode,
     jobs: int,
     no_owner: bool,
     maintenance_database: str,
@@ -126,7 +133,7 @@ def restore_database(
         backup=backup,
         target=target.params.with_database(database),
         tool=target.pg_restore,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         jobs=jobs,
         no_owner=no_owner,
         maintenance_database=maintenance_database,
@@ -150,7 +157,7 @@ def restore_database(
     return result
 
 
-@task(name="check_restored_database", cache_policy=NONE)
+@dbops_task("check_restored_database", retry=False)
 def check_restored_database(
     backup: Backup,
     params: ConnParams,
@@ -166,7 +173,9 @@ def check_restored_database(
     with connect(params) as conn:
         tables = restored_tables(conn)
         checks = [check_tables(manifest, tables)]
-        checks.append(check_row_counts(conn, manifest, tables, row_tolerance, exact_below))
+        checks.append(
+            check_row_counts(conn, manifest, tables, tolerance=row_tolerance, exact_below=exact_below)
+        )
         checks.append(check_alembic(conn, manifest))
     if amcheck:
         checks.append(check_amcheck(params, find_tool("pg_amcheck", server_version, tool_dir)))
@@ -177,7 +186,7 @@ def check_restored_database(
     return checks
 
 
-@task(name="drop_scratch_database", cache_policy=NONE, **retry_policy())
+@dbops_task("drop_scratch_database")
 def drop_scratch_database(params: ConnParams, name: str, maintenance_database: str, guard: Guard) -> None:
     """Drop the drill's scratch database, re-identified on the connection that drops it (`guard`)."""
     with connect(params.with_database(maintenance_database)) as conn:
@@ -186,7 +195,7 @@ def drop_scratch_database(params: ConnParams, name: str, maintenance_database: s
     get_run_logger().info("dropped scratch database %s", name)
 
 
-@task(name="record_drill", cache_policy=NONE, **retry_policy())
+@dbops_task("record_drill")
 def record_drill(
     storage: str,
     backup: Backup,
@@ -214,7 +223,7 @@ def record_drill(
     return record
 
 
-@task(name="read_backup_listing", cache_policy=NONE, **retry_policy())
+@dbops_task("read_backup_listing")
 def read_backup_listing(storage: str, prefix: str, database: str) -> BackupListing:
     """Backups with their drill records, and what was left alone (the same code `dbops backups list` runs)."""
     return list_backups(load_store(storage), prefix, database)

@@ -6,11 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 
 from blocks.postgres import PostgresDatabase
-from flows.tasks.common import retry_policy
+from flows.tasks.common import dbops_task
 
 
 @contextmanager
@@ -31,7 +30,7 @@ def direct_session(
         yield conn
 
 
-@task(name="check_database_route", cache_policy=NONE, **retry_policy())
+@dbops_task("check_database_route")
 def check_database_route(database: str, maintenance_database: str | None = None) -> str:
     """The preflight of flows whose first connection takes a session lock (reindex, migrate): make sure
     the block reaches PostgreSQL itself before any lock is taken through a pooler."""

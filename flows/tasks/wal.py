@@ -7,8 +7,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 from prefect.variables import Variable
 
 from blocks.storage import load_store
@@ -17,7 +16,7 @@ from flows.core.archiver import Check, CheckState, ServerSnapshot, snapshot, swi
 from flows.core.errors import ConfigurationError
 from flows.core.objectstore import LocalObjectStore
 from flows.tasks.backup import load_database
-from flows.tasks.common import artifact_key, retry_policy
+from flows.tasks.common import artifact_key, dbops_task
 from flows.tasks.session import direct_session
 
 
@@ -34,7 +33,7 @@ def open_archive(location: ArchiveLocation) -> WalArchive:
     return WalArchive(load_store(location.storage), location.prefix)
 
 
-@task(name="read_archiver_status", cache_policy=NONE, **retry_policy())
+@dbops_task("read_archiver_status")
 def read_archiver_status(database: str) -> ServerSnapshot:
     """Settings, pg_stat_archiver, the current WAL position, the .ready backlog and the standbys."""
     block = load_database(database)
@@ -52,7 +51,7 @@ def read_archiver_status(database: str) -> ServerSnapshot:
     return snap
 
 
-@task(name="verify_archive_contents", cache_policy=NONE, **retry_policy())
+@dbops_task("verify_archive_contents")
 def verify_archive_contents(
     location: ArchiveLocation,
     snap: ServerSnapshot,
@@ -90,7 +89,7 @@ def verify_archive_contents(
     return result
 
 
-@task(name="switch_wal_and_wait_for_archive", cache_policy=NONE, **retry_policy())
+@dbops_task("switch_wal_and_wait_for_archive")
 def switch_wal_and_wait_for_archive(
     database: str, location: ArchiveLocation, timeout_seconds: float
 ) -> Check:
@@ -125,7 +124,7 @@ def state_variable(database: str) -> str:
     return artifact_key("wal-archive-check", database)
 
 
-@task(name="load_check_state", cache_policy=NONE, **retry_policy())
+@dbops_task("load_check_state")
 def load_check_state(name: str) -> CheckState:
     raw = Variable.get(name, default=None)
     if raw is None:
@@ -137,6 +136,6 @@ def load_check_state(name: str) -> CheckState:
         return CheckState()
 
 
-@task(name="save_check_state", cache_policy=NONE, **retry_policy())
+@dbops_task("save_check_state")
 def save_check_state(name: str, state: CheckState) -> None:
     Variable.set(name, state.model_dump_json(), overwrite=True)

@@ -1,0 +1,47 @@
+"""Every dbops task is declared through one decorator (flows.tasks.common.dbops_task): no result cache,
+and retries for transient errors only, except the steps that must never run twice on their own."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+
+from prefect import Task
+from prefect.cache_policies import NONE
+
+import flows.tasks
+from flows.tasks.common import retry_if_transient
+
+# A retried migration step could apply a revision twice; a retried check could hide a flaky restore.
+NEVER_RETRIED = {"upgrade_database", "downgrade_database", "check_restored_database"}
+
+
+def all_tasks() -> dict[str, Task]:
+    found: dict[str, Task] = {}
+    for info in pkgutil.iter_modules(flows.tasks.__path__):
+        module = importlib.import_module(f"flows.tasks.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, Task) and value.fn.__module__ == module.__name__:
+                found[value.name] = value
+    return found
+
+
+def test_no_task_result_is_cached_between_runs() -> None:
+    tasks = all_tasks()
+    assert len(tasks) >= 40
+    assert [name for name, t in tasks.items() if t.cache_policy is not NONE] == []
+
+
+def test_migration_steps_and_restored_database_checks_are_never_retried() -> None:
+    tasks = all_tasks()
+    assert NEVER_RETRIED <= tasks.keys()
+    assert {name: tasks[name].retries for name in NEVER_RETRIED} == dict.fromkeys(NEVER_RETRIED, 0)
+
+
+def test_every_other_task_retries_transient_errors_only() -> None:
+    retries = int(os.environ["DBOPS_TASK_RETRIES"])  # tests/conftest.py sets it before any import
+    for name, t in all_tasks().items():
+        if name in NEVER_RETRIED:
+            continue
+        assert (t.retries, t.retry_condition_fn) == (retries, retry_if_transient), name
