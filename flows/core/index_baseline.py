@@ -405,8 +405,3 @@ def read_index_shapes(
             ),
         )
     return shapes
-
-
-def system_identifier(conn: psycopg.Connection) -> int:
-    """pg_control_system()'s identifier: the same on every physical copy of the cluster."""
-    return int(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])  # type: ignore[index]

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import psycopg
 from prefect import get_run_logger
 from prefect.variables import Variable
 
@@ -28,6 +27,8 @@ from flows.core.bloat import (
     plan_reindex,
     read_indexes,
 )
+from flows.core.errors import IdentityUnknown
+from flows.core.identity import system_identifier
 from flows.core.index_baseline import (
     BaselineState,
     SizeJudgement,
@@ -37,7 +38,6 @@ from flows.core.index_baseline import (
     state_from_values,
     state_to_values,
     state_variable_name,
-    system_identifier,
 )
 from flows.core.postgres import server_version_num
 from flows.core.reindex import (
@@ -295,11 +295,8 @@ def judge_index_sizes(
         variable, problem = None, None
         try:
             variable = state_variable_name(system_identifier(conn), found.database)
-        except psycopg.Error as exc:
-            problem = (
-                f"baselines not kept: pg_control_system() refused ({str(exc).strip().splitlines()[0]}); "
-                "GRANT EXECUTE ON FUNCTION pg_control_system() TO the block's role"
-            )
+        except IdentityUnknown as exc:
+            problem = f"baselines not kept: {exc}"
             logger.warning("%s; judging by fresh-build estimates only", problem)
         state = _read_state(variable) if variable else BaselineState()
 
