@@ -13,7 +13,7 @@ run: setup
 	uv run python -m deployments.stack
 
 test: setup
-	uv run pytest -q
+	uv run pytest -q -n 2 --dist loadfile
 
 lint:
 	uv run ruff check .

@@ -98,6 +98,9 @@ def stack() -> Iterator[RunningStack]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # A shell started with SIGINT ignored (a CI job, `cmd &`) passes that on to bash and tee, and a
+        # non-interactive bash cannot undo it: reset it, as a terminal's shell has it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     running = RunningStack(state=state, proc=proc)
     up = threading.Event()
