@@ -36,7 +36,7 @@ from flows.tasks.backup import (
     verify_backup,
     write_manifest,
 )
-from flows.tasks.common import artifact_key, database_lock, human_bytes
+from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
 
 
 class DumpOptions(BaseModel):
@@ -196,64 +196,70 @@ def nightly_dump(
         options: Less common settings (lock waits, plausibility checks, pg_dump location).
     """
     logger = get_run_logger()
-    options = options or DumpOptions()
-    require_store_kind(storage)
-    check_prefix(prefix)
-    level = DEFAULT_LEVEL[compression] if compression_level is None else compression_level
-    low, high = LEVEL_RANGE[compression]
-    if not low <= level <= high:
-        raise ConfigurationError(
-            f"compression_level {level} is out of range for {compression.value}; use {low} to {high}"
-        )
-
-    with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
-        report = take_backup(
-            database,
-            storage,
-            prefix,
-            compression=compression,
-            compression_level=level,
-            include_globals=globals,
-            verify=verify,
-            options=options,
-        )
-
-        if retention is None:
-            report.retention = "no retention policy: every backup is kept"
-        elif not report.verified:
-            report.retention = "skipped: this backup was not verified, so nothing old is removed"
-            logger.warning(report.retention)
-        else:
-            now = datetime.now(UTC)
-            catalog = read_backup_catalog(storage, prefix, report.database)
-            plan = plan_from_catalog(catalog, retention, now)
-            cleanup = plan_backup_cleanup(
-                storage, catalog, plan, now=now, prefix=prefix, database=report.database
+    try:
+        options = options or DumpOptions()
+        require_store_kind(storage)
+        check_prefix(prefix)
+        level = DEFAULT_LEVEL[compression] if compression_level is None else compression_level
+        low, high = LEVEL_RANGE[compression]
+        if not low <= level <= high:
+            raise ConfigurationError(
+                f"compression_level {level} is out of range for {compression.value}; use {low} to {high}"
             )
-            report.kept = [k.record.stem for k in plan.keep]
-            report.in_use = sorted(cleanup.in_use)
-            report.left_alone = [f"{key} ({why})" for key, why in cleanup.unreadable + cleanup.foreign]
-            if retention_dry_run:
-                report.deleted = [r.stem for r in plan.delete if r.stem in cleanup.expired]
-                report.retention = f"dry run: {plan.summary()}; would remove {cleanup.summary()}"
-            else:
-                cleanup = delete_expired_backups(storage, cleanup, prefix, report.database)
-                report.in_use += cleanup.kept_after_recheck
-                report.deleted = [
-                    r.stem for r in plan.delete if r.stem in cleanup.expired and r.stem not in report.in_use
-                ]
-                report.orphans_removed = sorted(cleanup.orphans)
-                report.retention = (
-                    f"{plan.summary()}; removed {cleanup.deleted_objects} objects ({cleanup.summary()})"
-                )
-            for stem, who in cleanup.in_use.items():
-                logger.info("kept while in use: %s (%s)", stem, who)
-            for line in report.left_alone:
-                logger.warning("left alone: %s", line)
-            logger.info("retention: %s", report.retention)
 
-    _publish(report)
-    return report
+        with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
+            report = take_backup(
+                database,
+                storage,
+                prefix,
+                compression=compression,
+                compression_level=level,
+                include_globals=globals,
+                verify=verify,
+                options=options,
+            )
+
+            if retention is None:
+                report.retention = "no retention policy: every backup is kept"
+            elif not report.verified:
+                report.retention = "skipped: this backup was not verified, so nothing old is removed"
+                logger.warning(report.retention)
+            else:
+                now = datetime.now(UTC)
+                catalog = read_backup_catalog(storage, prefix, report.database)
+                plan = plan_from_catalog(catalog, retention, now)
+                cleanup = plan_backup_cleanup(
+                    storage, catalog, plan, now=now, prefix=prefix, database=report.database
+                )
+                report.kept = [k.record.stem for k in plan.keep]
+                report.in_use = sorted(cleanup.in_use)
+                report.left_alone = [f"{key} ({why})" for key, why in cleanup.unreadable + cleanup.foreign]
+                if retention_dry_run:
+                    report.deleted = [r.stem for r in plan.delete if r.stem in cleanup.expired]
+                    report.retention = f"dry run: {plan.summary()}; would remove {cleanup.summary()}"
+                else:
+                    cleanup = delete_expired_backups(storage, cleanup, prefix, report.database)
+                    report.in_use += cleanup.kept_after_recheck
+                    report.deleted = [
+                        r.stem
+                        for r in plan.delete
+                        if r.stem in cleanup.expired and r.stem not in report.in_use
+                    ]
+                    report.orphans_removed = sorted(cleanup.orphans)
+                    report.retention = (
+                        f"{plan.summary()}; removed {cleanup.deleted_objects} objects ({cleanup.summary()})"
+                    )
+                for stem, who in cleanup.in_use.items():
+                    logger.info("kept while in use: %s (%s)", stem, who)
+                for line in report.left_alone:
+                    logger.warning("left alone: %s", line)
+                logger.info("retention: %s", report.retention)
+
+        _publish(report)
+        return report
+    except Exception as exc:
+        key = artifact_key("nightly-dump", database_name_of(database))
+        return publish_failure(key, f"Nightly dump of {database} into {storage}", exc)  # type: ignore[return-value]
 
 
 def _publish(report: BackupReport) -> None:

@@ -33,7 +33,7 @@ from flows.core.restore import (
     select_backup,
 )
 from flows.tasks.backup import read_backup_catalog, require_store_kind
-from flows.tasks.common import artifact_key, database_lock, human_bytes
+from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
 from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (
     check_target_server,
@@ -133,76 +133,83 @@ def restore(
         options: Less common settings (ownership, maintenance database, work directory, timeouts).
     """
     logger = get_run_logger()
-    options = options or RestoreOptions()
-    require_store_kind(storage)
-    check_location(prefix, source_database)
-    selector = parse_selector(backup)
+    try:
+        options = options or RestoreOptions()
+        require_store_kind(storage)
+        check_location(prefix, source_database)
+        selector = parse_selector(backup)
 
-    # Refuse before anything connects to the target: only the block is read.
-    params, protected = target_of(target)
-    require_confirmation(protected, params.database, confirm)
-    require_globals_confirmation(globals, params, confirm)
+        # Refuse before anything connects to the target: only the block is read.
+        params, protected = target_of(target)
+        require_confirmation(protected, params.database, confirm)
+        require_globals_confirmation(globals, params, confirm)
 
-    catalog = read_backup_catalog(storage, prefix, source_database)
-    chosen = select_backup(catalog, selector, source_database)
-    m = chosen.manifest
-    logger.info(
-        "%s of %s: %s (pg_dump ended %s, %s stored, alembic %s, %s)",
-        selector.describe(),
-        source_database,
-        m.dump_key,
-        f"{m.ended_at:%Y-%m-%d %H:%M:%S}Z",
-        human_bytes(m.bytes),
-        m.alembic_revision or "none",
-        m.verification.detail if m.verified else "NOT verified when it was taken",
-    )
-    server = check_target_server(target, options.maintenance_database, options.pg_bindir)
-    guard = Guard(
-        block=target,
-        planned=server.identity,
-        action="restore into",
-        protected=protected_databases(options.maintenance_database),
-        confirm=confirm,
-    )
-    check_guard(guard)
-    run_id = (flow_run.get_id() or "")[:8] or None
-    lock_wait = options.lock_wait_hours * 3600
-    with database_lock(target, wait_seconds=lock_wait, maintenance_database=options.maintenance_database):
-        globals_detail = "not applied"
-        if globals:
-            globals_detail = restore_globals(storage, chosen, server, options.maintenance_database)
-        result = restore_database(
-            storage,
-            chosen,
-            server,
-            database=params.database,
+        catalog = read_backup_catalog(storage, prefix, source_database)
+        chosen = select_backup(catalog, selector, source_database)
+        m = chosen.manifest
+        logger.info(
+            "%s of %s: %s (pg_dump ended %s, %s stored, alembic %s, %s)",
+            selector.describe(),
+            source_database,
+            m.dump_key,
+            f"{m.ended_at:%Y-%m-%d %H:%M:%S}Z",
+            human_bytes(m.bytes),
+            m.alembic_revision or "none",
+            m.verification.detail if m.verified else "NOT verified when it was taken",
+        )
+        server = check_target_server(target, options.maintenance_database, options.pg_bindir)
+        guard = Guard(
+            block=target,
+            planned=server.identity,
+            action="restore into",
+            protected=protected_databases(options.maintenance_database),
+            confirm=confirm,
+        )
+        check_guard(guard)
+        run_id = (flow_run.get_id() or "")[:8] or None
+        lock_wait = options.lock_wait_hours * 3600
+        with database_lock(target, wait_seconds=lock_wait, maintenance_database=options.maintenance_database):
+            globals_detail = "not applied"
+            if globals:
+                globals_detail = restore_globals(storage, chosen, server, options.maintenance_database)
+            result = restore_database(
+                storage,
+                chosen,
+                server,
+                database=params.database,
+                mode=mode,
+                jobs=jobs,
+                no_owner=options.no_owner,
+                maintenance_database=options.maintenance_database,
+                workdir=options.workdir,
+                run_id=run_id or "manual",
+                timeout_s=options.timeout_hours * 3600,
+                lock_timeout_s=options.lock_timeout_s or None,
+                guard=guard,
+            )
+        report = RestoreReport(
+            source_database=source_database,
+            key=result.key,
+            backup_time=f"{m.ended_at:%Y-%m-%d %H:%M:%S}Z",
+            target=f"{params.host}:{params.port}/{result.database}",
             mode=mode,
             jobs=jobs,
-            no_owner=options.no_owner,
-            maintenance_database=options.maintenance_database,
-            workdir=options.workdir,
-            run_id=run_id or "manual",
-            timeout_s=options.timeout_hours * 3600,
-            lock_timeout_s=options.lock_timeout_s or None,
-            guard=guard,
+            method=result.method,
+            bytes=result.bytes,
+            raw_bytes=result.raw_bytes,
+            sha256=result.sha256,
+            seconds=round(result.seconds, 3),
+            alembic_revision=m.alembic_revision,
+            globals=globals_detail,
         )
-    report = RestoreReport(
-        source_database=source_database,
-        key=result.key,
-        backup_time=f"{m.ended_at:%Y-%m-%d %H:%M:%S}Z",
-        target=f"{params.host}:{params.port}/{result.database}",
-        mode=mode,
-        jobs=jobs,
-        method=result.method,
-        bytes=result.bytes,
-        raw_bytes=result.raw_bytes,
-        sha256=result.sha256,
-        seconds=round(result.seconds, 3),
-        alembic_revision=m.alembic_revision,
-        globals=globals_detail,
-    )
-    _publish(report)
-    return report
+        _publish(report)
+        return report
+    except Exception as exc:
+        return publish_failure(  # type: ignore[return-value]
+            artifact_key("restore", database_name_of(target)),
+            f"Restore of {source_database} ({backup}, mode {mode}) into {target}",
+            exc,
+        )
 
 
 def _publish(report: RestoreReport) -> None:
@@ -235,12 +242,15 @@ def list_backups(storage: str, database: str, prefix: str = "") -> list[dict[str
         database: The database name used in the object layout (e.g. imagemanager).
         prefix: Folder inside the storage (e.g. prod); may be empty.
     """
-    require_store_kind(storage)
-    check_location(prefix, database)
-    listing = read_backup_listing(storage, prefix, database)
-    create_table_artifact(
-        key=artifact_key("backups", database),
-        table=(listing.rows or [{"time": "no backups"}]) + listing.left_alone,
-        description=f"Backups of {database}: {listing.describe()}",
-    )
-    return listing.rows
+    try:
+        require_store_kind(storage)
+        check_location(prefix, database)
+        listing = read_backup_listing(storage, prefix, database)
+        create_table_artifact(
+            key=artifact_key("backups", database),
+            table=(listing.rows or [{"time": "no backups"}]) + listing.left_alone,
+            description=f"Backups of {database}: {listing.describe()}",
+        )
+        return listing.rows
+    except Exception as exc:
+        return publish_failure(artifact_key("backups", database), f"Backups of {database} in {storage}", exc)  # type: ignore[return-value]

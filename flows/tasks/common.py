@@ -1,5 +1,6 @@
 """What every dbops task shares: the task decorator with its retry policy (transient errors only), the
-per-database lock, progress logging at a steady interval, and artifact keys Prefect accepts."""
+per-database lock, progress logging at a steady interval, artifact keys Prefect accepts, and the failure
+report every flow publishes (artifact and final state carry the same one sentence)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, ParamSpec, TypeVar
 
-from prefect import Task, get_run_logger, task
+from prefect import State, Task, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
-from flows.core.errors import ConfigurationError, is_transient
+from flows.core.errors import ConfigurationError, DbopsError, is_transient
 from flows.core.identity import limit_name
+from flows.core.postgres import scrub
+from flows.core.redact import redact_secrets
 
 
 def _exception_of(state: Any) -> BaseException | None:
@@ -127,6 +132,59 @@ def artifact_key(*parts: str) -> str:
     """Artifact keys allow lowercase letters, digits and dashes only."""
     key = "-".join(parts).lower()
     return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", key)).strip("-")
+
+
+def failure_sentence(exc: BaseException) -> str:
+    """The one sentence a failed run shows: a dbops error's own; anything else as `Type: first line`.
+
+    An unexpected error may quote a connection string or a command with a password in it: both
+    redactions run on every sentence, so the artifact and the state message never carry one.
+    """
+    if isinstance(exc, DbopsError):
+        text = str(exc).strip()
+    else:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return scrub(redact_secrets(text))
+
+
+def database_name_of(block: str) -> str:
+    """The database a PostgresDatabase block names (success artifacts are keyed by it), or the block's
+    own name when the block cannot be read: a failure report must not fail on what it reports."""
+    from flows.tasks.backup import load_database  # flows.tasks.backup imports this module
+
+    try:
+        return load_database(block).params().database
+    except Exception:
+        return block.rsplit("/", 1)[-1]
+
+
+def publish_failure(key: str, title: str, exc: BaseException, details: list[str] | None = None) -> State:
+    """Report a failed run where people look: the flow's artifact and its final state.
+
+    The artifact uses the key of the flow's success artifact, so its latest version says why the last
+    run failed; its first line is the sentence, then any partial details the flow had. The returned
+    Failed state (the flow returns it) carries the same sentence as its message, without Prefect's
+    "Flow run encountered an exception" prefix, and the exception as its data: `state.result()` and a
+    direct call still raise the original error. The traceback goes to the log for unexpected errors.
+    """
+    sentence = failure_sentence(exc)
+    logger = get_run_logger()
+    lines = [f"**Failed**: {sentence}", "", f"_{title}_"]
+    lines += [f"- {scrub(redact_secrets(line))}" for line in details or []]
+    try:
+        create_markdown_artifact(key=key, markdown="\n".join(lines), description=f"Failed: {sentence}"[:500])
+    except Exception as art_exc:  # the run's failure matters more than its report
+        logger.warning("could not publish the failure artifact %s: %s", key, failure_sentence(art_exc))
+    return failed_state(exc)
+
+
+def failed_state(exc: BaseException) -> State:
+    """The Failed state a flow returns for `exc`: the sentence as its message, the error as its data (a
+    direct call and `state.result()` raise it), the traceback in the log for unexpected errors only."""
+    sentence = failure_sentence(exc)
+    get_run_logger().error("%s", sentence, exc_info=None if isinstance(exc, DbopsError) else exc)
+    return Failed(message=sentence, data=exc)
 
 
 class Progress:
