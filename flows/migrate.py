@@ -49,7 +49,7 @@ from flows.core.migrate_plan import (
 )
 from flows.nightly_dump import BackupReport, DumpOptions, take_backup
 from flows.tasks.backup import require_store_kind
-from flows.tasks.common import artifact_key, database_lock
+from flows.tasks.common import artifact_key, database_lock, failed_state, failure_sentence
 from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.migrate import (
     LintOutcome,
@@ -328,13 +328,16 @@ def migrate(
         report.outcome = f"applied {len(plan.pending)} revision(s): {plan.start_label} → {plan.target}"
         return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
     except BaseException as exc:
-        report.outcome = f"failed: {exc}" if str(exc) else f"failed: {type(exc).__name__}"
+        report.outcome = f"failed: {failure_sentence(exc)}"
         if in_production and ini is not None:
             applied_so_far = getattr(exc, "applied", None)
             if applied_so_far is not None:
                 _record_production(report, applied_so_far.seconds, applied_so_far.attempts)
             _record_production_failure(report, ini, options.driver, options.alembic_env)
-        raise
+        if not isinstance(exc, Exception):  # cancellation, Prefect's pause and abort signals
+            raise
+        # the table artifact (outcome first) goes out in `finally`; the state carries the same sentence
+        return failed_state(exc)  # type: ignore[return-value]
     finally:
         _publish(report)
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from flows.core.health import Check, Status, first_critical, worst
 from flows.core.health.pooler import PgBouncerUnhealthy, PoolerThresholds, judge
-from flows.tasks.common import artifact_key
+from flows.tasks.common import artifact_key, failed_state, publish_failure, table_lines
 from flows.tasks.pooler import read_connection_limits, read_pgbouncer_console
 
 
@@ -44,30 +44,41 @@ def pgbouncer_check(
         thresholds: When waits, busy pools and PostgreSQL's connection count become warnings or a failure.
     """
     logger = get_run_logger()
-    thresholds = thresholds or PoolerThresholds()
-    snap = read_pgbouncer_console(pgbouncer)
-    server = read_connection_limits(database) if database else None
-    checks = judge(snap, server, thresholds)
-    report = PgBouncerReport(
-        pgbouncer=pgbouncer,
-        version=snap.version,
-        pool_mode=snap.config.get("pool_mode", ""),
-        status=worst(checks),
-        checks=checks,
-    )
-    create_table_artifact(
-        key=artifact_key("pgbouncer-check", pgbouncer),
-        table=[c.row() for c in checks],
-        description=f"{snap.version} ({pgbouncer}, pool_mode {report.pool_mode}): {report.status}",
-    )
-    for check in checks:
-        if check.status in ("warning", "critical"):
-            logger.warning("%s %s: %s (%s)", check.status, check.name, check.sentence, check.figure)
-    critical = first_critical(checks)
-    if critical is not None:
-        raise PgBouncerUnhealthy(f"PgBouncer {pgbouncer}: {critical.sentence}")
-    logger.info("PgBouncer %s: %s (%d checks)", pgbouncer, report.status, len(checks))
-    return report
+    report: PgBouncerReport | None = None
+    published = False  # a judged failure keeps its table: every check with its figure
+    try:
+        thresholds = thresholds or PoolerThresholds()
+        snap = read_pgbouncer_console(pgbouncer)
+        server = read_connection_limits(database) if database else None
+        checks = judge(snap, server, thresholds)
+        report = PgBouncerReport(
+            pgbouncer=pgbouncer,
+            version=snap.version,
+            pool_mode=snap.config.get("pool_mode", ""),
+            status=worst(checks),
+            checks=checks,
+        )
+        create_table_artifact(
+            key=artifact_key("pgbouncer-check", pgbouncer),
+            table=[c.row() for c in checks],
+            description=f"{snap.version} ({pgbouncer}, pool_mode {report.pool_mode}): {report.status}",
+        )
+        published = True
+        for check in checks:
+            if check.status in ("warning", "critical"):
+                logger.warning("%s %s: %s (%s)", check.status, check.name, check.sentence, check.figure)
+        critical = first_critical(checks)
+        if critical is not None:
+            raise PgBouncerUnhealthy(f"PgBouncer {pgbouncer}: {critical.sentence}")
+        logger.info("PgBouncer %s: %s (%d checks)", pgbouncer, report.status, len(checks))
+        return report
+    except Exception as exc:
+        if published:
+            return failed_state(exc)  # type: ignore[return-value]
+        rows = [c.row() for c in report.checks] if report is not None else []
+        return publish_failure(  # type: ignore[return-value]
+            artifact_key("pgbouncer-check", pgbouncer), f"PgBouncer {pgbouncer}", exc, table_lines(rows)
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

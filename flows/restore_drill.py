@@ -32,7 +32,7 @@ from flows.core.restore import (
     staleness_hours,
 )
 from flows.tasks.backup import read_backup_catalog, require_store_kind
-from flows.tasks.common import artifact_key, human_bytes
+from flows.tasks.common import artifact_key, failed_state, human_bytes, publish_failure, table_lines
 from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (
     check_restored_database,
@@ -90,113 +90,135 @@ def restore_drill(
         maintenance_database: Database on the scratch server used to create and drop databases.
     """
     logger = get_run_logger()
-    require_store_kind(storage)
-    check_location(prefix, source_database)
-    catalog = read_backup_catalog(storage, prefix, source_database)
-    hours = staleness_hours(catalog)
-    stale = is_stale(hours, max_age_hours)
-    (logger.error if stale else logger.info)(
-        "newest backup of %s: %s h old (threshold %s h)", source_database, hours, max_age_hours
-    )
-    run_id = str(flow_run.get_id() or f"manual{int(time.time())}")
-    name = scratch_name(source_database, run_id.replace("-", ""))
-    report = DrillReport(
-        source_database=source_database,
-        staleness_hours=hours,
-        max_age_hours=max_age_hours,
-        scratch_database=name,
-    )
-    if not catalog.backups:
-        _publish(report)
-        raise DrillFailed(stale_message(source_database, hours, max_age_hours))
-
-    chosen = select_backup(catalog, Selector("latest"), source_database)
-    report.key = chosen.manifest.dump_key
-    server = check_target_server(scratch, maintenance_database)
-    guard = Guard(
-        block=scratch,
-        planned=DatabaseIdentity(server.identity.system_identifier, name),
-        action="restore the drill's scratch database",
-        protected=protected_databases(maintenance_database),
-    )
-    check_guard(guard)
-    dropping = replace(guard, action="drop the drill's scratch database")
-    checks: list[CheckResult] = []
-    rto: float | None = None
-    restored = 0
+    report: DrillReport | None = None
+    published = False  # a judged failure keeps its table: every check with its detail
     try:
-        t0 = time.monotonic()
+        require_store_kind(storage)
+        check_location(prefix, source_database)
+        catalog = read_backup_catalog(storage, prefix, source_database)
+        hours = staleness_hours(catalog)
+        stale = is_stale(hours, max_age_hours)
+        (logger.error if stale else logger.info)(
+            "newest backup of %s: %s h old (threshold %s h)", source_database, hours, max_age_hours
+        )
+        run_id = str(flow_run.get_id() or f"manual{int(time.time())}")
+        name = scratch_name(source_database, run_id.replace("-", ""))
+        report = DrillReport(
+            source_database=source_database,
+            staleness_hours=hours,
+            max_age_hours=max_age_hours,
+            scratch_database=name,
+        )
+        if not catalog.backups:
+            _publish(report)
+            published = True
+            raise DrillFailed(stale_message(source_database, hours, max_age_hours))
+
+        chosen = select_backup(catalog, Selector("latest"), source_database)
+        report.key = chosen.manifest.dump_key
+        server = check_target_server(scratch, maintenance_database)
+        guard = Guard(
+            block=scratch,
+            planned=DatabaseIdentity(server.identity.system_identifier, name),
+            action="restore the drill's scratch database",
+            protected=protected_databases(maintenance_database),
+        )
+        check_guard(guard)
+        dropping = replace(guard, action="drop the drill's scratch database")
+        checks: list[CheckResult] = []
+        rto: float | None = None
+        restored = 0
         try:
-            result = restore_database(
+            t0 = time.monotonic()
+            try:
+                result = restore_database(
+                    storage,
+                    chosen,
+                    server,
+                    database=name,
+                    mode="create",
+                    jobs=jobs,
+                    no_owner=False,
+                    maintenance_database=maintenance_database,
+                    workdir=None,
+                    run_id=run_id.replace("-", "")[:8],
+                    timeout_s=None,
+                    guard=guard,
+                )
+                if result.identity is not None:
+                    dropping = dropping.with_planned(result.identity)  # the scratch database as created
+                rto = time.monotonic() - t0
+                restored = result.raw_bytes
+                logger.info("restored %s into %s in %.1f s (RTO)", human_bytes(restored), name, rto)
+            except Exception as exc:
+                checks.append(CheckResult("restore", ok=False, detail=str(exc)))
+            if not checks:
+                try:
+                    checks = check_restored_database(
+                        chosen,
+                        server.params.with_database(name),
+                        tool_dir=str(server.pg_restore.path.parent),
+                        server_version=server.server_version_num,
+                        row_tolerance=row_tolerance,
+                        exact_below=exact_below,
+                        amcheck=amcheck,
+                    )
+                except Exception as exc:
+                    checks.append(CheckResult("checks", ok=False, detail=f"the checks could not run: {exc}"))
+        finally:
+            drop_scratch_database(server.params, name, maintenance_database, dropping)
+            report.rto_seconds = round(rto, 3) if rto is not None else None
+            report.checks = [
+                {"check": c.name, "result": "ok" if c.ok else "FAILED", "detail": c.detail} for c in checks
+            ]
+            report.passed = bool(checks) and all(c.ok for c in checks)
+            record_drill(
                 storage,
                 chosen,
-                server,
-                database=name,
-                mode="create",
-                jobs=jobs,
-                no_owner=False,
-                maintenance_database=maintenance_database,
-                workdir=None,
-                run_id=run_id.replace("-", "")[:8],
-                timeout_s=None,
-                guard=guard,
+                checks,
+                rto_seconds=rto or 0.0,
+                restored_bytes=restored,
+                scratch=name,
+                server=f"{server.params.host}:{server.params.port}",
+                flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
             )
-            if result.identity is not None:
-                dropping = dropping.with_planned(result.identity)  # the scratch database as created
-            rto = time.monotonic() - t0
-            restored = result.raw_bytes
-            logger.info("restored %s into %s in %.1f s (RTO)", human_bytes(restored), name, rto)
-        except Exception as exc:
-            checks.append(CheckResult("restore", ok=False, detail=str(exc)))
-        if not checks:
-            try:
-                checks = check_restored_database(
-                    chosen,
-                    server.params.with_database(name),
-                    tool_dir=str(server.pg_restore.path.parent),
-                    server_version=server.server_version_num,
-                    row_tolerance=row_tolerance,
-                    exact_below=exact_below,
-                    amcheck=amcheck,
-                )
-            except Exception as exc:
-                checks.append(CheckResult("checks", ok=False, detail=f"the checks could not run: {exc}"))
-    finally:
-        drop_scratch_database(server.params, name, maintenance_database, dropping)
-        report.rto_seconds = round(rto, 3) if rto is not None else None
-        report.checks = [
-            {"check": c.name, "result": "ok" if c.ok else "FAILED", "detail": c.detail} for c in checks
-        ]
-        report.passed = bool(checks) and all(c.ok for c in checks)
-        record_drill(
-            storage,
-            chosen,
-            checks,
-            rto_seconds=rto or 0.0,
-            restored_bytes=restored,
-            scratch=name,
-            server=f"{server.params.host}:{server.params.port}",
-            flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
-        )
-        _publish(report)
+            _publish(report)
+            published = True
 
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        first = failed[0]
-        extra = f" (and {len(failed) - 1} more check(s))" if len(failed) > 1 else ""
-        also = f"; also, {stale_message(source_database, hours, max_age_hours)}" if stale else ""
-        raise DrillFailed(
-            f"restore drill of {chosen.stem.rsplit('/', 1)[-1]} failed: {first.name}: {first.detail}{extra}"
-            f"{also}; the backup cannot be trusted, see the restore-drill artifact"
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            first = failed[0]
+            extra = f" (and {len(failed) - 1} more check(s))" if len(failed) > 1 else ""
+            also = f"; also, {stale_message(source_database, hours, max_age_hours)}" if stale else ""
+            raise DrillFailed(
+                f"restore drill of {chosen.stem.rsplit('/', 1)[-1]} failed: {first.name}: "
+                f"{first.detail}{extra}{also}; the backup cannot be trusted, see the restore-drill artifact"
+            )
+        if stale:
+            raise DrillFailed(stale_message(source_database, hours, max_age_hours))
+        logger.info("drill passed: %s restored and checked, RTO %.1f s", chosen.manifest.dump_key, rto or 0)
+        return report
+    except Exception as exc:
+        if published:
+            return failed_state(exc)  # type: ignore[return-value]
+        return publish_failure(  # type: ignore[return-value]
+            artifact_key("restore-drill", source_database),
+            f"Restore drill of {source_database} on {scratch}",
+            exc,
+            table_lines(_rows(report)) if report is not None else [],
         )
-    if stale:
-        raise DrillFailed(stale_message(source_database, hours, max_age_hours))
-    logger.info("drill passed: %s restored and checked, RTO %.1f s", chosen.manifest.dump_key, rto or 0)
-    return report
 
 
 def _publish(report: DrillReport) -> None:
-    rows = [
+    create_table_artifact(
+        key=artifact_key("restore-drill", report.source_database),
+        table=_rows(report),
+        description=f"Restore drill of {report.source_database}",
+    )
+
+
+def _rows(report: DrillReport) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = [
         {"item": "backup", "value": report.key or "none"},
         {"item": "backup staleness (hours)", "value": report.staleness_hours},
         {"item": "staleness threshold (hours)", "value": report.max_age_hours},
@@ -205,8 +227,4 @@ def _publish(report: DrillReport) -> None:
         {"item": "result", "value": "passed" if report.passed else "FAILED"},
     ]
     rows += [{"item": c["check"], "value": f"{c['result']}: {c['detail']}"} for c in report.checks]
-    create_table_artifact(
-        key=artifact_key("restore-drill", report.source_database),
-        table=rows,
-        description=f"Restore drill of {report.source_database}",
-    )
+    return rows

@@ -39,7 +39,7 @@ from flows.core.archiver import (
     worst,
 )
 from flows.core.wal import segment_name
-from flows.tasks.common import artifact_key
+from flows.tasks.common import artifact_key, failed_state, publish_failure, table_lines
 from flows.tasks.wal import (
     load_check_state,
     read_archiver_status,
@@ -127,66 +127,82 @@ def wal_archive_check(
         options: Probe timeout, first-run window, where the check remembers its position.
     """
     logger = get_run_logger()
-    thresholds = thresholds or Thresholds()
-    options = options or CheckOptions()
-    variable = options.state_variable or state_variable(database)
-    state = load_check_state(variable) if options.remember else CheckState()
+    report: WalArchiveReport | None = None
+    published = False  # a judged failure keeps its table: the checks, each with what to do
+    try:
+        thresholds = thresholds or Thresholds()
+        options = options or CheckOptions()
+        variable = options.state_variable or state_variable(database)
+        state = load_check_state(variable) if options.remember else CheckState()
 
-    snap = read_archiver_status(database)
-    now = snap.taken_at
-    hours = (now - state.checked_at).total_seconds() / 3600 if state.checked_at else None
-    checks = check_settings(snap.settings)
-    checks += check_archiver(
-        snap.archiver,
-        snap.settings,
-        thresholds,
-        failed_count_at_success=state.failed_count_at_success,
-        previous_failed_count=state.failed_count,
-        hours_since_previous=hours,
-    )
-    checks += check_lag(snap, thresholds, now)
-    checks.append(check_backlog(snap.backlog, thresholds))
-
-    archiving = snap.settings.archive_mode in ("on", "always")
-    contents: ContentsResult | None = None
-    if archiving:
-        full, why = full_verify_due(full_verify, state, now, timedelta(hours=options.full_verify_every_hours))
-        # Base backups will pass oldest_needed_segment (the oldest kept one's start WAL) to widen the window.
-        contents = verify_archive_contents(
-            archive, snap, state, window_segments=options.window_segments, full=full, why=why
+        snap = read_archiver_status(database)
+        now = snap.taken_at
+        hours = (now - state.checked_at).total_seconds() / 3600 if state.checked_at else None
+        checks = check_settings(snap.settings)
+        checks += check_archiver(
+            snap.archiver,
+            snap.settings,
+            thresholds,
+            failed_count_at_success=state.failed_count_at_success,
+            previous_failed_count=state.failed_count,
+            hours_since_previous=hours,
         )
-        checks += contents.checks
-    else:
-        checks.append(Check(name="contents", status="skipped", figure="archive_mode is off"))
+        checks += check_lag(snap, thresholds, now)
+        checks.append(check_backlog(snap.backlog, thresholds))
 
-    pending = oldest_pending(snap)
-    checks.append(
-        check_stall(
-            pending,
-            previous=state.oldest_pending,
-            previous_seen_at=state.oldest_pending_seen_at,
-            now=now,
-            t=thresholds,
+        archiving = snap.settings.archive_mode in ("on", "always")
+        contents: ContentsResult | None = None
+        if archiving:
+            full, why = full_verify_due(
+                full_verify, state, now, timedelta(hours=options.full_verify_every_hours)
+            )
+            # Base backups will pass oldest_needed_segment (the oldest kept one's start WAL) to widen the
+            # window.
+            contents = verify_archive_contents(
+                archive, snap, state, window_segments=options.window_segments, full=full, why=why
+            )
+            checks += contents.checks
+        else:
+            checks.append(Check(name="contents", status="skipped", figure="archive_mode is off"))
+
+        pending = oldest_pending(snap)
+        checks.append(
+            check_stall(
+                pending,
+                previous=state.oldest_pending,
+                previous_seen_at=state.oldest_pending_seen_at,
+                now=now,
+                t=thresholds,
+            )
         )
-    )
 
-    if active and archiving:
-        checks.append(switch_wal_and_wait_for_archive(database, archive, options.probe_timeout_seconds))
-    elif active:
-        checks.append(Check(name="probe", status="skipped", figure="archive_mode is off"))
-    checks.append(check_standbys(snap.standbys, thresholds, snap.user))
+        if active and archiving:
+            checks.append(switch_wal_and_wait_for_archive(database, archive, options.probe_timeout_seconds))
+        elif active:
+            checks.append(Check(name="probe", status="skipped", figure="archive_mode is off"))
+        checks.append(check_standbys(snap.standbys, thresholds, snap.user))
 
-    report = _report(database, archive, snap, checks, contents)
-    if options.remember:
-        save_check_state(variable, _next_state(state, snap, contents, pending))
-    _publish(report)
-    for check in checks:
-        if check.status in ("warning", "critical"):
-            logger.warning("%s %s: %s", check.status, check.name, check.message or check.figure)
-    critical = report.first_critical()
-    if critical is not None:
-        raise WalArchiveBroken(critical.message)
-    return report
+        report = _report(database, archive, snap, checks, contents)
+        if options.remember:
+            save_check_state(variable, _next_state(state, snap, contents, pending))
+        _publish(report)
+        published = True
+        for check in checks:
+            if check.status in ("warning", "critical"):
+                logger.warning("%s %s: %s", check.status, check.name, check.message or check.figure)
+        critical = report.first_critical()
+        if critical is not None:
+            raise WalArchiveBroken(critical.message)
+        return report
+    except Exception as exc:
+        if published:
+            return failed_state(exc)  # type: ignore[return-value]
+        return publish_failure(  # type: ignore[return-value]
+            artifact_key("wal-archive-check", database),
+            f"WAL archiving of {database}",
+            exc,
+            table_lines(_rows(report)) if report is not None else [],
+        )
 
 
 def _next_state(
@@ -246,14 +262,17 @@ def _report(
     )
 
 
-def _publish(report: WalArchiveReport) -> None:
-    rows = [
+def _rows(report: WalArchiveReport) -> list[dict[str, object]]:
+    return [
         {"check": c.name, "status": c.status, "figure": c.figure, "what to do": c.message}
         for c in report.checks
     ]
+
+
+def _publish(report: WalArchiveReport) -> None:
     create_table_artifact(
         key=artifact_key("wal-archive-check", report.database),
-        table=rows,
+        table=_rows(report),
         description=f"WAL archiving of {report.database} ({report.server}) into {report.archive}: "
         f"{report.status}",
     )

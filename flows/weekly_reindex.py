@@ -25,7 +25,14 @@ from pydantic import BaseModel, Field
 from flows.core.bloat import Candidate, Selection
 from flows.core.index_baseline import learn_baselines, record_rebuild
 from flows.core.reindex import RebuildResult, ReindexFailed
-from flows.tasks.common import artifact_key, database_lock, human_bytes
+from flows.tasks.common import (
+    artifact_key,
+    database_lock,
+    database_name_of,
+    failed_state,
+    human_bytes,
+    publish_failure,
+)
 from flows.tasks.reindex import (
     Inspection,
     SizeCheck,
@@ -237,73 +244,86 @@ def weekly_reindex(
     """
     logger = get_run_logger()
     started = time.monotonic()
-    selection = Selection(
-        include_schemas=include_schemas,
-        exclude_schemas=exclude_schemas,
-        include_tables=include_tables,
-        exclude_tables=exclude_tables,
-        include_indexes=include_indexes,
-        exclude_indexes=exclude_indexes,
-    )
-    check_database_route(database)  # PostgreSQL itself, before the session lock is taken
-    with database_lock(database, wait_seconds=lock_wait_hours * 3600), reindex_lock(database):
-        found = find_bloated_indexes(
-            database,
-            bloat_threshold=bloat_threshold,
-            min_index_size=min_index_size,
-            selection=selection,
-            confirm_with_analyze=not dry_run,
-            lock_timeout=lock_timeout,
+    published = False  # a judged failure keeps its table: every index with its sizes and note
+    try:
+        selection = Selection(
+            include_schemas=include_schemas,
+            exclude_schemas=exclude_schemas,
+            include_tables=include_tables,
+            exclude_tables=exclude_tables,
+            include_indexes=include_indexes,
+            exclude_indexes=exclude_indexes,
         )
-        found.plan, sizes = judge_index_sizes(
-            database,
-            found,
-            baseline_ratio=baseline_ratio,
-            confirm_with_analyze=not dry_run,
-            lock_timeout=lock_timeout,
-        )
-        report = ReindexReport(
-            database=found.database,
-            server_version=found.server_version,
-            method=found.method,
-            dry_run=dry_run,
-            healthy=[r.qualified for r in found.plan.healthy],
-            skipped={s.index.qualified: s.reason for s in found.plan.skipped if s.reason != "system catalog"},
-        )
-        if dry_run:
-            report.indexes = [_planned(c) for c in found.plan.candidates]
-            _add_sizes(report, sizes)
-        else:
-            report.indexes = [
-                _drop(database, c, lock_timeout=lock_timeout, retries=lock_retries, backoff=retry_backoff)
-                for c in found.plan.leftovers
-            ]
-            rebuilds = _rebuild_all(
+        check_database_route(database)  # PostgreSQL itself, before the session lock is taken
+        with database_lock(database, wait_seconds=lock_wait_hours * 3600), reindex_lock(database):
+            found = find_bloated_indexes(
+                database,
+                bloat_threshold=bloat_threshold,
+                min_index_size=min_index_size,
+                selection=selection,
+                confirm_with_analyze=not dry_run,
+                lock_timeout=lock_timeout,
+            )
+            found.plan, sizes = judge_index_sizes(
                 database,
                 found,
-                budget=time_budget,
+                baseline_ratio=baseline_ratio,
+                confirm_with_analyze=not dry_run,
                 lock_timeout=lock_timeout,
-                retries=lock_retries,
-                backoff=retry_backoff,
             )
-            report.indexes += rebuilds
-            _add_sizes(report, sizes)
-            _keep_baselines(report, sizes, [c.index.qualified for c in found.plan.rebuilds])
-            done = zip(found.plan.rebuilds, rebuilds, strict=True)
-            rebuilt = sorted(
-                {(c.index.schema, c.index.table) for c, line in done if line.action == "rebuilt"}
+            report = ReindexReport(
+                database=found.database,
+                server_version=found.server_version,
+                method=found.method,
+                dry_run=dry_run,
+                healthy=[r.qualified for r in found.plan.healthy],
+                skipped={
+                    s.index.qualified: s.reason for s in found.plan.skipped if s.reason != "system catalog"
+                },
             )
-            if analyze and rebuilt:
-                report.vacuum.update(vacuum_analyze_tables(database, rebuilt, lock_timeout))
-            if vacuum_analyze_all:
-                report.vacuum.update(vacuum_analyze_tables(database, tables=None, lock_timeout=lock_timeout))
-    report.seconds = round(time.monotonic() - started, 1)
-    _publish(report)
-    failed = report.with_action("failed")
-    if failed:
-        raise ReindexFailed(_failure_sentence(report, failed))
-    logger.info(report.summary())
-    return Completed(message=report.summary(), data=report)  # type: ignore[return-value]
+            if dry_run:
+                report.indexes = [_planned(c) for c in found.plan.candidates]
+                _add_sizes(report, sizes)
+            else:
+                report.indexes = [
+                    _drop(database, c, lock_timeout=lock_timeout, retries=lock_retries, backoff=retry_backoff)
+                    for c in found.plan.leftovers
+                ]
+                rebuilds = _rebuild_all(
+                    database,
+                    found,
+                    budget=time_budget,
+                    lock_timeout=lock_timeout,
+                    retries=lock_retries,
+                    backoff=retry_backoff,
+                )
+                report.indexes += rebuilds
+                _add_sizes(report, sizes)
+                _keep_baselines(report, sizes, [c.index.qualified for c in found.plan.rebuilds])
+                done = zip(found.plan.rebuilds, rebuilds, strict=True)
+                rebuilt = sorted(
+                    {(c.index.schema, c.index.table) for c, line in done if line.action == "rebuilt"}
+                )
+                if analyze and rebuilt:
+                    report.vacuum.update(vacuum_analyze_tables(database, rebuilt, lock_timeout))
+                if vacuum_analyze_all:
+                    report.vacuum.update(
+                        vacuum_analyze_tables(database, tables=None, lock_timeout=lock_timeout)
+                    )
+        report.seconds = round(time.monotonic() - started, 1)
+        _publish(report)
+        published = True
+        failed = report.with_action("failed")
+        if failed:
+            raise ReindexFailed(_failure_sentence(report, failed))
+        logger.info(report.summary())
+        return Completed(message=report.summary(), data=report)  # type: ignore[return-value]
+    except Exception as exc:
+        if published:
+            return failed_state(exc)  # type: ignore[return-value]
+        return publish_failure(  # type: ignore[return-value]
+            artifact_key("weekly-reindex", database_name_of(database)), f"Reindex of {database}", exc
+        )
 
 
 def _failure_sentence(report: ReindexReport, failed: list[IndexReport]) -> str:

@@ -73,3 +73,25 @@ def test_refused_restore_and_listing_publish_their_refusal(unique: str, s3: S3En
     assert latest_artifact(artifact_key("backups", f"db_{unique}")).startswith(
         f"**Failed**: {listed.message}"
     )
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_judged_failure_keeps_its_table_and_ends_with_the_sentence(
+    unique: str, s3: S3Endpoint, bucket: str
+) -> None:
+    import json
+
+    from prefect.artifacts import Artifact
+
+    from flows.restore_drill import restore_drill
+
+    storage = make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")
+    state = restore_drill(
+        storage=storage, source_database=f"none_{unique}", scratch="unused", return_state=True
+    )
+    assert state.is_failed() and state.message == failure_message(state)
+    assert not state.message.startswith("Flow run encountered")
+    artifact = Artifact.get(artifact_key("restore-drill", f"none_{unique}"))
+    assert artifact is not None
+    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert {row["item"]: row["value"] for row in table}["result"] == "FAILED"

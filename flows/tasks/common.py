@@ -179,6 +179,11 @@ def publish_failure(key: str, title: str, exc: BaseException, details: list[str]
     return failed_state(exc)
 
 
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A table artifact's rows as detail lines of a failure report (empty cells left out)."""
+    return [" · ".join(f"{k}: {v}" for k, v in row.items() if v not in ("", None)) for row in rows]
+
+
 def failed_state(exc: BaseException) -> State:
     """The Failed state a flow returns for `exc`: the sentence as its message, the error as its data (a
     direct call and `state.result()` raise it), the traceback in the log for unexpected errors only."""
