@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -402,44 +402,29 @@ def _staging_gate(
                 maintenance=options.maintenance_database,
                 guard=guard,
             )
+        # what every Alembic step on staging shares: production's guards, the same application
+        alembic: dict[str, Any] = {
+            "database": staging,
+            "alembic_ini": ini,
+            "driver": options.driver,
+            "lock_timeout_ms": lock_ms,
+            "statement_timeout_ms": statement_ms,
+            "alembic_env": options.alembic_env,
+        }
+        retries: dict[str, Any] = {
+            "retry_budget_s": retry_budget,
+            "backoff_first_s": options.retry_first_delay_s,
+        }
         first = upgrade_database(
-            database=staging,
-            alembic_ini=ini,
-            driver=options.driver,
-            target=plan.target,
-            lock_timeout_ms=lock_ms,
-            statement_timeout_ms=statement_ms,
-            retry_budget_s=retry_budget,
-            expected_start=plan.start if refresh else None,
-            backoff_first_s=options.retry_first_delay_s,
-            alembic_env=options.alembic_env,
+            **alembic, **retries, target=plan.target, expected_start=plan.start if refresh else None
         )
         for rev, seconds in first.seconds.items():
             report.timing(rev).staging_s = seconds
         require_at(staging, first.end, plan.target)
         if plan.downgradable:
             back_to = ",".join(first.start) or "base"
-            downgrade_database(
-                database=staging,
-                alembic_ini=ini,
-                driver=options.driver,
-                target=back_to,
-                lock_timeout_ms=lock_ms,
-                statement_timeout_ms=statement_ms,
-                start=first.end,
-                alembic_env=options.alembic_env,
-            )
-            again = upgrade_database(
-                database=staging,
-                alembic_ini=ini,
-                driver=options.driver,
-                target=plan.target,
-                lock_timeout_ms=lock_ms,
-                statement_timeout_ms=statement_ms,
-                retry_budget_s=retry_budget,
-                backoff_first_s=options.retry_first_delay_s,
-                alembic_env=options.alembic_env,
-            )
+            downgrade_database(**alembic, target=back_to, start=first.end)
+            again = upgrade_database(**alembic, **retries, target=plan.target)
             for rev, seconds in again.seconds.items():
                 report.timing(rev).staging_again_s = seconds
             require_at(staging, again.end, plan.target)
