@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: setup run test lint bench bench-all clean
+.PHONY: setup run test lint typecheck bench bench-all clean
 
 setup:
 	@bash .ci/install-deps
@@ -17,6 +17,9 @@ test: setup
 
 lint:
 	uv run ruff check .
+
+typecheck:
+	uv run mypy
 
 bench: setup
 	uv run python -m bench.bench_dump
