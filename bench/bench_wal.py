@@ -26,8 +26,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 
-from flows.core.archive import WalArchive, check_contents
-from flows.core.archiver import (
+from flows.core.objectstore import ObjectInfo, ObjectStore, PutResult
+from flows.core.wal import Lineage, find_gaps, scan_keys, segment_name, segments_per_log
+from flows.core.wal_archive import WalArchive, check_contents
+from flows.core.wal_server import (
     ArchiverStats,
     ArchiveSettings,
     Backlog,
@@ -35,8 +37,6 @@ from flows.core.archiver import (
     ServerSnapshot,
     WalPositionNow,
 )
-from flows.core.objectstore import ObjectInfo, ObjectStore, PutResult
-from flows.core.wal import Lineage, find_gaps, scan_keys, segment_name, segments_per_log
 
 SEGMENT = 16 * 1024 * 1024
 MAX_GAP_SECONDS = 5.0

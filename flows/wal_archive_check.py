@@ -20,12 +20,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
-from flows.core.archive import ArchiveLocation, ContentsResult, FullVerify, full_verify_due
-from flows.core.archiver import (
-    Check,
+from flows.core.health import Check, Status, worst
+from flows.core.wal import segment_name
+from flows.core.wal_archive import ArchiveLocation, ContentsResult, FullVerify, full_verify_due
+from flows.core.wal_server import (
     CheckState,
     ServerSnapshot,
-    Status,
     Thresholds,
     WalArchiveBroken,
     archiver_failing,
@@ -36,9 +36,7 @@ from flows.core.archiver import (
     check_stall,
     check_standbys,
     oldest_pending,
-    worst,
 )
-from flows.core.wal import segment_name
 from flows.tasks.common import artifact_key, failed_state, publish_failure, table_lines
 from flows.tasks.wal import (
     load_check_state,

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from psycopg import sql
 
-from flows.core.archive import ArchiveLocation
-from flows.core.archiver import Thresholds
+from flows.core.wal_archive import ArchiveLocation
+from flows.core.wal_server import Thresholds
 from flows.wal_archive_check import CheckOptions, wal_archive_check
 from tests.conftest import make_s3_block
 from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until
@@ -557,10 +557,10 @@ def test_full_verify_finds_a_segment_deleted_behind_the_watermark_in_s3_pgbackre
     s3: S3Endpoint, bucket: str
 ) -> None:
     """The same hole in S3, pgBackRest's per-log folders: incremental misses it, full finds it."""
-    from flows.core.archive import WalArchive, check_contents
-    from flows.core.archiver import CheckState
     from flows.core.objectstore import S3ObjectStore
     from flows.core.wal import segment_name
+    from flows.core.wal_archive import WalArchive, check_contents
+    from flows.core.wal_server import CheckState
     from tests.test_wal_arithmetic import MiB, _snapshot_at
 
     client = s3.client()

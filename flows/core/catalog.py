@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from pydantic import ValidationError
 
 from flows.core.errors import ObjectNotFound
-from flows.core.layout import DRILL_SUFFIX, Listing, dumps_prefix, group_listing, parse_key
+from flows.core.layout import DRILL_SUFFIX, KeyListing, dumps_prefix, group_listing, parse_key
 from flows.core.leases import Lease, read_lease
 from flows.core.manifest import Manifest, why_invalid
 from flows.core.objectstore import ObjectStore
@@ -103,7 +103,7 @@ def _belongs(manifest: Manifest, stem: str, prefix: str, database: str) -> str:
 
 
 def read_catalog(store: ObjectStore, prefix: str, database: str, workers: int = 16) -> Catalog:
-    listing: Listing = group_listing(store.list(dumps_prefix(prefix, database)), prefix, database)
+    listing: KeyListing = group_listing(store.list(dumps_prefix(prefix, database)), prefix, database)
 
     def read(stem: str) -> tuple[str, Manifest | None, str]:
         key = listing.manifests[stem]

@@ -167,7 +167,7 @@ def _parse(key: str, folder: str, database: str) -> ParsedKey | None:
 
 
 @dataclass(frozen=True)
-class Listing:
+class KeyListing:
     """One pass over a database's dumps folder, grouped by backup stem."""
 
     manifests: dict[str, str]  # stem -> manifest key
@@ -188,7 +188,7 @@ class Listing:
         return sorted(s for s in self.objects if s not in self.dumps and s not in self.manifests)
 
 
-def group_listing(infos: Iterable[ObjectInfo], prefix: str, database: str) -> Listing:
+def group_listing(infos: Iterable[ObjectInfo], prefix: str, database: str) -> KeyListing:
     manifests: dict[str, str] = {}
     objects: dict[str, list[str]] = {}
     dumps: dict[str, str] = {}
@@ -214,4 +214,4 @@ def group_listing(infos: Iterable[ObjectInfo], prefix: str, database: str) -> Li
                 continue
             dumps[parsed.stem] = info.key
             times[parsed.stem] = info.last_modified
-    return Listing(manifests, objects, dumps, times, leases, sorted(foreign))
+    return KeyListing(manifests, objects, dumps, times, leases, sorted(foreign))

@@ -213,7 +213,7 @@ class Lineage:
 
 
 @dataclass
-class Listing:
+class WalListing:
     """What an archive holds, decoded: segment numbers per timeline, history files, unrecognised keys."""
 
     segments: dict[int, set[int]]
@@ -228,8 +228,8 @@ class Listing:
 
 def scan_keys(
     keys: Iterable[str], segment_size: int = DEFAULT_SEGMENT_SIZE, keep_keys: bool = False
-) -> Listing:
-    """Decode object keys into a Listing; what is not a WAL name (manifests, backups) is only counted.
+) -> WalListing:
+    """Decode object keys into a WalListing; what is not a WAL name (manifests, backups) is only counted.
 
     Fast path for `<24 hex digits>[.compression]`, nearly all of an archive: one fullmatch and slicing;
     everything else (pgBackRest's SHA-1 suffix, .partial, .backup, .history) goes through the regexes.
@@ -279,7 +279,7 @@ def scan_keys(
         segments.setdefault(tli, set()).add(log * per_log + seg)
         if keep_keys:
             names[name] = key
-    return Listing(segments, histories, names, other)
+    return WalListing(segments, histories, names, other)
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,7 @@ class GapReport:
 
 
 def find_gaps(
-    listing: Listing,
+    listing: WalListing,
     first: int,
     last: int,
     lineage: Lineage,

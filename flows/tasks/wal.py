@@ -11,10 +11,11 @@ from prefect import get_run_logger
 from prefect.variables import Variable
 
 from blocks.storage import load_store
-from flows.core.archive import ArchiveLocation, ContentsResult, WalArchive, check_contents, wait_for
-from flows.core.archiver import Check, CheckState, ServerSnapshot, snapshot, switch_wal
 from flows.core.errors import ConfigurationError
+from flows.core.health import Check
 from flows.core.objectstore import LocalObjectStore
+from flows.core.wal_archive import ArchiveLocation, ContentsResult, WalArchive, check_contents, wait_for
+from flows.core.wal_server import CheckState, ServerSnapshot, snapshot, switch_wal
 from flows.tasks.backup import load_database
 from flows.tasks.common import artifact_key, dbops_task
 from flows.tasks.session import direct_session

@@ -22,13 +22,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from flows.core.archiver import Check, CheckState, ServerSnapshot, wal_position
+from flows.core.health import Check
 from flows.core.objectstore import ObjectStore
 from flows.core.wal import (
     HISTORY_RE,
     WAL_FILE_RE,
     Lineage,
-    Listing,
+    WalListing,
     WalPosition,
     find_gaps,
     history_name,
@@ -38,6 +38,7 @@ from flows.core.wal import (
     scan_keys,
     segment_name,
 )
+from flows.core.wal_server import CheckState, ServerSnapshot, wal_position
 
 
 def _join(prefix: str, name: str) -> str:
@@ -80,7 +81,7 @@ class WalArchive:
                     return key
         return None
 
-    def list_window(self, tlis: list[int], first: int, last: int, segment_size: int) -> Listing:
+    def list_window(self, tlis: list[int], first: int, last: int, segment_size: int) -> WalListing:
         """Segments of the given timelines with numbers first..last: one listing per (timeline, log id)."""
         keys: list[str] = []
         for tli in tlis:

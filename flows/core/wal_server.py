@@ -9,12 +9,12 @@ is enough; what needs more (the active probe) says which grant is missing instea
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
 
 import psycopg
 from pydantic import BaseModel, Field
 
 from flows.core.errors import DbopsError
+from flows.core.health import Check, Status
 from flows.core.redact import redact_secrets
 from flows.core.wal import (
     BadWalName,
@@ -27,22 +27,12 @@ from flows.core.wal import (
     segno_of_lsn,
 )
 
-Status = Literal["ok", "warning", "critical", "skipped"]
-SEVERITY = {"skipped": 0, "ok": 0, "warning": 1, "critical": 2}
-
 #: archive_command values that archive nothing while PostgreSQL believes they succeeded
 NOOP_COMMANDS = {"", "(disabled)", "true", "/bin/true", "/usr/bin/true", ":", "exit 0", "/bin/true %p"}
 
 
 class WalArchiveBroken(DbopsError):
     """WAL archiving is broken: point-in-time recovery past the last good segment is impossible."""
-
-
-class Check(BaseModel):
-    name: str = Field(description="Which check: settings, archiver, lag, backlog, contents, stall, probe...")
-    status: Status = Field(description="ok, warning, critical or skipped")
-    figure: str = Field(description="The number or setting the status is about")
-    message: str = Field(default="", description="What is wrong and how to fix it (empty when ok)")
 
 
 class Thresholds(BaseModel):
@@ -648,7 +638,3 @@ class CheckState(BaseModel):
     failed_count_at_success: int | None = None
     checked_at: datetime | None = None
 
-
-def worst(checks: list[Check]) -> Status:
-    level = max((SEVERITY[c.status] for c in checks), default=0)
-    return "critical" if level == 2 else "warning" if level == 1 else "ok"
