@@ -13,6 +13,7 @@ one storage prefix holds everything about one database and the same identity rul
 
 from __future__ import annotations
 
+import builtins
 import re
 from datetime import UTC, datetime
 from typing import Literal
@@ -122,9 +123,9 @@ class BaseBackupManifest(BaseModel):
     verification: BaseVerification = Field(default_factory=lambda: BaseVerification(method="none"))
     dbops_version: str = ""
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:
         return (self.model_dump_json(indent=2) + "\n").encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> BaseBackupManifest:
+    def from_json(cls, data: builtins.bytes) -> BaseBackupManifest:
         return cls.model_validate_json(data)
