@@ -49,7 +49,13 @@ from flows.core.migrate_plan import (
 )
 from flows.nightly_dump import BackupReport, DumpOptions, take_backup
 from flows.tasks.backup import require_store_kind
-from flows.tasks.common import artifact_key, database_lock, failed_state, failure_sentence
+from flows.tasks.common import (
+    artifact_key,
+    database_lock,
+    failed_state,
+    failure_sentence,
+    judged_description,
+)
 from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.migrate import (
     LintOutcome,
@@ -540,7 +546,9 @@ def _publish(report: MigrateReport) -> None:
     create_table_artifact(
         key=artifact_key("migrate", name),
         table=rows,
-        description=f"Migrate {report.database}: {report.outcome}"[:500],
+        description=judged_description(f"Migrate {report.database}", report.outcome.removeprefix("failed: "))
+        if report.outcome.startswith("failed: ")
+        else f"Migrate {report.database}: {report.outcome}"[:500],
     )
 
 

@@ -16,7 +16,14 @@ from pydantic import BaseModel, Field
 
 from flows.core.health import Check, Status, first_critical, worst
 from flows.core.health.pooler import PgBouncerUnhealthy, PoolerThresholds, judge
-from flows.tasks.common import artifact_key, failed_state, publish_failure, table_lines
+from flows.tasks.common import (
+    artifact_key,
+    failed_state,
+    failure_sentence,
+    judged_description,
+    publish_failure,
+    table_lines,
+)
 from flows.tasks.pooler import read_connection_limits, read_pgbouncer_console
 
 
@@ -58,11 +65,7 @@ def pgbouncer_check(
             status=worst(checks),
             checks=checks,
         )
-        create_table_artifact(
-            key=artifact_key("pgbouncer-check", pgbouncer),
-            table=[c.row() for c in checks],
-            description=f"{snap.version} ({pgbouncer}, pool_mode {report.pool_mode}): {report.status}",
-        )
+        _publish(report)
         published = True
         for check in checks:
             if check.status in ("warning", "critical"):
@@ -73,12 +76,23 @@ def pgbouncer_check(
         logger.info("PgBouncer %s: %s (%d checks)", pgbouncer, report.status, len(checks))
         return report
     except Exception as exc:
-        if published:
+        if published and report is not None:
+            _publish(report, failure_sentence(exc))  # the sentence on top of the table it judged
             return failed_state(exc)  # type: ignore[return-value]
         rows = [c.row() for c in report.checks] if report is not None else []
         return publish_failure(  # type: ignore[return-value]
             artifact_key("pgbouncer-check", pgbouncer), f"PgBouncer {pgbouncer}", exc, table_lines(rows)
         )
+
+
+def _publish(report: PgBouncerReport, failure: str | None = None) -> None:
+    create_table_artifact(
+        key=artifact_key("pgbouncer-check", report.pgbouncer),
+        table=[c.row() for c in report.checks],
+        description=judged_description(
+            f"{report.version} ({report.pgbouncer}, pool_mode {report.pool_mode}): {report.status}", failure
+        ),
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,15 @@ from flows.core.restore import (
     staleness_hours,
 )
 from flows.tasks.backup import read_backup_catalog, require_store_kind
-from flows.tasks.common import artifact_key, failed_state, human_bytes, publish_failure, table_lines
+from flows.tasks.common import (
+    artifact_key,
+    failed_state,
+    failure_sentence,
+    human_bytes,
+    judged_description,
+    publish_failure,
+    table_lines,
+)
 from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (
     check_restored_database,
@@ -199,7 +207,8 @@ def restore_drill(
         logger.info("drill passed: %s restored and checked, RTO %.1f s", chosen.manifest.dump_key, rto or 0)
         return report
     except Exception as exc:
-        if published:
+        if published and report is not None:
+            _publish(report, failure_sentence(exc))  # the sentence on top of the checks it judged
             return failed_state(exc)  # type: ignore[return-value]
         return publish_failure(  # type: ignore[return-value]
             artifact_key("restore-drill", source_database),
@@ -209,11 +218,11 @@ def restore_drill(
         )
 
 
-def _publish(report: DrillReport) -> None:
+def _publish(report: DrillReport, failure: str | None = None) -> None:
     create_table_artifact(
         key=artifact_key("restore-drill", report.source_database),
         table=_rows(report),
-        description=f"Restore drill of {report.source_database}",
+        description=judged_description(f"Restore drill of {report.source_database}", failure),
     )
 
 

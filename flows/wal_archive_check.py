@@ -37,7 +37,14 @@ from flows.core.wal_server import (
     check_standbys,
     oldest_pending,
 )
-from flows.tasks.common import artifact_key, failed_state, publish_failure, table_lines
+from flows.tasks.common import (
+    artifact_key,
+    failed_state,
+    failure_sentence,
+    judged_description,
+    publish_failure,
+    table_lines,
+)
 from flows.tasks.wal import (
     load_check_state,
     read_archiver_status,
@@ -193,7 +200,8 @@ def wal_archive_check(
             raise WalArchiveBroken(critical.message)
         return report
     except Exception as exc:
-        if published:
+        if published and report is not None:
+            _publish(report, failure_sentence(exc))  # the sentence on top of the table it judged
             return failed_state(exc)  # type: ignore[return-value]
         return publish_failure(  # type: ignore[return-value]
             artifact_key("wal-archive-check", database),
@@ -267,12 +275,14 @@ def _rows(report: WalArchiveReport) -> list[dict[str, object]]:
     ]
 
 
-def _publish(report: WalArchiveReport) -> None:
+def _publish(report: WalArchiveReport, failure: str | None = None) -> None:
     create_table_artifact(
         key=artifact_key("wal-archive-check", report.database),
         table=_rows(report),
-        description=f"WAL archiving of {report.database} ({report.server}) into {report.archive}: "
-        f"{report.status}",
+        description=judged_description(
+            f"WAL archiving of {report.database} ({report.server}) into {report.archive}: {report.status}",
+            failure,
+        ),
     )
 
 

@@ -30,7 +30,9 @@ from flows.tasks.common import (
     database_lock,
     database_name_of,
     failed_state,
+    failure_sentence,
     human_bytes,
+    judged_description,
     publish_failure,
 )
 from flows.tasks.reindex import (
@@ -320,6 +322,7 @@ def weekly_reindex(
         return Completed(message=report.summary(), data=report)  # type: ignore[return-value]
     except Exception as exc:
         if published:
+            _publish(report, failure_sentence(exc))  # the sentence on top of the table it judged
             return failed_state(exc)  # type: ignore[return-value]
         return publish_failure(  # type: ignore[return-value]
             artifact_key("weekly-reindex", database_name_of(database)), f"Reindex of {database}", exc
@@ -480,7 +483,7 @@ def _num(value: float | None, unit: str) -> str:
     return "-" if value is None else f"{value:.1f}{unit}"
 
 
-def _publish(report: ReindexReport) -> None:
+def _publish(report: ReindexReport, failure: str | None = None) -> None:
     rows = [
         {
             "index": i.index,
@@ -518,8 +521,11 @@ def _publish(report: ReindexReport) -> None:
     create_table_artifact(
         key=artifact_key("weekly-reindex", report.database),
         table=rows,
-        description=f"Reindex of {report.database} (PostgreSQL {report.server_version}): {report.summary()}. "
-        f"Bloat measured by {report.method}.",
+        description=judged_description(
+            f"Reindex of {report.database} (PostgreSQL {report.server_version}): {report.summary()}. "
+            f"Bloat measured by {report.method}.",
+            failure,
+        ),
     )
 
 

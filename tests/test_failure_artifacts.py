@@ -95,3 +95,6 @@ def test_judged_failure_keeps_its_table_and_ends_with_the_sentence(
     assert artifact is not None
     table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     assert {row["item"]: row["value"] for row in table}["result"] == "FAILED"
+    # the latest version of the table says why on top: the Artifacts list shows it without opening rows
+    assert artifact.description is not None
+    assert artifact.description.startswith(f"**Failed**: {state.message}")

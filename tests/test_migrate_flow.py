@@ -200,6 +200,8 @@ def test_revision_failing_on_production_data_fails_on_staging_and_production_sta
         ".dump.zst"
     )
     assert values["production now at"] == "unchanged"
+    latest = Artifact.get(f"migrate-{env.prod}".replace("_", "-"))
+    assert latest is not None and (latest.description or "").startswith(f"**Failed**: {message}")
 
 
 def test_failing_pre_backup_stops_everything(env: Env, pg: PgCluster, s3: S3Endpoint, unique: str) -> None:

@@ -108,6 +108,8 @@ def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
         message = failure_message(state)
         assert message.startswith(f"PgBouncer {block}: pool {pool} has 1 of its 1 server connections busy")
         assert "1 clients waiting" in message
+        latest = Artifact.get(f"pgbouncer-check-{block}")
+        assert latest is not None and (latest.description or "").startswith(f"**Failed**: {message}")
         rows = artifact_rows(block)
         assert rows[f"waiting clients {pool}"]["status"] in ("warning", "critical")
         assert rows[f"pool saturation {pool}"]["status"] == "critical"

@@ -194,7 +194,8 @@ def test_lock_held_by_another_session_makes_one_index_time_out_retry_and_fail_th
     message = failure_message(state)
     assert "could not rebuild public.orders_pkey" in message and "after 2 attempts" in message
     assert "lock timeout" in message and f"pid {holder_pid} (ddl-session" in message
-    rows, _ = artifact_rows(dbname)
+    rows, description = artifact_rows(dbname)
+    assert description.startswith(f"**Failed**: {message}")  # the why on top of the table
     by_index = {r["index"]: r for r in rows}
     assert (
         by_index["public.orders_pkey"]["action"] == "failed"

@@ -179,6 +179,14 @@ def publish_failure(key: str, title: str, exc: BaseException, details: list[str]
     return failed_state(exc)
 
 
+def judged_description(summary: str, failure: str | None) -> str:
+    """A table artifact's description: on a judged failure the sentence comes first, so the artifacts
+    list and the top of the table say why the run failed before anyone reads the rows."""
+    if failure is None:
+        return summary
+    return f"**Failed**: {failure}\n\n{summary}"[:2000]
+
+
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     """A table artifact's rows as detail lines of a failure report (empty cells left out)."""
     return [" · ".join(f"{k}: {v}" for k, v in row.items() if v not in ("", None)) for row in rows]
