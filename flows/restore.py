@@ -1,8 +1,8 @@
 """restore: the restore runbook, as a flow (and list_backups, the listing to choose from).
 
 1. choose      the backup: latest, latest before <timestamp>, or a key; only backups with a manifest
-2. refuse      a protected target, or globals=true, without confirm=<its database name>, before any
-               connection to it
+2. refuse      a protected target, mode=replace, or globals=true, without confirm=<its database name>,
+               before any connection to it
 3. preflight   the target server answers; pg_restore of its major version; which database the target is
                (server system identifier + name): a database of any protected block needs confirm too
 4. lock        db:<server>:<database>, so no dump, migrate or reindex runs against it meanwhile
@@ -126,8 +126,9 @@ def restore(
         jobs: pg_restore --jobs. Above 1 the backup is first downloaded to a temporary file (free disk
             space is checked), because parallel pg_restore needs a seekable archive.
         confirm: The target database's exact name; required when the target block is protected, or its
-            database is one a protected block names (through another host name or block), and whenever
-            globals=true (roles are server-wide).
+            database is one a protected block names (through another host name or block), with
+            mode=replace (it overwrites what is there now), and whenever globals=true (roles are
+            server-wide).
         globals: Also create the roles (and tablespaces) of the backup's stored roles file that the target
             server lacks, first; roles that exist are left unchanged. Needs confirm.
         options: Less common settings (ownership, maintenance database, work directory, timeouts).
@@ -166,6 +167,8 @@ def restore(
             confirm=confirm,
         )
         check_guard(guard)
+        # after the identity check, so a protected database reached through an alias is named as such
+        require_confirmation(False, params.database, confirm, replacing=mode == "replace")
         run_id = (flow_run.get_id() or "")[:8] or None
         lock_wait = options.lock_wait_hours * 3600
         with database_lock(target, wait_seconds=lock_wait, maintenance_database=options.maintenance_database):

@@ -92,6 +92,23 @@ def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
     state = restore(storage=storage, source_database=name, target=target, prefix="prod", return_state=True)
     assert "already exists" in failure_message(state) and "mode=replace" in failure_message(state)
     assert content(pg, f"restored_{unique}") == after
+    # replace overwrites what is there now (a person's work in the restored copy): only with confirm
+    state = restore(
+        storage=storage, source_database=name, target=target, prefix="prod", mode="replace", return_state=True
+    )
+    message = failure_message(state)
+    assert "mode=replace overwrites everything now in database" in message
+    assert f"confirm='restored_{unique}'" in message and "nothing was touched" in message
+    assert content(pg, f"restored_{unique}") == after
+    restore(
+        storage=storage,
+        source_database=name,
+        target=target,
+        prefix="prod",
+        mode="replace",
+        confirm=f"restored_{unique}",
+    )
+    assert content(pg, f"restored_{unique}") == content(pg, name)
 
 
 def test_jobs_2_downloads_the_archive_first_then_restores_in_parallel(
@@ -114,7 +131,13 @@ def test_jobs_2_downloads_the_archive_first_then_restores_in_parallel(
     assert "jobs=2 needs a seekable archive: downloading" in caplog.text  # the run's log says so
     # replace is one transaction; pg_restore cannot combine that with --jobs, so it is refused
     state = restore(
-        storage=storage, source_database=name, target=block, mode="replace", jobs=2, return_state=True
+        storage=storage,
+        source_database=name,
+        target=block,
+        mode="replace",
+        jobs=2,
+        confirm=name,
+        return_state=True,
     )
     assert "--single-transaction with --jobs" in failure_message(state)
 
@@ -149,7 +172,10 @@ def test_object_with_one_flipped_byte_is_refused_and_the_target_is_untouched(
     pg.sql("INSERT INTO images (name) VALUES ('written after the backup')", name)
     before = content(pg, name)
     target = block if mode == "replace" else make_database_block(pg, f"new-{unique}", f"restored_{unique}")
-    state = restore(storage=storage, source_database=name, target=target, mode=mode, return_state=True)
+    confirm = name if mode == "replace" else ""
+    state = restore(
+        storage=storage, source_database=name, target=target, mode=mode, confirm=confirm, return_state=True
+    )
     message = failure_message(state)
     assert "does not match its manifest" in message and "before it committed anything" in message
     assert content(pg, name) == before  # replace: rolled back; create: never touched

@@ -170,12 +170,23 @@ def select_backup(catalog: Catalog, selector: Selector, database: str) -> Backup
 # -- where it goes -----------------------------------------------------------------------------------------
 
 
-def require_confirmation(protected: bool, database: str, confirm: str | None) -> None:
-    """A protected database is only restored into when `confirm` is its exact name."""
-    if protected and (confirm or "") != database:
+def require_confirmation(
+    protected: bool, database: str, confirm: str | None, *, replacing: bool = False
+) -> None:
+    """A protected database, and any database whose contents a replace would overwrite, is only restored
+    into when `confirm` is its exact name: a re-run of yesterday's restore must not silently wipe what
+    someone has since done in the restored copy."""
+    if (confirm or "") == database:
+        return
+    if protected:
         raise RestoreRefused(
             f"database {database!r} is protected; restoring into it replaces production data, so the run "
             f"needs confirm={database!r} (nothing was touched)"
+        )
+    if replacing:
+        raise RestoreRefused(
+            f"mode=replace overwrites everything now in database {database!r}, so the run needs "
+            f"confirm={database!r} (nothing was touched)"
         )
 
 
