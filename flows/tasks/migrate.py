@@ -19,7 +19,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from blocks.storage import load_store
-from flows.core.alembic_runner import AlembicApp, LockTimeout, MigrationFailed, RevisionMoved
+from flows.core.alembic_errors import LockTimeout, MigrationFailed, RevisionMoved
+from flows.core.alembic_runner import AlembicApp
 from flows.core.catalog import read_catalog
 from flows.core.ddl_lint import Finding, lint
 from flows.core.errors import ConfigurationError
