@@ -179,7 +179,7 @@ def dump_once(cluster: Any, store_root: Path) -> dict[str, Any]:
 
 
 def drop(cluster: Any, name: str) -> None:
-    from flows.core.restore import drop_database
+    from flows.core.database_admin import drop_database
 
     with cluster.connect() as conn:
         drop_database(conn, name)

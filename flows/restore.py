@@ -25,8 +25,8 @@ from pydantic import BaseModel, Field
 
 from flows.core.identity import Guard
 from flows.core.layout import check_location
-from flows.core.restore import (
-    Mode,
+from flows.core.pg_restore import Mode
+from flows.core.restore_choice import (
     parse_selector,
     require_confirmation,
     require_globals_confirmation,

@@ -34,7 +34,7 @@ from flows.core.manifest import Manifest, Verification
 from flows.core.objectstore import LocalObjectStore, MiB, ObjectInfo, ObjectStore, S3ObjectStore
 from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams
-from flows.core.restore import Selector, select_backup
+from flows.core.restore_choice import Selector, select_backup
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import S3Endpoint

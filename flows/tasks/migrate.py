@@ -22,6 +22,7 @@ from blocks.storage import load_store
 from flows.core.alembic_errors import LockTimeout, MigrationFailed, RevisionMoved
 from flows.core.alembic_runner import AlembicApp
 from flows.core.catalog import read_catalog
+from flows.core.database_admin import drop_database
 from flows.core.ddl_lint import Finding, lint
 from flows.core.errors import ConfigurationError
 from flows.core.identity import Guard, require_distinct, resolve
@@ -39,7 +40,8 @@ from flows.core.migrate_plan import (
 from flows.core.migration_lock import MigrationLock, migration_lock
 from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num
-from flows.core.restore import RestoreRequest, drop_database, parse_selector, restore_backup, select_backup
+from flows.core.restore import RestoreRequest, restore_backup
+from flows.core.restore_choice import parse_selector, select_backup
 from flows.tasks.backup import load_database
 from flows.tasks.common import artifact_key, dbops_task
 
