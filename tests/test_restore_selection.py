@@ -1,4 +1,4 @@
-"""Choosing the backup and the target without PostgreSQL or Prefect: plain functions of core.restore_choice and core.pg_restore."""
+"""Choosing the backup and the target without PostgreSQL or Prefect: core.restore_choice, core.pg_restore."""
 
 from __future__ import annotations
 

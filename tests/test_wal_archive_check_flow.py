@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 from flows.core.wal_archive import ArchiveLocation
-from flows.core.wal_server import Thresholds
+from flows.core.wal_server_checks import Thresholds
 from flows.wal_archive_check import CheckOptions, wal_archive_check
 from tests.conftest import make_s3_block
 from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until

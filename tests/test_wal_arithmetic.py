@@ -21,17 +21,8 @@ from flows.core.wal import (
     walfile_of_lsn,
 )
 from flows.core.wal_archive import ContentsResult, WalArchive, check_contents, full_verify_due
-from flows.core.wal_server import (
-    ArchiverStats,
-    ArchiveSettings,
-    Backlog,
-    CheckState,
-    ServerSnapshot,
-    Thresholds,
-    archiver_failing,
-    check_settings,
-    check_stall,
-)
+from flows.core.wal_server import ArchiverStats, ArchiveSettings, Backlog, CheckState, ServerSnapshot
+from flows.core.wal_server_checks import Thresholds, archiver_failing, check_settings, check_stall
 
 MiB = 1024 * 1024
 
@@ -192,7 +183,8 @@ def test_wal_level_minimal_is_critical_and_archive_library_counts_as_a_command()
 
 
 def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
-    from flows.core.wal_server import Backlog, ServerSnapshot, WalPositionNow, check_lag
+    from flows.core.wal_server import Backlog, ServerSnapshot, WalPositionNow
+    from flows.core.wal_server_checks import check_lag
 
     now = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
