@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 
 from flows.core.alembic_runner import AlembicApp
 from flows.core.compression import DEFAULT_LEVEL, Compression
-from flows.core.ddl_lint import apply_waivers, blocking
+from flows.core.ddl_rules import apply_waivers, blocking
 from flows.core.errors import DbopsError
 from flows.core.identity import Guard
 from flows.core.migrate_plan import (

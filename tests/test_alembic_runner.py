@@ -28,9 +28,9 @@ from flows.core.alembic_errors import (
 from flows.core.alembic_process import alembic_environment
 from flows.core.alembic_runner import AlembicApp
 from flows.core.alembic_tree import Revision
-from flows.core.ddl_lint import split_statements
 from flows.core.errors import AuthenticationFailed, is_transient
 from flows.core.postgres import ConnParams
+from flows.core.sql_text import split_statements
 from tests.harness.pg import PgCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

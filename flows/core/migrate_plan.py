@@ -16,7 +16,7 @@ import psycopg
 
 from flows.core.alembic_errors import AlembicConfigMissing
 from flows.core.alembic_runner import AlembicApp
-from flows.core.ddl_lint import Finding
+from flows.core.ddl_rules import Finding
 from flows.core.errors import ConfigurationError, DbopsError
 from flows.core.identity import DatabaseIdentity
 

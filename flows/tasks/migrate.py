@@ -23,7 +23,8 @@ from flows.core.alembic_errors import LockTimeout, MigrationFailed, RevisionMove
 from flows.core.alembic_runner import AlembicApp
 from flows.core.catalog import read_catalog
 from flows.core.database_admin import drop_database
-from flows.core.ddl_lint import Finding, lint
+from flows.core.ddl_lint import lint
+from flows.core.ddl_rules import Finding
 from flows.core.errors import ConfigurationError
 from flows.core.identity import Guard, require_distinct, resolve
 from flows.core.migrate_plan import (
