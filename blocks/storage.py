@@ -12,7 +12,9 @@ from prefect.filesystems import LocalFileSystem
 from prefect_aws import S3Bucket
 
 from flows.core.errors import ConfigurationError
-from flows.core.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
+from flows.core.localstore import LocalObjectStore
+from flows.core.objectstore import ObjectStore
+from flows.core.s3store import S3ObjectStore
 
 SUPPORTED = ("s3-bucket", "local-file-system")
 

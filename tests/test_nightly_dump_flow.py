@@ -348,7 +348,7 @@ def test_an_unreadable_manifest_and_foreign_objects_are_left_alone_while_dump_an
     db: str, s3: S3Endpoint, bucket: str, s3_storage: str, unique: str
 ) -> None:
     """One manifest without time zones (an older tool) once made every dump fail with a TypeError."""
-    from flows.core.objectstore import S3ObjectStore
+    from flows.core.s3store import S3ObjectStore
     from tests.test_backup_safety import write_backup
 
     name = f"im_{unique}"  # the database the `db` block names

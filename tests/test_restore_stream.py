@@ -14,8 +14,9 @@ from flows.core.catalog import Backup
 from flows.core.compression import Compression
 from flows.core.dump import stream_dump
 from flows.core.layout import LEASE_MARK, manifest_key
+from flows.core.localstore import LocalObjectStore
 from flows.core.manifest import Manifest
-from flows.core.objectstore import LocalObjectStore, MiB
+from flows.core.objectstore import MiB
 from flows.core.pg_restore import ChecksumMismatch
 from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams

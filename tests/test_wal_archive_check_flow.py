@@ -557,7 +557,7 @@ def test_full_verify_finds_a_segment_deleted_behind_the_watermark_in_s3_pgbackre
     s3: S3Endpoint, bucket: str
 ) -> None:
     """The same hole in S3, pgBackRest's per-log folders: incremental misses it, full finds it."""
-    from flows.core.objectstore import S3ObjectStore
+    from flows.core.s3store import S3ObjectStore
     from flows.core.wal import segment_name
     from flows.core.wal_archive import WalArchive, check_contents
     from flows.core.wal_server import CheckState

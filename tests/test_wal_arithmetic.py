@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from flows.core.objectstore import LocalObjectStore
+from flows.core.localstore import LocalObjectStore
 from flows.core.wal import (
     BadWalName,
     Lineage,

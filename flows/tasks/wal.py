@@ -13,7 +13,7 @@ from prefect.variables import Variable
 from blocks.storage import load_store
 from flows.core.errors import ConfigurationError
 from flows.core.health import Check
-from flows.core.objectstore import LocalObjectStore
+from flows.core.localstore import LocalObjectStore
 from flows.core.wal_archive import ArchiveLocation, ContentsResult, WalArchive, check_contents, wait_for
 from flows.core.wal_server import CheckState, ServerSnapshot, snapshot, switch_wal
 from flows.tasks.backup import load_database
