@@ -125,7 +125,7 @@ class Stack:
             port_file.parent.mkdir(parents=True, exist_ok=True)
             wanted = self.port or (int(port_file.read_text()) if port_file.exists() else 4200)
             port = wanted
-            if not _port_free(port):
+            if not port_free(port):
                 port = free_port()
                 self.notes.append(
                     f"port {wanted} is held by another program, so the Prefect server listens on {port}"
@@ -389,7 +389,8 @@ def _postmaster_pid(pg: Path) -> int | None:
     return pid if stackstate.alive(pid) else None
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether a server can bind 127.0.0.1:port now (a port in TIME-WAIT counts as free)."""
     import socket
 
     with socket.socket() as s:

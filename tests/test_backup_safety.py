@@ -348,7 +348,7 @@ def test_incomplete_multipart_uploads_older_than_a_day_are_aborted(s3_store: S3O
     running = dump_key(backup_stem(PREFIX, DB, NOW - timedelta(minutes=5)), ".zst")
     theirs = f"{dumps_prefix(PREFIX, DB)}keep-forever/big.dump"
     for key in (stale, running, theirs):
-        store.client.create_multipart_upload(Bucket=store.bucket, Key=store._key(key))
+        store.client.create_multipart_upload(Bucket=store.bucket, Key=store.bucket_key(key))
 
     catalog = read_catalog(store, PREFIX, DB)
     cleanup = plan_cleanup(store, catalog, plan(catalog, RetentionPolicy(keep_last=1)), NOW, PREFIX, DB)

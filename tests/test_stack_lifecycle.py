@@ -16,7 +16,7 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 
 from deployments import stackstate
 from deployments.cli import main
-from deployments.stack import _port_free
+from deployments.stack import port_free
 from deployments.trigger import brief_log, final_sentence
 from flows.core.postgres import version_text
 from flows.tasks.reindex import skipped_summary
@@ -87,14 +87,14 @@ def test_a_port_whose_old_connections_are_in_time_wait_is_reused() -> None:
     conn.close()  # the server closes first: its side of the connection goes to TIME-WAIT
     client.close()
     listener.close()
-    assert _port_free(port)
+    assert port_free(port)
 
 
 def test_a_port_another_program_listens_on_is_not_taken() -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        assert not _port_free(holder.getsockname()[1])
+        assert not port_free(holder.getsockname()[1])
 
 
 # -- item 2: pid files are trusted only while they name what the stack started ---------------------------

@@ -96,7 +96,8 @@ class S3ObjectStore(ObjectStore):
         self.page_size = page_size
         self.url = f"s3://{bucket}" + (f"/{self.root}" if self.root else "")
 
-    def _key(self, key: str) -> str:
+    def bucket_key(self, key: str) -> str:
+        """The S3 key of a store key (under the store's root prefix), for the few callers that use boto3."""
         return f"{self.root}/{key.lstrip('/')}" if self.root else key.lstrip("/")
 
     def _rel(self, full: str) -> str:
@@ -132,7 +133,13 @@ class S3ObjectStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         extra = {"IfNoneMatch": "*"} if if_absent else {}
         self._conditional(
-            "put", self.client.put_object, key, Bucket=self.bucket, Key=self._key(key), Body=data, **extra
+            "put",
+            self.client.put_object,
+            key,
+            Bucket=self.bucket,
+            Key=self.bucket_key(key),
+            Body=data,
+            **extra,
         )
 
     def put_stream(
@@ -144,7 +151,7 @@ class S3ObjectStore(ObjectStore):
         progress: Callable[[int], None] | None = None,
         if_absent: bool = False,
     ) -> PutResult:
-        full = self._key(key)
+        full = self.bucket_key(key)
         base = max(part_size, S3_MIN_PART)
         upload_id = self._call(
             "create multipart upload", self.client.create_multipart_upload, Bucket=self.bucket, Key=full
@@ -228,7 +235,7 @@ class S3ObjectStore(ObjectStore):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
         pages = paginator.paginate(
-            Bucket=self.bucket, Prefix=self._key(prefix), PaginationConfig={"PageSize": self.page_size}
+            Bucket=self.bucket, Prefix=self.bucket_key(prefix), PaginationConfig={"PageSize": self.page_size}
         )
         try:
             for page in pages:
@@ -241,7 +248,7 @@ class S3ObjectStore(ObjectStore):
         from botocore.exceptions import ClientError
 
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.bucket_key(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
                 raise ObjectNotFound(
@@ -267,7 +274,7 @@ class S3ObjectStore(ObjectStore):
         from botocore.exceptions import ClientError
 
         try:
-            resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            resp = self.client.head_object(Bucket=self.bucket, Key=self.bucket_key(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
                 return None
@@ -288,7 +295,7 @@ class S3ObjectStore(ObjectStore):
                 "delete",
                 self.client.delete_objects,
                 Bucket=self.bucket,
-                Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True},
+                Delete={"Objects": [{"Key": self.bucket_key(k)} for k in batch], "Quiet": True},
             )
             errors = resp.get("Errors", [])
             if errors:
@@ -313,14 +320,14 @@ class S3ObjectStore(ObjectStore):
             "list multipart uploads",
             self.client.list_multipart_uploads,
             Bucket=self.bucket,
-            Prefix=self._key(prefix),
+            Prefix=self.bucket_key(prefix),
         )
         return [self._rel(u["Key"]) for u in resp.get("Uploads", [])]
 
     def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
         """Open multipart uploads under `prefix`, every page (a dead upload keeps its parts, and its cost)."""
         found: list[IncompleteWrite] = []
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key(prefix)}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.bucket_key(prefix)}
         while True:
             resp = self._call("list multipart uploads", self.client.list_multipart_uploads, **kwargs)
             for upload in resp.get("Uploads", []):
@@ -339,7 +346,7 @@ class S3ObjectStore(ObjectStore):
         for write in writes:
             try:
                 self.client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=self._key(write.key), UploadId=write.handle
+                    Bucket=self.bucket, Key=self.bucket_key(write.key), UploadId=write.handle
                 )
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
