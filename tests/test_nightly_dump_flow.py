@@ -309,8 +309,8 @@ def test_implausibly_small_dump_is_discarded(pg: PgCluster, db: str, s3_storage:
 def test_dump_waits_for_the_database_lock_and_gives_up_clearly(db: str, s3_storage: str) -> None:
     from prefect.concurrency.sync import concurrency
 
+    from blocks.postgres import load_database
     from flows.core.identity import limit_name, resolve
-    from flows.tasks.backup import load_database
     from flows.tasks.common import ensure_concurrency_limit
 
     name = limit_name(resolve(load_database(db).params()))  # db:<system identifier>:<database>

@@ -21,8 +21,22 @@ from flows.core.wal import (
     walfile_of_lsn,
 )
 from flows.core.wal_archive import ContentsResult, WalArchive, check_contents, full_verify_due
-from flows.core.wal_server import ArchiverStats, ArchiveSettings, Backlog, CheckState, ServerSnapshot
-from flows.core.wal_server_checks import Thresholds, archiver_failing, check_settings, check_stall
+from flows.core.wal_server import (
+    ArchiverStats,
+    ArchiveSettings,
+    Backlog,
+    CheckState,
+    ProbeStart,
+    ServerSnapshot,
+)
+from flows.core.wal_server_checks import (
+    Thresholds,
+    archiver_failing,
+    check_settings,
+    check_stall,
+    judge_probe,
+    standby_probe,
+)
 
 MiB = 1024 * 1024
 
@@ -305,3 +319,14 @@ def test_full_verify_window_is_window_segments_back_or_from_the_oldest_needed_se
     )
     assert needed.first == 10 and needed.missing == [segment_name(1, 20, MiB)]
     assert needed.list_requests == 1 and needed.total_list_requests >= needed.list_requests
+
+
+def test_active_probe_is_critical_when_the_switched_segment_never_reaches_the_archive() -> None:
+    start = ProbeStart(restore_point="dbops-wal-check-x", lsn=0x3000000, walfile="000000010000000000000003")
+    missing = judge_probe(start, None, 30.2, 30, "s3://bucket/wal")
+    assert missing.status == "critical" and missing.figure == f"{start.walfile} not archived after 30 s"
+    assert "dbops-wal-check-x" in (missing.message or "") and "s3://bucket/wal" in (missing.message or "")
+    found = judge_probe(start, "wal/000000010000000000000003.gz", 1.25, 30, "s3://bucket/wal")
+    assert found.status == "ok"
+    assert found.figure == f"{start.walfile} archived in 1.2 s (wal/000000010000000000000003.gz)"
+    assert standby_probe().status == "skipped"

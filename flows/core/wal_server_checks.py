@@ -22,6 +22,7 @@ from flows.core.wal_server import (
     ArchiverStats,
     ArchiveSettings,
     Backlog,
+    ProbeStart,
     ServerSnapshot,
     Standby,
     wal_position,
@@ -391,3 +392,35 @@ def check_standbys(standbys: list[Standby] | None, t: Thresholds, user: str) -> 
             message=f"standby {worst.name or worst.client} replays {lag} bytes behind",
         )
     return Check(name="standbys", status="ok", figure=figure)
+
+
+# -- the active probe --------------------------------------------------------------------------------------
+
+
+def standby_probe() -> Check:
+    """A standby cannot switch WAL: the active probe is skipped there, not failed."""
+    return Check(
+        name="probe",
+        status="skipped",
+        figure="standby",
+        message="this server is a standby, where WAL cannot be switched; run the active probe "
+        "against the primary",
+    )
+
+
+def judge_probe(
+    start: ProbeStart, key: str | None, waited: float, timeout_seconds: float, archive_url: str
+) -> Check:
+    """The switched segment `start.walfile` found in the archive under `key` after `waited` seconds, or
+    not found (`key` None) within `timeout_seconds`: archiving does not work end to end."""
+    if key is None:
+        return Check(
+            name="probe",
+            status="critical",
+            figure=f"{start.walfile} not archived after {waited:.0f} s",
+            message=f"pg_switch_wal() closed {start.walfile} (restore point {start.restore_point}) but it "
+            f"did not reach {archive_url} within {timeout_seconds:.0f} s; archiving does not work end to "
+            "end: check archive_command, the server log, and that the archive location given here is where "
+            "it writes",
+        )
+    return Check(name="probe", status="ok", figure=f"{start.walfile} archived in {waited:.1f} s ({key})")

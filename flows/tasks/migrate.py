@@ -18,6 +18,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from blocks.postgres import load_database
 from blocks.storage import load_store
 from flows.core.alembic_errors import LockTimeout, MigrationFailed, RevisionMoved
 from flows.core.alembic_runner import AlembicApp
@@ -43,7 +44,6 @@ from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num
 from flows.core.restore import RestoreRequest, restore_backup
 from flows.core.restore_choice import parse_selector, select_backup
-from flows.tasks.backup import load_database
 from flows.tasks.common import artifact_key, dbops_task
 
 

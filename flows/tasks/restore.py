@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from prefect import get_run_logger
 
+from blocks.postgres import load_database
 from blocks.storage import load_store
 from flows.core.catalog import Backup, drill_key
 from flows.core.database_admin import drop_database
@@ -29,7 +30,6 @@ from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num, version_text
 from flows.core.restore import RestoreRequest, restore_backup
 from flows.core.roles import apply_globals
-from flows.tasks.backup import load_database
 from flows.tasks.common import Progress, dbops_task, human_bytes
 from flows.tasks.session import direct_session
 
