@@ -168,7 +168,7 @@ def wal_archive_check(
                 previous=state.oldest_pending,
                 previous_seen_at=state.oldest_pending_seen_at,
                 now=now,
-                t=thresholds,
+                thresholds=thresholds,
             )
         )
 

@@ -139,8 +139,8 @@ def flatten(text: str) -> str:
 # -- type changes --------------------------------------------------------------------------------------
 
 
-def norm_type(t: str) -> str:
-    t = flatten(t).lower()
+def norm_type(type_text: str) -> str:
+    t = flatten(type_text).lower()
     t = re.sub(r"\bcharacter varying\b", "varchar", t)
     t = re.sub(r"\bbit varying\b", "varbit", t)
     t = re.sub(r"\bdecimal\b", "numeric", t)

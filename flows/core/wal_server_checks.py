@@ -86,51 +86,51 @@ class Thresholds(BaseModel):
 # -- judging -----------------------------------------------------------------------------------------------
 
 
-def check_settings(s: ArchiveSettings) -> list[Check]:
+def check_settings(settings: ArchiveSettings) -> list[Check]:
     checks: list[Check] = []
-    if s.wal_level == "minimal":
+    if settings.wal_level == "minimal":
         checks.append(
             Check(
                 name="wal_level",
                 status="critical",
                 figure="minimal",
-                message=f"wal_level is minimal on {s.server}, which cannot be archived; "
+                message=f"wal_level is minimal on {settings.server}, which cannot be archived; "
                 "set wal_level = replica and restart PostgreSQL",
             )
         )
     else:
-        checks.append(Check(name="wal_level", status="ok", figure=s.wal_level))
-    if s.archive_mode not in ("on", "always"):
+        checks.append(Check(name="wal_level", status="ok", figure=settings.wal_level))
+    if settings.archive_mode not in ("on", "always"):
         pending = ""
-        if s.archive_mode_pending == "(changed)":  # pg_file_settings is for superusers only
+        if settings.archive_mode_pending == "(changed)":  # pg_file_settings is for superusers only
             pending = " (a new value is set but the server was not restarted)"
-        elif s.archive_mode_pending:
-            pending = f" (it is set to {s.archive_mode_pending} but the server was not restarted)"
+        elif settings.archive_mode_pending:
+            pending = f" (it is set to {settings.archive_mode_pending} but the server was not restarted)"
         checks.append(
             Check(
                 name="archive_mode",
                 status="critical",
-                figure=s.archive_mode,
-                message=f"archive_mode is {s.archive_mode} on {s.server}{pending}, so no WAL is archived; "
-                "set archive_mode = on (ALTER SYSTEM SET archive_mode = on) and restart PostgreSQL: it only "
-                "takes effect after a restart",
+                figure=settings.archive_mode,
+                message=f"archive_mode is {settings.archive_mode} on {settings.server}{pending}, so no WAL "
+                "is archived; set archive_mode = on (ALTER SYSTEM SET archive_mode = on) and restart "
+                "PostgreSQL: it only takes effect after a restart",
             )
         )
     else:
-        checks.append(Check(name="archive_mode", status="ok", figure=s.archive_mode))
-    command = s.archive_command.strip()
-    if s.archive_library:
+        checks.append(Check(name="archive_mode", status="ok", figure=settings.archive_mode))
+    command = settings.archive_command.strip()
+    if settings.archive_library:
         checks.append(
-            Check(name="archive_command", status="ok", figure=f"archive_library={s.archive_library}")
+            Check(name="archive_command", status="ok", figure=f"archive_library={settings.archive_library}")
         )
-    elif s.archive_mode in ("on", "always") and command.lower() in NOOP_COMMANDS:
+    elif settings.archive_mode in ("on", "always") and command.lower() in NOOP_COMMANDS:
         checks.append(
             Check(
                 name="archive_command",
                 status="critical",
                 figure=command or "(empty)",
-                message=f"archive_command on {s.server} is {command or 'empty'!r}, which stores nothing (WAL "
-                "piles up in pg_wal or is thrown away); set it to copy %p to the archive, e.g. "
+                message=f"archive_command on {settings.server} is {command or 'empty'!r}, which stores "
+                "nothing (WAL piles up in pg_wal or is thrown away); set it to copy %p to the archive, e.g. "
                 "'cp %p /var/lib/postgresql/wal_archive/%f', and reload",
             )
         )
@@ -140,8 +140,8 @@ def check_settings(s: ArchiveSettings) -> list[Check]:
         Check(
             name="archive_timeout",
             status="ok",
-            figure=f"{s.archive_timeout} s"
-            if s.archive_timeout
+            figure=f"{settings.archive_timeout} s"
+            if settings.archive_timeout
             else "0 (a segment is archived only when full)",
         )
     )
@@ -152,47 +152,49 @@ def _when(t: datetime | None) -> str:
     return f"{t:%Y-%m-%d %H:%M:%S} UTC" if t else "never"
 
 
-def archiver_failing(a: ArchiverStats, segment_size: int) -> bool:
+def archiver_failing(archiver: ArchiverStats, segment_size: int) -> bool:
     """The last failure is newer than the last success. Times decide; when the failed WAL file is not after
     the archived one (by timeline and segment, a .history file first on its timeline) the failure was of a
     file that has since been archived, e.g. a retried segment or a history file re-sent after a switch."""
-    if a.last_failed_time is None:
+    if archiver.last_failed_time is None:
         return False
-    if a.last_archived_time is None:
+    if archiver.last_archived_time is None:
         return True
-    if a.last_failed_time <= a.last_archived_time:
+    if archiver.last_failed_time <= archiver.last_archived_time:
         return False
-    failed = wal_position(a.last_failed_wal, segment_size)
-    archived = wal_position(a.last_archived_wal, segment_size)
+    failed = wal_position(archiver.last_failed_wal, segment_size)
+    archived = wal_position(archiver.last_archived_wal, segment_size)
     segments = failed and archived and "history" not in (failed.kind, archived.kind)
     return not (segments and ordered_after(archived, failed))  # type: ignore[arg-type]
 
 
 def check_archiver(
-    a: ArchiverStats,
-    s: ArchiveSettings,
-    t: Thresholds,
+    archiver: ArchiverStats,
+    settings: ArchiveSettings,
+    thresholds: Thresholds,
     failed_count_at_success: int | None,
     previous_failed_count: int | None,
     hours_since_previous: float | None,
 ) -> list[Check]:
     checks = []
-    if archiver_failing(a, s.segment_size):
+    if archiver_failing(archiver, settings.segment_size):
         since = (
-            a.failed_count - failed_count_at_success
+            archiver.failed_count - failed_count_at_success
             if failed_count_at_success is not None
-            else a.failed_count
+            else archiver.failed_count
         )
         since = max(since, 1)
-        status: Status = "critical" if since > t.max_failures_since_success else "warning"
+        status: Status = "critical" if since > thresholds.max_failures_since_success else "warning"
         checks.append(
             Check(
                 name="archiver",
                 status=status,
-                figure=f"failed_count={a.failed_count}, last_failed_wal={a.last_failed_wal}",
-                message=f"archive_command is failing on {s.server}: failed_count={a.failed_count}, "
-                f"last_failed_wal={a.last_failed_wal} at {_when(a.last_failed_time)}, last success "
-                f"{a.last_archived_wal or 'none'} at {_when(a.last_archived_time)}; "
+                figure=f"failed_count={archiver.failed_count}, last_failed_wal={archiver.last_failed_wal}",
+                message=f"archive_command is failing on {settings.server}: "
+                f"failed_count={archiver.failed_count}, "
+                f"last_failed_wal={archiver.last_failed_wal} at {_when(archiver.last_failed_time)}, "
+                "last success "
+                f"{archiver.last_archived_wal or 'none'} at {_when(archiver.last_archived_time)}; "
                 "run the archive_command by hand as the postgres OS user for that file and read the server "
                 "log to see why",
             )
@@ -202,19 +204,20 @@ def check_archiver(
             Check(
                 name="archiver",
                 status="ok",
-                figure=f"archived_count={a.archived_count}, last_archived_wal={a.last_archived_wal}, "
-                f"failed_count={a.failed_count}",
+                figure=f"archived_count={archiver.archived_count}, "
+                f"last_archived_wal={archiver.last_archived_wal}, "
+                f"failed_count={archiver.failed_count}",
             )
         )
     if previous_failed_count is not None and hours_since_previous and hours_since_previous > 0:
-        delta = max(a.failed_count - previous_failed_count, 0)
+        delta = max(archiver.failed_count - previous_failed_count, 0)
         per_hour, basis = delta / hours_since_previous, "since the previous check"
-    elif a.stats_reset is not None:
-        hours = max((datetime.now(UTC) - a.stats_reset).total_seconds() / 3600, 1 / 60)
-        per_hour, basis = a.failed_count / hours, "since the statistics were reset"
+    elif archiver.stats_reset is not None:
+        hours = max((datetime.now(UTC) - archiver.stats_reset).total_seconds() / 3600, 1 / 60)
+        per_hour, basis = archiver.failed_count / hours, "since the statistics were reset"
     else:
         per_hour, basis = 0.0, ""
-    status = "warning" if per_hour > t.warn_failures_per_hour else "ok"
+    status = "warning" if per_hour > thresholds.warn_failures_per_hour else "ok"
     checks.append(
         Check(
             name="failure rate",
@@ -223,7 +226,7 @@ def check_archiver(
             message=""
             if status == "ok"
             else f"archive_command failed {per_hour:.1f} times per hour {basis} on "
-            f"{s.server} although it recovers; look for intermittent errors in the server log",
+            f"{settings.server} although it recovers; look for intermittent errors in the server log",
         )
     )
     return checks
@@ -243,7 +246,7 @@ def pending_segments(snap: ServerSnapshot) -> int | None:
     return max(current - archived.segno - 1, 0)
 
 
-def check_lag(snap: ServerSnapshot, t: Thresholds, now: datetime) -> list[Check]:
+def check_lag(snap: ServerSnapshot, thresholds: Thresholds, now: datetime) -> list[Check]:
     if snap.position is None:
         return [
             Check(
@@ -266,18 +269,18 @@ def check_lag(snap: ServerSnapshot, t: Thresholds, now: datetime) -> list[Check]
     checks = []
     if pending is None:
         checks.append(Check(name="pending segments", status="ok", figure="unknown (nothing archived yet)"))
-    elif pending > t.max_pending_segments:
+    elif pending > thresholds.max_pending_segments:
         checks.append(
             Check(
                 name="pending segments",
                 status="critical",
                 figure=figure,
                 message=f"{pending} complete WAL segments on {snap.settings.server} wait to be archived "
-                f"(more than {t.max_pending_segments}); the archive falls behind: "
+                f"(more than {thresholds.max_pending_segments}); the archive falls behind: "
                 "check archive_command's speed and the archive's free space",
             )
         )
-    elif pending > t.warn_pending_segments:
+    elif pending > thresholds.warn_pending_segments:
         checks.append(
             Check(
                 name="pending segments",
@@ -293,7 +296,7 @@ def check_lag(snap: ServerSnapshot, t: Thresholds, now: datetime) -> list[Check]
     if pending:
         age = (now - last).total_seconds() if last else None
         age_text = f"{age:.0f} s" if age is not None else "never archived"
-        if age is None or age > t.max_archive_age_seconds:
+        if age is None or age > thresholds.max_archive_age_seconds:
             checks.append(
                 Check(
                     name="archive age",
@@ -312,18 +315,20 @@ def check_lag(snap: ServerSnapshot, t: Thresholds, now: datetime) -> list[Check]
     return checks
 
 
-def check_backlog(b: Backlog, t: Thresholds) -> Check:
-    if b.denied:
-        return Check(name="backlog", status="warning", figure="not readable", message=b.denied)
-    assert b.ready is not None
-    figure = f"{b.ready} .ready file(s)" + (f", oldest {b.oldest_ready}" if b.oldest_ready else "")
-    if b.ready > t.max_ready_files:
+def check_backlog(backlog: Backlog, thresholds: Thresholds) -> Check:
+    if backlog.denied:
+        return Check(name="backlog", status="warning", figure="not readable", message=backlog.denied)
+    assert backlog.ready is not None
+    oldest = f", oldest {backlog.oldest_ready}" if backlog.oldest_ready else ""
+    figure = f"{backlog.ready} .ready file(s){oldest}"
+    if backlog.ready > thresholds.max_ready_files:
         return Check(
             name="backlog",
             status="critical",
             figure=figure,
-            message=f"{b.ready} WAL files wait in pg_wal/archive_status (more than {t.max_ready_files}), "
-            f"oldest {b.oldest_ready}; pg_wal will fill the disk: fix archive_command before it does",
+            message=f"{backlog.ready} WAL files wait in pg_wal/archive_status "
+            f"(more than {thresholds.max_ready_files}), "
+            f"oldest {backlog.oldest_ready}; pg_wal will fill the disk: fix archive_command before it does",
         )
     return Check(name="backlog", status="ok", figure=figure)
 
@@ -340,14 +345,18 @@ def oldest_pending(snap: ServerSnapshot) -> str | None:
 
 
 def check_stall(
-    current: str | None, previous: str | None, previous_seen_at: datetime | None, now: datetime, t: Thresholds
+    current: str | None,
+    previous: str | None,
+    previous_seen_at: datetime | None,
+    now: datetime,
+    thresholds: Thresholds,
 ) -> Check:
     if current is None:
         return Check(name="stall", status="ok", figure="nothing waiting")
     if previous != current or previous_seen_at is None:
         return Check(name="stall", status="ok", figure=f"oldest waiting {current} (new since the last run)")
     waited = (now - previous_seen_at).total_seconds()
-    if waited >= t.stall_after_seconds:
+    if waited >= thresholds.stall_after_seconds:
         return Check(
             name="stall",
             status="critical",
@@ -359,7 +368,7 @@ def check_stall(
     return Check(name="stall", status="ok", figure=f"{current} waiting for {waited:.0f} s")
 
 
-def check_standbys(standbys: list[Standby] | None, t: Thresholds, user: str) -> Check:
+def check_standbys(standbys: list[Standby] | None, thresholds: Thresholds, user: str) -> Check:
     if standbys is None:
         return Check(
             name="standbys",
@@ -376,15 +385,15 @@ def check_standbys(standbys: list[Standby] | None, t: Thresholds, user: str) -> 
         for s in standbys
     )
     lag = worst.replay_lag_bytes or 0
-    if t.max_standby_lag_bytes is not None and lag > t.max_standby_lag_bytes:
+    if thresholds.max_standby_lag_bytes is not None and lag > thresholds.max_standby_lag_bytes:
         return Check(
             name="standbys",
             status="critical",
             figure=figure,
             message=f"standby {worst.name or worst.client} replays {lag} bytes behind (more than "
-            f"{t.max_standby_lag_bytes}); check its replay and network",
+            f"{thresholds.max_standby_lag_bytes}); check its replay and network",
         )
-    if t.warn_standby_lag_bytes is not None and lag > t.warn_standby_lag_bytes:
+    if thresholds.warn_standby_lag_bytes is not None and lag > thresholds.warn_standby_lag_bytes:
         return Check(
             name="standbys",
             status="warning",
