@@ -121,6 +121,19 @@ def test_flows_import_no_deployment() -> None:
     assert layer_violations("flows", {"deployments"}) == []
 
 
+def test_the_cli_gets_its_rows_from_core_and_blocks_not_from_a_flow_module() -> None:
+    """`dbops backups list` and the list-backups flow share flows.core.listing; the CLI imports no flow."""
+    known = set(all_modules())
+    cli = REPO_ROOT / "deployments" / "cli.py"
+    flows_imported = sorted(
+        target
+        for imp in imports_of(cli)
+        for target in imported_modules(imp, known)
+        if layer(target) in ("flows", "tasks")
+    )
+    assert flows_imported == []
+
+
 def test_blocks_import_no_task_flow_or_deployment() -> None:
     assert layer_violations("blocks", {"tasks", "flows", "deployments"}) == []
 

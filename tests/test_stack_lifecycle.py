@@ -35,10 +35,9 @@ STOP_WITH_DEAD_STDOUT = textwrap.dedent(
     from deployments import stack as st
 
     state = Path(sys.argv[1])
-    if hasattr(st, "_STACK_LOG"):
-        st._STACK_LOG[:] = [state / "stack.log"]
+    st.STACK_LOG[:] = [state / "stack.log"]
     s = st.Stack(state)
-    proc = s._spawn("web server", ["http.server", "0", "--bind", "127.0.0.1"])
+    proc = s.spawn("web server", ["http.server", "0", "--bind", "127.0.0.1"])
     (state / "child.pid").write_text(str(proc.pid))
     sys.stdin.readline()  # the test closes its end of our stdout, then says go
     for _ in range(3):
