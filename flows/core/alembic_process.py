@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import flows
 from flows.core.alembic_errors import AlembicError, MigrationTimeout
 from flows.core.childenv import child_environment
 from flows.core.postgres import ConnParams, libpq_environment, scrub
@@ -114,7 +113,7 @@ def driver_passfile(params: ConnParams | None) -> Iterator[str | None]:
 
 def driver_pythonpath(existing: str | None = None) -> str:
     """The child's PYTHONPATH: the folder holding the `flows` package first, then the worker's own."""
-    root = str(Path(flows.__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # flows/core/alembic_process.py -> the folder of flows
     rest = [p for p in (existing or "").split(os.pathsep) if p and p != root]
     return os.pathsep.join([root, *rest])
 
