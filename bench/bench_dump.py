@@ -422,8 +422,8 @@ class ChildPeaks(threading.Thread):
 
 def instrument_dump() -> dict[str, float]:
     """Observe (not change) the dump: when pg_dump's output ended, how long S3 took to complete the upload."""
-    from flows.core.objectstore import S3ObjectStore
     from flows.core.pgtools import ToolRun
+    from flows.core.s3store import S3ObjectStore
 
     marks: dict[str, float] = {}
     chunks, call = ToolRun.chunks, S3ObjectStore._call

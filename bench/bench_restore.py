@@ -132,8 +132,8 @@ def dump_once(cluster: Any, store_root: Path) -> dict[str, Any]:
     from flows.core.compression import Compression
     from flows.core.dump import stream_dump
     from flows.core.layout import backup_stem, dump_key, manifest_key
+    from flows.core.localstore import LocalObjectStore
     from flows.core.manifest import Manifest, Verification
-    from flows.core.objectstore import LocalObjectStore
     from flows.core.pgtools import find_tool
 
     store = LocalObjectStore(store_root)
@@ -179,7 +179,7 @@ def dump_once(cluster: Any, store_root: Path) -> dict[str, Any]:
 
 
 def drop(cluster: Any, name: str) -> None:
-    from flows.core.restore import drop_database
+    from flows.core.database_admin import drop_database
 
     with cluster.connect() as conn:
         drop_database(conn, name)
@@ -188,7 +188,7 @@ def drop(cluster: Any, name: str) -> None:
 def child(args: argparse.Namespace) -> int:
     """One dbops restore in this process: flows.core.restore.restore_backup, as the flow's task runs it."""
     from flows.core.catalog import read_catalog
-    from flows.core.objectstore import LocalObjectStore
+    from flows.core.localstore import LocalObjectStore
     from flows.core.pgtools import find_tool
     from flows.core.postgres import ConnParams, connect, server_version_num
     from flows.core.restore import RestoreRequest, restore_backup

@@ -8,6 +8,7 @@ import psycopg
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, ValidationError
 
+from blocks.storage import load_block
 from flows.core.errors import ConfigurationError
 from flows.core.pooler import SessionRoute, connect_direct
 from flows.core.postgres import ConnParams, connect
@@ -149,3 +150,11 @@ def _url_int(value: str | None, name: str, default: int) -> int:
     if not value.isdigit():
         raise ConfigurationError(f"the {name} in the database URL is not a number; fix it")
     return int(value)
+
+
+def load_database(name: str) -> PostgresDatabase:
+    """The PostgresDatabase block `name` (a bare name or `postgres-database/NAME`)."""
+    slug = name if "/" in name else f"postgres-database/{name}"
+    block = load_block(slug, PostgresDatabase)
+    assert isinstance(block, PostgresDatabase)
+    return block

@@ -7,12 +7,18 @@ storage from Prefect's LocalFileSystem.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from prefect.blocks.core import Block
 from prefect.filesystems import LocalFileSystem
 from prefect_aws import S3Bucket
 
 from flows.core.errors import ConfigurationError
-from flows.core.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
+from flows.core.localstore import LocalObjectStore
+from flows.core.objectstore import ObjectStore
+from flows.core.s3store import S3ObjectStore
+from flows.core.wal_archive import ArchiveLocation, WalArchive
 
 SUPPORTED = ("s3-bucket", "local-file-system")
 
@@ -55,3 +61,25 @@ def load_store(slug: str) -> ObjectStore:
             f"storage {slug!r} is not a supported block type; use s3-bucket/NAME or local-file-system/NAME"
         )
     return store_from_block(load_block(slug))
+
+
+def require_store_kind(storage: str) -> None:
+    """A storage option must be a block slug; checked before anything is read or written."""
+    if "/" not in storage:
+        raise ConfigurationError(
+            f"storage {storage!r} is not a block slug; use s3-bucket/NAME or local-file-system/NAME"
+        )
+
+
+def open_archive(location: ArchiveLocation) -> WalArchive:
+    """The WAL archive a location names: a directory this worker mounts, or a storage block and prefix."""
+    if location.directory:
+        path = Path(location.directory)
+        if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigurationError(
+                f"archive directory {path} does not exist or is not readable on this machine; run the check "
+                "on a worker that mounts the archive, readable by its user (group postgres), or fix directory"
+            )
+        return WalArchive(LocalObjectStore(path), "")
+    assert location.storage is not None
+    return WalArchive(load_store(location.storage), location.prefix)

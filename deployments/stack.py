@@ -45,7 +45,7 @@ RESTORED_DATABASE = "imagemanager_restored"
 STORAGE_BLOCK = "imagemanager-backups"
 
 
-_STACK_LOG: list[Path] = []  # <state>/logs/stack.log once the state folder is known
+STACK_LOG: list[Path] = []  # <state>/logs/stack.log once the state folder is known
 _BROKEN: set[int] = set()  # file descriptors whose reader went away
 
 
@@ -56,7 +56,7 @@ def say(text: str, err: bool = False) -> None:
     that starts the shutdown, and every later write to the pipe raises BrokenPipeError. The shutdown must
     go on regardless, so a failed write points that descriptor at /dev/null and the line still reaches
     stack.log."""
-    for path in _STACK_LOG:
+    for path in STACK_LOG:
         try:
             with path.open("a") as f:
                 f.write(text + "\n")
@@ -125,7 +125,7 @@ class Stack:
             port_file.parent.mkdir(parents=True, exist_ok=True)
             wanted = self.port or (int(port_file.read_text()) if port_file.exists() else 4200)
             port = wanted
-            if not _port_free(port):
+            if not port_free(port):
                 port = free_port()
                 self.notes.append(
                     f"port {wanted} is held by another program, so the Prefect server listens on {port}"
@@ -135,7 +135,7 @@ class Stack:
             url = f"http://127.0.0.1:{port}/api"
             log(f"starting a local Prefect server on {url} (SQLite in {self.state / 'prefect'})")
             argv = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-            proc = self._spawn("prefect server", argv)
+            proc = self.spawn("prefect server", argv)
             stackstate.write_pid(self.state, "prefect-server", proc.pid)
             stackstate.write_api_url(self.state, url)
             _wait_http(f"{url}/health", timeout=180, what="the Prefect server", procs=self.procs)
@@ -144,7 +144,8 @@ class Stack:
         os.environ["PREFECT_HOME"] = self.env["PREFECT_HOME"]
         return url
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start one process of the stack, its output appended to <state>/logs/<name>.log."""
         logs = self.state / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name.replace(' ', '-')}.log", "ab")  # noqa: SIM115 - lives as long as the process
@@ -283,7 +284,7 @@ class Stack:
 
     def start_worker(self) -> None:
         log("starting a process worker on the dbops pool")
-        proc = self._spawn(
+        proc = self.spawn(
             "prefect worker", ["prefect", "worker", "start", "--pool", "dbops", "--type", "process"]
         )
         stackstate.write_pid(self.state, "prefect-worker", proc.pid)
@@ -389,7 +390,8 @@ def _postmaster_pid(pg: Path) -> int | None:
     return pid if stackstate.alive(pid) else None
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether a server can bind 127.0.0.1:port now (a port in TIME-WAIT counts as free)."""
     import socket
 
     with socket.socket() as s:
@@ -493,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGHUP, _interrupt)
     stack = Stack(args.state)
     (stack.state / "logs").mkdir(parents=True, exist_ok=True)
-    _STACK_LOG[:] = [stack.state / "logs" / "stack.log"]
+    STACK_LOG[:] = [stack.state / "logs" / "stack.log"]
     code = 1
     try:
         stack.take_over_leftovers()

@@ -31,9 +31,10 @@ from prefect.input import RunInput
 from prefect.states import Completed
 from pydantic import BaseModel, Field
 
+from blocks.storage import require_store_kind
 from flows.core.alembic_runner import AlembicApp
 from flows.core.compression import DEFAULT_LEVEL, Compression
-from flows.core.ddl_lint import apply_waivers, blocking
+from flows.core.ddl_rules import apply_waivers, blocking
 from flows.core.errors import DbopsError
 from flows.core.identity import Guard
 from flows.core.migrate_plan import (
@@ -48,7 +49,6 @@ from flows.core.migrate_plan import (
     trigger_of,
 )
 from flows.nightly_dump import BackupReport, DumpOptions, take_backup
-from flows.tasks.backup import require_store_kind
 from flows.tasks.common import (
     artifact_key,
     database_lock,

@@ -17,20 +17,19 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
+from blocks.storage import require_store_kind
 from flows.core.compression import DEFAULT_LEVEL, LEVEL_RANGE, Compression
 from flows.core.errors import ConfigurationError
 from flows.core.layout import check_prefix
 from flows.core.manifest import VerifyMethod
-from flows.core.retention import RetentionPolicy
+from flows.core.retention import RetentionPolicy, plan_from_catalog
 from flows.tasks.backup import (
     check_database,
     check_storage,
     delete_expired_backups,
     discard_if_implausible,
     plan_backup_cleanup,
-    plan_from_catalog,
     read_backup_catalog,
-    require_store_kind,
     upload_dump,
     upload_globals,
     verify_backup,

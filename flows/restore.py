@@ -23,16 +23,17 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from blocks.storage import require_store_kind
 from flows.core.identity import Guard
 from flows.core.layout import check_location
-from flows.core.restore import (
-    Mode,
+from flows.core.pg_restore import Mode
+from flows.core.restore_choice import (
     parse_selector,
     require_confirmation,
     require_globals_confirmation,
     select_backup,
 )
-from flows.tasks.backup import read_backup_catalog, require_store_kind
+from flows.tasks.backup import read_backup_catalog
 from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
 from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (

@@ -20,18 +20,14 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from blocks.storage import require_store_kind
 from flows.core.drill import CheckResult, scratch_name
 from flows.core.errors import DbopsError
 from flows.core.identity import DatabaseIdentity, Guard
 from flows.core.layout import check_location
-from flows.core.restore import (
-    Selector,
-    is_stale,
-    select_backup,
-    stale_message,
-    staleness_hours,
-)
-from flows.tasks.backup import read_backup_catalog, require_store_kind
+from flows.core.listing import is_stale, stale_message, staleness_hours
+from flows.core.restore_choice import Selector, select_backup
+from flows.tasks.backup import read_backup_catalog
 from flows.tasks.common import (
     artifact_key,
     failed_state,

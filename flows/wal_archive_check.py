@@ -23,11 +23,9 @@ from pydantic import BaseModel, Field
 from flows.core.health import Check, Status, worst
 from flows.core.wal import segment_name
 from flows.core.wal_archive import ArchiveLocation, ContentsResult, FullVerify, full_verify_due
-from flows.core.wal_server import (
-    CheckState,
-    ServerSnapshot,
+from flows.core.wal_server import CheckState, ServerSnapshot, WalArchiveBroken
+from flows.core.wal_server_checks import (
     Thresholds,
-    WalArchiveBroken,
     archiver_failing,
     check_archiver,
     check_backlog,
@@ -177,7 +175,7 @@ def wal_archive_check(
                 previous=state.oldest_pending,
                 previous_seen_at=state.oldest_pending_seen_at,
                 now=now,
-                t=thresholds,
+                thresholds=thresholds,
             )
         )
 

@@ -18,14 +18,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from flows.core.alembic_runner import (
-    AlembicApp,
-    LockTimeout,
-    MigrationFailed,
-    MigrationTimeout,
-    WatchdogBlind,
-)
-from flows.core.ddl_lint import blocking, lint
+from flows.core.alembic_errors import LockTimeout, MigrationFailed, MigrationTimeout, WatchdogBlind
+from flows.core.alembic_runner import AlembicApp
+from flows.core.ddl_lint import lint
+from flows.core.ddl_rules import blocking
 from flows.core.postgres import ConnParams
 from tests.harness.pg import PgCluster, wait_until
 

@@ -6,27 +6,31 @@ branched trees are copies of it made in tmp_path with one extra revision file.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from flows.core.alembic_runner import (
-    AlembicApp,
+from flows.core.alembic_errors import (
     BrokenRevisionTree,
     LockTimeout,
     MultipleHeads,
     NoDowngrade,
-    Revision,
     TargetBehindCurrent,
     UnknownRevision,
     UnknownTarget,
 )
-from flows.core.ddl_lint import split_statements
+from flows.core.alembic_process import alembic_environment
+from flows.core.alembic_runner import AlembicApp
+from flows.core.alembic_tree import Revision
 from flows.core.errors import AuthenticationFailed, is_transient
 from flows.core.postgres import ConnParams
+from flows.core.sql_text import split_statements
 from tests.harness.pg import PgCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -228,3 +232,49 @@ def test_downgrade_refuses_revision_without_downgrade(
     _stamp(pg, params.database, "0005_one_way")
     with pytest.raises(NoDowngrade, match="0005_one_way"):
         app.downgrade(params, "0003_projects_archived")
+
+
+INSTALLED_ELSEWHERE = """
+import os, sys
+from pathlib import Path
+import flows
+from flows.core.alembic_runner import AlembicApp
+assert Path(flows.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()), flows.__file__
+app = AlembicApp(Path(sys.argv[2]), pass_env=("DRIVER_MARK",))
+print(",".join(r.id for r in reversed(app.history())))
+"""
+
+
+def test_driver_runs_with_python_m_from_a_copy_of_dbops_installed_elsewhere(tmp_path: Path) -> None:
+    """The child runs `python -m flows.core.alembic_driver`: it must find the same dbops as the worker,
+    whatever the working directory, even when dbops is not the checkout on the interpreter's path."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO_ROOT / "flows", site / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    driver = site / "flows" / "core" / "alembic_driver.py"
+    mark = tmp_path / "driver-ran-from-the-copy"
+    driver.write_text(
+        driver.read_text() + '\nimport os\nopen(os.environ["DRIVER_MARK"], "w").close()\n', encoding="utf-8"
+    )
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "DRIVER_MARK": str(mark)}
+    done = subprocess.run(
+        [sys.executable, "-c", INSTALLED_ELSEWHERE, str(site), str(IMAGEMANAGER / "alembic.ini")],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ",".join(REVISIONS)
+    assert mark.exists(), "the child ran the driver of the dbops that launched it, not another copy"
+
+
+def test_alembic_environment_puts_the_folder_of_flows_first_on_pythonpath(tmp_path: Path) -> None:
+    root = str(REPO_ROOT)
+    env = alembic_environment(None, None, base={"PYTHONPATH": f"/opt/app{os.pathsep}{root}"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [root, "/opt/app"]
+    listed = alembic_environment(None, None, pass_env=("PYTHONPATH",), base={"PYTHONPATH": "/opt/app"})
+    assert listed["PYTHONPATH"].split(os.pathsep)[0] == root, "a listed PYTHONPATH does not hide the driver"
+    assert alembic_environment(None, None, base={})["PYTHONPATH"] == root

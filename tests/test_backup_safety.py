@@ -30,12 +30,14 @@ from flows.core.layout import (
 )
 from flows.core.leases import BackupGone, Lease, take_lease
 from flows.core.listing import list_backups
+from flows.core.localstore import LocalObjectStore
 from flows.core.manifest import Manifest, Verification
-from flows.core.objectstore import LocalObjectStore, MiB, ObjectInfo, ObjectStore, S3ObjectStore
+from flows.core.objectstore import MiB, ObjectInfo, ObjectStore
 from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams
-from flows.core.restore import Selector, select_backup
+from flows.core.restore_choice import Selector, select_backup
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
+from flows.core.s3store import S3ObjectStore
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import S3Endpoint
 from tests.test_nightly_dump_flow import sample_database
@@ -346,7 +348,7 @@ def test_incomplete_multipart_uploads_older_than_a_day_are_aborted(s3_store: S3O
     running = dump_key(backup_stem(PREFIX, DB, NOW - timedelta(minutes=5)), ".zst")
     theirs = f"{dumps_prefix(PREFIX, DB)}keep-forever/big.dump"
     for key in (stale, running, theirs):
-        store.client.create_multipart_upload(Bucket=store.bucket, Key=store._key(key))
+        store.client.create_multipart_upload(Bucket=store.bucket, Key=store.bucket_key(key))
 
     catalog = read_catalog(store, PREFIX, DB)
     cleanup = plan_cleanup(store, catalog, plan(catalog, RetentionPolicy(keep_last=1)), NOW, PREFIX, DB)

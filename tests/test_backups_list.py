@@ -8,7 +8,7 @@ import pytest
 
 from deployments.cli import main
 from flows.core.errors import ConfigurationError
-from flows.core.objectstore import S3ObjectStore
+from flows.core.s3store import S3ObjectStore
 from flows.nightly_dump import nightly_dump
 from flows.restore import list_backups
 from flows.restore_drill import restore_drill

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.core import ddl_lint
 from flows.core.alembic_runner import AlembicApp
-from flows.core.ddl_lint import BLOCK, REVIEW, RULES, blocking, lint, split_statements
+from flows.core.ddl_lint import lint
+from flows.core.ddl_rules import BLOCK, REVIEW, RULES, UnknownWaiver, blocking
+from flows.core.sql_text import binary_compatible, split_statements
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LINT_APP = REPO_ROOT / "tests" / "fixtures" / "lint_app" / "alembic.ini"
@@ -227,7 +228,7 @@ def test_column_type_changes() -> None:
     ],
 )
 def test_binary_compatible_type_changes(old: str, new: str, free: bool) -> None:
-    assert ddl_lint.binary_compatible(old, new) is free
+    assert binary_compatible(old, new) is free
 
 
 def test_explicit_transaction_statements_are_told_from_alembics_own() -> None:
@@ -264,7 +265,7 @@ def test_waivers_global_and_per_revision(lint_sql: dict[str, str]) -> None:
 
 
 def test_unknown_waiver_is_refused() -> None:
-    with pytest.raises(ddl_lint.UnknownWaiver, match="drop-everything"):
+    with pytest.raises(UnknownWaiver, match="drop-everything"):
         lint({"r": "SELECT 1"}, [], waivers=["drop-everything"])
 
 

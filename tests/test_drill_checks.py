@@ -14,8 +14,8 @@ from flows.core.drill import (
     row_count_ok,
     scratch_name,
 )
+from flows.core.listing import is_stale, staleness_hours
 from flows.core.manifest import Manifest
-from flows.core.restore import is_stale, staleness_hours
 from flows.core.tablenames import TableName, legacy_readings, parse_table_key, resolve_key, table_key
 from tests.harness.pg import PgCluster
 

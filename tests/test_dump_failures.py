@@ -33,9 +33,10 @@ from flows.core.errors import (
     VersionMismatch,
     is_transient,
 )
-from flows.core.objectstore import MiB, S3ObjectStore
+from flows.core.objectstore import MiB
 from flows.core.pgtools import PgTool, check_tool_version, find_tool
 from flows.core.postgres import ConnParams, ExportedSnapshot, connect, server_version_num
+from flows.core.s3store import S3ObjectStore
 from tests.harness.pg import PgCluster, free_port
 from tests.harness.s3 import S3Endpoint, s3_endpoint
 

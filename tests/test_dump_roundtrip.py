@@ -19,9 +19,11 @@ from psycopg import sql
 
 from flows.core.compression import Compression
 from flows.core.dump import stream_dump, verify_stored_dump
-from flows.core.objectstore import LocalObjectStore, MiB, ObjectStore, S3ObjectStore
+from flows.core.localstore import LocalObjectStore
+from flows.core.objectstore import MiB, ObjectStore
 from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import ConnParams, connect, dumpable_tables, server_version_num
+from flows.core.s3store import S3ObjectStore
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import S3Endpoint
 

@@ -309,8 +309,8 @@ def test_implausibly_small_dump_is_discarded(pg: PgCluster, db: str, s3_storage:
 def test_dump_waits_for_the_database_lock_and_gives_up_clearly(db: str, s3_storage: str) -> None:
     from prefect.concurrency.sync import concurrency
 
+    from blocks.postgres import load_database
     from flows.core.identity import limit_name, resolve
-    from flows.tasks.backup import load_database
     from flows.tasks.common import ensure_concurrency_limit
 
     name = limit_name(resolve(load_database(db).params()))  # db:<system identifier>:<database>
@@ -348,7 +348,7 @@ def test_an_unreadable_manifest_and_foreign_objects_are_left_alone_while_dump_an
     db: str, s3: S3Endpoint, bucket: str, s3_storage: str, unique: str
 ) -> None:
     """One manifest without time zones (an older tool) once made every dump fail with a TypeError."""
-    from flows.core.objectstore import S3ObjectStore
+    from flows.core.s3store import S3ObjectStore
     from tests.test_backup_safety import write_backup
 
     name = f"im_{unique}"  # the database the `db` block names

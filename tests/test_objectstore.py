@@ -13,17 +13,17 @@ import pytest
 from botocore.config import Config
 
 from flows.core.errors import StorageError, StorageUnavailable, is_transient
+from flows.core.localstore import LocalObjectStore
 from flows.core.objectstore import (
     DEFAULT_PART_SIZE,
     S3_MAX_PART,
     S3_MAX_PARTS,
     S3_MIN_PART,
-    LocalObjectStore,
     MiB,
-    S3ObjectStore,
     part_size_at,
     part_size_for,
 )
+from flows.core.s3store import S3ObjectStore
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, s3_endpoint
 
 TiB = 1024**4

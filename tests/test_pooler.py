@@ -304,7 +304,7 @@ def test_signals_are_the_server_port_and_the_client_endpoint() -> None:
     ],
 )
 def test_pgbouncers_own_refusals_are_told_from_postgresqls(fatal: str, pgbouncer: bool) -> None:
-    from flows.core.pooler import is_pgbouncer_refusal
+    from flows.core.pooler_refusal import is_pgbouncer_refusal
 
     text = f'connection failed: connection to server at "10.0.0.1", port 6432 failed: FATAL:  {fatal}'
     assert is_pgbouncer_refusal(text) is pgbouncer

@@ -1,4 +1,4 @@
-"""Choosing the backup and the target without PostgreSQL or Prefect: plain functions of core.restore."""
+"""Choosing the backup and the target without PostgreSQL or Prefect: core.restore_choice, core.pg_restore."""
 
 from __future__ import annotations
 
@@ -7,20 +7,19 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from flows.core.catalog import Backup, Catalog
+from flows.core.database_admin import temporary_name
 from flows.core.errors import ConfigurationError
 from flows.core.layout import backup_stem, dump_key
 from flows.core.manifest import Manifest
-from flows.core.restore import (
+from flows.core.pg_restore import NotEnoughSpace, check_disk_space
+from flows.core.restore_choice import (
     BackupNotFound,
-    NotEnoughSpace,
     RestoreRefused,
     Selector,
-    check_disk_space,
     parse_selector,
     parse_timestamp,
     require_confirmation,
     select_backup,
-    temporary_name,
 )
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)

@@ -14,11 +14,13 @@ from flows.core.catalog import Backup
 from flows.core.compression import Compression
 from flows.core.dump import stream_dump
 from flows.core.layout import LEASE_MARK, manifest_key
+from flows.core.localstore import LocalObjectStore
 from flows.core.manifest import Manifest
-from flows.core.objectstore import LocalObjectStore, MiB
+from flows.core.objectstore import MiB
+from flows.core.pg_restore import ChecksumMismatch
 from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams
-from flows.core.restore import ChecksumMismatch, RestoreRequest, restore_backup
+from flows.core.restore import RestoreRequest, restore_backup
 from tests.harness.pg import PgCluster
 from tests.test_nightly_dump_flow import sample_database
 from tests.test_restore_flow import content, flip_one_byte_of_row_data

@@ -9,8 +9,8 @@ from pathlib import Path
 from flows.core.catalog import deletion_order, read_catalog
 from flows.core.compression import Compression
 from flows.core.layout import backup_stem, dump_key, globals_key, manifest_key
+from flows.core.localstore import LocalObjectStore
 from flows.core.manifest import Manifest, Verification
-from flows.core.objectstore import LocalObjectStore
 from flows.core.retention import BackupRecord, RetentionPolicy, plan_retention
 
 BACKUPS = 34_000  # x3 objects (dump, manifest, globals) = 102,000 objects

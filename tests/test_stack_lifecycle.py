@@ -16,7 +16,7 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 
 from deployments import stackstate
 from deployments.cli import main
-from deployments.stack import _port_free
+from deployments.stack import port_free
 from deployments.trigger import brief_log, final_sentence
 from flows.core.postgres import version_text
 from flows.tasks.reindex import skipped_summary
@@ -35,10 +35,9 @@ STOP_WITH_DEAD_STDOUT = textwrap.dedent(
     from deployments import stack as st
 
     state = Path(sys.argv[1])
-    if hasattr(st, "_STACK_LOG"):
-        st._STACK_LOG[:] = [state / "stack.log"]
+    st.STACK_LOG[:] = [state / "stack.log"]
     s = st.Stack(state)
-    proc = s._spawn("web server", ["http.server", "0", "--bind", "127.0.0.1"])
+    proc = s.spawn("web server", ["http.server", "0", "--bind", "127.0.0.1"])
     (state / "child.pid").write_text(str(proc.pid))
     sys.stdin.readline()  # the test closes its end of our stdout, then says go
     for _ in range(3):
@@ -87,14 +86,14 @@ def test_a_port_whose_old_connections_are_in_time_wait_is_reused() -> None:
     conn.close()  # the server closes first: its side of the connection goes to TIME-WAIT
     client.close()
     listener.close()
-    assert _port_free(port)
+    assert port_free(port)
 
 
 def test_a_port_another_program_listens_on_is_not_taken() -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        assert not _port_free(holder.getsockname()[1])
+        assert not port_free(holder.getsockname()[1])
 
 
 # -- item 2: pid files are trusted only while they name what the stack started ---------------------------

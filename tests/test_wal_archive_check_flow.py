@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 from flows.core.wal_archive import ArchiveLocation
-from flows.core.wal_server import Thresholds
+from flows.core.wal_server_checks import Thresholds
 from flows.wal_archive_check import CheckOptions, wal_archive_check
 from tests.conftest import make_s3_block
 from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until
@@ -563,11 +563,11 @@ def test_full_verify_finds_a_segment_deleted_behind_the_watermark_in_s3_pgbackre
     s3: S3Endpoint, bucket: str
 ) -> None:
     """The same hole in S3, pgBackRest's per-log folders: incremental misses it, full finds it."""
-    from flows.core.objectstore import S3ObjectStore
+    from flows.core.s3store import S3ObjectStore
     from flows.core.wal import segment_name
     from flows.core.wal_archive import WalArchive, check_contents
     from flows.core.wal_server import CheckState
-    from tests.test_wal_arithmetic import MiB, _snapshot_at
+    from tests.test_wal_arithmetic import MiB, snapshot_at
 
     client = s3.client()
     prefix = "archive/main/15-1"
@@ -577,10 +577,10 @@ def test_full_verify_finds_a_segment_deleted_behind_the_watermark_in_s3_pgbackre
         keys[segno] = f"pg/{prefix}/{name[:16]}/{name}-{'0' * 40}.gz"
         client.put_object(Bucket=bucket, Key=keys[segno], Body=gzip.compress(b"wal"))
     archive = WalArchive(S3ObjectStore(client, bucket, "pg"), prefix)
-    first = check_contents(archive, _snapshot_at(4109), CheckState(), 4096)
+    first = check_contents(archive, snapshot_at(4109), CheckState(), 4096)
     assert first.full and first.missing == [] and first.list_requests == 2  # one listing per log id
     state = CheckState(segment_size=MiB, verified_through=4109, verified_from=first.window_first)
     client.delete_object(Bucket=bucket, Key=keys[4095])
-    assert check_contents(archive, _snapshot_at(4109), state, 4096).missing == []
-    full = check_contents(archive, _snapshot_at(4109), state, 4096, full=True)
+    assert check_contents(archive, snapshot_at(4109), state, 4096).missing == []
+    full = check_contents(archive, snapshot_at(4109), state, 4096, full=True)
     assert full.missing == [segment_name(1, 4095, MiB)] and full.list_requests == 2

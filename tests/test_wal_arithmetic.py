@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from flows.core.objectstore import LocalObjectStore
+from flows.core.localstore import LocalObjectStore
 from flows.core.wal import (
     BadWalName,
     Lineage,
@@ -26,11 +26,16 @@ from flows.core.wal_server import (
     ArchiveSettings,
     Backlog,
     CheckState,
+    ProbeStart,
     ServerSnapshot,
+)
+from flows.core.wal_server_checks import (
     Thresholds,
     archiver_failing,
     check_settings,
     check_stall,
+    judge_probe,
+    standby_probe,
 )
 
 MiB = 1024 * 1024
@@ -192,7 +197,8 @@ def test_wal_level_minimal_is_critical_and_archive_library_counts_as_a_command()
 
 
 def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
-    from flows.core.wal_server import Backlog, ServerSnapshot, WalPositionNow, check_lag
+    from flows.core.wal_server import Backlog, ServerSnapshot, WalPositionNow
+    from flows.core.wal_server_checks import check_lag
 
     now = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
@@ -231,7 +237,7 @@ def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
 # -- full re-verification: a hole behind the watermark -------------------------------------------------------
 
 
-def _snapshot_at(last_segno: int, size: int = MiB) -> ServerSnapshot:
+def snapshot_at(last_segno: int, size: int = MiB) -> ServerSnapshot:
     now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
     return ServerSnapshot(
         settings=_settings(segment_size=size),
@@ -283,22 +289,22 @@ def test_full_verify_is_due_once_a_day_on_demand_and_on_the_first_run() -> None:
 def test_segment_deleted_behind_the_watermark_is_found_only_by_a_full_verify(tmp_path) -> None:
     archive = _archive_dir(tmp_path, range(100, 201))
     t0 = datetime(2026, 11, 29, tzinfo=UTC)
-    first = check_contents(archive, _snapshot_at(200), CheckState(), 4096)
+    first = check_contents(archive, snapshot_at(200), CheckState(), 4096)
     assert first.full and first.window_first == 100 and first.verified_through == 200
     state = _next(CheckState(), first, t0)
     (tmp_path / segment_name(1, 150, MiB)).unlink()
     (tmp_path / segment_name(1, 100, MiB)).unlink()  # the oldest one: a hole, not where archiving began
     for s in range(201, 206):
         (tmp_path / segment_name(1, s, MiB)).write_bytes(b"")
-    incremental = check_contents(archive, _snapshot_at(205), state, 4096)
+    incremental = check_contents(archive, snapshot_at(205), state, 4096)
     assert not incremental.full and incremental.checks[-2].status == "ok"  # [-1] is the listing row
     assert incremental.checks[-1].figure.startswith("incremental")
     state = _next(state, incremental, t0)
-    full = check_contents(archive, _snapshot_at(205), state, 4096, full=True, why="asked for")
+    full = check_contents(archive, snapshot_at(205), state, 4096, full=True, why="asked for")
     assert full.full and full.missing == [segment_name(1, 100, MiB), segment_name(1, 150, MiB)]
     assert full.checks[-1].figure.startswith("full re-verify (asked for): ")
     assert full.verified_through == 99  # the watermark goes back to the hole: later runs keep reporting it
-    again = check_contents(archive, _snapshot_at(205), _next(state, full, t0), 4096)
+    again = check_contents(archive, snapshot_at(205), _next(state, full, t0), 4096)
     assert not again.full and again.missing_count == 2
 
 
@@ -306,10 +312,21 @@ def test_full_verify_window_is_window_segments_back_or_from_the_oldest_needed_se
     archive = _archive_dir(tmp_path, range(1, 301))
     (tmp_path / segment_name(1, 20, MiB)).unlink()
     state = CheckState(segment_size=MiB, verified_through=300)
-    windowed = check_contents(archive, _snapshot_at(300), state, 100, full=True)
+    windowed = check_contents(archive, snapshot_at(300), state, 100, full=True)
     assert windowed.first == 201 and windowed.missing == []  # 100 back: the old hole is not ours
     needed = check_contents(
-        archive, _snapshot_at(300), state, 100, full=True, oldest_needed_segment=segment_name(1, 10, MiB)
+        archive, snapshot_at(300), state, 100, full=True, oldest_needed_segment=segment_name(1, 10, MiB)
     )
     assert needed.first == 10 and needed.missing == [segment_name(1, 20, MiB)]
     assert needed.list_requests == 1 and needed.total_list_requests >= needed.list_requests
+
+
+def test_active_probe_is_critical_when_the_switched_segment_never_reaches_the_archive() -> None:
+    start = ProbeStart(restore_point="dbops-wal-check-x", lsn=0x3000000, walfile="000000010000000000000003")
+    missing = judge_probe(start, None, 30.2, 30, "s3://bucket/wal")
+    assert missing.status == "critical" and missing.figure == f"{start.walfile} not archived after 30 s"
+    assert "dbops-wal-check-x" in (missing.message or "") and "s3://bucket/wal" in (missing.message or "")
+    found = judge_probe(start, "wal/000000010000000000000003.gz", 1.25, 30, "s3://bucket/wal")
+    assert found.status == "ok"
+    assert found.figure == f"{start.walfile} archived in 1.2 s (wal/000000010000000000000003.gz)"
+    assert standby_probe().status == "skipped"

@@ -139,8 +139,8 @@ class ReindexPlan:
 # -- pure arithmetic --------------------------------------------------------------------------------------
 
 
-def maxalign(n: float) -> int:
-    return int(math.ceil(n / MAXALIGN) * MAXALIGN)
+def maxalign(size: float) -> int:
+    return int(math.ceil(size / MAXALIGN) * MAXALIGN)
 
 
 def expected_btree_pages(index_tuples: float, data_width: float, fillfactor: int, block_size: int) -> int:

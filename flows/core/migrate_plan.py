@@ -14,8 +14,9 @@ from pathlib import Path
 
 import psycopg
 
-from flows.core.alembic_runner import AlembicApp, AlembicConfigMissing
-from flows.core.ddl_lint import Finding
+from flows.core.alembic_errors import AlembicConfigMissing
+from flows.core.alembic_runner import AlembicApp
+from flows.core.ddl_rules import Finding
 from flows.core.errors import ConfigurationError, DbopsError
 from flows.core.identity import DatabaseIdentity
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import secrets
 import socket
 from dataclasses import dataclass, replace
@@ -40,23 +39,11 @@ from dataclasses import dataclass, replace
 import psycopg
 
 from flows.core.errors import ConnectionPoolerInTheWay, ConnectionRouteUnknown
+from flows.core.pooler_refusal import fatal_line, is_pgbouncer_refusal, refusal
 from flows.core.postgres import ConnParams, connect
 
 #: PgBouncer's default listen_port: a URL with it is an application's URL until proven otherwise
 PGBOUNCER_DEFAULT_PORT = 6432
-
-#: what only PgBouncer says when it refuses a login (the FATAL line; PostgreSQL words these differently)
-PGBOUNCER_LOGIN_ERRORS = re.compile(
-    r"^(not allowed$|no such database: |no such user|SASL authentication failed$|"
-    r"pgbouncer cannot connect to server|server login has been failing|bouncer config error|"
-    r"client_login_timeout|query_wait_timeout)"
-)
-
-
-def is_pgbouncer_refusal(text: str) -> bool:
-    match = re.search(r"FATAL:\s*(.+)", text)
-    return bool(match and PGBOUNCER_LOGIN_ERRORS.match(match.group(1).strip()))
-
 
 #: PostgreSQL's own answers to a login to a database called `pgbouncer`
 POSTGRES_ANSWERS = (
@@ -64,49 +51,6 @@ POSTGRES_ANSWERS = (
     "no pg_hba.conf entry",
     'permission denied for database "pgbouncer"',
 )
-
-WHY = "dbops needs a real session for pg_dump's snapshot, the migration lock and lock_timeout"
-
-
-def refusal(
-    block: str | None,
-    host: str,
-    port: int,
-    server_port: int | None = None,
-    evidence: str | None = None,
-    *,
-    transaction_pooling: bool = False,
-) -> ConnectionPoolerInTheWay:
-    """The one sentence: which block, where the pooler is, where PostgreSQL listens, what to do."""
-    who = f"database block {block}" if block else f"the database block for {host}:{port}"
-    facts = [f for f in (evidence, f"the server listens on {server_port}" if server_port else None) if f]
-    inside = f" ({'; '.join(facts)})" if facts else ""
-    hint = "point the block at PostgreSQL itself"
-    if transaction_pooling:
-        hint += " (allow_pooler=true does not help: this pooler shares server sessions between clients)"
-    return ConnectionPoolerInTheWay(
-        f"{who} reaches PostgreSQL through a connection pooler at {host}:{port}{inside}; {WHY}: {hint}",
-        block=block,
-        host=host,
-        port=port,
-        server_port=server_port,
-        evidence=evidence,
-    )
-
-
-def pooler_login_refusal(
-    text: str, params: ConnParams, block: str | None = None
-) -> ConnectionPoolerInTheWay | None:
-    """A failed login whose text only PgBouncer writes ("no such database: postgres"): say so, instead of
-    sending the person to check whether PostgreSQL is up."""
-    if is_pgbouncer_refusal(text):
-        return refusal(block, params.host, params.port, evidence=f"PgBouncer answered: {_fatal_line(text)}")
-    return None
-
-
-def _fatal_line(text: str) -> str:
-    match = re.search(r"FATAL:\s*(.+)", text)
-    return (match.group(1) if match else text.strip().splitlines()[-1] if text.strip() else text).strip()
 
 
 # -- step 1: cheap signals -----------------------------------------------------------------------------------
@@ -192,10 +136,10 @@ def probe_admin_console(params: ConnParams) -> Fingerprint:
     except psycopg.OperationalError as exc:
         text = str(exc)
         if any(answer in text for answer in POSTGRES_ANSWERS):
-            return Fingerprint("postgresql", _fatal_line(text))
+            return Fingerprint("postgresql", fatal_line(text))
         if is_pgbouncer_refusal(text):
-            return Fingerprint("pgbouncer", f"PgBouncer answered: {_fatal_line(text)}")
-        return Fingerprint("unknown", _fatal_line(text))
+            return Fingerprint("pgbouncer", f"PgBouncer answered: {fatal_line(text)}")
+        return Fingerprint("unknown", fatal_line(text))
     try:
         with conn:
             version = str(conn.execute("SHOW VERSION").fetchone()[0])  # type: ignore[index]
@@ -363,9 +307,7 @@ __all__ = [
     "connect_direct",
     "dedicated_session_problem",
     "local_endpoint",
-    "pooler_login_refusal",
     "probe_admin_console",
     "read_server_view",
-    "refusal",
     "route_signals",
 ]

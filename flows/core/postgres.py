@@ -30,6 +30,7 @@ from flows.core.errors import (
     DbopsError,
     PermissionDenied,
 )
+from flows.core.pooler_refusal import pooler_login_refusal
 from flows.core.tablenames import table_key
 
 
@@ -73,9 +74,7 @@ def classify_connect_error(exc: psycopg.Error, params: ConnParams) -> DbopsError
     """Turn libpq's text into a named error with one sentence; the password never appears in it."""
     text = str(exc)
     where = params.where
-    from flows.core.pooler import pooler_login_refusal  # here: flows.core.pooler imports this module
-
-    pooler = pooler_login_refusal(text, params)
+    pooler = pooler_login_refusal(text, params.host, params.port)
     if pooler is not None:  # PgBouncer's own words: not "is the server up?" but "wrong port"
         return pooler
     if "password authentication failed" in text or "authentication failed" in text:

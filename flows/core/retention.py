@@ -31,6 +31,8 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from flows.core.catalog import Catalog
+
 __all__ = [
     "BackupRecord",
     "DuplicateBackupError",
@@ -315,3 +317,9 @@ def plan_retention(backups: Iterable[BackupRecord], policy: RetentionPolicy, now
         else:
             delete.append(record)
     return RetentionPlan(keep=keep, delete=delete)
+
+
+def plan_from_catalog(catalog: Catalog, policy: RetentionPolicy, now: datetime) -> RetentionPlan:
+    """The retention plan for the backups of a catalog (only backups with a manifest are candidates)."""
+    records = [BackupRecord(b.stem, b.manifest.ended_at, b.manifest.verified) for b in catalog.backups]
+    return plan_retention(records, policy, now)

@@ -337,7 +337,7 @@ def find_gaps(
     return GapReport(first, last, last - first + 1, missing, names, through)
 
 
-def ordered_after(a: WalPosition, b: WalPosition) -> bool:
-    """Whether WAL file `a` comes after `b` in the server's history: by timeline, then segment; a history
-    file comes before the segments of its own timeline. Never compare WAL names as strings."""
-    return (a.tli, a.segno) > (b.tli, b.segno)
+def ordered_after(first: WalPosition, second: WalPosition) -> bool:
+    """Whether WAL file `first` comes after `second` in the server's history: by timeline, then segment; a
+    history file comes before the segments of its own timeline. Never compare WAL names as strings."""
+    return (first.tli, first.segno) > (second.tli, second.segno)

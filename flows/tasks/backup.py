@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from blocks.postgres import PostgresDatabase
-from blocks.storage import load_block, load_store
+from blocks.postgres import load_database
+from blocks.storage import load_store
 from flows.core.catalog import Catalog, read_catalog
 from flows.core.compression import SUFFIX, Compression
 from flows.core.dump import DumpResult, ListVerification, dump_globals, stream_dump, verify_stored_dump
-from flows.core.errors import ConfigurationError, DumpFailed, ObjectExists, PermissionDenied, TransientError
+from flows.core.errors import DumpFailed, ObjectExists, PermissionDenied, TransientError
 from flows.core.expiry import Cleanup, carry_out, plan_cleanup
 from flows.core.layout import backup_stem, check_database_name, dump_key, globals_key, manifest_key
 from flows.core.manifest import Manifest, Verification, VerifyMethod
@@ -29,7 +29,7 @@ from flows.core.postgres import (
     table_row_estimates,
     unreadable_tables,
 )
-from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
+from flows.core.retention import RetentionPlan
 from flows.tasks.common import Progress, dbops_task, human_bytes
 from flows.tasks.session import direct_session
 
@@ -57,13 +57,6 @@ class Preflight:
     row_estimates: dict[str, int]
     planner_estimates: dict[str, int]
     tables: list[str]
-
-
-def load_database(name: str) -> PostgresDatabase:
-    slug = name if "/" in name else f"postgres-database/{name}"
-    block = load_block(slug, PostgresDatabase)
-    assert isinstance(block, PostgresDatabase)
-    return block
 
 
 @dbops_task("check_database")
@@ -332,11 +325,6 @@ def read_backup_catalog(storage: str, prefix: str, database: str) -> Catalog:
     return read_catalog(load_store(storage), prefix, database)
 
 
-def plan_from_catalog(catalog: Catalog, policy: RetentionPolicy, now: datetime) -> RetentionPlan:
-    records = [BackupRecord(b.stem, b.manifest.ended_at, b.manifest.verified) for b in catalog.backups]
-    return plan_retention(records, policy, now)
-
-
 @dbops_task("plan_cleanup")
 def plan_backup_cleanup(
     storage: str, catalog: Catalog, plan: RetentionPlan, now: datetime, prefix: str, database: str
@@ -350,9 +338,3 @@ def delete_expired_backups(storage: str, cleanup: Cleanup, prefix: str, database
     """Delete what the cleanup plan found: manifests first, leases looked for again, then the rest."""
     return carry_out(load_store(storage), cleanup, prefix, database)
 
-
-def require_store_kind(storage: str) -> None:
-    if "/" not in storage:
-        raise ConfigurationError(
-            f"storage {storage!r} is not a block slug; use s3-bucket/NAME or local-file-system/NAME"
-        )

@@ -21,6 +21,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
+from blocks.postgres import load_database
 from flows.core.errors import ConfigurationError, DbopsError, is_transient
 from flows.core.identity import limit_name
 from flows.core.postgres import scrub
@@ -151,8 +152,6 @@ def failure_sentence(exc: BaseException) -> str:
 def database_name_of(block: str) -> str:
     """The database a PostgresDatabase block names (success artifacts are keyed by it), or the block's
     own name when the block cannot be read: a failure report must not fail on what it reports."""
-    from flows.tasks.backup import load_database  # flows.tasks.backup imports this module
-
     try:
         return load_database(block).params().database
     except Exception:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 
+from blocks.postgres import load_database
 from flows.core.errors import DbopsError
 from flows.core.identity import DatabaseIdentity, Guard, Protected, resolve
-from flows.tasks.backup import load_database
 from flows.tasks.common import dbops_task
 
 BLOCK_TYPE = "postgres-database"

@@ -18,10 +18,14 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from blocks.postgres import load_database
 from blocks.storage import load_store
-from flows.core.alembic_runner import AlembicApp, LockTimeout, MigrationFailed, RevisionMoved
+from flows.core.alembic_errors import LockTimeout, MigrationFailed, RevisionMoved
+from flows.core.alembic_runner import AlembicApp
 from flows.core.catalog import read_catalog
-from flows.core.ddl_lint import Finding, lint
+from flows.core.database_admin import drop_database
+from flows.core.ddl_lint import lint
+from flows.core.ddl_rules import Finding
 from flows.core.errors import ConfigurationError
 from flows.core.identity import Guard, require_distinct, resolve
 from flows.core.migrate_plan import (
@@ -38,8 +42,8 @@ from flows.core.migrate_plan import (
 from flows.core.migration_lock import MigrationLock, migration_lock
 from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num
-from flows.core.restore import RestoreRequest, drop_database, parse_selector, restore_backup, select_backup
-from flows.tasks.backup import load_database
+from flows.core.restore import RestoreRequest, restore_backup
+from flows.core.restore_choice import parse_selector, select_backup
 from flows.tasks.common import artifact_key, dbops_task
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger
 
+from blocks.postgres import load_database
 from flows.core.health.pooler import (
     PgBouncerSnapshot,
     ServerLimits,
@@ -11,7 +12,6 @@ from flows.core.health.pooler import (
     read_pgbouncer,
     read_server_limits,
 )
-from flows.tasks.backup import load_database
 from flows.tasks.common import dbops_task
 from flows.tasks.session import direct_session
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from prefect import get_run_logger
 from prefect.variables import Variable
 
+from blocks.postgres import load_database
 from flows.core.bloat import (
     IndexRow,
     ReindexPlan,
@@ -49,7 +50,6 @@ from flows.core.reindex import (
     set_session_timeouts,
     vacuum_analyze,
 )
-from flows.tasks.backup import load_database
 from flows.tasks.common import dbops_task, human_bytes
 
 

@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 
 from prefect import get_run_logger
 
+from blocks.postgres import load_database
 from blocks.storage import load_store
 from flows.core.catalog import Backup, drill_key
+from flows.core.database_admin import drop_database
 from flows.core.drill import (
     CheckResult,
     DrillCheck,
@@ -23,17 +25,11 @@ from flows.core.drill import (
 from flows.core.errors import ConfigurationError
 from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.listing import BackupListing, list_backups
+from flows.core.pg_restore import Mode, RestoreResult
 from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num, version_text
-from flows.core.restore import (
-    Mode,
-    RestoreRequest,
-    RestoreResult,
-    drop_database,
-    restore_backup,
-)
+from flows.core.restore import RestoreRequest, restore_backup
 from flows.core.roles import apply_globals
-from flows.tasks.backup import load_database
 from flows.tasks.common import Progress, dbops_task, human_bytes
 from flows.tasks.session import direct_session
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import psycopg
 from prefect import get_run_logger
 
-from blocks.postgres import PostgresDatabase
+from blocks.postgres import PostgresDatabase, load_database
 from flows.tasks.common import dbops_task
 
 
@@ -34,8 +34,6 @@ def direct_session(
 def check_database_route(database: str, maintenance_database: str | None = None) -> str:
     """The preflight of flows whose first connection takes a session lock (reindex, migrate): make sure
     the block reaches PostgreSQL itself before any lock is taken through a pooler."""
-    from flows.tasks.backup import load_database  # backup imports this module
-
     block = load_database(database)
     with direct_session(block, maintenance_database) as conn:
         return f"{block.params(maintenance_database).where} (PostgreSQL pid {conn.info.backend_pid})"

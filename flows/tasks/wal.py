@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
-from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.variables import Variable
 
-from blocks.storage import load_store
-from flows.core.errors import ConfigurationError
+from blocks.postgres import load_database
+from blocks.storage import open_archive
 from flows.core.health import Check
-from flows.core.objectstore import LocalObjectStore
-from flows.core.wal_archive import ArchiveLocation, ContentsResult, WalArchive, check_contents, wait_for
+from flows.core.wal_archive import ArchiveLocation, ContentsResult, check_contents, wait_for
 from flows.core.wal_server import CheckState, ServerSnapshot, snapshot, switch_wal
-from flows.tasks.backup import load_database
+from flows.core.wal_server_checks import judge_probe, standby_probe
 from flows.tasks.common import artifact_key, dbops_task
 from flows.tasks.session import direct_session
-
-
-def open_archive(location: ArchiveLocation) -> WalArchive:
-    if location.directory:
-        path = Path(location.directory)
-        if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):
-            raise ConfigurationError(
-                f"archive directory {path} does not exist or is not readable on this machine; run the check "
-                "on a worker that mounts the archive, readable by its user (group postgres), or fix directory"
-            )
-        return WalArchive(LocalObjectStore(path), "")
-    assert location.storage is not None
-    return WalArchive(load_store(location.storage), location.prefix)
 
 
 @dbops_task("read_archiver_status")
@@ -98,27 +82,12 @@ def switch_wal_and_wait_for_archive(
     block = load_database(database)
     with block.connect() as conn:
         if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
-            return Check(
-                name="probe",
-                status="skipped",
-                figure="standby",
-                message="this server is a standby, where WAL cannot be switched; run the active probe "
-                "against the primary",
-            )
+            return standby_probe()
         label = f"dbops-wal-check-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
         start = switch_wal(conn, label, block.user)
     archive = open_archive(location)
     key, waited = wait_for(lambda: archive.find(start.walfile), timeout_seconds)
-    if key is None:
-        return Check(
-            name="probe",
-            status="critical",
-            figure=f"{start.walfile} not archived after {waited:.0f} s",
-            message=f"pg_switch_wal() closed {start.walfile} (restore point {label}) but it did not reach "
-            f"{archive.url} within {timeout_seconds:.0f} s; archiving does not work end to end: check "
-            "archive_command, the server log, and that the archive location given here is where it writes",
-        )
-    return Check(name="probe", status="ok", figure=f"{start.walfile} archived in {waited:.1f} s ({key})")
+    return judge_probe(start, key, waited, timeout_seconds, archive.url)
 
 
 def state_variable(database: str) -> str:

@@ -191,14 +191,14 @@ def _limits(snap: PgBouncerSnapshot) -> _Limits:
     return _Limits(by_db, default)
 
 
-def check_waiting(pool: dict[str, object], t: PoolerThresholds) -> Check:
+def check_waiting(pool: dict[str, object], thresholds: PoolerThresholds) -> Check:
     name = f"waiting clients {pool.get('database')}/{pool.get('user')}"
     waiting, active = _int(pool, "cl_waiting"), _int(pool, "cl_active")
     maxwait = _maxwait_seconds(pool)
     figure = f"{waiting} waiting, {active} active clients; oldest waiting {maxwait:.1f} s"
     if waiting == 0:
         return Check(name=name, status="ok", figure=figure)
-    status = "critical" if maxwait >= t.critical_maxwait_seconds else "warning"
+    status = "critical" if maxwait >= thresholds.critical_maxwait_seconds else "warning"
     return Check(
         name=name,
         status=status,
@@ -210,7 +210,7 @@ def check_waiting(pool: dict[str, object], t: PoolerThresholds) -> Check:
     )
 
 
-def check_saturation(pool: dict[str, object], limit: PoolLimit, t: PoolerThresholds) -> Check:
+def check_saturation(pool: dict[str, object], limit: PoolLimit, thresholds: PoolerThresholds) -> Check:
     name = f"pool saturation {pool.get('database')}/{pool.get('user')}"
     busy, waiting = _int(pool, "sv_active"), _int(pool, "cl_waiting")
     ratio = busy / limit.total if limit.total else 1.0
@@ -220,7 +220,7 @@ def check_saturation(pool: dict[str, object], limit: PoolLimit, t: PoolerThresho
     )
     if busy >= limit.total and waiting > 0:
         status = "critical"
-    elif ratio >= t.warn_saturation:
+    elif ratio >= thresholds.warn_saturation:
         status = "warning"
     else:
         return Check(name=name, status="ok", figure=figure)
@@ -235,14 +235,14 @@ def check_saturation(pool: dict[str, object], limit: PoolLimit, t: PoolerThresho
     )
 
 
-def check_stats(row: dict[str, object], t: PoolerThresholds) -> Check:
+def check_stats(row: dict[str, object], thresholds: PoolerThresholds) -> Check:
     name = f"traffic {row.get('database')}"
     wait_s = _int(row, "avg_wait_time") / 1_000_000
     figure = (
         f"{_int(row, 'avg_xact_count')} transactions/s, average transaction "
         f"{_int(row, 'avg_xact_time') / 1000:.1f} ms, average wait for a server {wait_s * 1000:.1f} ms"
     )
-    if wait_s < t.warn_maxwait_seconds:
+    if wait_s < thresholds.warn_maxwait_seconds:
         return Check(name=name, status="ok", figure=figure)
     return Check(
         name=name,
@@ -254,7 +254,7 @@ def check_stats(row: dict[str, object], t: PoolerThresholds) -> Check:
 
 
 def check_server_connections(
-    snap: PgBouncerSnapshot, server: ServerLimits | None, t: PoolerThresholds
+    snap: PgBouncerSnapshot, server: ServerLimits | None, thresholds: PoolerThresholds
 ) -> Check:
     name = "server connections"
     pools = [p for p in snap.pools if p.get("database") != ADMIN_DATABASE]
@@ -269,14 +269,14 @@ def check_server_connections(
     ratio = server.in_use / server.usable
     status = (
         "critical"
-        if ratio >= t.critical_server_connections
+        if ratio >= thresholds.critical_server_connections
         else "warning"
-        if ratio >= t.warn_server_connections or may_open > server.usable
+        if ratio >= thresholds.warn_server_connections or may_open > server.usable
         else "ok"
     )
     if status == "ok":
         return Check(name=name, status="ok", figure=figure)
-    if ratio >= t.warn_server_connections:
+    if ratio >= thresholds.warn_server_connections:
         message = f"PostgreSQL has {server.in_use} of {server.usable} connections in use ({ratio:.0%})"
     else:
         message = (
@@ -292,7 +292,7 @@ def check_server_connections(
     )
 
 
-def judge(snap: PgBouncerSnapshot, server: ServerLimits | None, t: PoolerThresholds) -> list[Check]:
+def judge(snap: PgBouncerSnapshot, server: ServerLimits | None, thresholds: PoolerThresholds) -> list[Check]:
     """Every check, pool by pool, then the totals."""
     limits = _limits(snap)
     checks: list[Check] = []
@@ -300,10 +300,10 @@ def judge(snap: PgBouncerSnapshot, server: ServerLimits | None, t: PoolerThresho
         if pool.get("database") == ADMIN_DATABASE:
             continue
         limit = limits.by_database.get(str(pool.get("database")), limits.default)
-        checks.append(check_waiting(pool, t))
-        checks.append(check_saturation(pool, limit, t))
+        checks.append(check_waiting(pool, thresholds))
+        checks.append(check_saturation(pool, limit, thresholds))
     for row in snap.stats:
         if row.get("database") != ADMIN_DATABASE:
-            checks.append(check_stats(row, t))
-    checks.append(check_server_connections(snap, server, t))
+            checks.append(check_stats(row, thresholds))
+    checks.append(check_server_connections(snap, server, thresholds))
     return checks
