@@ -33,9 +33,11 @@ from flows.core.restore import (
     restore_backup,
 )
 from flows.core.roles import apply_globals
+from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.backup import load_database
 from flows.tasks.common import Progress, dbops_task, human_bytes
 from flows.tasks.session import direct_session
+from flows.tasks.wal import open_archive
 
 
 @dataclass
@@ -224,6 +226,10 @@ def record_drill(
 
 
 @dbops_task("read_backup_listing")
-def read_backup_listing(storage: str, prefix: str, database: str) -> BackupListing:
-    """Backups with their drill records, and what was left alone (the same code `dbops backups list` runs)."""
-    return list_backups(load_store(storage), prefix, database)
+def read_backup_listing(
+    storage: str, prefix: str, database: str, archive: ArchiveLocation | None = None
+) -> BackupListing:
+    """Backups with their drill records, base backups, the recoverable window (read from `archive`), and
+    what was left alone: the same code `dbops backups list` runs."""
+    wal = open_archive(archive) if archive is not None else None
+    return list_backups(load_store(storage), prefix, database, archive=wal)
