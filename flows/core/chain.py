@@ -45,7 +45,7 @@ from flows.core.wal import (
     segment_name,
     segno_of_lsn,
 )
-from flows.core.wal_archive import WalArchive, _join
+from flows.core.wal_archive import WalArchive
 
 # -- the base-backup catalog --------------------------------------------------------------------------------
 
@@ -200,7 +200,7 @@ def list_archive(archive: WalArchive, segment_size: int) -> ArchiveContents:
 
 def _objects(archive: WalArchive) -> Iterator[ObjectInfo]:
     archive.stats.requests += 1
-    prefix = _join(archive.prefix, "")
+    prefix = archive.prefix.strip("/")
     for info in archive.store.list(prefix + "/" if prefix else ""):
         archive.stats.keys += 1
         yield info
@@ -322,7 +322,13 @@ def recoverable_window(
         if last < stop and not m.wal_included:
             result.broken.append((b, f"its stop segment {m.stop_wal} is not in the archive"))
             continue
-        gaps = find_gaps(contents.listing, first, max(last, stop), lineage, size, max_names=1)
+        hi = max(last, stop)
+        window = WalListing(  # find_gaps counts what it is given: only first..hi
+            {t: {x for x in segs if first <= x <= hi} for t, segs in contents.listing.segments.items()},
+            contents.listing.histories,
+            {},
+        )
+        gaps = find_gaps(window, first, hi, lineage, size, max_names=1)
         through = gaps.verified_through
         if through < stop and not m.wal_included:
             result.broken.append((b, f"segment {gaps.missing_names[0]} of its own WAL is missing"))
