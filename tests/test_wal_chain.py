@@ -30,7 +30,7 @@ from flows.core.chain import NotRecoverable, pick_base_backup, read_base_catalog
 from flows.core.objectstore import LocalObjectStore, ObjectInfo, S3ObjectStore
 from flows.core.wal import parse_wal_name
 from flows.core.wal_archive import ArchiveLocation, WalArchive
-from flows.core.wal_expiry import expire_store, plan_expiry
+from flows.core.wal_expiry import expire_directory, expire_store, plan_expiry
 from flows.restore import list_backups
 from flows.tasks.wal_expiry import expire_wal
 from flows.wal_archive_check import CheckOptions, wal_archive_check
@@ -500,3 +500,61 @@ def test_wal_check_full_verification_starts_at_the_oldest_base_backup(
         options=CheckOptions(window_segments=1, state_variable=f"chain-{unique}-3"),
     )
     assert report.status == "ok"
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_pg_archivecleanup_matches_the_plan_across_timelines(tmp_path: Path, suffix: str) -> None:
+    """Timeline 2 branched from 1 at segment 6; the kept base backup is on timeline 2 and starts at 7.
+    Below 7 every timeline's segments go (no recovery from a base backup reads below its start), the
+    .history and .backup files stay, and so does the abandoned rest of timeline 1 (7, 8): exactly what
+    PostgreSQL's pg_archivecleanup removes, checked with its own dry run before it runs (-x for .gz)."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    old = time.time() - 10 * 86400
+    names = [f"00000001000000000000000{n}{suffix}" for n in range(1, 9)]
+    names += [f"00000002000000000000000{n}{suffix}" for n in range(6, 10)]
+    names += ["000000010000000000000006.partial" + suffix, "00000002.history"]
+    names += ["000000020000000000000007.00000028.backup"]
+    for name in names:
+        (archive / name).write_bytes(b"wal")
+        os.utime(archive / name, (old, old))
+    base = BaseBackupManifest.model_validate(
+        {
+            "database": DB,
+            "server": "h:5432",
+            "system_identifier": "1",
+            "server_version": "15.0",
+            "server_version_num": 150000,
+            "pg_basebackup_version": "15.0",
+            "label": "dbops-x",
+            "started_at": datetime.now(UTC) - timedelta(days=5),
+            "ended_at": datetime.now(UTC) - timedelta(days=5),
+            "start_lsn": "0/7000028",
+            "stop_lsn": "0/7000100",
+            "start_wal": "000000020000000000000007",
+            "stop_wal": "000000020000000000000007",
+            "timeline": 2,
+            "wal_segment_size": SIZE,
+            "wal_included": False,
+            "wal_archived": True,
+            "tar_key": "x.tar.zst",
+            "bytes": 1,
+            "raw_bytes": 1,
+            "sha256": "0" * 64,
+        }
+    )
+    wal = WalArchive(LocalObjectStore(archive))
+    plan = plan_expiry(wal, [base], datetime.now(UTC))
+    expected = sorted(n for n in names if len(n) >= 24 and n[:24].isalnum() and n[8:24] < "0000000000000007")
+    assert plan.status == "planned" and sorted(_names(plan.keys)) == expected
+
+    done = expire_directory(plan, archive, 150000)
+
+    assert done.status == "deleted" and done.method == "pg_archivecleanup", done.reason
+    assert sorted(p.name for p in archive.iterdir()) == sorted(set(names) - set(expected))
+    assert "00000002.history" in names and (archive / "00000002.history").exists()
+    assert (archive / f"00000001000000000000000{8}{suffix}").exists()  # abandoned timeline 1, above the cut
+
+
+def _names(keys: list[str]) -> list[str]:
+    return [k.rsplit("/", 1)[-1] for k in keys]

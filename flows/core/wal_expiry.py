@@ -225,9 +225,7 @@ def expire_directory(
     if plan.status != "planned" or plan.cut is None:
         return plan
     names = {_name(k) for k in plan.keys}
-    exts = {n[24:] for n in names if not n.endswith(".partial")} | {
-        n[24:].removeprefix(".partial") for n in names if ".partial" in n
-    }
+    exts = {n[24:].removeprefix(".partial") for n in names}
     exts.discard("")
     if len(exts) > 1 or (exts and not exts <= set(COMPRESSION_SUFFIXES)):
         return _blocked(
