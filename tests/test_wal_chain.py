@@ -558,3 +558,25 @@ def test_pg_archivecleanup_matches_the_plan_across_timelines(tmp_path: Path, suf
 
 def _names(keys: list[str]) -> list[str]:
     return [k.rsplit("/", 1)[-1] for k in keys]
+
+
+def test_wal_check_fails_closed_when_the_base_backups_cannot_be_listed(
+    chain: Chain, tmp_path: Path, unique: str
+) -> None:
+    """Asked to cover the base backups' WAL but unable to read them: critical, never a narrower "ok"."""
+    db = database_block(chain.cluster, f"chain-{unique}")
+    gone = tmp_path / "unmounted"
+    storage = make_local_block(f"local-{unique}", gone)
+    gone.rmdir()
+
+    state = wal_archive_check(
+        database=db,
+        archive=ArchiveLocation(directory=str(chain.archive)),
+        full_verify="always",
+        options=CheckOptions(window_segments=1, state_variable=f"chain-{unique}"),
+        backups_storage=storage,
+        backups_prefix=PREFIX,
+        return_state=True,
+    )
+    message = failure_message(state)
+    assert state.is_failed() and "base backups of postgres" in message and "cannot be listed" in message
