@@ -5,6 +5,7 @@
     dbops migrate --deployment NAME [--param k=v ...] --wait [--timeout S] [--verbose]
     dbops run DEPLOYMENT [--param k=v ...] --wait [--timeout S] [--verbose]
     dbops backups list [--database NAME] [--storage SLUG] [--prefix P] [--json]
+                       [--archive-dir DIR | --archive-storage SLUG [--archive-prefix P]]
 
 Each command group registers itself in COMMANDS with a function that adds its subparser; the parsed
 arguments carry the handler in `func`, which returns the exit code. `dbops setup` and
@@ -22,10 +23,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flows.core.errors import DbopsError
+from flows.core.errors import ConfigurationError, DbopsError
 
 if TYPE_CHECKING:
     from flows.core.objectstore import ObjectStore
+    from flows.core.wal_archive import WalArchive
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -42,7 +44,8 @@ def command(register: Register) -> Register:
 
 
 def databases_under(store: ObjectStore, prefix: str) -> list[str]:
-    """Database names with a dumps folder under the prefix (from the object layout)."""
+    """Database names with a dumps or base-backup folder under the prefix (from the object layout)."""
+    from flows.core.base_layout import parse_base_key
     from flows.core.layout import DUMP_RE
 
     root = prefix.strip("/")
@@ -50,16 +53,35 @@ def databases_under(store: ObjectStore, prefix: str) -> list[str]:
     for info in store.list(f"{root}/" if root else ""):
         m = DUMP_RE.match(info.key)
         rel = info.key[len(root) + 1 :] if root else info.key
-        if m and rel.split("/", 2)[1:2] == ["dumps"]:
-            names.add(rel.split("/", 1)[0])
+        parts = rel.split("/", 2)
+        if m and parts[1:2] == ["dumps"]:
+            names.add(parts[0])
+        elif parts[1:2] == ["base"] and parse_base_key(info.key, root, parts[0]):
+            names.add(parts[0])
     return sorted(names)
+
+
+def archive_of(args: argparse.Namespace) -> WalArchive | None:
+    """The WAL archive the recoverable window is read from: a directory, or a storage block + prefix."""
+    from flows.core.wal_archive import ArchiveLocation
+    from flows.tasks.wal import open_archive
+
+    if args.archive_dir and args.archive_storage:
+        raise ConfigurationError("give the WAL archive as --archive-dir or --archive-storage, not both")
+    if not args.archive_dir and not args.archive_storage:
+        return None
+    return open_archive(
+        ArchiveLocation(
+            directory=args.archive_dir, storage=args.archive_storage, prefix=args.archive_prefix or ""
+        )
+    )
 
 
 def backups_list(args: argparse.Namespace) -> int:
     """The same listing as the list-backups flow (flows.core.listing), read through the storage block."""
     from blocks.storage import load_store
     from flows.core.layout import check_location, check_prefix
-    from flows.core.listing import COLUMNS, BackupListing, format_table, list_backups
+    from flows.core.listing import BASE_COLUMNS, COLUMNS, BackupListing, format_table, list_backups
 
     if not args.storage:
         print("dbops: --storage is required (or set DBOPS_STORAGE), e.g. s3-bucket/backups", file=sys.stderr)
@@ -68,13 +90,22 @@ def backups_list(args: argparse.Namespace) -> int:
     if args.database:
         check_location(args.prefix, args.database)
     store = load_store(args.storage)
+    archive = archive_of(args)
     databases = [args.database] if args.database else databases_under(store, args.prefix)
     if not databases:
         print(f"no backups under {args.storage} prefix {args.prefix!r}")
         return 0
-    everything: dict[str, BackupListing] = {db: list_backups(store, args.prefix, db) for db in databases}
+    everything: dict[str, BackupListing] = {
+        db: list_backups(store, args.prefix, db, archive=archive) for db in databases
+    }
     if args.json:
-        rows = {db: listing.rows + listing.left_alone for db, listing in everything.items()}
+        rows = {
+            db: listing.rows
+            + listing.base_rows
+            + ([{"recoverable": listing.window_line}] if listing.base_rows or archive else [])
+            + listing.left_alone
+            for db, listing in everything.items()
+        }
         print(json.dumps(rows if not args.database else rows[args.database], indent=2))
         return 0
     for database, listing in everything.items():
@@ -82,6 +113,10 @@ def backups_list(args: argparse.Namespace) -> int:
         print(f"{database}: {listing.describe()} in {where}")
         if listing.rows:
             print(format_table(listing.rows, COLUMNS))
+        if listing.base_rows:
+            print("base backups:")
+            print(format_table(listing.base_rows, BASE_COLUMNS))
+        print(listing.window_line)
         if listing.left_alone:
             print("left alone (no flow reads or deletes these):")
             print(format_table(listing.left_alone, ["key", "problem"]))
@@ -104,6 +139,11 @@ def _backups(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     lst.add_argument("--prefix", default=os.environ.get("DBOPS_PREFIX", ""), help="folder in the storage")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lst.add_argument(
+        "--archive-dir", help="the WAL archive directory (archive_command = 'cp %%p DIR/%%f'), for the window"
+    )
+    lst.add_argument("--archive-storage", help="or: the storage block slug holding the WAL archive")
+    lst.add_argument("--archive-prefix", default="", help="folder of the WAL files in --archive-storage")
     lst.set_defaults(func=backups_list)
 
 

@@ -33,6 +33,7 @@ from flows.core.restore_choice import (
     require_globals_confirmation,
     select_backup,
 )
+from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.backup import read_backup_catalog
 from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
 from flows.tasks.identity import check_guard, protected_databases
@@ -238,22 +239,33 @@ def _publish(report: RestoreReport) -> None:
 
 
 @flow(name="list-backups", log_prints=True)
-def list_backups(storage: str, database: str, prefix: str = "") -> list[dict[str, str]]:
-    """The backups of one database, newest first, as a table artifact (`dbops backups list` prints it).
+def list_backups(
+    storage: str, database: str, prefix: str = "", archive: ArchiveLocation | None = None
+) -> list[dict[str, str]]:
+    """The backups of one database, newest first, as a table artifact (`dbops backups list` prints it):
+    dumps, base backups, and the line "recoverable to any moment from .. to .." (or the hole that breaks
+    it), read from the WAL archive.
 
     Args:
         storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
         database: The database name used in the object layout (e.g. imagemanager).
         prefix: Folder inside the storage (e.g. prod); may be empty.
+        archive: Where archive_command stores WAL (the WAL check's parameter; prefect.yaml passes the
+            dbops_wal_archive Variable). Without it the recoverable window is shown as unknown.
     """
     try:
         require_store_kind(storage)
         check_location(prefix, database)
-        listing = read_backup_listing(storage, prefix, database)
+        listing = read_backup_listing(storage, prefix, database, archive)
+        print(listing.window_line)
+        window_row = [{"time": "recoverable", "key": listing.window_line}]
         create_table_artifact(
             key=artifact_key("backups", database),
-            table=(listing.rows or [{"time": "no backups"}]) + listing.left_alone,
-            description=f"Backups of {database}: {listing.describe()}",
+            table=(listing.rows or [{"time": "no backups"}])
+            + listing.base_rows
+            + window_row
+            + listing.left_alone,
+            description=f"Backups of {database}: {listing.describe()}. {listing.window_line}",
         )
         return listing.rows
     except Exception as exc:

@@ -5,7 +5,8 @@
 3. lag        complete segments and bytes not yet archived; age of the last archive while WAL waits
 4. backlog    .ready files in pg_wal/archive_status (pg_monitor may read them)
 5. contents   the last archived file is in the archive; no gap since the last verified segment, and once a
-              day (full_verify) none in the whole window, so a segment deleted behind that point is found
+              day (full_verify) none in the whole window, so a segment deleted behind that point is found;
+              with base backups in backups_storage, the whole window starts at the oldest one's start WAL
 6. stall      the oldest waiting segment has not moved since the previous run
 7. probe      (active=true) restore point + pg_switch_wal(), then wait for that segment in the archive
 8. standbys   replication lag from pg_stat_replication
@@ -45,6 +46,7 @@ from flows.tasks.common import (
 )
 from flows.tasks.wal import (
     load_check_state,
+    oldest_kept_base_backup,
     read_archiver_status,
     save_check_state,
     state_variable,
@@ -114,6 +116,8 @@ def wal_archive_check(
     active: bool = False,
     full_verify: FullVerify = "auto",
     options: CheckOptions | None = None,
+    backups_storage: str | None = None,
+    backups_prefix: str = "",
 ) -> WalArchiveReport:
     """Check that WAL archiving works; Failed, with what to fix, when it does not.
 
@@ -128,6 +132,11 @@ def wal_archive_check(
             segment deleted from the archive after an earlier run saw it is found by name: auto (once a day,
             see options), always (now, on demand), never.
         options: Probe timeout, first-run window, where the check remembers its position.
+        backups_storage: Storage block slug holding the base backups (the base_backup flow's storage).
+            With base backups there, a full verification covers every segment from the oldest one's
+            start WAL to now, whatever window_segments says. Empty: the window is window_segments back.
+        backups_prefix: Folder inside backups_storage (e.g. prod); base backups are filed under the
+            database block's database name.
     """
     logger = get_run_logger()
     report: WalArchiveReport | None = None
@@ -159,10 +168,18 @@ def wal_archive_check(
             full, why = full_verify_due(
                 full_verify, state, now, timedelta(hours=options.full_verify_every_hours)
             )
-            # Base backups will pass oldest_needed_segment (the oldest kept one's start WAL) to widen the
-            # window.
+            oldest_needed: str | None = None
+            if backups_storage:  # the chain: every segment from the oldest kept base backup's start on
+                oldest_needed, found = oldest_kept_base_backup(database, backups_storage, backups_prefix)
+                checks += found
             contents = verify_archive_contents(
-                archive, snap, state, window_segments=options.window_segments, full=full, why=why
+                archive,
+                snap,
+                state,
+                window_segments=options.window_segments,
+                full=full,
+                why=why,
+                oldest_needed_segment=oldest_needed,
             )
             checks += contents.checks
         else:

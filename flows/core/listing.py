@@ -4,22 +4,30 @@ A row per backup (time, age, size, compression, verified, last drill, Alembic re
 first, then a row per object that was left alone (an unreadable manifest, a foreign object) so a person
 sees it. One bad object never breaks the listing: a drill record that cannot be read shows as
 "drill record unreadable" on its backup's row.
+
+Base backups get their own rows (time, size, WAL included or archived, verified, WAL range) and the
+database one line: the recoverable window (flows/core/chain.py), "recoverable to any moment from <oldest
+base backup end> to <last archived segment time>", or where the first hole breaks it. Without a WAL
+archive to read the line says the window is unknown, never a guess.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
 from flows.core.catalog import Catalog, read_catalog, read_sidecars
+from flows.core.chain import BaseCatalog, RecoverableWindow, read_base_catalog, recoverable_window
 from flows.core.drill import DrillRecord
 from flows.core.layout import DRILL_SUFFIX
 from flows.core.manifest import why_invalid
 from flows.core.objectstore import ObjectStore
+from flows.core.wal_archive import WalArchive
 
 COLUMNS = ["time", "age", "size", "compression", "verified", "drilled", "alembic", "key"]
+BASE_COLUMNS = ["time", "age", "size", "wal", "verified", "start_wal", "stop_wal", "key"]
 DRILL_UNREADABLE = "drill record unreadable"
 
 
@@ -88,10 +96,37 @@ def backup_rows(
     return rows
 
 
-def left_alone_rows(catalog: Catalog) -> list[dict[str, str]]:
+def base_rows(catalog: BaseCatalog, now: datetime | None = None) -> list[dict[str, str]]:
+    """One row per base backup, newest first."""
+    rows: list[dict[str, str]] = []
+    for b in reversed(catalog.backups):
+        m = b.manifest
+        rows.append(
+            {
+                "kind": "base",
+                "time": f"{m.ended_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z",
+                "age": f"{age_hours(m.ended_at, now):.1f} h",
+                "size": _human(m.bytes),
+                "raw": _human(m.raw_bytes),
+                "wal": b.wal_state,
+                "verified": m.verification.method if m.verified else "no",
+                "start_wal": m.start_wal,
+                "stop_wal": m.stop_wal,
+                "key": m.tar_key,
+            }
+        )
+    return rows
+
+
+def left_alone_rows(catalog: Catalog, base: BaseCatalog | None = None) -> list[dict[str, str]]:
     """Objects no flow touches: unreadable manifests and foreign objects, each with the reason."""
     rows = [{"key": key, "problem": why} for key, why in catalog.unreadable]
     rows += [{"key": key, "problem": f"foreign: {why}"} for key, why in catalog.foreign]
+    if base is not None:
+        rows += [{"key": key, "problem": why} for key, why in base.unreadable]
+        orphan = "base backup without a manifest (failed, or still running): not a backup"
+        rows += [{"key": key, "problem": orphan} for key in base.orphans]
+        rows += [{"key": key, "problem": f"foreign: {why}"} for key, why in base.foreign]
     return rows
 
 
@@ -101,20 +136,41 @@ class BackupListing:
     catalog: Catalog
     rows: list[dict[str, str]]  # one per backup, newest first
     left_alone: list[dict[str, str]]  # key, problem
+    base: BaseCatalog | None = None
+    base_rows: list[dict[str, str]] = field(default_factory=list)  # one per base backup, newest first
+    window: RecoverableWindow | None = None
+
+    @property
+    def window_line(self) -> str:
+        """"recoverable to any moment from .. to ..", the hole that breaks it, or why it is unknown."""
+        if self.window is None:
+            return f"{self.database}: recoverable window unknown"
+        return self.window.describe()
 
     def describe(self) -> str:
         text = f"{len(self.rows)} backup(s); {len(self.catalog.orphans)} dump(s) without a manifest"
+        if self.base is not None:
+            text += f"; {len(self.base_rows)} base backup(s)"
         if self.left_alone:
             text += f"; {len(self.left_alone)} object(s) left alone (unreadable or foreign)"
         return text
 
 
 def list_backups(
-    store: ObjectStore, prefix: str, database: str, now: datetime | None = None
+    store: ObjectStore,
+    prefix: str,
+    database: str,
+    now: datetime | None = None,
+    archive: WalArchive | None = None,
 ) -> BackupListing:
+    """Dumps, base backups and the recoverable window (from `archive`, the WAL archive; None: unknown)."""
     catalog = read_catalog(store, prefix, database)
     rows = backup_rows(catalog, read_drill_records(store, catalog), now)
-    return BackupListing(database, catalog, rows, left_alone_rows(catalog))
+    base = read_base_catalog(store, prefix, database)
+    window = recoverable_window(database, base, archive)
+    return BackupListing(
+        database, catalog, rows, left_alone_rows(catalog, base), base, base_rows(base, now), window
+    )
 
 
 def _human(n: float) -> str:

@@ -116,7 +116,7 @@ class LocalObjectStore(ObjectStore):
         start = self._walk_start(prefix)
         if not start.is_dir():
             return
-        for dirpath, dirnames, filenames in os.walk(start):
+        for dirpath, dirnames, filenames in os.walk(start, onerror=self._walk_error):
             dirnames.sort()
             for name in sorted(filenames):
                 if ".partial-" in name:
@@ -126,6 +126,15 @@ class LocalObjectStore(ObjectStore):
                 if rel.startswith(prefix):
                     st = full.stat()
                     yield ObjectInfo(rel, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def _walk_error(self, exc: OSError) -> None:
+        """os.walk skips a directory it cannot read, silently: a listing must not look complete then (WAL
+        expiry and retention decide from it). A directory removed meanwhile held nothing: skipped."""
+        if isinstance(exc, FileNotFoundError):
+            return
+        raise StorageError(
+            f"cannot list {exc.filename} in {self.url} ({exc.strerror}); fix its permissions for this worker"
+        ) from exc
 
     def get_stream(self, key: str, chunk_size: int = MiB) -> Iterator[bytes]:
         path = self._path(key)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from prefect import get_run_logger
 
 from blocks.postgres import load_database
-from blocks.storage import load_store
+from blocks.storage import load_store, open_archive
 from flows.core.catalog import Backup, drill_key
 from flows.core.database_admin import drop_database
 from flows.core.drill import (
@@ -30,6 +30,7 @@ from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import ConnParams, connect, server_version_num, version_text
 from flows.core.restore import RestoreRequest, restore_backup
 from flows.core.roles import apply_globals
+from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.common import Progress, dbops_task, human_bytes
 from flows.tasks.session import direct_session
 
@@ -220,6 +221,10 @@ def record_drill(
 
 
 @dbops_task("read_backup_listing")
-def read_backup_listing(storage: str, prefix: str, database: str) -> BackupListing:
-    """Backups with their drill records, and what was left alone (the same code `dbops backups list` runs)."""
-    return list_backups(load_store(storage), prefix, database)
+def read_backup_listing(
+    storage: str, prefix: str, database: str, archive: ArchiveLocation | None = None
+) -> BackupListing:
+    """Backups with their drill records, base backups, the recoverable window (read from `archive`), and
+    what was left alone: the same code `dbops backups list` runs."""
+    wal = open_archive(archive) if archive is not None else None
+    return list_backups(load_store(storage), prefix, database, archive=wal)

@@ -9,7 +9,8 @@ from prefect import get_run_logger
 from prefect.variables import Variable
 
 from blocks.postgres import load_database
-from blocks.storage import open_archive
+from blocks.storage import load_store, open_archive
+from flows.core.errors import DbopsError
 from flows.core.health import Check
 from flows.core.wal_archive import ArchiveLocation, ContentsResult, check_contents, wait_for
 from flows.core.wal_server import CheckState, ServerSnapshot, snapshot, switch_wal
@@ -88,6 +89,56 @@ def switch_wal_and_wait_for_archive(
     archive = open_archive(location)
     key, waited = wait_for(lambda: archive.find(start.walfile), timeout_seconds)
     return judge_probe(start, key, waited, timeout_seconds, archive.url)
+
+
+@dbops_task("oldest_kept_base_backup")
+def oldest_kept_base_backup(database: str, storage: str, prefix: str) -> tuple[str | None, list[Check]]:
+    """The start WAL of the oldest base backup in the storage (all of them are kept: retention already ran),
+    filed under the block's database name; and what the check should say about the catalog.
+
+    An unreadable or foreign manifest is a warning (that base backup is not trusted, so its WAL is not
+    asked for); a storage that cannot be listed is critical: the window cannot be known.
+    """
+    from flows.core.chain import read_base_catalog
+    from flows.core.wal import parse_wal_name
+
+    name = load_database(database).database
+    try:
+        catalog = read_base_catalog(load_store(storage), prefix, name)
+    except DbopsError as exc:
+        return None, [
+            Check(
+                name="base backups",
+                status="critical",
+                figure=f"{storage}:{prefix or '/'} unreadable",
+                message=f"the base backups of {name} in {storage} cannot be listed ({exc}), so the WAL they "
+                "need cannot be checked; fix access to the storage",
+            )
+        ]
+    checks = [
+        Check(
+            name="base backup manifest",
+            status="warning",
+            figure=key,
+            message=f"{why}; that base backup is not trusted and its WAL is not checked",
+        )
+        for key, why in catalog.unreadable
+    ]
+    if not catalog.backups:
+        checks.append(Check(name="base backups", status="ok", figure=f"none of {name} in {storage}"))
+        return None, checks
+    oldest = min(
+        catalog.backups,
+        key=lambda b: parse_wal_name(b.manifest.start_wal, b.manifest.wal_segment_size).segno,
+    )
+    checks.append(
+        Check(
+            name="base backups",
+            status="ok",
+            figure=f"{len(catalog.backups)} of {name}; the oldest starts at {oldest.manifest.start_wal}",
+        )
+    )
+    return oldest.manifest.start_wal, checks
 
 
 def state_variable(database: str) -> str:

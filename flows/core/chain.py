@@ -1,0 +1,442 @@
+"""Base backups + the WAL archive → chains, and the recoverable window. Plain Python, no Prefect.
+
+A base backup restores nothing on its own: it needs every WAL segment from its start (or, when the WAL is
+inside the tar, from its stop segment) up to the moment recovered to. So the window in which a database
+can be brought back is:
+
+    from the end (stop point) of the oldest usable base backup
+    to   the time of the last segment reached from it without a hole
+
+"Usable" means the manifest is readable, describes this database's base backup beside it, and promises
+its WAL (wal_included, or wal_archived: every segment start..stop was confirmed in the archive before the
+manifest was written). A hole (a missing segment) ends the window there; a newer base backup that starts
+after the hole opens a second window. The window's end is the archive object's modification time
+(ObjectInfo.last_modified) of the last segment in the chain: when archive_command stored it. That is an
+upper bound: the segment's last record was written a little earlier (up to archive_timeout), and a
+target between the two is past the end of WAL, which recovery reports as "ended before the target".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+
+from flows.core.base_layout import (
+    BaseBackupManifest,
+    base_manifest_key,
+    base_prefix,
+    parse_base_key,
+    tar_key,
+)
+from flows.core.errors import DbopsError, ObjectNotFound
+from flows.core.manifest import why_invalid
+from flows.core.objectstore import ObjectInfo, ObjectStore
+from flows.core.wal import (
+    Lineage,
+    WalListing,
+    find_gaps,
+    parse_lsn,
+    parse_wal_name,
+    scan_keys,
+    segment_name,
+    segno_of_lsn,
+)
+from flows.core.wal_archive import WalArchive
+
+# -- the base-backup catalog --------------------------------------------------------------------------------
+
+
+@dataclass
+class BaseBackup:
+    stem: str
+    manifest: BaseBackupManifest
+    keys: list[str]  # every object of this base backup (tar, backup_manifest, manifest, sidecars)
+
+    @property
+    def usable(self) -> bool:
+        """Consistent when restored: its WAL is in the tar, or was confirmed in the archive."""
+        return self.manifest.wal_included or self.manifest.wal_archived
+
+    @property
+    def wal_state(self) -> str:
+        if self.manifest.wal_included:
+            return "included"
+        return "archived" if self.manifest.wal_archived else "not confirmed"
+
+
+@dataclass
+class BaseCatalog:
+    backups: list[BaseBackup]  # oldest first (by manifest end time)
+    orphans: list[str] = field(default_factory=list)  # tars without a manifest
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (manifest key, why)
+    foreign: list[tuple[str, str]] = field(default_factory=list)  # (key, why it is not ours)
+
+    @property
+    def usable(self) -> list[BaseBackup]:
+        return [b for b in self.backups if b.usable]
+
+
+def why_not_ours(manifest: BaseBackupManifest, stem: str, database: str) -> str:
+    """Why this manifest does not describe the base backup at `stem` ("" when it does): a copied or
+    hand-edited manifest is never trusted."""
+    if manifest.database != database:
+        return f"manifest names database {manifest.database!r}, not {database!r}"
+    if manifest.tar_key != tar_key(stem):
+        return f"manifest names tar {manifest.tar_key!r}, not the one beside it"
+    try:
+        size = manifest.wal_segment_size
+        start = parse_wal_name(manifest.start_wal, size)
+        stop = parse_wal_name(manifest.stop_wal, size)
+        start_lsn, stop_lsn = parse_lsn(manifest.start_lsn), parse_lsn(manifest.stop_lsn)
+    except ValueError as exc:  # BadWalName, a bad LSN or segment size
+        return f"manifest has an invalid WAL position ({exc})"
+    if stop.segno < start.segno or stop_lsn < start_lsn:
+        return f"manifest stops ({manifest.stop_wal}) before it starts ({manifest.start_wal})"
+    if start.segno != segno_of_lsn(start_lsn, size):
+        return f"manifest start_wal {manifest.start_wal} does not hold start_lsn {manifest.start_lsn}"
+    if manifest.ended_at < manifest.started_at:
+        return "manifest ends before it starts"
+    return ""
+
+
+def read_base_catalog(store: ObjectStore, prefix: str, database: str, workers: int = 8) -> BaseCatalog:
+    """Every base backup of `database` with a readable, matching manifest; the rest reported, never trusted.
+
+    A listing error propagates (the caller cannot tell what exists); one bad manifest does not.
+    """
+    objects: dict[str, list[str]] = {}
+    foreign: list[tuple[str, str]] = []
+    for info in store.list(base_prefix(prefix, database)):
+        parsed = parse_base_key(info.key, prefix, database)
+        if parsed is None:
+            if ".partial-" not in info.key:
+                foreign.append((info.key, "not in this database's base-backup layout"))
+            continue
+        objects.setdefault(parsed[0], []).append(info.key)
+    stems = [s for s, keys in objects.items() if base_manifest_key(s) in keys]
+
+    def read(stem: str) -> tuple[str, BaseBackupManifest | None, str]:
+        try:
+            return stem, BaseBackupManifest.from_json(store.get_bytes(base_manifest_key(stem))), ""
+        except ObjectNotFound:
+            return stem, None, "vanished"
+        except (ValueError, ValidationError) as exc:
+            return stem, None, f"unreadable manifest ({why_invalid(exc)}); left alone, fix or remove it"
+
+    backups: list[BaseBackup] = []
+    unreadable: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for stem, manifest, why in pool.map(read, stems):
+            key = base_manifest_key(stem)
+            if manifest is None:
+                if why != "vanished":
+                    unreadable.append((key, why))
+                continue
+            other = why_not_ours(manifest, stem, database)
+            if other:
+                unreadable.append((key, f"{other}; not trusted, left alone"))
+                continue
+            if tar_key(stem) not in objects[stem]:
+                unreadable.append((key, f"its tar {tar_key(stem)} is missing; not a backup"))
+                continue
+            backups.append(BaseBackup(stem, manifest, sorted(objects[stem])))
+    backups.sort(key=lambda b: (b.manifest.ended_at, b.stem))
+    orphans = sorted(
+        tar_key(s) for s, keys in objects.items() if tar_key(s) in keys and base_manifest_key(s) not in keys
+    )
+    return BaseCatalog(backups, orphans, sorted(unreadable), sorted(foreign))
+
+
+# -- the archive, listed once -------------------------------------------------------------------------------
+
+
+class ArchiveListingFailed(DbopsError):
+    """The archive could not be listed to the end: nothing that depends on what it holds may be trusted."""
+
+
+@dataclass
+class ArchiveContents:
+    """Everything under the archive prefix, decoded, with each WAL file's ObjectInfo."""
+
+    listing: WalListing  # keys=True: WAL name -> key
+    infos: dict[str, ObjectInfo]  # key -> info (WAL files and history files)
+    segment_size: int
+    keys: int  # every key listed, WAL or not
+
+    def info(self, tli: int, segno: int) -> ObjectInfo | None:
+        name = segment_name(tli, segno, self.segment_size)
+        key = self.listing.keys.get(name) or self.listing.keys.get(name + ".partial")
+        return self.infos.get(key) if key else None
+
+    @property
+    def newest_tli(self) -> int | None:
+        tlis = set(self.listing.segments) | set(self.listing.histories)
+        return max(tlis) if tlis else None
+
+
+def list_archive(archive: WalArchive, segment_size: int) -> ArchiveContents:
+    """List the whole archive prefix (every layout's folders), or raise ArchiveListingFailed: a listing that
+    stopped half way is never mistaken for a short archive."""
+    infos: dict[str, ObjectInfo] = {}
+    count = 0
+    try:
+        for info in _objects(archive):
+            count += 1
+            infos[info.key] = info
+    except (DbopsError, OSError) as exc:
+        raise ArchiveListingFailed(
+            f"listing the WAL archive {archive.url} failed after {count} object(s) ({exc}); nothing was "
+            "decided from a partial listing: fix access to the archive and run again"
+        ) from exc
+    listing = scan_keys(sorted(infos), segment_size, keep_keys=True)
+    for tli, key in listing.histories.items():
+        listing.keys[f"{tli:08X}.history"] = key
+    return ArchiveContents(listing, infos, segment_size, count)
+
+
+def _objects(archive: WalArchive) -> Iterator[ObjectInfo]:
+    archive.stats.requests += 1
+    prefix = archive.prefix.strip("/")
+    for info in archive.store.list(prefix + "/" if prefix else ""):
+        archive.stats.keys += 1
+        yield info
+
+
+def archive_lineage(archive: WalArchive, contents: ArchiveContents) -> tuple[Lineage, str | None]:
+    """The lineage of the newest timeline in the archive (from its .history file), and a problem, if any."""
+    tli = contents.newest_tli or 1
+    try:
+        return archive.lineage(tli, contents.segment_size)
+    except (DbopsError, OSError, ValueError) as exc:
+        return Lineage.single(tli), f"the history file of timeline {tli} cannot be read ({exc})"
+
+
+# -- the recoverable window ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """One stretch of time (and WAL) that can be recovered to, from `base` on."""
+
+    base: BaseBackup
+    start: datetime  # the base backup's end
+    end: datetime  # last_modified of the last segment of the unbroken chain
+    start_lsn: int  # the base backup's stop_lsn: consistent from here
+    through_segno: int  # the last segment present without a hole
+    through_name: str
+    hole: str | None = None  # the first missing segment after through_segno, if the chain is broken there
+    end_lsn: int = 0  # the first byte after through_segno: a target LSN must be below it
+
+    def covers_time(self, when: datetime) -> bool:
+        return self.start <= when <= self.end
+
+    def covers_lsn(self, lsn: int) -> bool:
+        return self.start_lsn <= lsn < self.end_lsn
+
+
+@dataclass
+class RecoverableWindow:
+    database: str
+    windows: list[Window]  # oldest first; more than one only when a hole splits the chain
+    broken: list[tuple[BaseBackup, str]] = field(default_factory=list)  # base, why it cannot be recovered
+    unknown: str | None = None  # why the window could not be computed at all
+    problems: list[str] = field(default_factory=list)  # e.g. a missing history file
+    bases: list[BaseBackup] = field(default_factory=list)  # every usable base backup, oldest first
+
+    @property
+    def first_hole(self) -> str | None:
+        return next((w.hole for w in self.windows if w.hole), None)
+
+    def describe(self) -> str:
+        """The one line `dbops backups list` prints for the database."""
+        if self.unknown is not None:
+            return f"{self.database}: recoverable window unknown: {self.unknown}"
+        if not self.windows:
+            why = "; ".join(f"{b.manifest.label}: {w}" for b, w in self.broken) or "no usable base backup"
+            return f"{self.database}: not recoverable to any moment from WAL ({why})"
+        parts = []
+        for w in self.windows:
+            text = f"from {_t(w.start)} to {_t(w.end)}"
+            if w.hole:
+                text += f": segment {w.hole} is missing from the archive"
+            parts.append(text)
+        line = f"{self.database}: recoverable to any moment " + "; and ".join(parts)
+        if self.problems:
+            line += " (" + "; ".join(self.problems) + ")"
+        return line
+
+
+def _t(when: datetime) -> str:
+    return f"{when.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
+
+
+def needed_from(b: BaseBackup) -> int:
+    """The first segment a recovery from `b` reads from the archive: its start, or its stop segment when
+    the WAL up to the stop is in the tar (the tar's copy of the stop segment is cut at the stop)."""
+    m = b.manifest
+    wal = m.stop_wal if m.wal_included else m.start_wal
+    return parse_wal_name(wal, m.wal_segment_size).segno
+
+
+def recoverable_window(
+    database: str, catalog: BaseCatalog, archive: WalArchive | None, contents: ArchiveContents | None = None
+) -> RecoverableWindow:
+    """Walk the archive from the oldest usable base backup's start forward; a hole ends the window.
+
+    A base backup whose own WAL (start..stop) has a hole is broken and skipped: the window then starts at
+    the next one. `contents` may be passed when the caller already listed the archive.
+    """
+    usable = catalog.usable
+    if archive is None:
+        return RecoverableWindow(database, [], unknown="no WAL archive was given to the listing")
+    if not usable:
+        why = "no base backup" if not catalog.backups else "no base backup with its WAL confirmed"
+        return RecoverableWindow(database, [], unknown=f"{why}, so the WAL archive restores nothing")
+    sizes = {b.manifest.wal_segment_size for b in usable}
+    if len(sizes) > 1:
+        why = f"base backups disagree on wal_segment_size {sorted(sizes)}"
+        return RecoverableWindow(database, [], unknown=why)
+    size = sizes.pop()
+    try:
+        contents = contents or list_archive(archive, size)
+    except ArchiveListingFailed as exc:
+        return RecoverableWindow(database, [], unknown=str(exc))
+    lineage, problem = archive_lineage(archive, contents)
+    result = RecoverableWindow(database, [], problems=[problem] if problem else [], bases=usable)
+    on_lineage = [s for t, segs in contents.listing.segments.items() if t in lineage.ranges for s in segs]
+    last = max(on_lineage, default=-1)
+    covered_through = -1  # the chain already walked: a newer base inside it adds nothing
+    for b in usable:
+        m = b.manifest
+        first = needed_from(b)
+        stop = parse_wal_name(m.stop_wal, size).segno
+        if m.timeline not in lineage.ranges:
+            result.broken.append((b, f"its timeline {m.timeline} is not in the archive's lineage"))
+            continue
+        if first <= covered_through:
+            continue
+        if last < stop and not m.wal_included:
+            result.broken.append((b, f"its stop segment {m.stop_wal} is not in the archive"))
+            continue
+        hi = max(last, stop)
+        window = WalListing(  # find_gaps counts what it is given: only first..hi
+            {t: {x for x in segs if first <= x <= hi} for t, segs in contents.listing.segments.items()},
+            contents.listing.histories,
+            {},
+        )
+        gaps = find_gaps(window, first, hi, lineage, size, max_names=1)
+        through = gaps.verified_through
+        if through < stop and not m.wal_included:
+            result.broken.append((b, f"segment {gaps.missing_names[0]} of its own WAL is missing"))
+            continue
+        if through < first:  # wal_included, and nothing after its stop segment in the archive
+            end, through = m.ended_at, stop
+        else:
+            info = _any_copy(contents, lineage, through)
+            end = max(info.last_modified, m.ended_at) if info else m.ended_at
+        hole = gaps.missing_names[0] if gaps.missing else None
+        result.windows.append(
+            Window(
+                base=b,
+                start=m.ended_at,
+                end=end,
+                start_lsn=parse_lsn(m.stop_lsn),
+                through_segno=through,
+                through_name=segment_name(lineage.responsible(through), through, size),
+                hole=hole,
+                end_lsn=(through + 1) * size,
+            )
+        )
+        covered_through = through
+    return result
+
+
+def _any_copy(contents: ArchiveContents, lineage: Lineage, segno: int) -> ObjectInfo | None:
+    """The responsible timeline's copy of the segment, else any lineage copy (both hold a switch segment)."""
+    for tli in [lineage.responsible(segno), *lineage.timelines]:
+        info = contents.info(tli, segno)
+        if info is not None:
+            return info
+    return None
+
+
+# -- choosing a base backup for a target --------------------------------------------------------------------
+
+
+class NotRecoverable(DbopsError):
+    """The target is outside every recoverable window."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    base: BaseBackup
+    window: Window
+
+
+def pick_base_backup(window: RecoverableWindow, target: datetime | str) -> Choice:
+    """The base backup a point-in-time recovery to `target` restores: the newest one that ended at or before
+    the target and whose WAL chain reaches the target without a hole.
+
+    Contract (PITR relies on it):
+    - `target` is an aware datetime (recovery_target_time) or an LSN string like "0/3000060"
+      (recovery_target_lsn).
+    - The chosen base backup's `ended_at` (time) or `stop_lsn` (LSN) is <= the target: recovery cannot stop
+      before the base backup is consistent.
+    - Every segment from the base backup's needed start (start_wal, or stop_wal when wal_included) to the
+      segment holding the target was in the archive listing `window` was computed from; for a time target
+      the last segment of the chain was stored at or after the target (object mtime, an upper bound of the
+      WAL's own time: see the module docstring).
+    - Among several candidates the newest base backup wins (least WAL to replay). A newer base backup that
+      is not the start of a window (it lies inside an older one's chain) also qualifies: it needs only a
+      suffix of that chain.
+    - Raises NotRecoverable with one sentence naming the window(s) when no base backup qualifies; a window
+      that is unknown (no archive, listing failed) raises too: never a guess.
+    """
+    if window.unknown is not None:
+        raise NotRecoverable(f"cannot choose a base backup for {target}: {window.unknown}")
+    lsn = parse_lsn(target) if isinstance(target, str) else None
+    best: Choice | None = None
+    for w in window.windows:
+        for b in window.bases:
+            if not _reaches(b, w, target, lsn):
+                continue
+            if best is None or b.manifest.ended_at > best.base.manifest.ended_at:
+                best = Choice(b, w)
+    if best is not None:
+        return best
+    ranges = "; ".join(f"{_t(w.start)} to {_t(w.end)}" for w in window.windows) or "none"
+    raise NotRecoverable(
+        f"{target} is outside the recoverable window of {window.database} ({ranges}); pick a target inside it"
+    )
+
+
+def _reaches(b: BaseBackup, w: Window, target: datetime | str, lsn: int | None) -> bool:
+    """`b` ended before the target, and its WAL is a part of window `w`'s unbroken chain up to the target."""
+    m = b.manifest
+    size = m.wal_segment_size
+    if needed_from(b) < needed_from(w.base) or parse_wal_name(m.stop_wal, size).segno > w.through_segno:
+        return False
+    if lsn is not None:
+        return parse_lsn(m.stop_lsn) <= lsn < w.end_lsn
+    assert isinstance(target, datetime)
+    return m.ended_at <= target <= w.end
+
+
+__all__ = [
+    "ArchiveContents",
+    "ArchiveListingFailed",
+    "BaseBackup",
+    "BaseCatalog",
+    "Choice",
+    "NotRecoverable",
+    "RecoverableWindow",
+    "Window",
+    "list_archive",
+    "pick_base_backup",
+    "read_base_catalog",
+    "recoverable_window",
+]
