@@ -63,8 +63,8 @@ def databases_under(store: ObjectStore, prefix: str) -> list[str]:
 
 def archive_of(args: argparse.Namespace) -> WalArchive | None:
     """The WAL archive the recoverable window is read from: a directory, or a storage block + prefix."""
+    from blocks.storage import open_archive
     from flows.core.wal_archive import ArchiveLocation
-    from flows.tasks.wal import open_archive
 
     if args.archive_dir and args.archive_storage:
         raise ConfigurationError("give the WAL archive as --archive-dir or --archive-storage, not both")

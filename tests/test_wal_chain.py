@@ -27,7 +27,9 @@ from botocore.config import Config
 from deployments.cli import main
 from flows.core.base_layout import BaseBackupManifest
 from flows.core.chain import NotRecoverable, pick_base_backup, read_base_catalog, recoverable_window
-from flows.core.objectstore import LocalObjectStore, ObjectInfo, S3ObjectStore
+from flows.core.localstore import LocalObjectStore
+from flows.core.objectstore import ObjectInfo
+from flows.core.s3store import S3ObjectStore
 from flows.core.wal import parse_wal_name
 from flows.core.wal_archive import ArchiveLocation, WalArchive
 from flows.core.wal_expiry import expire_directory, expire_store, plan_expiry
