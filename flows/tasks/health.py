@@ -21,24 +21,24 @@ from flows.tasks.common import artifact_key, dbops_task
 from flows.tasks.session import direct_session
 
 
-@dbops_task("check_database_health")
-def check_database_health(
+def inspect_block(
     database: str,
     thresholds: HealthThresholds,
     prescribed: list[PrescribedIndex] | None,
     statement_timeout: float,
+    keep_history: bool = True,
 ) -> HealthReport:
-    """Every check on one connection; the size history is read before and written after (one point a day)."""
-    logger = get_run_logger()
+    """Every check on one direct connection (never through a pooler); the size history is read before
+    and, with keep_history, written after. Needs no flow run: `dbops health` calls it as it is."""
     block = load_database(database)
     params = block.params()
-    with direct_session(block) as conn:
+    conn, _ = block.connect_direct()
+    with conn:
         variable, note = None, ""
         try:
             variable = history_variable_name(system_identifier(conn), params.database)
         except IdentityUnknown as exc:
             note = f"size history not kept: {exc}"
-            logger.warning("%s", note)
         history = SizeHistory.from_value(Variable.get(variable, default=None)) if variable else SizeHistory()
         report = inspect_database(
             conn,
@@ -52,13 +52,27 @@ def check_database_health(
             today=datetime.now(UTC).date(),
             wal_check_artifact=artifact_key("wal-archive-check", database),
         )
-    if variable and report.database_bytes is not None:
+    if keep_history and variable and report.database_bytes is not None:
         Variable.set(variable, report.history.to_value(), overwrite=True)
-    if note:
-        report.history_note = note
+    report.history_note = note
+    return report
+
+
+@dbops_task("check_database_health")
+def check_database_health(
+    database: str,
+    thresholds: HealthThresholds,
+    prescribed: list[PrescribedIndex] | None,
+    statement_timeout: float,
+) -> HealthReport:
+    """Every check of the database, the day's size point kept for the trend."""
+    report = inspect_block(database, thresholds, prescribed, statement_timeout)
+    logger = get_run_logger()
+    if report.history_note:
+        logger.warning("%s", report.history_note)
     logger.info(
         "%s: %s (%d checks, %d warnings, %d critical)",
-        params.where,
+        report.where,
         report.status,
         len(report.checks),
         sum(c.status == "warning" for c in report.checks),
