@@ -175,7 +175,7 @@ def health_command(args: argparse.Namespace) -> int:
 
 
 @command
-def _health(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _health(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("health", help="db_health report of a database in the terminal (exit 1 on critical)")
     p.add_argument("--database", required=True, help="PostgresDatabase block name, e.g. imagemanager-prod")
     p.add_argument(

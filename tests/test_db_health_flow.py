@@ -31,7 +31,7 @@ def db(pg: PgCluster, unique: str) -> str:
 
 def artifact_text(db: str) -> tuple[str, str]:
     artifact = Artifact.get(f"db-health-{db.replace('_', '-')}")
-    assert artifact is not None
+    assert isinstance(artifact, Artifact)
     return str(artifact.data), artifact.description or ""
 
 
