@@ -293,3 +293,18 @@ def test_size_history_growth_and_sparkline() -> None:
     assert SizeHistory.from_value("not json") == SizeHistory()
     assert sparkline([None, 5, None, 5]) == " ▁ ▁"
     assert SizeHistory().record(today, 1).growth_per_day() is None
+
+
+def test_top_queries_from_pg_stat_statements_when_it_is_loaded(unique: str) -> None:
+    from tests.harness.pg import pg_cluster
+
+    with pg_cluster(settings={"shared_preload_libraries": "'pg_stat_statements'"}) as own:
+        own.create_database("stats")
+        own.sql("CREATE EXTENSION pg_stat_statements", "stats")
+        for _ in range(3):
+            own.sql("SELECT count(*) FROM generate_series(1, 20000)", "stats")
+        report = inspect(own, "stats")
+    top = checks(report)["top queries"]
+    assert top.status == "ok" and " calls (mean " in top.figure
+    assert len(report.top_queries) == 10 or len(report.top_queries) >= 2
+    assert any("generate_series" in str(q["query"]) and q["calls"] == 3 for q in report.top_queries)

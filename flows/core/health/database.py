@@ -68,6 +68,7 @@ class HealthReport(BaseModel):
         default_factory=dict, description="vacuum=true: table -> None when vacuumed, else the error."
     )
     wal_check_artifact: str = Field(default="", description="Artifact key of the WAL archive check's result.")
+    seconds: dict[str, float] = Field(default_factory=dict, description="Seconds each group of checks took.")
 
     @property
     def problems(self) -> list[Check]:
@@ -165,6 +166,7 @@ def inspect_database(
     report.largest_tables = f.largest_tables
     report.largest_indexes = f.largest_indexes
     report.top_queries = f.top_queries
+    report.seconds = dict(f.seconds)
     report.vacuum_tables = list(f.vacuum_tables)
     return report
 

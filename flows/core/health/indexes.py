@@ -25,22 +25,29 @@ WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg_toast%%' ORDER BY 1
 """
 UNUSED = """
-SELECT format('%%I.%%I', s.schemaname, s.indexrelname), format('%%I.%%I', s.schemaname, s.relname),
-       pg_relation_size(s.indexrelid)
-FROM pg_stat_user_indexes s JOIN pg_index i ON i.indexrelid = s.indexrelid
-WHERE s.idx_scan = 0 AND NOT i.indisunique AND NOT i.indisprimary AND NOT i.indisexclusion AND i.indisvalid
-  AND pg_relation_size(s.indexrelid) >= %s
-ORDER BY 3 DESC, 1
+SELECT name, tab, size FROM (
+    SELECT format('%%I.%%I', s.schemaname, s.indexrelname) AS name,
+           format('%%I.%%I', s.schemaname, s.relname) AS tab, pg_relation_size(s.indexrelid) AS size
+    FROM pg_stat_user_indexes s JOIN pg_index i ON i.indexrelid = s.indexrelid
+    WHERE s.idx_scan = 0 AND NOT i.indisunique AND NOT i.indisprimary AND NOT i.indisexclusion
+      AND i.indisvalid
+) u
+WHERE size >= %s
+ORDER BY size DESC, name
 """
 DUPLICATES = """
-SELECT array_agg(format('%%I.%%I', n.nspname, c.relname) ORDER BY i.indisunique DESC, c.relname),
-       format('%%I.%%I', n.nspname, t.relname), sum(pg_relation_size(c.oid))
-FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
-GROUP BY i.indrelid, n.nspname, t.relname, c.relam, i.indkey::text, i.indclass::text, i.indcollation::text,
-         coalesce(pg_get_expr(i.indexprs, i.indrelid), ''), coalesce(pg_get_expr(i.indpred, i.indrelid), '')
-HAVING count(*) > 1
+SELECT d.names, d.tab, (SELECT sum(pg_relation_size(x)) FROM unnest(d.oids) AS x)::bigint AS size
+FROM (
+    SELECT array_agg(format('%%I.%%I', n.nspname, c.relname) ORDER BY i.indisunique DESC, c.relname) AS names,
+           format('%%I.%%I', n.nspname, t.relname) AS tab, array_agg(c.oid) AS oids
+    FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
+    GROUP BY i.indrelid, n.nspname, t.relname, c.relam, i.indkey::text, i.indclass::text,
+             i.indcollation::text, coalesce(pg_get_expr(i.indexprs, i.indrelid), ''),
+             coalesce(pg_get_expr(i.indpred, i.indrelid), '')
+    HAVING count(*) > 1
+) d
 ORDER BY 3 DESC, 2
 """
 PRESCRIBED = """

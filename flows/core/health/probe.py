@@ -8,6 +8,7 @@ server went away) ends the whole run with one sentence: nothing after it can be 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class Findings:
     largest_indexes: list[tuple[str, int]] = field(default_factory=list)
     vacuum_tables: list[tuple[str, str]] = field(default_factory=list)
     top_queries: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # group -> time its queries took
     notes: list[str] = field(default_factory=list)
 
 
@@ -76,6 +78,14 @@ GroupFn = Callable[[Probe], list[Check]]
 
 def run_group(probe: Probe, group: str, fn: GroupFn) -> list[Check]:
     """Run one group of checks; its timeout or missing privilege becomes its own Check, not the run's end."""
+    start = time.monotonic()
+    try:
+        return _run(probe, group, fn)
+    finally:
+        probe.findings.seconds[group] = round(time.monotonic() - start, 3)
+
+
+def _run(probe: Probe, group: str, fn: GroupFn) -> list[Check]:
     try:
         return fn(probe)
     except errors.QueryCanceled:
