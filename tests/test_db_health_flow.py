@@ -5,6 +5,7 @@ server that goes away mid-run, and `dbops health` printing the same report in th
 from __future__ import annotations
 
 import threading
+from collections.abc import Coroutine
 
 import psycopg
 import pytest
@@ -31,7 +32,7 @@ def db(pg: PgCluster, unique: str) -> str:
 
 def artifact_text(db: str) -> tuple[str, str]:
     artifact = Artifact.get(f"db-health-{db.replace('_', '-')}")
-    assert isinstance(artifact, Artifact)
+    assert artifact is not None and not isinstance(artifact, Coroutine)  # the sync client's answer
     return str(artifact.data), artifact.description or ""
 
 
