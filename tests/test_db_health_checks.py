@@ -182,7 +182,7 @@ def test_a_table_with_many_dead_rows_is_flagged_for_vacuum(pg: PgCluster, db: st
     dead = checks(report)["dead rows"]
     assert dead.status == "critical"
     assert dead.message.startswith(
-        "1 tables have more dead rows than 2x their autovacuum trigger, the most public.churn with 20,000"
+        "dead rows past 2x the autovacuum trigger in 1 table, the most in public.churn (20,000)"
     )
     assert "autovacuum is off for public.churn" in dead.message
     assert "vacuum=true" in dead.action
@@ -243,7 +243,7 @@ def test_old_relfrozenxid_against_a_lowered_threshold(pg: PgCluster, db: str) ->
     t = HealthThresholds(warn_freeze_age_factor=10 / 200_000_000)  # 10 transactions with the default 200M
     found = checks(inspect(pg, db, thresholds=t))
     assert found[f"wraparound (tables of {db})"].status == "warning"
-    assert "since their last freeze" in found[f"wraparound (tables of {db})"].message
+    assert "since the last freeze" in found[f"wraparound (tables of {db})"].message
     assert found["wraparound (databases)"].status == "warning"
     critical = checks(inspect(pg, db, thresholds=t.model_copy(update={"critical_xid_age": 20})))
     assert critical["wraparound (databases)"].status == "critical"
@@ -308,3 +308,91 @@ def test_top_queries_from_pg_stat_statements_when_it_is_loaded(unique: str) -> N
     assert top.status == "ok" and " calls (mean " in top.figure
     assert len(report.top_queries) == 10 or len(report.top_queries) >= 2
     assert any("generate_series" in str(q["query"]) and q["calls"] == 3 for q in report.top_queries)
+
+
+def test_a_long_running_query_is_reported_with_its_pid(pg: PgCluster, db: str) -> None:
+    sleeper = psycopg.connect(pg.conninfo(db), autocommit=True)
+    pid = sleeper.info.backend_pid
+    errors: list[BaseException] = []
+
+    def sleep() -> None:
+        try:
+            sleeper.execute("SELECT pg_sleep(60)")
+        except psycopg.errors.QueryCanceled as exc:  # cancelled below, as the action says
+            errors.append(exc)
+
+    thread = threading.Thread(target=sleep)
+    thread.start()
+    try:
+        wait_until(
+            lambda: pg.sql("SELECT state FROM pg_stat_activity WHERE pid = %s", db, (pid,)) == [("active",)],
+            what="the query to be running",
+        )
+        found = checks(inspect(pg, db, thresholds=HealthThresholds(warn_active_seconds=0)))
+    finally:
+        pg.sql("SELECT pg_cancel_backend(%s)", db, (pid,))
+        thread.join(timeout=30)
+        sleeper.close()
+    long = found["long-running queries"]
+    assert long.status == "warning" and f"pid {pid}" in long.message and "SELECT pg_sleep(60)" in long.figure
+    assert long.action.endswith(f"SELECT pg_cancel_backend({pid})")
+    assert len(errors) == 1
+
+
+def test_an_invalid_index_left_by_a_failed_concurrent_build(pg: PgCluster, db: str) -> None:
+    pg.sql("CREATE TABLE twins (x int)", db)
+    pg.sql("INSERT INTO twins VALUES (1), (1)", db)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        pg.sql("CREATE UNIQUE INDEX CONCURRENTLY twins_x ON twins (x)", db)
+    invalid = checks(inspect(pg, db))["invalid indexes"]
+    assert invalid.status == "warning"
+    assert invalid.message.startswith(
+        "1 invalid index (a failed concurrent build), public.twins_x on public.twins"
+    )
+    assert invalid.action.startswith("DROP INDEX CONCURRENTLY public.twins_x")
+
+
+def test_the_judges_of_connections_disk_standbys_cache_and_autovacuum_workers() -> None:
+    from flows.core.health.cache import CacheFigures, DatabaseIo, check_hit_ratio, check_temp_files
+    from flows.core.health.connections import ConnectionFigures, check_connections
+    from flows.core.health.replication import Standby, check_standbys
+    from flows.core.health.size import DiskFigures, check_disk
+    from flows.core.health.thresholds import GIB
+    from flows.core.health.vacuum import VacuumFigures, check_workers
+
+    t = HealthThresholds()
+    conns = ConnectionFigures(100, 3, [("active", "api", 60), ("idle", "api", 20)])
+    assert check_connections(conns, t).status == "warning"
+    assert check_connections(conns, t).figure.startswith(
+        "80 of 97 in use (82%; max_connections 100 - 3 reserved)"
+    )
+    assert check_connections(ConnectionFigures(100, 3, [("idle", "api", 95)]), t).status == "critical"
+
+    disk = DiskFigures("/data", total_bytes=1000 * GIB, free_bytes=300 * GIB)
+    assert check_disk(disk, None, t).status == "ok"
+    assert check_disk(disk, 20 * GIB, t).status == "warning"  # full in 15 days
+    assert check_disk(disk, 60 * GIB, t).status == "critical"  # full in 5 days
+    assert "fills in about 5 days" in check_disk(disk, 60 * GIB, t).message
+    assert check_disk(DiskFigures("/data", 1000 * GIB, 40 * GIB), None, t).status == "critical"  # 4 % free
+    unreadable = check_disk(DiskFigures("/data", unreadable="dbops runs on another host"), 1.0, t)
+    assert unreadable.status == "skipped" and "another host" in unreadable.figure
+
+    assert check_standbys([Standby("replica1", "10.0.0.2", "streaming", 0.5)], t).status == "ok"
+    lagging = check_standbys([Standby("replica1", "10.0.0.2", "streaming", 120.0)], t)
+    assert lagging.status == "warning" and lagging.message == "standby replica1 replays 120 s behind"
+    assert check_standbys([Standby("", "10.0.0.2", "streaming", 1000.0)], t).status == "critical"
+
+    cold = CacheFigures([DatabaseIo("imagemanager", 900_000, 100_000, 10, 50 * GIB, 86400.0)], [])
+    assert check_hit_ratio(cold, t, "imagemanager").status == "warning"
+    assert "finds 90.0% of its blocks" in check_hit_ratio(cold, t, "imagemanager").message
+    few = CacheFigures([DatabaseIo("imagemanager", 900, 100, 0, 0, 86400.0)], [])
+    assert check_hit_ratio(few, t, "imagemanager").status == "ok"  # too few reads to judge
+    assert check_temp_files(cold, t, "imagemanager").status == "warning"  # 50 GiB in one day
+
+    busy = VacuumFigures([], {"autovacuum": "on", "autovacuum_max_workers": "3"}, 3)
+    assert (
+        check_workers(busy).status == "warning"
+        and "all 3 autovacuum workers are busy" in check_workers(busy).message
+    )
+    off = VacuumFigures([], {"autovacuum": "off", "autovacuum_max_workers": "3"}, 0)
+    assert check_workers(off).status == "warning" and "autovacuum is off" in check_workers(off).message

@@ -60,7 +60,9 @@ def test_dead_rows_fail_the_run_and_vacuum_true_cleans_exactly_that_table(pg: Pg
     state = db_health(database=block, prescribed_indexes=[], return_state=True)
     assert state.is_failed()
     message = failure_message(state)
-    assert message.startswith(f"{db}: 1 tables have more dead rows than 2x their autovacuum trigger")
+    assert message.startswith(
+        f"{db}: dead rows past 2x the autovacuum trigger in 1 table, the most in public.churn"
+    )
     assert "\n" not in message
     text, description = artifact_text(db)
     assert description.startswith(f"**Failed**: {message}")

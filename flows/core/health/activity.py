@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flows.core.health import Check, Status
-from flows.core.health.probe import Probe
+from flows.core.health.probe import Probe, count
 from flows.core.health.thresholds import HealthThresholds
 
 SESSIONS = """
@@ -68,8 +68,8 @@ def check_long_queries(sessions: list[Session], t: HealthThresholds) -> Check:
         figure=figure
         + "; "
         + "; ".join(f"{s.describe()} {s.query_seconds:.0f} s: {s.query}" for s in over[:3]),
-        message=f"{len(over)} queries have run longer than {t.warn_active_seconds:g} s, the longest "
-        f"{worst.query_seconds:.0f} s ({worst.describe()})",
+        message=f"{count(len(over), 'query', 'queries')} running longer than {t.warn_active_seconds:g} s, "
+        f"the longest {worst.query_seconds:.0f} s ({worst.describe()})",
         action=f"look at the query (EXPLAIN); if it must stop: SELECT pg_cancel_backend({worst.pid})",
     )
 
@@ -95,9 +95,9 @@ def check_idle_in_transaction(sessions: list[Session], t: HealthThresholds) -> C
             t.critical_idle_in_transaction_seconds,
         ),
         figure=figure,
-        message=f"{len(over)} sessions are idle in transaction for over "
-        f"{t.warn_idle_in_transaction_seconds:g} s, "
-        f"the longest {worst.state_seconds:.0f} s ({worst.describe()}); they hold locks and hold back vacuum",
+        message=f"{count(len(over), 'session')} idle in transaction for over "
+        f"{t.warn_idle_in_transaction_seconds:g} s, the longest {worst.state_seconds:.0f} s "
+        f"({worst.describe()}); such sessions hold locks and hold back vacuum",
         action="fix the application to commit or roll back; end it now with SELECT "
         f"pg_terminate_backend({worst.pid}), "
         "and set idle_in_transaction_session_timeout",
@@ -150,7 +150,7 @@ def check_blocked(sessions: list[Session], t: HealthThresholds) -> Check:
         name=name,
         status=_status(wait, t.warn_blocked_seconds, t.critical_blocked_seconds),
         figure=figure,
-        message=f"{len(over)} sessions wait for locks, the longest {wait:.0f} s "
+        message=f"{count(len(over), 'session')} waiting for a lock, the longest {wait:.0f} s "
         f"({worst.describe()}), blocked by "
         f"{root_text or 'pid ' + ', '.join(map(str, worst.blocked_by))}",
         action="see what the blocking session does; if it is stuck: SELECT pg_terminate_backend("

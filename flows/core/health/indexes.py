@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flows.core.health import Check
-from flows.core.health.probe import Probe
+from flows.core.health.probe import Probe, count
 from flows.core.health.size import human
 from flows.core.health.thresholds import HealthThresholds, PrescribedIndex
 
@@ -89,9 +89,8 @@ def check_invalid(f: IndexFigures) -> Check:
         name="invalid indexes",
         status="warning",
         figure=", ".join(f"{i} on {t}" for i, t in f.invalid[:5]),
-        message=f"{len(f.invalid)} indexes are invalid (a failed concurrent build), {first} on "
-        f"{table} among them: "
-        "written on every change, used by no query",
+        message=f"{count(len(f.invalid), 'invalid index', 'invalid indexes')} (a failed concurrent build), "
+        f"{first} on {table} among them: written on every change, used by no query",
         action=f"DROP INDEX CONCURRENTLY {first}, then create it again CONCURRENTLY (weekly-reindex drops "
         "_ccnew/_ccold leftovers itself)",
     )
@@ -108,9 +107,8 @@ def check_unused(f: IndexFigures, t: HealthThresholds) -> Check:
         status="warning",
         figure=", ".join(f"{i} on {tb} {human(b)}" for i, tb, b in f.unused[:5])
         + f" ({human(total)} in all)",
-        message=f"{len(f.unused)} indexes over {human(t.min_unused_index_bytes)} were never scanned "
-        "since the "
-        f"statistics were reset ({human(total)}), the largest {first[0]}",
+        message=f"{count(len(f.unused), 'index', 'indexes')} over {human(t.min_unused_index_bytes)} never "
+        f"scanned since the statistics were reset ({human(total)}), the largest {first[0]}",
         action=f"check the standbys and the statistics reset time, then DROP INDEX CONCURRENTLY {first[0]}",
     )
 
@@ -124,7 +122,7 @@ def check_duplicates(f: IndexFigures) -> Check:
         name=name,
         status="warning",
         figure="; ".join(f"{' = '.join(n)} on {t} ({human(b)})" for n, t, b in f.duplicates[:5]),
-        message=f"{len(f.duplicates)} sets of indexes have the same columns and predicate, "
+        message=f"{count(len(f.duplicates), 'set')} of indexes with the same columns and predicate, "
         f"{' and '.join(names)} on {table} among them",
         action=f"keep {names[0]} and DROP INDEX CONCURRENTLY {', '.join(names[1:])}",
     )
@@ -154,7 +152,8 @@ def check_prescribed(f: IndexFigures, prescribed: Sequence[PrescribedIndex]) -> 
         name=name,
         status="warning",
         figure=figure + ": " + "; ".join(problems),
-        message=f"{len(problems)} prescribed indexes are not as the application expects: "
+        message=f"{count(len(problems), 'prescribed index', 'prescribed indexes')} not as the application "
+        "expects: "
         f"{'; '.join(problems[:3])}",
         action="run the application's migrations (dbops migrate) or CREATE INDEX CONCURRENTLY it as "
         "the schema "

@@ -69,6 +69,11 @@ class Probe:
         return f"GRANT pg_monitor TO {_ident(self.role)}"
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 table`, `3 tables`: a report read in ten seconds should not stumble on "1 tables"."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _ident(name: str) -> str:
     return name if name.isidentifier() and name == name.lower() else '"' + name.replace('"', '""') + '"'
 

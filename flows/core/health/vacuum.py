@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from flows.core.health import Check
-from flows.core.health.probe import Probe
+from flows.core.health.probe import Probe, count
 from flows.core.health.thresholds import HealthThresholds
 
 TABLES = """
@@ -124,8 +124,8 @@ def check_dead_tuples(f: VacuumFigures, t: HealthThresholds) -> Check:
         name=name,
         status="critical" if critical else "warning",
         figure=figure,
-        message=f"{len(flagged)} tables have more dead rows than {t.dead_tuple_margin:g}x their autovacuum "
-        f"trigger, the most {worst.qualified} with {worst.dead:,}"
+        message=f"dead rows past {t.dead_tuple_margin:g}x the autovacuum trigger in "
+        f"{count(len(flagged), 'table')}, the most in {worst.qualified} ({worst.dead:,})"
         + (f"; autovacuum is off for {', '.join(off[:3])}" if off else ""),
         action="run db_health with vacuum=true (plain VACUUM (ANALYZE) of exactly these tables), "
         "then look for "
@@ -160,7 +160,7 @@ def check_statistics(f: VacuumFigures, t: HealthThresholds) -> Check:
         name=name,
         status="warning",
         figure=figure,
-        message=f"{len(stale)} tables changed past their autoanalyze trigger without an ANALYZE for "
+        message=f"{count(len(stale), 'table')} changed past the autoanalyze trigger without an ANALYZE for "
         f"{t.warn_analyze_age_hours:g} h, the most {stale[0].qualified}",
         action=f"ANALYZE {stale[0].qualified} (vacuum=true does it with VACUUM (ANALYZE)); check "
         "that autovacuum is on",

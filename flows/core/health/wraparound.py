@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flows.core.health import Check, Status
-from flows.core.health.probe import Probe
+from flows.core.health.probe import Probe, count
 from flows.core.health.thresholds import HealthThresholds
 
 #: 2^31: the distance at which a transaction ID would wrap around (varsup.c xidWrapLimit).
@@ -88,9 +88,8 @@ def check_tables(ages: XidAges, t: HealthThresholds, database: str) -> Check:
         name=name,
         status=status,
         figure=figure,
-        message=f"{len(over)} tables are past {ages.freeze_max_age * t.warn_freeze_age_factor:,.0f} "
-        "transactions "
-        f"since their last freeze, the oldest {table} at {age:,}",
+        message=f"{count(len(over), 'table')} past {ages.freeze_max_age * t.warn_freeze_age_factor:,.0f} "
+        f"transactions since the last freeze, the oldest {table} at {age:,}",
         action=f"VACUUM (FREEZE, VERBOSE) {table}; then find why autovacuum did not "
         "(autovacuum_freeze_max_age "
         "reached but the anti-wraparound vacuum cannot finish)",
