@@ -385,6 +385,7 @@ def test_the_judges_of_connections_disk_standbys_cache_and_autovacuum_workers() 
     cold = CacheFigures([DatabaseIo("imagemanager", 900_000, 100_000, 10, 50 * GIB, 86400.0)], [])
     assert check_hit_ratio(cold, t, "imagemanager").status == "warning"
     assert "finds 90.0% of its blocks" in check_hit_ratio(cold, t, "imagemanager").message
+    assert check_hit_ratio(cold, t, "other").status == "ok"  # another database's cache is its own run's
     few = CacheFigures([DatabaseIo("imagemanager", 900, 100, 0, 0, 86400.0)], [])
     assert check_hit_ratio(few, t, "imagemanager").status == "ok"  # too few reads to judge
     assert check_temp_files(cold, t, "imagemanager").status == "warning"  # 50 GiB in one day

@@ -1,4 +1,4 @@
-"""Cache and I/O: the buffer cache hit ratio of every database and of this one's busiest tables (reads
+"""Cache and I/O: the buffer cache hit ratio of this database (others shown) and of its busiest tables (reads
 that miss shared_buffers go to the OS cache or the disk), and temporary files (sorts and hashes that do
 not fit work_mem) per day since the statistics were reset. Ratios over too few reads are not judged.
 """
@@ -64,8 +64,11 @@ def check_hit_ratio(f: CacheFigures, t: HealthThresholds, database: str) -> Chec
     figure = "databases: " + ", ".join(f"{d.name} {_ratio(d.hit, d.read)}" for d in f.databases[:5])
     if f.tables:
         figure += "; busiest tables: " + ", ".join(f"{n} {_ratio(h, r)}" for n, h, r in f.tables)
+    # judged for this database (and its tables) only; the other databases are figures: each has its own run
     low = [
-        d for d in f.databases if d.hit + d.read >= t.min_cache_blocks and (d.ratio or 1) < t.warn_hit_ratio
+        d
+        for d in f.databases
+        if d.name == database and d.hit + d.read >= t.min_cache_blocks and (d.ratio or 1) < t.warn_hit_ratio
     ]
     low_tables = [
         (n, h, r) for n, h, r in f.tables if h + r >= t.min_cache_blocks and h / (h + r) < t.warn_hit_ratio
