@@ -185,6 +185,9 @@ def test_a_table_with_many_dead_rows_is_flagged_for_vacuum(pg: PgCluster, db: st
         "dead rows past 2x the autovacuum trigger in 1 table, the most in public.churn (20,000)"
     )
     assert "autovacuum is off for public.churn" in dead.message
+    assert dead.figure == (
+        "public.churn 20,000 dead / 0 live (trigger 50, autovacuum off, last vacuumed never)"
+    )
     assert "vacuum=true" in dead.action
     assert report.vacuum_tables == [("public", "churn")]
     assert checks(report)["statistics (autoanalyze)"].status == "warning"

@@ -102,6 +102,10 @@ def flagged_for_vacuum(f: VacuumFigures, t: HealthThresholds) -> list[TableStats
     )
 
 
+def _ago(seconds: float) -> str:
+    return f"{seconds / 3600:.0f} h ago" if seconds >= 3600 else f"{seconds / 60:.0f} min ago"
+
+
 def check_dead_tuples(f: VacuumFigures, t: HealthThresholds) -> Check:
     name = "dead rows"
     flagged = flagged_for_vacuum(f, t)
@@ -114,6 +118,8 @@ def check_dead_tuples(f: VacuumFigures, t: HealthThresholds) -> Check:
     figure = "; ".join(
         f"{s.qualified} {s.dead:,} dead / {s.live:,} live (trigger {f.vacuum_trigger(s):,.0f}"
         + ("" if s.autovacuum_enabled else ", autovacuum off")
+        + ", last vacuumed "
+        + (_ago(s.vacuumed_seconds_ago) if s.vacuumed_seconds_ago is not None else "never")
         + ")"
         for s in flagged[:5]
     )
