@@ -31,6 +31,7 @@ bench-all: setup
 	-uv run python -m bench.bench_restore
 	-uv run python -m bench.bench_wal
 	-uv run python -m bench.bench_reindex
+	-uv run python -m bench.bench_health
 
 clean:
 	rm -rf .state

@@ -6,6 +6,7 @@
     dbops run DEPLOYMENT [--param k=v ...] --wait [--timeout S] [--verbose]
     dbops backups list [--database NAME] [--storage SLUG] [--prefix P] [--json]
                        [--archive-dir DIR | --archive-storage SLUG [--archive-prefix P]]
+    dbops health --database NAME [--statement-timeout S] [--no-prescribed]
 
 Each command group registers itself in COMMANDS with a function that adds its subparser; the parsed
 arguments carry the handler in `func`, which returns the exit code. `dbops setup` and
@@ -190,6 +191,40 @@ def _deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("deploy", help="check prefect.yaml (blocks, variables, cron, work pool), then deploy")
     p.add_argument("--file", type=Path, default=ROOT / "prefect.yaml", help="the prefect.yaml to deploy")
     p.set_defaults(func=deploy_command)
+
+
+# -- dbops health -------------------------------------------------------------------------------------------
+
+
+def health_command(args: argparse.Namespace) -> int:
+    """The db_health report in the terminal, without a Prefect run: same checks, same renderer. The size
+    history is read for the trend but not written (the hourly flow keeps one point a day)."""
+    from flows.core.health.report import render
+    from flows.core.health.thresholds import HealthThresholds
+    from flows.tasks.health import inspect_block
+
+    report = inspect_block(
+        args.database,
+        HealthThresholds(),
+        [] if args.no_prescribed else None,
+        args.statement_timeout,
+        keep_history=False,
+    )
+    print(render(report))
+    return 1 if report.first_critical() is not None else 0
+
+
+@command
+def _health(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("health", help="db_health report of a database in the terminal (exit 1 on critical)")
+    p.add_argument("--database", required=True, help="PostgresDatabase block name, e.g. imagemanager-prod")
+    p.add_argument(
+        "--statement-timeout", type=float, default=10.0, help="seconds per check query (default 10)"
+    )
+    p.add_argument(
+        "--no-prescribed", action="store_true", help="do not check the image manager's prescribed indexes"
+    )
+    p.set_defaults(func=health_command)
 
 
 # -- dbops migrate (the pre-deploy gate) -------------------------------------------------------------------

@@ -30,6 +30,7 @@ DATABASE_PARAMS: dict[str, tuple[str, ...]] = {
     "list_backups": (),  # its `database` is the name in the object layout, not a block
     "migrate": ("database", "staging_database"),
     "pgbouncer_check": ("pgbouncer", "database"),
+    "db_health": ("database",),
 }
 DEFAULT_DATABASE_PARAMS = ("database",)
 STORAGE_PARAMS = ("storage",)

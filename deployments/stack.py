@@ -470,7 +470,7 @@ def banner(stack: Stack, url: str, code: int, latest: str) -> str:
    state folder   {stack.state}   (a second `make run` reuses it; `make clean` removes it)
    leftovers      {"; ".join(stack.notes) if stack.notes else "none: everything was started by this run"}
    schedules      nightly-dump 02:00, wal-archive-check every 15 min, weekly-reindex Sun 03:00,
-                  restore-drill Sun 05:00 (UTC); migrate runs only when triggered
+                  restore-drill Sun 05:00, db-health hourly (UTC); migrate runs only when triggered
    second shell   `dbops` finds this server by itself; `prefect` commands need:
                   {pad.join(env_lines)}
    try            {pad.join(commands)}
