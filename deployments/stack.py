@@ -134,8 +134,8 @@ class Stack:
             port_file.write_text(str(port))
             url = f"http://127.0.0.1:{port}/api"
             log(f"starting a local Prefect server on {url} (SQLite in {self.state / 'prefect'})")
-            argv = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-            proc = self._spawn("prefect server", argv)
+            self.env.update(prefect_server_env(port))
+            proc = self._spawn("prefect server", prefect_server_argv(port))
             stackstate.write_pid(self.state, "prefect-server", proc.pid)
             stackstate.write_api_url(self.state, url)
             _wait_http(f"{url}/health", timeout=180, what="the Prefect server", procs=self.procs)
@@ -370,6 +370,17 @@ class Stack:
                 )
         if stackstate.live_pid(self.state, "stack") == os.getpid():
             stackstate.forget(self.state, "stack")
+
+
+def prefect_server_argv(port: int) -> list[str]:
+    return ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def prefect_server_env(port: int) -> dict[str, str]:
+    """What a local server needs beyond its PREFECT_HOME. The UI address: the server builds the run links
+    in alert messages (`{{ flow_run|ui_url }}`) from it, and without PREFECT_API_URL in its own
+    environment it has none, so every link would read "None"."""
+    return {"PREFECT_UI_URL": f"http://127.0.0.1:{port}"}
 
 
 def _interrupt(signum: int, frame: object) -> None:
