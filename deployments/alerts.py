@@ -4,10 +4,11 @@ Three kinds, all sent through one notification block (Slack, e-mail, PagerDuty, 
 Prefect's notification blocks):
 
 - **failed**: any dbops run (tag `dbops`) ends Failed or Crashed. One automation for all deployments.
-- **nothing ran**: a *proactive* trigger per deployment ("expect prefect.flow-run.Completed for this
-  deployment within T"): no Completed `nightly-dump` for 26 h, `wal-archive-check` for 1 h, `base-backup`
-  for its schedule's interval plus a margin. It catches what no failure alert can: a stopped worker, a
-  paused schedule, a server the worker cannot reach. While nothing completes it repeats once per window.
+- **nothing ran**: a *proactive* trigger per deployment ("after a Completed run, expect the next one
+  within T"): no Completed `nightly-dump` for 26 h, `wal-archive-check` for 1 h, `base-backup` for its
+  schedule's interval plus a margin. It catches what no failure alert can: a stopped worker, a paused
+  schedule, a server the worker cannot reach. It fires T after the last Completed run and names that run
+  (or, when none completed since setup armed it, the time it was armed), once per silence.
 - **resolved**: per deployment, one message when a deployment that failed or went quiet completes again,
   and not on every later success.
 
@@ -17,6 +18,13 @@ the open-source trigger service never sets the Resolved state, so those actions 
 happened in order, then forgets them. So "resolved" is Sequence[ Compound(any)[failed, nothing ran],
 completed ]: a failure (or a quiet window) followed by a Completed run fires once; the next success finds
 no failure before it and stays silent; a success followed by a failure waits for the next success.
+
+Why `after` and an arming event: a proactive trigger without `after` counts Completed runs in fixed
+back-to-back windows that start whenever the server first evaluated it, so a run that completed at the
+start of one window is followed by an alert up to two windows later (52 h for a 26 h window), and the
+alert cannot say when the last run was. With `after = Completed`, each Completed run starts the window.
+Setup sends one `dbops.alert.armed` event when it creates or changes the automation, so a deployment
+that never completes is caught too.
 
 Every automation has a fixed name per deployment, so a second `dbops setup` compares what it would create
 with what the server holds and reports `exists`, or updates it in place (`updated`).
@@ -45,6 +53,9 @@ DEFAULT_BASE_BACKUP_MARGIN = "2h"
 MIN_WINDOW = timedelta(seconds=10)
 
 FAILED_AUTOMATION = "dbops: notify on failed or crashed runs"
+#: what `dbops setup` sends to start the window of a new "nothing ran" alert (see `arm`)
+ARMED_EVENT = "dbops.alert.armed"
+ARMED_RESOURCE = "dbops.alert"
 MISSING_PREFIX = "dbops: nothing ran: "
 RESOLVED_PREFIX = "dbops: resolved: "
 
@@ -208,17 +219,43 @@ def _deployment_related(w: Watched) -> dict[str, str]:
 
 
 def _missing_trigger(w: Watched) -> Any:
+    """Each Completed run (or the arming event setup sends) starts a window; the next Completed run must
+    come before it ends. So the alert comes `window` after the last Completed run, and it knows which
+    run that was; once sent, it stays quiet until a run completes again (the "resolved" alert follows)."""
     from prefect.automations import EventTrigger, Posture
 
     assert w.window is not None
     return EventTrigger(
-        match={"prefect.resource.id": "prefect.flow-run.*"},
+        match={"prefect.resource.id": ["prefect.flow-run.*", f"{ARMED_RESOURCE}.*"]},
         match_related=_deployment_related(w),
+        after={"prefect.flow-run.Completed", ARMED_EVENT},
         expect={"prefect.flow-run.Completed"},
         posture=Posture.Proactive,
         threshold=1,
         within=w.window,
     )
+
+
+def arm(w: Watched) -> None:
+    """Start the window of a new (or changed) "nothing ran" alert now: without it, a deployment that has
+    never completed (a worker down since the first day) would never start one. Sent only when setup
+    created or updated the automation: it would otherwise replace the last Completed run as the event
+    the alert reports."""
+    from datetime import UTC, datetime
+    from uuid import uuid4
+
+    from prefect.client.orchestration import get_client
+    from prefect.events import Event
+
+    event = Event(
+        occurred=datetime.now(UTC),
+        event=ARMED_EVENT,
+        resource={"prefect.resource.id": f"{ARMED_RESOURCE}.{w.id}", "prefect.resource.name": w.full_name},
+        related=[{**_deployment_related(w), "prefect.resource.name": w.deployment}],
+        id=uuid4(),
+    )
+    with get_client(sync_client=True) as client:
+        client.request("POST", "/events", json=[event.model_dump(mode="json")]).raise_for_status()
 
 
 def missing_automation(w: Watched, block_id: UUID) -> Any:
@@ -234,8 +271,11 @@ def missing_automation(w: Watched, block_id: UUID) -> Any:
                 block_document_id=block_id,
                 subject=f"dbops: nothing ran: {w.full_name} ({w.database})",
                 body=(
-                    f"no Completed run of {w.full_name} for {window}: none since "
-                    "{{ (firing.triggered - firing.trigger.within).strftime('%Y-%m-%d %H:%M:%S UTC') }}\n"
+                    f"no Completed run of {w.full_name} for {window}: "
+                    "{% if event.event == 'prefect.flow-run.Completed' %}the last one ended "
+                    "{{ event.occurred.strftime('%Y-%m-%d %H:%M:%S UTC') }} ({{ flow_run|ui_url }})"
+                    "{% else %}none since this alert was set up at "
+                    "{{ event.occurred.strftime('%Y-%m-%d %H:%M:%S UTC') }}{% endif %}\n"
                     f"database: {w.database}\n"
                     "what to check: is the worker running and polling its pool, is the schedule paused, "
                     "are runs failing (see the failure alerts), can the worker reach the server\n"

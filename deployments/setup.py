@@ -347,7 +347,7 @@ def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | 
     "resolved" one. Deployments deployed after this ran get theirs from the next `dbops setup`."""
     from prefect.blocks.core import Block
 
-    from deployments.alerts import deployment_alerts, ensure_automation, watched_deployments
+    from deployments.alerts import arm, deployment_alerts, ensure_automation, watched_deployments
 
     try:
         block = Block.load(notify)
@@ -374,8 +374,14 @@ def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | 
                 f"[alerts] windows.{w.deployment})",
                 "not created",
             )
-    for automation in deployment_alerts(block_id, watched):
-        report.add("automation", automation.name, ensure_automation(automation))
+    for w in watched:
+        changed = False
+        for automation in deployment_alerts(block_id, [w]):
+            status = ensure_automation(automation)
+            changed = changed or status != "exists"
+            report.add("automation", automation.name, status)
+        if changed and w.window is not None:
+            arm(w)
 
 
 def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> SetupReport:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class AlertStack:
     first: SetupReport
     second: SetupReport
     setup_config: SetupConfig
+    setup_started: float  # time.time() before the first setup: the "nothing ran" alerts are armed after it
 
 
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -160,6 +162,7 @@ def alerts(pg: PgCluster) -> Iterator[AlertStack]:
                 notify=f"custom-webhook/alerts-{unique}",
                 alerts=AlertConfig(windows={"quiet-dump": QUIET_WINDOW}),
             )
+            setup_started = time.time()
             first = run_setup(config, environ={})
             second = run_setup(config, environ={})
             worker_env = {
@@ -186,6 +189,7 @@ def alerts(pg: PgCluster) -> Iterator[AlertStack]:
                 first,
                 second,
                 config,
+                setup_started,
             )
     finally:
         for proc in reversed(procs):
@@ -297,17 +301,47 @@ def test_a_failed_dump_alerts_once_then_two_successes_resolve_it_once(alerts: Al
 
 
 def test_a_deployment_that_never_completes_alerts_that_nothing_ran_and_since_when(alerts: AlertStack) -> None:
-    (alert, *_) = alerts.receiver.wait_for("dbops: nothing ran: nightly-dump/quiet-dump", timeout=90)
-    assert alert.subject == f"dbops: nothing ran: nightly-dump/quiet-dump ({alerts.database})"
-    match = re.search(
-        r"no Completed run of nightly-dump/quiet-dump for 12s: none since (\S+ \S+) UTC", alert.body
-    )
-    assert match, alert.body
+    """quiet-dump never runs (12 s window): one "nothing ran" alert naming the setup time, not one per
+    window; after a Completed run, one "resolved", then, 12 s of silence later, an alert naming that run."""
     from datetime import UTC, datetime
 
-    since = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
-    assert 10 <= alert.received - since.timestamp() <= 60, (since, alert.received)
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Completed
+
+    receiver = alerts.receiver
+    missing = "dbops: nothing ran: nightly-dump/quiet-dump"
+    (alert,) = receiver.wait_for(missing, timeout=90)
+    assert alert.subject == f"{missing} ({alerts.database})"
+    match = re.search(
+        r"no Completed run of nightly-dump/quiet-dump for 12s: "
+        r"none since this alert was set up at (\S+ \S+) UTC",
+        alert.body,
+    )
+    assert match, alert.body
+    armed = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
+    assert alerts.setup_started - 1 <= armed <= alerts.setup_started + 60, (armed, alerts.setup_started)
+    assert 12 <= alert.received - armed <= 60, (armed, alert.received)
     assert f"database: {alerts.database}" in alert.body
     assert f"deployment: {alerts.ui_url}/deployments/deployment/" in alert.body
     # the deployments on the default 26 h window stay quiet
-    assert not alerts.receiver.matching("dbops: nothing ran: nightly-dump/nightly-dump")
+    assert not receiver.matching("dbops: nothing ran: nightly-dump/nightly-dump")
+    # once per silence: two windows later there is still one (after the test above, they have passed)
+    from deployments.sandbox import wait_until
+
+    wait_until(lambda: time.time() > alert.received + 2 * 12, timeout=60, interval=0.5, what="two windows")
+    with (
+        temporary_settings(updates={PREFECT_API_URL: alerts.api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        assert len(receiver.matching(missing)) == 1, [a.text() for a in receiver.matching(missing)]
+        # A run completes (set Completed through the API: what matters here is the event the server sees)
+        quiet = client.read_deployment_by_name("nightly-dump/quiet-dump")
+        done = client.create_flow_run_from_deployment(quiet.id, state=Completed(message="done"))
+        (resolved,) = receiver.wait_for("dbops: resolved: nightly-dump/quiet-dump", timeout=60)
+        assert f"run: {alerts.ui_url}/runs/flow-run/{done.id}" in resolved.body
+        _, again = receiver.wait_for(missing, count=2, timeout=60)
+    assert re.search(
+        rf"for 12s: the last one ended \S+ \S+ UTC \({re.escape(alerts.ui_url)}/runs/flow-run/{done.id}\)",
+        again.body,
+    ), again.body
