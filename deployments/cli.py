@@ -1,6 +1,7 @@
 """`dbops`: the command line of dbops.
 
-    dbops setup [--config FILE] [--notify SLUG]       blocks, work pool, limits, variables, automation
+    dbops setup [--config FILE] [--notify SLUG] [--alert-window NAME=DURATION ...]
+                                                      blocks, work pool, limits, variables, alerts
     dbops deploy [--file prefect.yaml]                check prefect.yaml against the server, then deploy
     dbops migrate --deployment NAME [--param k=v ...] --wait [--timeout S] [--verbose]
     dbops run DEPLOYMENT [--param k=v ...] --wait [--timeout S] [--verbose]

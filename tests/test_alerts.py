@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,27 @@ def test_the_receiver_keeps_what_it_is_sent_even_when_it_is_not_a_webhook_payloa
         (other,) = receiver.wait_for("not a dbops webhook payload", timeout=10)
         assert other.body == "plain text"
     assert printed == ["s1", "(not a dbops webhook payload)"]
+
+
+def test_alert_windows_come_from_the_setup_config(tmp_path: Path) -> None:
+    from deployments.setup import load_config
+
+    cfg = tmp_path / "dbops.toml"
+    cfg.write_text(
+        'notify = "slack-webhook/dbops-alerts"\n'
+        "[alerts]\n"
+        'windows = { nightly-dump = "30h", restore-drill = "8d" }\n'
+        'base_backup_margin = "3h"\n'
+    )
+    config = load_config(cfg, environ={})
+    assert config.alerts.windows == {"nightly-dump": "30h", "restore-drill": "8d"}
+    assert config.alerts.base_backup_margin == "3h"
+
+
+def test_a_window_shorter_than_prefect_allows_is_refused_before_anything_is_asked_of_the_server() -> None:
+    from deployments.alerts import AlertConfig, watched_deployments
+
+    with pytest.raises(
+        ConfigurationError, match=r"window nightly-dump: 5s is shorter than Prefect's minimum of 10s"
+    ):
+        watched_deployments(AlertConfig(windows={"nightly-dump": "5s"}))
