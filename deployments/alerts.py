@@ -49,7 +49,7 @@ BASE_BACKUP = "base-backup"
 #: "nothing ran" windows by flow name; base-backup's comes from its schedule (see `base_backup_window`)
 DEFAULT_WINDOWS: dict[str, str] = {NIGHTLY_DUMP: "26h", WAL_ARCHIVE_CHECK: "1h"}
 DEFAULT_BASE_BACKUP_MARGIN = "2h"
-#: Prefect refuses proactive windows shorter than this
+#: Prefect's documented minimum for a proactive trigger's window
 MIN_WINDOW = timedelta(seconds=10)
 
 FAILED_AUTOMATION = "dbops: notify on failed or crashed runs"
@@ -386,3 +386,19 @@ def deployment_alerts(block_id: UUID, watched: Iterable[Watched]) -> list[Any]:
             out.append(missing_automation(w, block_id))
         out.append(resolved_automation(w, block_id))
     return out
+
+
+def remove_stale_alerts(kept: Iterable[str]) -> list[str]:
+    """Delete the per-deployment automations setup made for deployments that are gone (or no longer get
+    that kind of alert); returns their names. Only names with our prefixes are touched."""
+    from prefect.client.orchestration import get_client
+
+    keep = set(kept)
+    removed: list[str] = []
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            name = automation.name
+            if name.startswith((MISSING_PREFIX, RESOLVED_PREFIX)) and name not in keep:
+                client.delete_automation(automation.id)
+                removed.append(name)
+    return sorted(removed)

@@ -69,7 +69,7 @@ from flows.core.errors import ConfigurationError
 from flows.core.health.pooler import ADMIN_DATABASE
 from flows.core.redact import validation_summary
 
-Status = Literal["created", "updated", "exists", "registered", "not created"]
+Status = Literal["created", "updated", "exists", "registered", "not created", "removed"]
 
 
 class DatabaseConfig(BaseModel):
@@ -164,7 +164,7 @@ class SetupReport:
 
     @property
     def changed(self) -> bool:
-        return any(status in ("created", "updated") for _, _, status in self.items)
+        return any(status in ("created", "updated", "removed") for _, _, status in self.items)
 
     def render(self) -> str:
         width = max((len(f"{k} {n}") for k, n, _ in self.items), default=10)
@@ -347,7 +347,13 @@ def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | 
     "resolved" one. Deployments deployed after this ran get theirs from the next `dbops setup`."""
     from prefect.blocks.core import Block
 
-    from deployments.alerts import arm, deployment_alerts, ensure_automation, watched_deployments
+    from deployments.alerts import (
+        arm,
+        deployment_alerts,
+        ensure_automation,
+        remove_stale_alerts,
+        watched_deployments,
+    )
 
     try:
         block = Block.load(notify)
@@ -374,14 +380,18 @@ def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | 
                 f"[alerts] windows.{w.deployment})",
                 "not created",
             )
+    kept: list[str] = []
     for w in watched:
         changed = False
         for automation in deployment_alerts(block_id, [w]):
             status = ensure_automation(automation)
             changed = changed or status != "exists"
+            kept.append(automation.name)
             report.add("automation", automation.name, status)
         if changed and w.window is not None:
             arm(w)
+    for name in remove_stale_alerts(kept):  # its deployment is gone, or its kind no longer applies
+        report.add("automation", name, "removed")
 
 
 def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> SetupReport:

@@ -257,6 +257,19 @@ def test_setup_lists_every_alert_and_a_second_setup_changes_nothing(alerts: Aler
         "nightly-dump/quiet-dump": timedelta(seconds=12),
         "base-backup/base-backup": timedelta(hours=26),
     }
+    # a deployment that is gone takes its alerts with it; nothing else changes
+    with (
+        temporary_settings(updates={PREFECT_API_URL: alerts.api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        client.delete_deployment(client.read_deployment_by_name("base-backup/base-backup").id)
+        third = run_setup(alerts.setup_config, environ={})
+        assert not client.read_automations_by_name("dbops: nothing ran: base-backup/base-backup")
+    changed = sorted((n, st) for kind, n, st in third.items if kind == "automation" and st != "exists")
+    assert changed == [
+        ("dbops: nothing ran: base-backup/base-backup", "removed"),
+        ("dbops: resolved: base-backup/base-backup", "removed"),
+    ], third.render()
 
 
 def test_a_failed_dump_alerts_once_then_two_successes_resolve_it_once(alerts: AlertStack) -> None:
