@@ -9,8 +9,9 @@ setup:
 	@bash .ci/install-deps
 	uv sync --frozen
 
+# `make run NOTIFY=1`: alerts (failed, nothing ran, resolved) go to a local receiver that prints them here.
 run: setup
-	uv run python -m deployments.stack
+	uv run python -m deployments.stack $(if $(NOTIFY),--notify-local)
 
 test: setup
 	uv run pytest -q -n 2 --dist loadfile

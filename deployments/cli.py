@@ -1,6 +1,7 @@
 """`dbops`: the command line of dbops.
 
-    dbops setup [--config FILE] [--notify SLUG]       blocks, work pool, limits, variables, automation
+    dbops setup [--config FILE] [--notify SLUG] [--alert-window NAME=DURATION ...]
+                                                      blocks, work pool, limits, variables, alerts
     dbops deploy [--file prefect.yaml]                check prefect.yaml against the server, then deploy
     dbops migrate --deployment NAME [--param k=v ...] --wait [--timeout S] [--verbose]
     dbops run DEPLOYMENT [--param k=v ...] --wait [--timeout S] [--verbose]
@@ -157,6 +158,15 @@ def setup_command(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.notify:
         config.notify = args.notify
+    for item in args.alert_window or []:
+        name, sep, duration = item.partition("=")
+        if not sep or not name or not duration:
+            print(
+                f"dbops setup: --alert-window {item!r} is not NAME=DURATION (e.g. nightly-dump=26h)",
+                file=sys.stderr,
+            )
+            return 2
+        config.alerts.windows[name] = duration
     if not config.databases and not config.storage:
         print(
             "dbops setup: no databases or storage configured; pass --config FILE or set "
@@ -174,7 +184,15 @@ def setup_command(args: argparse.Namespace) -> int:
 def _setup(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("setup", help="create blocks, work pool, concurrency limits, variables (idempotent)")
     p.add_argument("--config", type=Path, default=None, help="TOML config (see deployments/setup.py)")
-    p.add_argument("--notify", default=None, help="notification block slug to alert on failed runs")
+    p.add_argument(
+        "--notify", default=None, help="notification block slug: alerts on failed, missing and resolved runs"
+    )
+    p.add_argument(
+        "--alert-window",
+        action="append",
+        metavar="NAME=DURATION",
+        help="'nothing ran' window for a flow or deployment, e.g. nightly-dump=26h (repeatable)",
+    )
     p.set_defaults(func=setup_command)
 
 

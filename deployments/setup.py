@@ -4,14 +4,20 @@ Registers our block types, creates database and storage blocks from a config fil
 (passwords stored as SecretStr, never echoed), the work pool, one global concurrency limit
 `db:<system identifier>:<database>` per database (it connects to learn the server's identity, so every
 block and spelling of one database shares one limit; a database it cannot reach is reported, not
-guessed), and, when a notification block is named, an automation that notifies on any Failed or
-Crashed run of a dbops deployment. Running it twice changes nothing: each item is reported as created,
+guessed), and, when a notification block is named, the alerts of deployments/alerts.py: an automation
+that notifies on any Failed or Crashed run of a dbops deployment, and per deployment a "nothing ran" one
+(no Completed nightly-dump for 26 h, wal-archive-check for 1 h, base-backup for its interval + margin) and
+a "resolved" one. Running it twice changes nothing: each item is reported as created,
 updated (the config changed) or existing.
 
 Config file (TOML):
 
     work_pool = "dbops"
     notify = "slack-webhook/dbops-alerts"        # optional: a notification block slug
+
+    [alerts]                                      # optional: "nothing ran" windows (deployments/alerts.py)
+    windows = { nightly-dump = "26h", wal-archive-check = "1h" }  # flow or deployment name = duration
+    base_backup_margin = "2h"                     # base-backup: its schedule's interval plus this
 
     [databases.imagemanager-prod]
     url = "postgresql://dbops@db1.internal:5432/imagemanager?sslmode=verify-full"
@@ -53,16 +59,17 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
+from deployments.alerts import BASE_BACKUP, FAILED_AUTOMATION, MISSING_PREFIX, AlertConfig, failed_automation
 from flows.core.errors import ConfigurationError
 from flows.core.health.pooler import ADMIN_DATABASE
 from flows.core.redact import validation_summary
 
-Status = Literal["created", "updated", "exists", "registered", "not created"]
+Status = Literal["created", "updated", "exists", "registered", "not created", "removed"]
 
 
 class DatabaseConfig(BaseModel):
@@ -92,6 +99,10 @@ class SetupConfig(BaseModel):
     notify: str | None = Field(default=None, description="Notification block slug to alert on failures.")
     databases: dict[str, DatabaseConfig] = Field(default_factory=dict)
     storage: dict[str, StorageConfig] = Field(default_factory=dict)
+    alerts: AlertConfig = Field(
+        default_factory=AlertConfig,
+        description="Windows of the 'nothing ran' alerts (see deployments/alerts.py); used with notify.",
+    )
     variables: dict[str, Any] = Field(
         default_factory=dict,
         description="Prefect Variables that prefect.yaml reads: dbops_storage (a storage block slug) and "
@@ -153,7 +164,7 @@ class SetupReport:
 
     @property
     def changed(self) -> bool:
-        return any(status in ("created", "updated") for _, _, status in self.items)
+        return any(status in ("created", "updated", "removed") for _, _, status in self.items)
 
     def render(self) -> str:
         width = max((len(f"{k} {n}") for k, n, _ in self.items), default=10)
@@ -327,13 +338,22 @@ def ensure_database_limit(block_name: str, block: Any, report: SetupReport) -> N
     ensure_limit(limit_name(identity), report)
 
 
-AUTOMATION_NAME = "dbops: notify on failed or crashed runs"
+AUTOMATION_NAME = FAILED_AUTOMATION
 
 
-def ensure_notification(notify: str, report: SetupReport) -> None:
-    """One automation: any Failed or Crashed flow run tagged `dbops` sends to the notification block."""
-    from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | None = None) -> None:
+    """The alerts of deployments/alerts.py, sent to the notification block: one automation for any Failed
+    or Crashed dbops run, and per dbops deployment on the server a "nothing ran" one (periodic jobs) and a
+    "resolved" one. Deployments deployed after this ran get theirs from the next `dbops setup`."""
     from prefect.blocks.core import Block
+
+    from deployments.alerts import (
+        arm,
+        deployment_alerts,
+        ensure_automation,
+        remove_stale_alerts,
+        watched_deployments,
+    )
 
     try:
         block = Block.load(notify)
@@ -341,31 +361,37 @@ def ensure_notification(notify: str, report: SetupReport) -> None:
         raise ConfigurationError(
             f"notification block {notify!r} does not exist; create it in the Prefect UI or fix `notify`"
         ) from None
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        if client.read_automations_by_name(AUTOMATION_NAME):
-            report.add("automation", AUTOMATION_NAME, "exists")
-            return
-    Automation(
-        name=AUTOMATION_NAME,
-        description="Created by dbops setup: a dbops job needs a person.",
-        trigger=EventTrigger(
-            match={"prefect.resource.id": "prefect.flow-run.*"},
-            match_related={"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.dbops"},
-            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
-            posture=Posture.Reactive,
-            threshold=1,
-        ),
-        actions=[
-            SendNotification(
-                block_document_id=block._block_document_id,
-                subject="dbops: {{ flow.name }} {{ flow_run.state.name }}",
-                body="{{ flow_run.name }} ended {{ flow_run.state.name }}: {{ flow_run.state.message }}",
+    block_id = cast(Block, block)._block_document_id
+    if block_id is None:  # a saved block always has one; say so rather than send alerts nowhere
+        raise ConfigurationError(f"notification block {notify!r} has no document id; save it again")
+    watched = watched_deployments(alerts or AlertConfig())  # config errors before anything changes
+    report.add("automation", AUTOMATION_NAME, ensure_automation(failed_automation(block_id)))
+    if not watched:
+        report.add(
+            "automation",
+            "per deployment (no dbops deployment on the server yet: run dbops setup again after deploy)",
+            "not created",
+        )
+    for w in watched:
+        if w.window is None and BASE_BACKUP in (w.flow, w.deployment):
+            report.add(
+                "automation",
+                f"{MISSING_PREFIX}{w.full_name} (no active schedule to derive its window from; set "
+                f"[alerts] windows.{w.deployment})",
+                "not created",
             )
-        ],
-    ).create()
-    report.add("automation", AUTOMATION_NAME, "created")
+    kept: list[str] = []
+    for w in watched:
+        changed = False
+        for automation in deployment_alerts(block_id, [w]):
+            status = ensure_automation(automation)
+            changed = changed or status != "exists"
+            kept.append(automation.name)
+            report.add("automation", automation.name, status)
+        if changed and w.window is not None:
+            arm(w)
+    for name in remove_stale_alerts(kept):  # its deployment is gone, or its kind no longer applies
+        report.add("automation", name, "removed")
 
 
 def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> SetupReport:
@@ -387,7 +413,7 @@ def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> S
     if config.variables:
         set_variables(config.variables, report)
     if config.notify:
-        ensure_notification(config.notify, report)
+        ensure_notification(config.notify, report, config.alerts)
     return report
 
 

@@ -6,8 +6,10 @@
        (`imagemanager_staging`), unless DBOPS_DATABASE_URL names a real database
     3. local backup storage (.state/backups), or S3 when DBOPS_STORAGE_URL=s3://bucket/folder is set
     4. `dbops setup` (blocks, work pool, concurrency limits), then `prefect deploy --all` from prefect.yaml
-    5. a process worker on the `dbops` pool
-    6. one nightly dump and one WAL archive check, triggered at once and followed to the end
+    5. with `make run NOTIFY=1` (`--notify-local`): a local alert receiver that prints every alert here,
+       and `dbops setup --notify` pointing the alerts (failed, nothing ran, resolved) at it
+    6. a process worker on the `dbops` pool
+    7. one nightly dump and one WAL archive check, triggered at once and followed to the end
 Then it prints the UI address, what ran and where the backup landed, the storage, and commands for a second
 shell, and keeps serving until Ctrl-C, SIGTERM or SIGHUP (`--once` stops right away, for CI). Everything
 lives in one state folder, reused by the next run; `<state>/run/` records the pids of what it started and
@@ -43,6 +45,7 @@ SCRATCH_BLOCK = "imagemanager-scratch"
 RESTORED_BLOCK = "imagemanager-restored"
 RESTORED_DATABASE = "imagemanager_restored"
 STORAGE_BLOCK = "imagemanager-backups"
+LOCAL_ALERTS_BLOCK = "dbops-local-alerts"
 
 
 STACK_LOG: list[Path] = []  # <state>/logs/stack.log once the state folder is known
@@ -101,6 +104,7 @@ class Stack:
         self.port = port
         self.storage_slug = ""
         self.prefix = "prod"
+        self.receiver: Any = None  # the local alert receiver (`make run NOTIFY=1`)
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(self.state / "prefect"),
@@ -134,8 +138,8 @@ class Stack:
             port_file.write_text(str(port))
             url = f"http://127.0.0.1:{port}/api"
             log(f"starting a local Prefect server on {url} (SQLite in {self.state / 'prefect'})")
-            argv = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-            proc = self.spawn("prefect server", argv)
+            self.env.update(prefect_server_env(port))
+            proc = self.spawn("prefect server", prefect_server_argv(port))
             stackstate.write_pid(self.state, "prefect-server", proc.pid)
             stackstate.write_api_url(self.state, url)
             _wait_http(f"{url}/health", timeout=180, what="the Prefect server", procs=self.procs)
@@ -282,6 +286,28 @@ class Stack:
         names = [d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]]
         log(f"deployed {len(names)} deployments: {', '.join(names)}")
 
+    # -- alerts -------------------------------------------------------------------------------------------
+
+    def start_alert_receiver(self) -> str:
+        """`make run NOTIFY=1`: a receiver on 127.0.0.1 that prints every alert here (and in stack.log),
+        and Prefect's webhook block pointing at it; returns the block's slug for `dbops setup --notify`."""
+        from deployments.alert_receiver import AlertReceiver, format_alert, webhook_block
+
+        self.receiver = AlertReceiver(on_alert=lambda alert: say(format_alert(alert))).start()
+        # the same block document every run (only its URL changes), so the automations stay as they are
+        webhook_block(self.receiver.url).save(LOCAL_ALERTS_BLOCK, overwrite=True)
+        log(f"alerts go to a local receiver on {self.receiver.url}; each one is printed here")
+        return f"custom-webhook/{LOCAL_ALERTS_BLOCK}"
+
+    def setup_alerts(self, notify: str) -> None:
+        """After the deployments exist: the alerts are per deployment (deployments/alerts.py)."""
+        from deployments.setup import SetupReport, ensure_notification
+
+        log(f"dbops setup --notify {notify}")
+        report = SetupReport()
+        ensure_notification(notify, report)
+        say(report.render())
+
     def start_worker(self) -> None:
         log("starting a process worker on the dbops pool")
         proc = self.spawn(
@@ -341,6 +367,12 @@ class Stack:
     def stop(self) -> None:
         """Stop everything this run started or adopted, in reverse order. Each step is guarded: one that
         fails (or a terminal that went away) must not leave the ones after it running."""
+        if self.receiver is not None:
+            try:
+                self.receiver.stop()
+                log("stopped the local alert receiver")
+            except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+                say(f"make run: stopping the alert receiver failed ({exc})", err=True)
         units: list[tuple[str, subprocess.Popen[bytes] | int]] = [*self.adopted, *self.procs]
         for name, proc in reversed(units):
             try:
@@ -371,6 +403,17 @@ class Stack:
                 )
         if stackstate.live_pid(self.state, "stack") == os.getpid():
             stackstate.forget(self.state, "stack")
+
+
+def prefect_server_argv(port: int) -> list[str]:
+    return ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def prefect_server_env(port: int) -> dict[str, str]:
+    """What a local server needs beyond its PREFECT_HOME. The UI address: the server builds the run links
+    in alert messages (`{{ flow_run|ui_url }}`) from it, and without PREFECT_API_URL in its own
+    environment it has none, so every link would read "None"."""
+    return {"PREFECT_UI_URL": f"http://127.0.0.1:{port}"}
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -461,6 +504,11 @@ def banner(stack: Stack, url: str, code: int, latest: str) -> str:
         "uv run dbops migrate --wait",
     ]
     pad = "\n" + " " * 18
+    alerts = (
+        f"printed here as they arrive (local receiver {stack.receiver.url})"
+        if stack.receiver is not None
+        else "none wired (`make run NOTIFY=1` prints them here; README: Alerts)"
+    )
     return f"""
 == dbops is up
    Prefect UI     {ui}
@@ -469,6 +517,7 @@ def banner(stack: Stack, url: str, code: int, latest: str) -> str:
    storage        {stack.storage_slug}, prefix {stack.prefix}
    state folder   {stack.state}   (a second `make run` reuses it; `make clean` removes it)
    leftovers      {"; ".join(stack.notes) if stack.notes else "none: everything was started by this run"}
+   alerts         {alerts}
    schedules      nightly-dump 02:00, wal-archive-check every 15 min, weekly-reindex Sun 03:00,
                   restore-drill Sun 05:00, db-health hourly (UTC); migrate runs only when triggered
    second shell   `dbops` finds this server by itself; `prefect` commands need:
@@ -480,6 +529,11 @@ def banner(stack: Stack, url: str, code: int, latest: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make run", description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="stop after the first jobs (CI)")
+    parser.add_argument(
+        "--notify-local",
+        action="store_true",
+        help="alerts to a local receiver that prints them here (what `make run NOTIFY=1` passes)",
+    )
     parser.add_argument("--state", type=Path, default=Path(os.environ.get("DBOPS_STATE_DIR", DEFAULT_STATE)))
     args = parser.parse_args(argv)
     check_environment()
@@ -506,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             urls = stack.start_postgres()
             stack.setup(urls)
             stack.deploy()
+            if args.notify_local:
+                stack.setup_alerts(stack.start_alert_receiver())
             stack.start_worker()
             code = stack.run_first_jobs()
             latest = latest_backup_line(stack.storage_slug)

@@ -86,7 +86,7 @@ def stack() -> Iterator[RunningStack]:
     # `make run 2>&1 | tee run.log`, as a user pipes it: stack and tee in one process group, so Ctrl-C
     # reaches (and kills) the tee too. The shell exits with the stack's own exit code.
     pipeline = (  # `trap :` so the shell itself outlives the Ctrl-C and reports the stack's exit code
-        f"trap : INT; {shlex.quote(sys.executable)} -m deployments.stack "
+        f"trap : INT; {shlex.quote(sys.executable)} -m deployments.stack --notify-local "
         f"--state {shlex.quote(str(state))} 2>&1 "
         f"| tee {shlex.quote(str(state / 'run.log'))}; exit ${{PIPESTATUS[0]}}"
     )
@@ -186,10 +186,13 @@ def test_the_server_holds_every_deployment_with_the_schedules_of_prefect_yaml(ap
     assert not [s for s in deployments_in_yaml() if s["name"] in ("migrate", "restore")][0].get("schedules")
 
 
-def test_each_other_deployment_completes_when_triggered_with_its_defaults(api: str) -> None:
+def test_each_other_deployment_completes_when_triggered_with_its_defaults(
+    stack: RunningStack, api: str
+) -> None:
     """Every deployment of prefect.yaml the stack did not run yet, defaults only, all started at once as a
     busy Sunday morning would: the db:<name> limits queue them, none fails. Then a second restore with
-    the defaults is refused (the first one's database exists), with the sentence saying what to do."""
+    the defaults is refused (the first one's database exists), with the sentence saying what to do, and
+    (the stack runs as `make run NOTIFY=1`) its alert is printed on the stack's console."""
     from prefect.client.orchestration import get_client
 
     specs = [s for s in deployments_in_yaml() if s["name"] not in ("nightly-dump", "wal-archive-check")]
@@ -208,6 +211,14 @@ def test_each_other_deployment_completes_when_triggered_with_its_defaults(api: s
         again = wait_final(client, {"restore/restore": start(client, "restore/restore")})
     kind, message = again["restore/restore"]
     assert kind == "FAILED" and "already exists" in message and "mode=replace" in message, message
+    wait_until(
+        lambda: "== alert: dbops: restore/restore Failed (imagemanager)" in stack.output,
+        timeout=120,
+        interval=0.5,
+        what="the failed restore's alert on the stack's console",
+    )
+    assert re.search(r"automation dbops: nothing ran: nightly-dump/nightly-dump\s+created", stack.output)
+    assert "alerts         printed here as they arrive (local receiver http://127.0.0.1:" in stack.output
     # the paused one, triggered anyway, says which block is missing and how to make it
     kind, message = final["pgbouncer-check/pgbouncer-check"]
     assert kind == "FAILED" and "imagemanager-pgbouncer" in message and "dbops setup" in message, message
