@@ -142,7 +142,7 @@ class Stack:
             proc = self.spawn("prefect server", prefect_server_argv(port))
             stackstate.write_pid(self.state, "prefect-server", proc.pid)
             stackstate.write_api_url(self.state, url)
-            _wait_http(f"{url}/health", timeout=180, what="the Prefect server", procs=self.procs)
+            wait_http(f"{url}/health", timeout=180, what="the Prefect server", procs=self.procs)
         self.env["PREFECT_API_URL"] = url
         os.environ["PREFECT_API_URL"] = url
         os.environ["PREFECT_HOME"] = self.env["PREFECT_HOME"]
@@ -456,7 +456,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _wait_http(url: str, timeout: float, what: str, procs: list) -> None:
+def wait_http(url: str, timeout: float, what: str, procs: list) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for name, proc in procs:

@@ -32,7 +32,7 @@ from deployments.alerts import AlertConfig
 from deployments.deploy import prefect_bin
 from deployments.sandbox import free_port
 from deployments.setup import SetupConfig, SetupReport, ensure_work_pool, run_setup
-from deployments.stack import _wait_http, prefect_server_argv, prefect_server_env
+from deployments.stack import prefect_server_argv, prefect_server_env, wait_http
 from tests.conftest import make_local_block
 from tests.harness.pg import PgCluster
 
@@ -125,7 +125,7 @@ def alerts(pg: PgCluster) -> Iterator[AlertStack]:
     try:
         server = _spawn([prefect_bin(), *prefect_server_argv(port)[1:]], env, home / "server.log")
         procs.append(server)
-        _wait_http(
+        wait_http(
             f"{api_url}/health", timeout=180, what="the Prefect server", procs=[("prefect server", server)]
         )
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
