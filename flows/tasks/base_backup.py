@@ -48,7 +48,7 @@ from flows.core.objectstore import part_size_for
 from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import ConnParams
 from flows.core.retention import RetentionPlan
-from flows.core.wal import format_lsn, parse_wal_name, segment_name
+from flows.core.wal import format_lsn, parse_lsn, parse_wal_name, segment_name, segno_of_lsn
 from flows.core.wal_archive import ArchiveLocation, WalArchive, wait_for
 from flows.tasks.backup import load_database
 from flows.tasks.common import Progress, dbops_task, human_bytes
@@ -219,10 +219,15 @@ def confirm_wal_archived(
     facts = result.facts
     needed = facts.needed_segments()
     with load_database(pre.block).connect() as conn:
-        current = str(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0])  # type: ignore[index]
-        if current in needed:
+        current = str(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])  # type: ignore[index]
+        # the segment being written now (XLByteToSeg: at a boundary it is the next, still empty one)
+        if segno_of_lsn(parse_lsn(current), facts.segment_size) <= segno_of_lsn(
+            facts.stop_lsn - 1, facts.segment_size
+        ):
             conn.execute("SELECT pg_switch_wal()")
-            logger.info("switched WAL: the backup's stop segment %s was still the current one", current)
+            logger.info(
+                "switched WAL: the backup's stop segment %s was still the current one", facts.stop_wal
+            )
     opened = open_archive(archive)
     confirmed: set[str] = set()
 
