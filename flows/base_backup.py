@@ -131,9 +131,11 @@ def base_backup(
         storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
         prefix: Folder inside the storage for this environment's backups (e.g. prod); may be empty.
         archive: Where archive_command stores WAL (the WAL archive check's parameter); empty: the Prefect
-            Variable dbops_wal_archive. Every segment the backup needs is confirmed there.
+            Variable dbops_wal_archive. Every segment the backup needs is confirmed there before the
+            manifest is written (not with include_wal).
         include_wal: Put the WAL the backup needs into the tar (pg_basebackup -X fetch): it then reaches
-            consistency without the archive (still needed to recover past the backup's end).
+            consistency without the archive, which is not waited for (it is still needed to recover past
+            the backup's end).
         verify: list (default): read the stored object back and walk its tar listing; full: also compare
             the sha256 of every stored byte; none: skip (retention then does not run).
         retention: Keep-last / daily / weekly / monthly / max-age policy for base backups; empty: keep all.
@@ -146,7 +148,8 @@ def base_backup(
         options = options or BaseBackupOptions()
         require_store_kind(storage)
         check_prefix(prefix)
-        location = resolve_archive(archive, include_wal)
+        # With its WAL in the tar the backup needs no archive to be consistent: nothing to wait for.
+        location = None if include_wal else resolve_archive(archive)
 
         with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
             # 1. preflight
@@ -169,17 +172,13 @@ def base_backup(
             )
 
             # 3. WAL
-            wal_archived = False
             if location is not None:
                 needed = confirm_wal_archived(
                     pre, storage, location, stem, result, timeout_seconds=options.wal_timeout_seconds
                 )
-                wal_archived = True
                 wal = f"{len(needed)} segment(s) {needed[0]}..{needed[-1]} confirmed in {location.describe()}"
             else:
-                wal = f"in the tar ({len(result.wal_files)} file(s)); no archive given to confirm against"
-            if include_wal:
-                wal = f"in the tar ({len(result.wal_files)} file(s)); " + wal
+                wal = f"in the tar: {len(result.wal_files)} file(s) in pg_wal, consistent without the archive"
 
             # 4. verify
             verification = None
@@ -193,7 +192,7 @@ def base_backup(
                 stem,
                 result,
                 include_wal=include_wal,
-                wal_archived=wal_archived,
+                wal_archived=location is not None,
                 level=options.compression_level,
                 method=verify,
                 verification=verification,

@@ -375,6 +375,30 @@ def test_archiving_off_without_include_wal_is_refused(pg: PgCluster, tmp_path: P
     assert "archive_mode is off" in message and "include_wal=true" in message
 
 
+def test_archive_defaults_to_the_prefect_variable_of_the_wal_check(
+    cluster: tuple[PgCluster, Path], tmp_path: Path, unique: str
+) -> None:
+    """Like the wal-archive-check deployment: no `archive` given, the Variable dbops_wal_archive says it."""
+    from prefect.variables import Variable
+
+    pg, _archive = cluster
+    nowhere = f"/nonexistent/wal-{unique}"
+    previous = Variable.get("dbops_wal_archive", default=None)
+    Variable.set("dbops_wal_archive", {"directory": nowhere}, overwrite=True)
+    try:
+        state = base_backup(
+            database=block(pg, f"base-var-{unique}"),
+            storage=make_local_block(f"base-var-{unique}", tmp_path / "store"),
+            return_state=True,
+        )
+    finally:
+        if previous is None:
+            Variable.unset("dbops_wal_archive")
+        else:
+            Variable.set("dbops_wal_archive", previous, overwrite=True)
+    assert f"archive directory {nowhere} does not exist" in failure_message(state)
+
+
 def test_missing_bucket_fails_before_pg_basebackup_runs(
     cluster: tuple[PgCluster, Path], s3: S3Endpoint, unique: str
 ) -> None:

@@ -71,14 +71,12 @@ class BasePreflight:
     pg_basebackup: PgTool
 
 
-def resolve_archive(archive: ArchiveLocation | None, include_wal: bool) -> ArchiveLocation | None:
+def resolve_archive(archive: ArchiveLocation | None) -> ArchiveLocation:
     """The `archive` parameter, else the Prefect Variable the WAL archive check's deployment uses."""
     if archive is not None:
         return archive
     raw = Variable.get(ARCHIVE_VARIABLE, default=None)
-    if raw is None:
-        if include_wal:
-            return None
+    if raw in (None, ""):
         raise ConfigurationError(
             f"no WAL archive given and no Prefect Variable {ARCHIVE_VARIABLE}; pass archive (the WAL archive "
             "check's location), or include_wal=true for a self-contained base backup"
