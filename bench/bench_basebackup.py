@@ -114,7 +114,7 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def flow_child(database: str, storage: str, archive: str, result_path: str) -> int:
+def flow_child(database: str, storage: str, archive: str, result_path: str, verify: str) -> int:
     """In the child process: run the flow, report its own wall time and peak RSS (VmHWM)."""
     from flows.base_backup import base_backup
     from flows.core.wal_archive import ArchiveLocation
@@ -126,7 +126,7 @@ def flow_child(database: str, storage: str, archive: str, result_path: str) -> i
         database=database,
         storage=storage,
         archive=ArchiveLocation(directory=archive),
-        verify="list",
+        verify=verify,  # list or none, from the parent
         return_state=True,
     )
     t2 = time.monotonic()
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1GB")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--flow-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--flow-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.flow_child:
         return flow_child(*args.flow_child)
@@ -246,37 +246,43 @@ def run_all(cluster: Any, workdir: Path) -> dict[str, Any]:
             password=cluster.password,
         ).save(DB_BLOCK, overwrite=True)
         LocalFileSystem(basepath=str(store_dir)).save(STORE_BLOCK, overwrite=True)
-        result_path = workdir / "flow-result.json"
         env = {
             **os.environ,
             "PREFECT_API_URL": str(PREFECT_API_URL.value()),
             "PREFECT_HOME": str(workdir / "prefect-home"),
             "DBOPS_TASK_RETRIES": "0",
         }
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.bench_basebackup",
-            "--flow-child",
-            DB_BLOCK,
-            f"local-file-system/{STORE_BLOCK}",
-            str(workdir / "wal_archive"),
-            str(result_path),
-        ]
-        OUT_DIR.mkdir(parents=True, exist_ok=True)
-        proc = run_measured(argv, env=env, log=OUT_DIR / "basebackup-flow.log")
-        child = json.loads(result_path.read_text())
+        runs: dict[str, tuple[Measured, dict[str, Any]]] = {}
+        for verify in ("list", "none"):  # none: the stream alone, what pgBackRest's backup does
+            result_path = workdir / f"flow-result-{verify}.json"
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.bench_basebackup",
+                "--flow-child",
+                DB_BLOCK,
+                f"local-file-system/{STORE_BLOCK}",
+                str(workdir / "wal_archive"),
+                str(result_path),
+                verify,
+            ]
+            OUT_DIR.mkdir(parents=True, exist_ok=True)
+            m = run_measured(argv, env=env, log=OUT_DIR / f"basebackup-flow-{verify}.log")
+            runs[verify] = (m, json.loads(result_path.read_text()))
+    proc, child = runs["list"]
     report = child["report"]
     flow_rss = child["self_maxrss_kb"] / 1024
-    rows["c. dbops base_backup (flow run)"] = {
-        "wall": child["flow_seconds"],
-        "cpu": proc.cpu,
-        "server_cpu": proc.server_cpu,
-        "bytes": report["bytes"],
-        "rss_mb": flow_rss,
-        "note": "flow process VmHWM; children: "
-        + ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(child["children_peak_kb"].items())),
-    }
+    for verify, (m, got) in runs.items():
+        name = "c. dbops base_backup (flow run)" if verify == "list" else "d. dbops base_backup, verify=none"
+        rows[name] = {
+            "wall": got["flow_seconds"],
+            "cpu": m.cpu,
+            "server_cpu": m.server_cpu,
+            "bytes": got["report"]["bytes"],
+            "rss_mb": got["self_maxrss_kb"] / 1024,
+            "note": "flow process VmHWM; children: "
+            + ", ".join(f"{k} {v / 1024:.0f}" for k, v in sorted(got["children_peak_kb"].items())),
+        }
     rows["   c: whole process (interpreter, imports, flow)"] = _row(proc, None)
     c, b = rows["c. dbops base_backup (flow run)"], rows["b. pgbackrest backup --type=full"]
     targets = [
