@@ -8,6 +8,7 @@ Same cluster (archiving with `cp %p DIR/%f`), same local disk, one run each:
   a. pg_basebackup -D - -Ft -X none --checkpoint=fast > /dev/null   the floor: read and send, nothing kept
   b. pgbackrest backup --type=full (posix repo, compress-type=zst, process-max=2)
   c. dbops base_backup flow into a local-file-system block (verify=list, WAL confirmed in the archive)
+  d. the same flow with verify=none: the stream alone, which is all pgBackRest's backup does
 Targets: c ≤ 1.1× b's wall time, c's output ≤ 1.05× b's, c's peak RSS < 300 MB.
 """
 
