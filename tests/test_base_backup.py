@@ -261,7 +261,7 @@ def test_archive_location_that_never_gets_the_wal_fails_after_the_timeout_and_re
     assert [i.key for i in LocalObjectStore(tmp_path / "store").list("")] == []
 
 
-def test_killed_pg_basebackup_aborts_the_multipart_upload_and_stores_nothing(
+def test_killed_pg_basebackup_aborts_the_multipart_upload_stores_nothing_and_never_saw_the_password(
     cluster: tuple[PgCluster, Path], s3: S3Endpoint, bucket: str
 ) -> None:
     pg, _archive = cluster
@@ -270,9 +270,12 @@ def test_killed_pg_basebackup_aborts_the_multipart_upload_and_stores_nothing(
     started: list[subprocess.Popen[bytes]] = []
     killed: list[int] = []
 
+    environ: list[bytes] = []
+
     def progress(raw: int, _stored: int) -> None:
         if raw > 0 and not killed:
             assert started[0].poll() is None, "pg_basebackup finished too soon"
+            environ.append(Path(f"/proc/{started[0].pid}/environ").read_bytes())
             started[0].send_signal(signal.SIGKILL)
             killed.append(raw)
 
@@ -291,6 +294,9 @@ def test_killed_pg_basebackup_aborts_the_multipart_upload_and_stores_nothing(
             on_start=started.append,
         )
     assert killed and started[0].returncode == -signal.SIGKILL
+    # the password reached pg_basebackup through a passfile, never argv or the environment
+    assert pg.password not in " ".join(map(str, started[0].args)) and pg.password.encode() not in environ[0]
+    assert b"PGPASSFILE=" in environ[0] and b"PGPASSWORD=" not in environ[0]
     assert (
         "SIGKILL" in str(info.value) and "nothing was stored" in str(info.value) and is_transient(info.value)
     )
