@@ -303,6 +303,47 @@ def test_killed_pg_basebackup_aborts_the_multipart_upload_stores_nothing_and_nev
     assert list(store.list("")) == [] and store.list_incomplete_uploads() == []
 
 
+def test_s3_endpoint_dying_mid_stream_is_transient_and_stops_pg_basebackup_and_its_walsender(
+    cluster: tuple[PgCluster, Path], unique: str
+) -> None:
+    from flows.core.errors import StorageUnavailable
+    from tests.harness.s3 import s3_endpoint
+
+    pg, _archive = cluster
+    version = int(pg.sql("SHOW server_version_num")[0][0])
+    started: list[subprocess.Popen[bytes]] = []
+    with s3_endpoint() as doomed:
+        store = S3ObjectStore(doomed.client(), doomed.create_bucket(f"doomed-{unique}"))
+        killed: list[int] = []
+
+        def progress(raw: int, _stored: int) -> None:
+            if raw > 0 and not killed:
+                doomed.process.kill()
+                doomed.process.wait()
+                killed.append(raw)
+
+        with pytest.raises(DbopsError) as info:
+            stream_base_backup(
+                ConnParams(pg.host, pg.port, "imagemanager", pg.superuser, pg.password),
+                store,
+                "prod/imagemanager/base/x.tar.zst",
+                tool=find_tool("pg_basebackup", version),
+                label="dbops-test-s3-dies",
+                include_wal=False,
+                segment_size=MiB,
+                part_size=5 * MiB,
+                progress=progress,
+                on_start=started.append,
+            )
+    assert killed
+    assert isinstance(info.value, StorageUnavailable) and is_transient(info.value), repr(info.value)
+    assert started[0].poll() is not None, "pg_basebackup was left running"
+    wait_until(
+        lambda: pg.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'") == [(0,)],
+        what="the server to end the walsender of the abandoned base backup",
+    )
+
+
 # -- preflight: who may take a base backup, of what -----------------------------------------------
 
 
