@@ -576,7 +576,7 @@ def _reworded(exc: DbopsError, run: ToolRun) -> DbopsError:
     text = run.stderr_text()
     if "pg_hba.conf" in text or ("replication" in text.lower() and "role" in text.lower()):
         return classify_replication_error(text, run.params)
-    msg = str(exc).replace("the upload was aborted", "the base backup upload was aborted, nothing was stored")
+    msg = str(exc).replace("the upload was aborted", "the base backup's upload was aborted (nothing stored)")
     return type(exc)(msg) if msg != str(exc) else exc
 
 
