@@ -23,6 +23,7 @@ VARIABLE_RE = re.compile(r"^\{\{\s*prefect\.variables\.([a-z0-9_]+)\s*\}\}$")
 #: parameters that name a PostgresDatabase block / a storage block slug, per flow function
 DATABASE_PARAMS: dict[str, tuple[str, ...]] = {
     "nightly_dump": ("database",),
+    "base_backup": ("database",),
     "wal_archive_check": ("database",),
     "weekly_reindex": ("database",),
     "restore_drill": ("scratch",),

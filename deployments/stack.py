@@ -9,7 +9,7 @@
     5. with `make run NOTIFY=1` (`--notify-local`): a local alert receiver that prints every alert here,
        and `dbops setup --notify` pointing the alerts (failed, nothing ran, resolved) at it
     6. a process worker on the `dbops` pool
-    7. one nightly dump and one WAL archive check, triggered at once and followed to the end
+    7. one base backup, one nightly dump and one WAL archive check, triggered at once and followed to the end
 Then it prints the UI address, what ran and where the backup landed, the storage, and commands for a second
 shell, and keeps serving until Ctrl-C, SIGTERM or SIGHUP (`--once` stops right away, for CI). Everything
 lives in one state folder, reused by the next run; `<state>/run/` records the pids of what it started and
@@ -319,7 +319,13 @@ class Stack:
         from deployments.trigger import trigger_and_wait
 
         worst = 0
-        for deployment in ("nightly-dump/nightly-dump", "wal-archive-check/wal-archive-check"):
+        # The base backup first, as on the schedule (01:00 before the 02:00 dump): with the archive it is
+        # what point-in-time recovery starts from.
+        for deployment in (
+            "base-backup/base-backup",
+            "nightly-dump/nightly-dump",
+            "wal-archive-check/wal-archive-check",
+        ):
             log(f"running {deployment}")
             # On a fresh sandbox nothing may be archived yet: the active probe switches WAL and waits.
             parameters = {"active": True} if deployment.startswith("wal") else None
@@ -512,14 +518,15 @@ def banner(stack: Stack, url: str, code: int, latest: str) -> str:
     return f"""
 == dbops is up
    Prefect UI     {ui}
-   ran            nightly-dump and wal-archive-check ({"all completed" if code == 0 else "see above"})
+   ran            base-backup, nightly-dump, wal-archive-check ({"all completed" if code == 0 else "see log"})
    latest backup  {latest}
    storage        {stack.storage_slug}, prefix {stack.prefix}
    state folder   {stack.state}   (a second `make run` reuses it; `make clean` removes it)
    leftovers      {"; ".join(stack.notes) if stack.notes else "none: everything was started by this run"}
    alerts         {alerts}
-   schedules      nightly-dump 02:00, wal-archive-check every 15 min, weekly-reindex Sun 03:00,
-                  restore-drill Sun 05:00, db-health hourly (UTC); migrate runs only when triggered
+   schedules      base-backup 01:00, nightly-dump 02:00, wal-archive-check every 15 min,
+                  weekly-reindex Sun 03:00, restore-drill Sun 05:00, db-health hourly (UTC);
+                  migrate runs only when triggered
    second shell   `dbops` finds this server by itself; `prefect` commands need:
                   {pad.join(env_lines)}
    try            {pad.join(commands)}

@@ -151,18 +151,23 @@ def flow_name(entrypoint: str) -> str:
 
 def test_first_dump_and_wal_check_completed_and_the_backup_is_where_it_says(stack: RunningStack) -> None:
     out = stack.output
-    assert "nightly-dump and wal-archive-check (all completed)" in out, out[-4000:]
+    assert "base-backup, nightly-dump, wal-archive-check (all completed)" in out, out[-4000:]
     # Every line is dbops's own: the runs' log lines say whose they are, and prefect deploy's advice to
     # start a worker (the stack started one) stays in its log file.
     assert "start a worker" not in out, out[-4000:]
     for line in out.splitlines():
         if "Finished in state" in line:
-            assert line.startswith(("   nightly-dump | ", "   wal-archive-check | ")), line
+            assert line.startswith(("   base-backup | ", "   nightly-dump | ", "   wal-archive-check | ")), (
+                line
+            )
     match = re.search(r"latest backup\s+file://(\S+)", out)
     assert match, out[-4000:]
     dump = Path(match.group(1))
     assert dump.is_file() and dump.stat().st_size > 10_000
     assert dump.is_relative_to(stack.state / "backups")
+    # and the first base backup, manifest written last, beside the dumps
+    base = [p for p in (stack.state / "backups").rglob("*.manifest.json") if "/base/" in str(p)]
+    assert len(base) == 1 and base[0].with_name(base[0].name.replace(".manifest.json", ".tar.zst")).is_file()
 
 
 def test_the_server_holds_every_deployment_with_the_schedules_of_prefect_yaml(api: str) -> None:
@@ -195,7 +200,8 @@ def test_each_other_deployment_completes_when_triggered_with_its_defaults(
     (the stack runs as `make run NOTIFY=1`) its alert is printed on the stack's console."""
     from prefect.client.orchestration import get_client
 
-    specs = [s for s in deployments_in_yaml() if s["name"] not in ("nightly-dump", "wal-archive-check")]
+    first = ("base-backup", "nightly-dump", "wal-archive-check")  # the stack ran these already
+    specs = [s for s in deployments_in_yaml() if s["name"] not in first]
 
     def paused(spec: dict[str, Any]) -> bool:  # ships paused: it needs a block only some sites have
         return bool(spec.get("schedules")) and not any(s.get("active", True) for s in spec["schedules"])

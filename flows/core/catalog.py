@@ -72,24 +72,47 @@ class Catalog:
 
     def in_use(self, now: datetime) -> dict[str, str]:
         """stem -> who reads it, for stems with an unexpired lease (or an unreadable one: fail closed)."""
-        found: dict[str, str] = {}
-        for stem, leases in self.leases.items():
-            for key, lease in leases:
-                if isinstance(lease, str):
-                    found[stem] = f"{key}: {lease}"
-                elif lease.expires_at > now:
-                    found[stem] = (
-                        f"{lease.purpose} run {lease.run_id} until {lease.expires_at:%Y-%m-%d %H:%M}Z"
-                    )
-        return found
+        return leases_in_use(self.leases, now)
 
     def expired_leases(self, now: datetime) -> list[str]:
-        return [
-            key
-            for leases in self.leases.values()
-            for key, lease in leases
-            if not isinstance(lease, str) and lease.expires_at <= now
-        ]
+        return expired_lease_keys(self.leases, now)
+
+
+Leases = dict[str, list[tuple[str, Lease | str]]]  # stem -> (lease key, lease or why it is unreadable)
+
+
+def leases_in_use(leases: Leases, now: datetime) -> dict[str, str]:
+    """stem -> who reads it, for stems with an unexpired lease (or an unreadable one: fail closed).
+
+    Shared by every kind of backup that readers lease (dumps, base backups)."""
+    found: dict[str, str] = {}
+    for stem, held in leases.items():
+        for key, lease in held:
+            if isinstance(lease, str):
+                found[stem] = f"{key}: {lease}"
+            elif lease.expires_at > now:
+                found[stem] = f"{lease.purpose} run {lease.run_id} until {lease.expires_at:%Y-%m-%d %H:%M}Z"
+    return found
+
+
+def expired_lease_keys(leases: Leases, now: datetime) -> list[str]:
+    return [
+        key
+        for held in leases.values()
+        for key, lease in held
+        if not isinstance(lease, str) and lease.expires_at <= now
+    ]
+
+
+def read_leases(store: ObjectStore, lease_keys: dict[str, list[str]]) -> Leases:
+    """Read every lease of a listing (stem -> lease keys); a lease released meanwhile is skipped."""
+    leases: Leases = {}
+    for stem, keys in lease_keys.items():
+        for key in keys:
+            lease = read_lease(store, key)
+            if lease is not None:
+                leases.setdefault(stem, []).append((key, lease))
+    return leases
 
 
 def _belongs(manifest: Manifest, stem: str, prefix: str, database: str) -> str:
@@ -135,12 +158,7 @@ def read_catalog(store: ObjectStore, prefix: str, database: str, workers: int = 
     backups.sort(key=lambda b: (b.manifest.ended_at, b.stem), reverse=True)
     orphans = [(stem, sorted(listing.objects[stem]), listing.dump_times[stem]) for stem in listing.orphans]
     leftovers = [(stem, sorted(listing.objects[stem])) for stem in listing.leftovers]
-    leases: dict[str, list[tuple[str, Lease | str]]] = {}
-    for stem, keys in listing.leases.items():
-        for key in keys:
-            lease = read_lease(store, key)
-            if lease is not None:
-                leases.setdefault(stem, []).append((key, lease))
+    leases = read_leases(store, listing.leases)
     return Catalog(backups, orphans, unreadable, sorted(foreign), leftovers, leases, vanished)
 
 

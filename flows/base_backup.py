@@ -1,0 +1,309 @@
+"""base_backup: the physical backup runbook, as a flow; with the WAL archive it makes recovery to any moment
+possible (the archive alone restores nothing).
+
+1. preflight   the role may replicate (REPLICATION, a pg_hba.conf `replication` line), max_wal_senders, no
+               extra tablespaces, archiving on unless the WAL goes in the backup; storage takes a write
+2. stream      pg_basebackup -Ft -D - --checkpoint=fast through zstd and sha256 into storage (multipart on
+               S3), its tar read on the fly for backup_label, global/pg_control and backup_manifest;
+               PostgreSQL's backup_manifest stored beside it
+3. WAL         every segment from the backup's start to its stop LSN confirmed in the archive (WAL switched
+               if needed, waited for with a timeout); include_wal=true puts it in the tar instead
+4. verify      the stored object read back, its tar listing walked (verify=full also re-hashes it)
+5. manifest    written last: from now on the tar is a base backup
+6. retention   only after a verified base backup: expire by the GFS policy, never one a recovery reads
+7. WAL expiry  WAL older than the oldest kept base backup leaves the archive (issue 12; wired by the lead)
+8. report      a table artifact, and a Failed run with one sentence when anything went wrong
+
+It holds the same `db:` slot as the nightly dump, so a dump and a base backup of one database never
+overlap.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel, Field
+
+from blocks.storage import require_store_kind
+from flows.core.base_catalog import plan_base_retention
+from flows.core.base_layout import BaseVerifyMethod, base_manifest_key
+from flows.core.layout import check_prefix
+from flows.core.retention import RetentionPolicy
+from flows.core.wal_archive import ArchiveLocation
+from flows.tasks.backup import check_storage
+from flows.tasks.base_backup import (
+    check_base_backup_source,
+    confirm_wal_archived,
+    delete_expired_base_backups,
+    plan_base_backup_cleanup,
+    read_base_backup_catalog,
+    resolve_archive,
+    upload_base_backup,
+    verify_base_backup,
+    write_base_manifest,
+)
+from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
+
+
+class BaseBackupOptions(BaseModel):
+    """Less common knobs; the defaults suit a nightly base backup of a busy OLTP cluster."""
+
+    wal_timeout_seconds: float = Field(
+        default=300,
+        gt=0,
+        description="How long the backup's WAL may take to reach the archive (the server's own wait at the "
+        "end of pg_basebackup, then dbops' confirmation of every segment) before the run fails.",
+    )
+    compression_level: int = Field(default=3, ge=1, le=19, description="zstd level of the stored tar.")
+    zstd_threads: int = Field(
+        default=1,
+        ge=0,
+        le=32,
+        description="libzstd worker threads (0: compress in the flow's own thread); more than 1 only helps "
+        "on a worker with idle cores.",
+    )
+    manifest_checksums: Literal["SHA256", "CRC32C", "NONE"] = Field(
+        default="SHA256",
+        description="Checksum PostgreSQL records per file in its backup_manifest (pg_verifybackup checks "
+        "them after a restore). SHA256 is the safest; CRC32C is cheaper on a CPU-bound server.",
+    )
+    lock_wait_hours: float = Field(
+        default=3.0,
+        gt=0,
+        description="How long to wait for the db:<database> slot held by another dbops job (a dump).",
+    )
+    pg_bindir: str | None = Field(
+        default=None, description="Directory with pg_basebackup; default: the server's major version's."
+    )
+
+
+class BaseBackupReport(BaseModel):
+    database: str
+    key: str
+    manifest_key: str
+    label: str
+    start_wal: str
+    stop_wal: str
+    start_lsn: str
+    stop_lsn: str
+    timeline: int
+    wal_included: bool
+    wal: str = Field(description="How the WAL was confirmed (archived segments, or in the tar).")
+    bytes: int
+    raw_bytes: int
+    sha256: str
+    seconds: float
+    verified: bool
+    verification: str
+    retention: str = "not run"
+    kept: list[str] = Field(default_factory=list)
+    deleted: list[str] = Field(default_factory=list)
+    orphans_removed: list[str] = Field(default_factory=list)
+    in_use: list[str] = Field(
+        default_factory=list, description="Expired base backups kept: a recovery reads them."
+    )
+    left_alone: list[str] = Field(default_factory=list, description="Foreign or unreadable: never deleted.")
+    wal_expiry: str = Field(default="not run", description="What WAL expiry removed (step 7).")
+
+
+@flow(name="base-backup", log_prints=True)
+def base_backup(
+    database: str,
+    storage: str,
+    prefix: str = "",
+    archive: ArchiveLocation | None = None,
+    include_wal: bool = False,
+    verify: BaseVerifyMethod = "list",
+    retention: RetentionPolicy | None = None,
+    wal_keep_days: Annotated[int, Field(ge=0)] = 2,
+    dry_run: bool = False,
+    options: BaseBackupOptions | None = None,
+) -> BaseBackupReport:
+    """Take a physical base backup of the cluster behind one database block, confirm its WAL, verify it,
+    then expire old base backups.
+
+    Args:
+        database: Name of the PostgresDatabase block (e.g. imagemanager-prod); its role needs REPLICATION
+            and a `replication` line in pg_hba.conf. The backup is of the whole cluster, filed under this
+            database's name.
+        storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
+        prefix: Folder inside the storage for this environment's backups (e.g. prod); may be empty.
+        archive: Where archive_command stores WAL (the WAL archive check's parameter); empty: the Prefect
+            Variable dbops_wal_archive. Every segment the backup needs is confirmed there before the
+            manifest is written (not with include_wal).
+        include_wal: Put the WAL the backup needs into the tar (pg_basebackup -X fetch): it then reaches
+            consistency without the archive, which is not waited for (it is still needed to recover past
+            the backup's end).
+        verify: list (default): read the stored object back and walk its tar listing; full: also compare
+            the sha256 of every stored byte; none: skip (retention then does not run).
+        retention: Keep-last / daily / weekly / monthly / max-age policy for base backups; empty: keep all.
+        wal_keep_days: WAL expiry never removes WAL younger than this many days (step 7).
+        dry_run: Plan retention (and WAL expiry) and report it, delete nothing.
+        options: Less common settings (WAL timeout, compression, checksums, slot wait, tool location).
+    """
+    logger = get_run_logger()
+    try:
+        options = options or BaseBackupOptions()
+        require_store_kind(storage)
+        check_prefix(prefix)
+        # With its WAL in the tar the backup needs no archive to be consistent: nothing to wait for.
+        location = None if include_wal else resolve_archive(archive)
+
+        with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
+            # 1. preflight
+            pre = check_base_backup_source(database, include_wal, options.pg_bindir)
+            logger.info("storage %s is writable", check_storage(storage, prefix))
+
+            # 2. stream
+            stem, result = upload_base_backup(
+                pre,
+                storage,
+                prefix,
+                include_wal=include_wal,
+                archive=location,
+                level=options.compression_level,
+                zstd_threads=options.zstd_threads,
+                manifest_checksums=None
+                if options.manifest_checksums == "NONE"
+                else options.manifest_checksums,
+                archive_wait_seconds=options.wal_timeout_seconds,
+            )
+
+            # 3. WAL
+            if location is not None:
+                needed = confirm_wal_archived(
+                    pre, storage, location, stem, result, timeout_seconds=options.wal_timeout_seconds
+                )
+                wal = f"{len(needed)} segment(s) {needed[0]}..{needed[-1]} confirmed in {location.describe()}"
+            else:
+                wal = f"in the tar: {len(result.wal_files)} file(s) in pg_wal, consistent without the archive"
+
+            # 4. verify
+            verification = None
+            if verify != "none":
+                verification = verify_base_backup(storage, result, verify)
+
+            # 5. manifest
+            manifest = write_base_manifest(
+                pre,
+                storage,
+                stem,
+                result,
+                include_wal=include_wal,
+                wal_archived=location is not None,
+                level=options.compression_level,
+                method=verify,
+                verification=verification,
+            )
+            report = BaseBackupReport(
+                database=pre.database,
+                key=result.key,
+                manifest_key=base_manifest_key(stem),
+                label=manifest.label,
+                start_wal=manifest.start_wal,
+                stop_wal=manifest.stop_wal,
+                start_lsn=manifest.start_lsn,
+                stop_lsn=manifest.stop_lsn,
+                timeline=manifest.timeline,
+                wal_included=include_wal,
+                wal=wal,
+                bytes=result.bytes,
+                raw_bytes=result.raw_bytes,
+                sha256=result.sha256,
+                seconds=round(result.seconds, 3),
+                verified=manifest.verified,
+                verification=manifest.verification.detail,
+            )
+
+            # 6. retention
+            _retention(report, storage, prefix, retention, dry_run)
+
+            # step 7: WAL expiry (issue 12) — wired by the lead
+            # (flows/core/wal_expiry.py + its task: remove WAL older than the oldest kept base backup's start
+            # segment, never younger than wal_keep_days, dry_run shows the plan; report.wal_expiry says what.)
+            logger.info("WAL expiry: not wired yet (wal_keep_days=%d, dry_run=%s)", wal_keep_days, dry_run)
+
+        _publish(report)
+        return report
+    except Exception as exc:
+        key = artifact_key("base-backup", database_name_of(database))
+        return publish_failure(key, f"Base backup of {database} into {storage}", exc)  # type: ignore[return-value]
+
+
+def _retention(
+    report: BaseBackupReport, storage: str, prefix: str, retention: RetentionPolicy | None, dry_run: bool
+) -> None:
+    """Only a verified base backup may replace old ones; a recovery's lease keeps what it reads."""
+    logger = get_run_logger()
+    if retention is None:
+        report.retention = "no retention policy: every base backup is kept"
+        return
+    if not report.verified:
+        report.retention = "skipped: this base backup was not verified, so nothing old is removed"
+        logger.warning(report.retention)
+        return
+    now = datetime.now(UTC)
+    catalog = read_base_backup_catalog(storage, prefix, report.database)
+    plan = plan_base_retention(catalog, retention, now)
+    cleanup = plan_base_backup_cleanup(
+        storage, catalog, plan, now=now, prefix=prefix, database=report.database
+    )
+    report.kept = [k.record.stem for k in plan.keep]
+    report.in_use = sorted(cleanup.in_use)
+    report.left_alone = [f"{key} ({why})" for key, why in cleanup.unreadable + cleanup.foreign]
+    if dry_run:
+        report.deleted = [r.stem for r in plan.delete if r.stem in cleanup.expired]
+        report.retention = f"dry run: {plan.summary()}; would remove {cleanup.summary()}"
+    else:
+        cleanup = delete_expired_base_backups(storage, cleanup, prefix, report.database)
+        report.in_use += cleanup.kept_after_recheck
+        report.deleted = [
+            r.stem for r in plan.delete if r.stem in cleanup.expired and r.stem not in report.in_use
+        ]
+        report.orphans_removed = sorted(cleanup.orphans)
+        report.retention = (
+            f"{plan.summary()}; removed {cleanup.deleted_objects} objects ({cleanup.summary()})"
+        )
+    for stem, who in cleanup.in_use.items():
+        logger.info("kept while in use: %s (%s)", stem, who)
+    for line in report.left_alone:
+        logger.warning("left alone: %s", line)
+    logger.info("retention: %s", report.retention)
+
+
+def _publish(report: BaseBackupReport) -> None:
+    rate = report.raw_bytes / report.seconds if report.seconds else 0
+    rows = [
+        {"item": "key", "value": report.key},
+        {"item": "manifest", "value": report.manifest_key},
+        {"item": "label", "value": report.label},
+        {"item": "WAL", "value": report.wal},
+        {"item": "start", "value": f"{report.start_lsn} ({report.start_wal}), timeline {report.timeline}"},
+        {"item": "consistent at", "value": f"{report.stop_lsn} ({report.stop_wal})"},
+        {"item": "stored bytes", "value": f"{report.bytes} ({human_bytes(report.bytes)})"},
+        {"item": "tar bytes", "value": f"{report.raw_bytes} ({human_bytes(report.raw_bytes)})"},
+        {"item": "sha256", "value": report.sha256},
+        {"item": "duration", "value": f"{report.seconds:.1f} s"},
+        {"item": "throughput", "value": f"{human_bytes(rate)}/s of tar"},
+        {"item": "verified", "value": report.verification},
+        {"item": "retention", "value": report.retention},
+        {"item": "kept", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.kept[:50])},
+        {"item": "deleted", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.deleted[:50])},
+        {"item": "kept while in use", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.in_use[:50])},
+        {"item": "left alone (foreign or unreadable)", "value": "; ".join(report.left_alone[:50])},
+        {"item": "WAL expiry", "value": report.wal_expiry},
+    ]
+    create_table_artifact(
+        key=artifact_key("base-backup", report.database),
+        table=rows,
+        description=f"Base backup of {report.database}: {report.key}",
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    base_backup(database=sys.argv[1], storage=sys.argv[2])
