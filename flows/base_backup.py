@@ -11,7 +11,7 @@ possible (the archive alone restores nothing).
 4. verify      the stored object read back, its tar listing walked (verify=full also re-hashes it)
 5. manifest    written last: from now on the tar is a base backup
 6. retention   only after a verified base backup: expire by the GFS policy, never one a recovery reads
-7. WAL expiry  WAL older than the oldest kept base backup leaves the archive (issue 12; wired by the lead)
+7. WAL expiry  WAL older than the oldest kept base backup (and older than wal_keep_days) leaves the archive
 8. report      a table artifact, and a Failed run with one sentence when anything went wrong
 
 It holds the same `db:` slot as the nightly dump, so a dump and a base backup of one database never
@@ -46,6 +46,7 @@ from flows.tasks.base_backup import (
     write_base_manifest,
 )
 from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
+from flows.tasks.wal_expiry import expire_wal
 
 
 class BaseBackupOptions(BaseModel):
@@ -221,10 +222,8 @@ def base_backup(
             # 6. retention
             _retention(report, storage, prefix, retention, dry_run)
 
-            # step 7: WAL expiry (issue 12) — wired by the lead
-            # (flows/core/wal_expiry.py + its task: remove WAL older than the oldest kept base backup's start
-            # segment, never younger than wal_keep_days, dry_run shows the plan; report.wal_expiry says what.)
-            logger.info("WAL expiry: not wired yet (wal_keep_days=%d, dry_run=%s)", wal_keep_days, dry_run)
+            # 7. WAL expiry
+            _wal_expiry(report, storage, prefix, location, wal_keep_days, dry_run)
 
         _publish(report)
         return report
@@ -272,6 +271,45 @@ def _retention(
     for line in report.left_alone:
         logger.warning("left alone: %s", line)
     logger.info("retention: %s", report.retention)
+
+
+def _wal_expiry(
+    report: BaseBackupReport,
+    storage: str,
+    prefix: str,
+    location: ArchiveLocation | None,
+    wal_keep_days: int,
+    dry_run: bool,
+) -> None:
+    """After retention: the WAL older than the oldest kept base backup's start can go. Anything that makes
+    "kept" uncertain (no verified backup this run, an unreadable manifest) leaves the archive alone."""
+    logger = get_run_logger()
+    if location is None:
+        report.wal_expiry = "skipped: include_wal=true, so this run has no archive location to expire"
+    elif not report.verified:
+        report.wal_expiry = "skipped: this base backup was not verified, so no WAL is removed"
+    else:
+        catalog = read_base_backup_catalog(storage, prefix, report.database)
+        if catalog.unreadable:
+            key, why = catalog.unreadable[0]
+            report.wal_expiry = (
+                f"skipped: base-backup manifest {key} cannot be trusted ({why}), so which WAL it needs is "
+                "unknown; fix or remove it"
+            )
+        else:
+            gone = set(report.deleted) if dry_run else set()
+            kept = [b.manifest for b in catalog.backups if b.stem not in gone]
+            done = expire_wal(location, kept, wal_keep_days=wal_keep_days, dry_run=dry_run)
+            verb = "would remove" if dry_run else "removed"
+            report.wal_expiry = (
+                f"{done.status}: {verb} {done.count} segment(s) {done.first}..{done.last}, "
+                f"keeping from {done.cut}"
+                if done.count
+                else f"{done.status}: {done.reason}"
+            )
+            if done.blocked:
+                logger.warning("WAL expiry blocked: %s", done.reason)
+    logger.info("WAL expiry: %s", report.wal_expiry)
 
 
 def _publish(report: BaseBackupReport) -> None:

@@ -503,16 +503,37 @@ def test_retention_expires_old_base_backups_manifest_first_but_keeps_a_leased_on
     stem1, stem2 = (r.key.removesuffix(".tar.zst") for r in (first, second))
     take_lease(store, stem1, "pitr-run", "point-in-time recovery", ttl=timedelta(hours=1))
     policy = RetentionPolicy(keep_last=1)
+    def segments() -> list[str]:
+        return sorted(p.name for p in archive.iterdir() if len(p.name) == 24 and p.name.isalnum())
+
+    older = [name for name in segments() if name[8:] < first.start_wal[8:]]
+    assert older, "the cluster archived WAL before the first base backup"
     dry = base_backup(
-        database=db, storage=storage, archive=location, retention=policy, dry_run=True, options=fast()
+        database=db,
+        storage=storage,
+        archive=location,
+        retention=policy,
+        wal_keep_days=0,
+        dry_run=True,
+        options=fast(),
     )
     assert dry.retention.startswith("dry run") and store.head(second.key) is not None
-    third = base_backup(database=db, storage=storage, archive=location, retention=policy, options=fast())
+    assert dry.wal_expiry.startswith(f"planned: would remove {len(older)} segment(s)"), dry.wal_expiry
+    assert set(older) <= set(segments())  # a dry run removes nothing
+    third = base_backup(
+        database=db, storage=storage, archive=location, retention=policy, wal_keep_days=0, options=fast()
+    )
     keys = {i.key for i in store.list(base_prefix("", "imagemanager"))}
     assert third.key in keys and third.manifest_key in keys
     assert not any(k.startswith(stem2) for k in keys)  # expired: tar, backup_manifest, manifest all gone
     assert first.key in keys and first.manifest_key in keys  # a recovery reads it: kept, reported in use
     assert stem1 in third.in_use and stem2 in third.deleted
+    # WAL expiry: exactly what is older than the oldest kept base backup (the leased first) is gone
+    left = segments()
+    assert third.wal_expiry.startswith("deleted: removed"), third.wal_expiry
+    assert not set(older) & set(left)
+    assert all(name[8:] >= first.start_wal[8:] for name in left)
+    assert first.start_wal in left and third.stop_wal in left
 
 
 # -- the tar reader ------------------------------------------------------------------------------------------

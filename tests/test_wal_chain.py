@@ -25,8 +25,9 @@ import pytest
 from botocore.config import Config
 
 from deployments.cli import main
+from flows.core.base_catalog import read_base_catalog
 from flows.core.base_layout import BaseBackupManifest
-from flows.core.chain import NotRecoverable, pick_base_backup, read_base_catalog, recoverable_window
+from flows.core.chain import NotRecoverable, pick_base_backup, recoverable_window
 from flows.core.localstore import LocalObjectStore
 from flows.core.objectstore import ObjectInfo
 from flows.core.s3store import S3ObjectStore
@@ -348,7 +349,7 @@ def test_s3_listing_that_fails_half_way_deletes_nothing(chain: Chain) -> None:
         plan = plan_expiry(archive, [chain.b2], datetime.now(UTC), wal_keep_days=0)
         done = expire_store(plan, archive)
 
-    assert plan.status == "blocked" and plan.count == 0 and plan.keys == []
+    assert plan.status == "blocked" and plan.count == 0 and plan.doomed_keys == []
     assert "failed after 3 object(s)" in plan.reason and "nothing removed" in plan.reason
     assert done.status == "blocked" and store.deletes == 0
 
@@ -548,7 +549,7 @@ def test_pg_archivecleanup_matches_the_plan_across_timelines(tmp_path: Path, suf
     wal = WalArchive(LocalObjectStore(archive))
     plan = plan_expiry(wal, [base], datetime.now(UTC))
     expected = sorted(n for n in names if len(n) >= 24 and n[:24].isalnum() and n[8:24] < "0000000000000007")
-    assert plan.status == "planned" and sorted(_names(plan.keys)) == expected
+    assert plan.status == "planned" and sorted(_names(plan.doomed_keys)) == expected
 
     done = expire_directory(plan, archive, 150000)
 

@@ -33,6 +33,7 @@ from flows.core.layout import LEASE_MARK, MANIFEST_SUFFIX
 from flows.core.manifest import why_invalid
 from flows.core.objectstore import IncompleteWrite, ObjectStore
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
+from flows.core.wal import parse_lsn, parse_wal_name, segno_of_lsn
 
 LEFTOVER_AGE = timedelta(days=1)
 
@@ -43,6 +44,17 @@ class BaseBackup:
     manifest: BaseBackupManifest
     keys: list[str]  # tar, PostgreSQL's backup_manifest, dbops manifest, sidecars (never leases)
 
+    @property
+    def usable(self) -> bool:
+        """Consistent when restored: its WAL is in the tar, or was confirmed in the archive."""
+        return self.manifest.wal_included or self.manifest.wal_archived
+
+    @property
+    def wal_state(self) -> str:
+        if self.manifest.wal_included:
+            return "included"
+        return "archived" if self.manifest.wal_archived else "not confirmed"
+
 
 @dataclass
 class BaseCatalog:
@@ -51,6 +63,11 @@ class BaseCatalog:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     foreign: list[tuple[str, str]] = field(default_factory=list)
     leases: Leases = field(default_factory=dict)
+
+    @property
+    def usable(self) -> list[BaseBackup]:
+        """The base backups a recovery can start from, oldest first (the order the chain walks)."""
+        return sorted((b for b in self.backups if b.usable), key=lambda b: (b.manifest.ended_at, b.stem))
 
     def newest(self) -> BaseBackup | None:
         return next((b for b in self.backups if b.manifest.verified), None)
@@ -63,8 +80,33 @@ def _stem_time(stem: str) -> datetime:
     return datetime.strptime(stem.rsplit("-", 1)[-1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
 
 
+def why_not_ours(manifest: BaseBackupManifest, stem: str, database: str) -> str:
+    """Why this manifest does not describe the base backup at `stem` ("" when it does): a copied or
+    hand-edited manifest is never trusted."""
+    if manifest.database != database:
+        return f"manifest names database {manifest.database!r}, not {database!r}"
+    if manifest.tar_key != stem + TAR_SUFFIX:
+        return f"manifest names tar {manifest.tar_key!r}, not the one beside it"
+    try:
+        size = manifest.wal_segment_size
+        start = parse_wal_name(manifest.start_wal, size)
+        stop = parse_wal_name(manifest.stop_wal, size)
+        start_lsn, stop_lsn = parse_lsn(manifest.start_lsn), parse_lsn(manifest.stop_lsn)
+    except ValueError as exc:  # BadWalName, a bad LSN or segment size
+        return f"manifest has an invalid WAL position ({exc})"
+    if stop.segno < start.segno or stop_lsn < start_lsn:
+        return f"manifest stops ({manifest.stop_wal}) before it starts ({manifest.start_wal})"
+    if start.segno != segno_of_lsn(start_lsn, size):
+        return f"manifest start_wal {manifest.start_wal} does not hold start_lsn {manifest.start_lsn}"
+    if manifest.ended_at < manifest.started_at:
+        return "manifest ends before it starts"
+    return ""
+
+
 def read_base_catalog(store: ObjectStore, prefix: str, database: str, workers: int = 16) -> BaseCatalog:
-    """One listing of the base folder, every dbops manifest read (concurrently)."""
+    """One listing of the base folder, every dbops manifest read (concurrently). A manifest that cannot be
+    read, or does not describe the tar beside it, is reported and never trusted; a listing error
+    propagates (nobody can tell what exists then)."""
     manifests: dict[str, str] = {}
     objects: dict[str, list[str]] = {}
     tars: dict[str, datetime] = {}
@@ -73,7 +115,8 @@ def read_base_catalog(store: ObjectStore, prefix: str, database: str, workers: i
     for info in store.list(base_prefix(prefix, database)):
         parsed = parse_base_key(info.key, prefix, database)
         if parsed is None:
-            foreign.append((info.key, "not in this database's base-backup layout"))
+            if ".partial-" not in info.key:  # a local upload in progress
+                foreign.append((info.key, "not in this database's base-backup layout"))
             continue
         stem, rest = parsed
         if rest.startswith(LEASE_MARK):
@@ -101,8 +144,12 @@ def read_base_catalog(store: ObjectStore, prefix: str, database: str, workers: i
                 if why != "vanished":
                     unreadable.append((manifests[stem], why))
                 continue
-            if manifest.database != database or manifest.tar_key != stem + TAR_SUFFIX:
-                foreign.append((manifests[stem], "manifest describes another base backup; left alone"))
+            other = why_not_ours(manifest, stem, database)
+            if other:
+                unreadable.append((manifests[stem], f"{other}; not trusted, left alone"))
+                continue
+            if stem not in tars:
+                unreadable.append((manifests[stem], f"its tar {stem + TAR_SUFFIX} is missing; not a backup"))
                 continue
             backups.append(BaseBackup(stem, manifest, sorted(objects[stem])))
     backups.sort(key=lambda b: (b.manifest.ended_at, b.stem), reverse=True)

@@ -19,22 +19,12 @@ target between the two is past the end of WAL, which recovery reports as "ended 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pydantic import ValidationError
-
-from flows.core.base_layout import (
-    BaseBackupManifest,
-    base_manifest_key,
-    base_prefix,
-    parse_base_key,
-    tar_key,
-)
-from flows.core.errors import DbopsError, ObjectNotFound
-from flows.core.manifest import why_invalid
-from flows.core.objectstore import ObjectInfo, ObjectStore
+from flows.core.base_catalog import BaseBackup, BaseCatalog
+from flows.core.errors import DbopsError
+from flows.core.objectstore import ObjectInfo
 from flows.core.wal import (
     Lineage,
     WalListing,
@@ -43,113 +33,8 @@ from flows.core.wal import (
     parse_wal_name,
     scan_keys,
     segment_name,
-    segno_of_lsn,
 )
 from flows.core.wal_archive import WalArchive
-
-# -- the base-backup catalog --------------------------------------------------------------------------------
-
-
-@dataclass
-class BaseBackup:
-    stem: str
-    manifest: BaseBackupManifest
-    keys: list[str]  # every object of this base backup (tar, backup_manifest, manifest, sidecars)
-
-    @property
-    def usable(self) -> bool:
-        """Consistent when restored: its WAL is in the tar, or was confirmed in the archive."""
-        return self.manifest.wal_included or self.manifest.wal_archived
-
-    @property
-    def wal_state(self) -> str:
-        if self.manifest.wal_included:
-            return "included"
-        return "archived" if self.manifest.wal_archived else "not confirmed"
-
-
-@dataclass
-class BaseCatalog:
-    backups: list[BaseBackup]  # oldest first (by manifest end time)
-    orphans: list[str] = field(default_factory=list)  # tars without a manifest
-    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (manifest key, why)
-    foreign: list[tuple[str, str]] = field(default_factory=list)  # (key, why it is not ours)
-
-    @property
-    def usable(self) -> list[BaseBackup]:
-        return [b for b in self.backups if b.usable]
-
-
-def why_not_ours(manifest: BaseBackupManifest, stem: str, database: str) -> str:
-    """Why this manifest does not describe the base backup at `stem` ("" when it does): a copied or
-    hand-edited manifest is never trusted."""
-    if manifest.database != database:
-        return f"manifest names database {manifest.database!r}, not {database!r}"
-    if manifest.tar_key != tar_key(stem):
-        return f"manifest names tar {manifest.tar_key!r}, not the one beside it"
-    try:
-        size = manifest.wal_segment_size
-        start = parse_wal_name(manifest.start_wal, size)
-        stop = parse_wal_name(manifest.stop_wal, size)
-        start_lsn, stop_lsn = parse_lsn(manifest.start_lsn), parse_lsn(manifest.stop_lsn)
-    except ValueError as exc:  # BadWalName, a bad LSN or segment size
-        return f"manifest has an invalid WAL position ({exc})"
-    if stop.segno < start.segno or stop_lsn < start_lsn:
-        return f"manifest stops ({manifest.stop_wal}) before it starts ({manifest.start_wal})"
-    if start.segno != segno_of_lsn(start_lsn, size):
-        return f"manifest start_wal {manifest.start_wal} does not hold start_lsn {manifest.start_lsn}"
-    if manifest.ended_at < manifest.started_at:
-        return "manifest ends before it starts"
-    return ""
-
-
-def read_base_catalog(store: ObjectStore, prefix: str, database: str, workers: int = 8) -> BaseCatalog:
-    """Every base backup of `database` with a readable, matching manifest; the rest reported, never trusted.
-
-    A listing error propagates (the caller cannot tell what exists); one bad manifest does not.
-    """
-    objects: dict[str, list[str]] = {}
-    foreign: list[tuple[str, str]] = []
-    for info in store.list(base_prefix(prefix, database)):
-        parsed = parse_base_key(info.key, prefix, database)
-        if parsed is None:
-            if ".partial-" not in info.key:
-                foreign.append((info.key, "not in this database's base-backup layout"))
-            continue
-        objects.setdefault(parsed[0], []).append(info.key)
-    stems = [s for s, keys in objects.items() if base_manifest_key(s) in keys]
-
-    def read(stem: str) -> tuple[str, BaseBackupManifest | None, str]:
-        try:
-            return stem, BaseBackupManifest.from_json(store.get_bytes(base_manifest_key(stem))), ""
-        except ObjectNotFound:
-            return stem, None, "vanished"
-        except (ValueError, ValidationError) as exc:
-            return stem, None, f"unreadable manifest ({why_invalid(exc)}); left alone, fix or remove it"
-
-    backups: list[BaseBackup] = []
-    unreadable: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for stem, manifest, why in pool.map(read, stems):
-            key = base_manifest_key(stem)
-            if manifest is None:
-                if why != "vanished":
-                    unreadable.append((key, why))
-                continue
-            other = why_not_ours(manifest, stem, database)
-            if other:
-                unreadable.append((key, f"{other}; not trusted, left alone"))
-                continue
-            if tar_key(stem) not in objects[stem]:
-                unreadable.append((key, f"its tar {tar_key(stem)} is missing; not a backup"))
-                continue
-            backups.append(BaseBackup(stem, manifest, sorted(objects[stem])))
-    backups.sort(key=lambda b: (b.manifest.ended_at, b.stem))
-    orphans = sorted(
-        tar_key(s) for s, keys in objects.items() if tar_key(s) in keys and base_manifest_key(s) not in keys
-    )
-    return BaseCatalog(backups, orphans, sorted(unreadable), sorted(foreign))
-
 
 # -- the archive, listed once -------------------------------------------------------------------------------
 
@@ -429,14 +314,11 @@ def _reaches(b: BaseBackup, w: Window, target: datetime | str, lsn: int | None) 
 __all__ = [
     "ArchiveContents",
     "ArchiveListingFailed",
-    "BaseBackup",
-    "BaseCatalog",
     "Choice",
     "NotRecoverable",
     "RecoverableWindow",
     "Window",
     "list_archive",
     "pick_base_backup",
-    "read_base_catalog",
     "recoverable_window",
 ]

@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
+from flows.core.base_catalog import BaseCatalog, read_base_catalog
+from flows.core.base_layout import TAR_SUFFIX
 from flows.core.catalog import Catalog, read_catalog, read_sidecars
-from flows.core.chain import BaseCatalog, RecoverableWindow, read_base_catalog, recoverable_window
+from flows.core.chain import RecoverableWindow, recoverable_window
 from flows.core.drill import DrillRecord
 from flows.core.layout import DRILL_SUFFIX
 from flows.core.manifest import why_invalid
@@ -99,7 +101,7 @@ def backup_rows(
 def base_rows(catalog: BaseCatalog, now: datetime | None = None) -> list[dict[str, str]]:
     """One row per base backup, newest first."""
     rows: list[dict[str, str]] = []
-    for b in reversed(catalog.backups):
+    for b in catalog.backups:  # newest first
         m = b.manifest
         rows.append(
             {
@@ -125,7 +127,7 @@ def left_alone_rows(catalog: Catalog, base: BaseCatalog | None = None) -> list[d
     if base is not None:
         rows += [{"key": key, "problem": why} for key, why in base.unreadable]
         orphan = "base backup without a manifest (failed, or still running): not a backup"
-        rows += [{"key": key, "problem": orphan} for key in base.orphans]
+        rows += [{"key": stem + TAR_SUFFIX, "problem": orphan} for stem, _, _ in base.orphans]
         rows += [{"key": key, "problem": f"foreign: {why}"} for key, why in base.foreign]
     return rows
 

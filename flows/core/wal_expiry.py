@@ -80,7 +80,10 @@ class WalExpiryReport(BaseModel):
     last: str | None = Field(default=None, description="Newest segment planned for removal.")
     deleted: int = Field(default=0, description="Objects actually removed (0 on a dry run).")
     kept_history: int = Field(default=0, description=".history files left in place.")
-    keys: list[str] = Field(default_factory=list, description="Keys planned for removal, oldest first.")
+    # not `keys`: Prefect treats a result with a keys attribute as a mapping
+    doomed_keys: list[str] = Field(
+        default_factory=list, description="Keys planned for removal, oldest first."
+    )
 
     @property
     def blocked(self) -> bool:
@@ -206,7 +209,7 @@ def plan_expiry(
             "bytes": sum(contents.infos[k].size for _, _, k in doomed),
             "first": _name(doomed[0][2]),
             "last": _name(doomed[-1][2]),
-            "keys": [k for _, _, k in doomed],
+            "doomed_keys": [k for _, _, k in doomed],
         }
     )
 
@@ -224,7 +227,7 @@ def expire_directory(
     """Run `pg_archivecleanup DIR CUT` after checking that its own dry run (-n) removes exactly the plan."""
     if plan.status != "planned" or plan.cut is None:
         return plan
-    names = {_name(k) for k in plan.keys}
+    names = {_name(k) for k in plan.doomed_keys}
     exts = {n[24:].removeprefix(".partial") for n in names}
     exts.discard("")
     if len(exts) > 1 or (exts and not exts <= set(COMPRESSION_SUFFIXES)):
@@ -276,7 +279,7 @@ def expire_store(plan: WalExpiryReport, archive: WalArchive) -> WalExpiryReport:
     if plan.status != "planned":
         return plan
     try:
-        deleted = archive.store.delete(plan.keys)
+        deleted = archive.store.delete(plan.doomed_keys)
     except (DbopsError, OSError) as exc:
         raise WalExpiryFailed(
             f"deleting expired WAL from {plan.archive} failed ({exc}); the segments older than {plan.cut} "

@@ -99,7 +99,7 @@ def oldest_kept_base_backup(database: str, storage: str, prefix: str) -> tuple[s
     An unreadable or foreign manifest is a warning (that base backup is not trusted, so its WAL is not
     asked for); a storage that cannot be listed is critical: the window cannot be known.
     """
-    from flows.core.chain import read_base_catalog
+    from flows.core.base_catalog import read_base_catalog
     from flows.core.wal import parse_wal_name
 
     name = load_database(database).database
