@@ -25,7 +25,7 @@ from flows.core.pitr.recovery import PitrReport, recover_cluster
 from flows.core.pitr.selection import choose_base_backup, read_base_manifests
 from flows.core.pitr.server import PgServer
 from flows.core.pitr.targets import RecoveryTarget, parse_target
-from flows.core.wal_archive import WalArchive
+from flows.core.wal_archive import ArchiveLocation, WalArchive
 from tests.harness.basebackup import archiving_cluster, switch_and_archive, take_base_backup
 from tests.harness.pg import PgCluster, free_port
 from tests.harness.s3 import S3Endpoint
@@ -359,3 +359,111 @@ def test_recovery_settings_drop_production_connection_and_archiving(scratch: Pat
     assert "archive_mode = on" not in conf and "shared_buffers = 128MB" in conf
     assert (data / "recovery.signal").exists() and not (data / "standby.signal").exists()
     assert list((data / "pg_replslot").iterdir()) == []
+
+
+# -- the pitr-restore flow (a real Prefect API) ---------------------------------------------------------
+
+
+def _flow_blocks(source: Source, unique: str) -> tuple[str, str]:
+    from blocks import PostgresDatabase
+    from tests.conftest import make_local_block
+    from tests.harness.pg import PgCluster as _Pg  # noqa: F401 - the block points at the source cluster
+
+    PostgresDatabase(
+        host=source.cluster.host,
+        port=source.cluster.port,
+        database="app",
+        user="app_owner",
+        password=APP_PASSWORD,
+    ).save(f"pitr-src-{unique}", overwrite=True)
+    storage = make_local_block(f"pitr-store-{unique}", source.store.root)
+    return f"pitr-src-{unique}", storage
+
+
+def _message(state) -> str:
+    try:
+        state.result()
+    except Exception as exc:
+        return str(exc)
+    raise AssertionError(f"expected a failed run, got {state.type}")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_pitr_restore_flow_pauses_at_a_time_and_leaves_the_server_running(
+    source: Source, scratch: Path, servers: list[PgServer], unique: str
+) -> None:
+    import psycopg
+    from prefect.artifacts import Artifact
+
+    from flows.pitr_restore import pitr_restore
+
+    block, storage = _flow_blocks(source, unique)
+    port = free_port()
+    report = pitr_restore(
+        database=block,
+        storage=storage,
+        prefix="prod",
+        archive=ArchiveLocation(directory=str(source.archive_dir)),
+        data_directory=str(scratch / "data"),
+        time=source.between_time.isoformat(),
+        action="pause",
+        port=port,
+        start=True,
+    )
+    from flows.core.pgtools import find_tool
+
+    work = scratch / "data.dbops-pitr"
+    pg_ctl = find_tool("pg_ctl", source.manifest.server_version_num).path
+    server = PgServer(scratch / "data", pg_ctl, work / "server.log", work / "sock", port, server_user())
+    servers.append(server)
+    assert report.running and "pg_ctl" in report.stop
+    conninfo = f"host=localhost port={port} dbname=app user=app_owner password={APP_PASSWORD}"
+    with psycopg.connect(conninfo, autocommit=True) as conn:  # production's own role and password
+        assert {r[0] for r in conn.execute("SELECT name FROM events")} == {"before-backup", "a"}
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+    subprocess.run(report.stop.split(), check=True, capture_output=True)  # the command the report gives
+    assert not server.running()
+    artifact = Artifact.get("pitr-app")
+    assert artifact is not None and "RTO" in str(artifact.data)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_pitr_restore_flow_refuses_before_downloading_anything(
+    source: Source, scratch: Path, unique: str
+) -> None:
+    import socket
+
+    from flows.pitr_restore import pitr_restore
+
+    block, storage = _flow_blocks(source, unique)
+    archive = ArchiveLocation(directory=str(source.archive_dir))
+    data = scratch / "data"
+
+    def run(**kw: object):
+        args = {
+            "database": block,
+            "storage": storage,
+            "prefix": "prod",
+            "archive": archive,
+            "data_directory": str(data),
+            "latest": True,
+            "port": free_port(),
+            "return_state": True,
+        }
+        args.update(kw)
+        state = pitr_restore(**args)  # type: ignore[arg-type]
+        assert state.is_failed()
+        return _message(state)
+
+    (scratch / "busy").mkdir()
+    (scratch / "busy" / "PG_VERSION").write_text("15\n")
+    assert "is not empty" in run(data_directory=str(scratch / "busy"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        assert "is in use" in run(port=held.getsockname()[1])
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert "in the future" in run(latest=False, time=future)
+    assert "no base backup" in run(prefix="elsewhere")
+    assert "after the last archived segment" in run(latest=False, time=datetime.now(UTC).isoformat())
+    assert not data.exists()
