@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -424,7 +425,7 @@ def test_pitr_restore_flow_pauses_at_a_time_and_leaves_the_server_running(
     subprocess.run(report.stop.split(), check=True, capture_output=True)  # the command the report gives
     assert not server.running()
     artifact = Artifact.get("pitr-app")
-    assert artifact is not None and "RTO" in str(artifact.data)
+    assert isinstance(artifact, Artifact) and "RTO" in str(artifact.data)
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -440,7 +441,7 @@ def test_pitr_restore_flow_refuses_before_downloading_anything(
     data = scratch / "data"
 
     def run(**kw: object):
-        args = {
+        args: dict[str, Any] = {
             "database": block,
             "storage": storage,
             "prefix": "prod",
@@ -448,10 +449,9 @@ def test_pitr_restore_flow_refuses_before_downloading_anything(
             "data_directory": str(data),
             "latest": True,
             "port": free_port(),
-            "return_state": True,
         }
         args.update(kw)
-        state = pitr_restore(**args)  # type: ignore[arg-type]
+        state = pitr_restore(**args, return_state=True)
         assert state.is_failed()
         return _message(state)
 

@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from prefect import get_run_logger
 
 from blocks.storage import load_store
-from flows.core.base_layout import TAR_SUFFIX
+from flows.core.base_layout import TAR_SUFFIX, pitr_drill_key
+from flows.core.drill import CheckResult
 from flows.core.leases import release_lease, take_lease
+from flows.core.manifest import Manifest
 from flows.core.pgtools import find_tool
+from flows.core.pitr.drill import (
+    Canary,
+    PitrDrillRecord,
+    check_canary,
+    check_position,
+    check_tables,
+    run_amcheck,
+    write_canary,
+)
+from flows.core.pitr.errors import PitrDrillFailed
 from flows.core.pitr.extract import Extracted, extract_base_backup, server_user
 from flows.core.pitr.recovery import (
     PitrReport,
@@ -221,3 +233,93 @@ def stop_recovered_server(server: PgServer) -> None:
 
 def work_directory_of(data_directory: str) -> Path:
     return work_directory(Path(data_directory).expanduser().absolute())
+
+
+# -- the PITR drill ---------------------------------------------------------------------------------------
+
+
+@dbops_task("measure_rpo")
+def measure_rpo(database: str, storage: str, prefix: str, archive: ArchiveLocation) -> datetime | None:
+    """When the newest archived WAL segment was archived (the drill's RPO is its age at the start)."""
+    from flows.core.pitr.selection import scan_archive
+
+    params = load_database(database).params()
+    manifests, _ = read_base_manifests(load_store(storage), prefix, params.database)
+    if not manifests:
+        return None
+    newest = max(manifests, key=lambda m: m.ended_at)
+    scan = scan_archive(
+        open_archive(archive),
+        segno_of_lsn(parse_lsn(newest.start_lsn), newest.wal_segment_size),
+        newest.timeline,
+        newest.wal_segment_size,
+    )
+    return scan.segments[scan.last].archived_at if scan.last is not None else None
+
+
+@dbops_task("write_drill_canary", retry=False)
+def write_drill_canary(
+    database: str, archive: ArchiveLocation, restore_point: str, run_id: str, write: bool, timeout_s: float
+) -> Canary:
+    """On production: canary token, restore point, WAL switch; then wait for that segment in the archive."""
+    from flows.core.wal_archive import wait_for
+    from flows.tasks.session import direct_session
+
+    block = load_database(database)
+    with direct_session(block) as conn:
+        conn.execute("SET statement_timeout = '60s'")
+        canary = write_canary(conn, restore_point, run_id, write=write)
+    wal = open_archive(archive)
+    key, waited = wait_for(lambda: wal.find(canary.walfile), timeout_s)
+    if key is None:
+        raise PitrDrillFailed(
+            f"{canary.walfile} (holding restore point {restore_point}) did not reach {wal.url} within "
+            f"{timeout_s:.0f} s; archiving does not work end to end: run wal-archive-check"
+        )
+    get_run_logger().info(
+        "restore point %s at %s; %s archived after %.1f s",
+        restore_point,
+        canary.restore_point_lsn,
+        canary.walfile,
+        waited,
+    )
+    return canary
+
+
+@dbops_task("read_latest_dump_manifest")
+def read_latest_dump_manifest(storage: str, prefix: str, database: str) -> Manifest | None:
+    from flows.core.catalog import read_catalog
+
+    catalog = read_catalog(load_store(storage), prefix, database)
+    return catalog.backups[0].manifest if catalog.backups else None
+
+
+@dbops_task("check_recovered_copy", retry=False)
+def check_recovered_copy(
+    report: PitrReport,
+    server: PgServer,
+    canary: Canary | None,
+    dump: Manifest | None,
+    database: str,
+    pg_bindir: str | None = None,
+    server_version_num: int = 0,
+) -> list[CheckResult]:
+    checks: list[CheckResult] = []
+    with server.connect(report.superuser, database) as conn:
+        if canary is not None and canary.token:
+            checks.append(check_canary(conn, canary.token))
+        checks.append(check_tables(conn, dump))
+    tool = find_tool("pg_amcheck", server_version_num, pg_bindir)
+    checks.append(run_amcheck(tool, str(server.socket_dir), server.port, report.superuser, database))
+    if canary is not None:
+        checks.append(check_position(report.reached_lsn, report.timeline, canary))
+    for c in checks:
+        get_run_logger().info("%s %s: %s", "ok" if c.ok else "FAILED", c.name, c.detail)
+    return checks
+
+
+@dbops_task("write_pitr_drill_record")
+def write_pitr_drill_record(storage: str, tar_key: str, record: PitrDrillRecord) -> str:
+    key = pitr_drill_key(tar_key.removesuffix(TAR_SUFFIX))
+    load_store(storage).put_bytes(key, record.to_json())
+    return key

@@ -23,3 +23,7 @@ class RecoveryFailed(DbopsError):
         super().__init__(message)
         self.missing_segment = missing_segment
         self.last_lsn = last_lsn
+
+
+class PitrDrillFailed(DbopsError):
+    """The recovered copy did not prove the recovery point (canary, amcheck, tables, position)."""

@@ -74,6 +74,7 @@ class PitrReport(BaseModel):
     replay_seconds: float = 0
     start_seconds: float = 0
     verified: str = ""
+    superuser: str = Field(default="", description="The role the flow used on the copy's private socket.")
     running: bool = False
     connect: str = ""
     stop: str = ""
@@ -443,6 +444,7 @@ def build_report(
         replay_seconds=round(done.replay_seconds, 3),
         start_seconds=round(done.start_seconds, 3),
         verified=verified,
+        superuser=done.superuser,
         running=True,
         connect=f"psql -h localhost -p {port} -U <a role of the recovered cluster> -d <database>",
         stop=server.command_line(),
@@ -454,3 +456,10 @@ def now_utc() -> datetime:
 
 
 __all__ = ["PitrReport", "RecoveryProgress", "Window", "recover_cluster", "preflight", "replay"]
+
+
+def free_local_port() -> int:
+    """A port nothing listens on now (the drill's scratch server takes it right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -162,7 +162,8 @@ def read_replay_state(conn: psycopg.Connection) -> ReplayState:
         "SELECT pg_is_in_recovery(),"
         " CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE 'not paused' END,"
         " pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp(),"
-        " (SELECT timeline_id FROM pg_control_checkpoint())"
+        " CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint())"
+        " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END"
     ).fetchone()
     assert row is not None
     return ReplayState(bool(row[0]), row[1] == "paused", row[2], row[3], row[4])
