@@ -88,6 +88,24 @@ def _sidecar(production: Production) -> PitrDrillRecord:
     return PitrDrillRecord.model_validate_json(production.store.get_bytes(key))
 
 
+def test_the_drill_without_a_base_backup_is_refused_before_writing_to_production(
+    production: Production,
+) -> None:
+    from flows.pitr_drill import PitrDrillOptions, pitr_drill
+
+    state = pitr_drill(
+        database=production.block,
+        storage=production.storage,
+        prefix="nowhere",
+        archive=ArchiveLocation(directory=str(production.archive_dir)),
+        options=PitrDrillOptions(scratch_root=str(production.scratch_root)),
+        return_state=True,
+    )
+    assert state.is_failed() and "no base backup" in (state.message or "")
+    assert production.cluster.sql("SELECT to_regclass('dbops.pitr_canary')", "shop") == [(None,)]
+    assert list(production.scratch_root.iterdir()) == []
+
+
 def test_the_drill_passes_on_a_healthy_chain_and_records_rpo_and_rto(production: Production) -> None:
     state = _run(production)
     assert state.is_completed(), state.message

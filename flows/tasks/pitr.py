@@ -28,7 +28,7 @@ from flows.core.pitr.drill import (
     run_amcheck,
     write_canary,
 )
-from flows.core.pitr.errors import PitrDrillFailed
+from flows.core.pitr.errors import PitrDrillFailed, RecoveryRefused
 from flows.core.pitr.extract import Extracted, extract_base_backup, server_user
 from flows.core.pitr.recovery import (
     PitrReport,
@@ -246,7 +246,10 @@ def measure_rpo(database: str, storage: str, prefix: str, archive: ArchiveLocati
     params = load_database(database).params()
     manifests, _ = read_base_manifests(load_store(storage), prefix, params.database)
     if not manifests:
-        return None
+        raise RecoveryRefused(
+            f"there is no base backup of {params.database} in {storage}:{prefix or '/'}; take one "
+            "(base-backup flow) before the PITR drill can run; nothing was written to the database"
+        )
     newest = max(manifests, key=lambda m: m.ended_at)
     scan = scan_archive(
         open_archive(archive),
