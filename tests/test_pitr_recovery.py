@@ -274,7 +274,8 @@ def test_no_credential_in_the_recovered_directory_or_in_ps_during_recovery(
     finally:
         stop.set()
         sampler.join()
-    assert any(report.data_directory in s or "restore_wal.sh" in s for s in seen) or len(seen) > 3
+    # the samples span the recovery: the recovering server's processes carry the new cluster_name
+    assert any("dbops-pitr-app" in s for s in seen)
     secrets_ = [APP_PASSWORD, REPLICATION_PASSWORD, source.cluster.password]
     for text in seen:
         for secret in secrets_:
@@ -425,7 +426,7 @@ def test_pitr_restore_flow_pauses_at_a_time_and_leaves_the_server_running(
     subprocess.run(report.stop.split(), check=True, capture_output=True)  # the command the report gives
     assert not server.running()
     artifact = Artifact.get("pitr-app")
-    assert isinstance(artifact, Artifact) and "RTO" in str(artifact.data)
+    assert artifact is not None and "RTO" in str(getattr(artifact, "data", ""))
 
 
 @pytest.mark.usefixtures("prefect_api")

@@ -167,20 +167,3 @@ def read_replay_state(conn: psycopg.Connection) -> ReplayState:
     ).fetchone()
     assert row is not None
     return ReplayState(bool(row[0]), row[1] == "paused", row[2], row[3], row[4])
-
-
-def wait_until_connectable(
-    server: PgServer, user: str, dbname: str, timeout: float
-) -> psycopg.Connection | None:
-    """A connection once the server accepts them, or None if it stopped; RecoveryFailed on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            return server.connect(user, dbname)
-        except psycopg.OperationalError:
-            if not server.running() and server.pid() is None and time.monotonic() > deadline - timeout + 2:
-                return None
-            time.sleep(0.2)
-    raise RecoveryFailed(
-        f"the recovered server did not accept connections within {timeout:.0f} s; see {server.log_file}"
-    )
