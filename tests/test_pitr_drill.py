@@ -60,6 +60,9 @@ def production(prefect_api: None) -> Iterator[Production]:
             password=cluster.password,
         ).save("pitr-drill-shop", overwrite=True)
         storage = make_local_block("pitr-drill-store", root / "store")
+        from flows.nightly_dump import nightly_dump
+
+        nightly_dump(database="pitr-drill-shop", storage=storage, prefix="prod")  # the tables to expect
         scratch_root = Path(tempfile.mkdtemp(prefix="dbops-drill-root-"))
         os.chmod(scratch_root, 0o755)
         try:
@@ -68,13 +71,14 @@ def production(prefect_api: None) -> Iterator[Production]:
             shutil.rmtree(scratch_root, ignore_errors=True)
 
 
-def _run(production: Production):
+def _run(production: Production, canary: bool = True):
     from flows.pitr_drill import PitrDrillOptions, pitr_drill
 
     return pitr_drill(
         database=production.block,
         storage=production.storage,
         prefix="prod",
+        canary=canary,
         archive=ArchiveLocation(directory=str(production.archive_dir)),
         options=PitrDrillOptions(
             scratch_root=str(production.scratch_root), archive_timeout_s=60, timeout_hours=0.05
@@ -113,6 +117,7 @@ def test_the_drill_passes_on_a_healthy_chain_and_records_rpo_and_rto(production:
     assert record.passed and record.message == ""
     assert {c.name for c in record.checks} == {"canary", "tables", "amcheck", "position"}
     assert all(c.ok for c in record.checks)
+    assert "all 1 table(s) of the latest dump exist" in {c.detail for c in record.checks}
     assert record.rpo_seconds is not None and record.rto_seconds and record.rto_seconds > 0
     assert record.wal_segments_replayed and record.wal_segments_replayed >= 3
     assert record.timeline == 2  # promoted onto a new timeline, as the position check expects
@@ -129,9 +134,10 @@ def test_the_drill_fails_naming_a_segment_deleted_after_the_base_backup(producti
     )
     victim = after[0]
     (production.archive_dir / victim).unlink()
-    state = _run(production)
+    state = _run(production, canary=False)  # and canary=false writes no token
     assert state.is_failed()
     assert victim in (state.message or "")
+    assert production.cluster.sql("SELECT count(*) FROM dbops.pitr_canary", "shop") == [(1,)]
     record = _sidecar(production)
     assert not record.passed and record.missing_segment == victim and victim in record.message
     assert list(production.scratch_root.iterdir()) == []
