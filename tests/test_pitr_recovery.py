@@ -22,7 +22,7 @@ from flows.core.base_layout import BaseBackupManifest
 from flows.core.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
 from flows.core.pitr.errors import ExtractionFailed, RecoveryFailed, RecoveryRefused
 from flows.core.pitr.extract import extract_base_backup, server_user
-from flows.core.pitr.recovery import PitrReport, recover_cluster
+from flows.core.pitr.recovery import PitrReport, RecoveryProgress, recover_cluster
 from flows.core.pitr.selection import choose_base_backup, read_base_manifests
 from flows.core.pitr.server import PgServer
 from flows.core.pitr.targets import RecoveryTarget, parse_target
@@ -108,6 +108,7 @@ def _recover(
     archive: WalArchive | None = None,
     store: ObjectStore | None = None,
     manifests: list[BaseBackupManifest] | None = None,
+    progress: list[RecoveryProgress] | None = None,
 ) -> tuple[PitrReport, PgServer]:
     archive = archive or WalArchive(LocalObjectStore(source.archive_dir))
     store = store or source.store
@@ -125,6 +126,8 @@ def _recover(
         user=server_user(),
         keep_running=True,
         timeout=120,
+        on_progress=progress.append if progress is not None else None,
+        progress_every=0 if progress is not None else 10,
     )
     servers.append(server)
     return report, server
@@ -158,9 +161,15 @@ def test_recovery_to_a_restore_point_has_what_came_before_it(
 def test_recovery_to_an_lsn_has_what_came_before_it(
     source: Source, scratch: Path, servers: list[PgServer]
 ) -> None:
-    report, server = _recover(source, parse_target(lsn=source.between_lsn), scratch, servers)
+    progress: list[RecoveryProgress] = []
+    report, server = _recover(
+        source, parse_target(lsn=source.between_lsn), scratch, servers, progress=progress
+    )
     assert _events(server) == {"before-backup", "a", "b", "c", "d", "e"}
     assert report.reached_lsn is not None
+    # progress reports (every 10 s in a flow; every poll here) carry segments, LSN, bytes and an ETA
+    assert progress and progress[-1].bytes_downloaded >= source.manifest.bytes
+    assert any(p.lsn is not None and p.segments_replayed >= 1 and p.eta_seconds is not None for p in progress)
 
 
 def test_latest_reaches_the_last_archived_transaction_from_s3(

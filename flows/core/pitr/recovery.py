@@ -237,6 +237,7 @@ def replay(
     on_progress: Callable[[RecoveryProgress], None] | None = None,
     base_bytes: int = 0,
     poll: float = 0.25,
+    progress_every: float = PROGRESS_EVERY,
     clock: Callable[[], float] = time.monotonic,
 ) -> Replayed:
     """Start the server with the spool filling, and wait until it reached the target or failed."""
@@ -304,7 +305,7 @@ def replay(
                         start_seconds=clock() - reached,
                         superuser=superuser or login_user,
                     )
-            if on_progress and now - last_progress >= PROGRESS_EVERY:
+            if on_progress and now - last_progress >= progress_every:
                 last_progress = now
                 on_progress(_progress(state, spool, first, size, choice, now - started, base_bytes))
             time.sleep(poll)
@@ -364,6 +365,7 @@ def recover_cluster(
     ahead: int = 8,
     timeout: float = 24 * 3600,
     on_progress: Callable[[RecoveryProgress], None] | None = None,
+    progress_every: float = PROGRESS_EVERY,
 ) -> tuple[PitrReport, PgServer]:
     """Every step in one call (drill, tests). The server is stopped at the end unless `keep_running`; on
     failure it is always stopped. The data directory is left for the caller to keep or remove."""
@@ -403,6 +405,7 @@ def recover_cluster(
         timeout=timeout,
         on_progress=on_progress,
         base_bytes=extracted.stored_bytes,
+        progress_every=progress_every,
     )
     report = build_report(
         database, choice, target, data_directory, port, extracted, download, verified, done, spool, server
