@@ -477,3 +477,42 @@ def test_pitr_restore_flow_refuses_before_downloading_anything(
     assert "no base backup" in run(prefix="elsewhere")
     assert "after the last archived segment" in run(latest=False, time=datetime.now(UTC).isoformat())
     assert not data.exists()
+
+
+def test_the_spool_keeps_a_bounded_window_and_the_script_never_leaves_a_partial_file(
+    source: Source, scratch: Path
+) -> None:
+    """The fetcher driven as the server drives it (`.want`), the restore script run for real."""
+    from flows.core.pitr.selection import scan_archive
+    from flows.core.pitr.spool import WalSpool
+    from flows.core.wal import parse_lsn, segno_of_lsn
+
+    m = source.manifest
+    archive = WalArchive(LocalObjectStore(source.archive_dir))
+    first = segno_of_lsn(parse_lsn(m.start_lsn), m.wal_segment_size)
+    scan = scan_archive(archive, first, m.timeline, m.wal_segment_size)
+    spool = WalSpool(archive, scan, scratch / "work" / "spool", first, ahead=2)
+    spool.prepare()
+    wanted = scan.name(first + 3)
+    (spool.dir / ".want").write_text(wanted + "\n")
+    spool.step()
+    held = sorted(p.name for p in spool.dir.iterdir() if len(p.name) == 24)
+    assert held == [scan.name(s) for s in range(first + 3, first + 6) if s in scan.segments]  # bounded
+    dest = scratch / "RECOVERYXLOG"
+    ok = subprocess.run(
+        ["sh", str(spool.script), str(spool.dir), wanted, str(dest), "5"], capture_output=True
+    )
+    assert ok.returncode == 0 and dest.read_bytes() == (source.archive_dir / wanted).read_bytes()
+    (spool.dir / ".want").write_text(scan.name(first + 5) + "\n")
+    spool.step()  # the server moved on: what it consumed is removed (the one before the wanted one stays)
+    held = sorted(p.name for p in spool.dir.iterdir() if len(p.name) == 24)
+    assert held and min(held) >= scan.name(first + 4)
+    beyond = scan.name((scan.last or first) + 1)
+    (spool.dir / ".want").write_text(beyond + "\n")
+    spool.step()  # the fetcher answers: not in the archive
+    assert (spool.dir / f"{beyond}.absent").exists() and spool.missing is None  # the end, not a hole
+    missing = subprocess.run(
+        ["sh", str(spool.script), str(spool.dir), beyond, str(scratch / "OTHER"), "5"], capture_output=True
+    )
+    assert missing.returncode == 1 and not (scratch / "OTHER").exists()
+    assert not list(scratch.glob("*.dbops-partial"))

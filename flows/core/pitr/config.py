@@ -57,6 +57,7 @@ OVERRIDDEN = frozenset(
         "log_destination",
         "hot_standby",
         "synchronous_standby_names",
+        "lc_messages",
     }
 )
 HBA_NAME = "pg_hba.dbops-pitr.conf"
@@ -115,6 +116,7 @@ def recovery_settings(
         "logging_collector": "off",
         "log_destination": "stderr",
         "hot_standby": "on",
+        "lc_messages": "C",  # the flow reads the log: its lines must be PostgreSQL's English ones
         "primary_conninfo": "",
         "primary_slot_name": "",
     }

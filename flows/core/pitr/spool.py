@@ -147,7 +147,8 @@ class WalSpool:
         if len(name) == 24 and WAL_FILE_RE.match(name) and not HISTORY_RE.match(name):
             pos = parse_wal_name(name, self.scan.segment_size)
             last = self.scan.last
-            if self.missing is None and last is not None and last > pos.segno and pos.segno >= self.first:
+            held = pos.segno in self.scan.segments  # on another timeline: not a hole in the chain
+            if self.missing is None and not held and last is not None and last > pos.segno >= self.first:
                 self.missing = segment_name(
                     self.scan.lineage.responsible(pos.segno), pos.segno, self.scan.segment_size
                 )
