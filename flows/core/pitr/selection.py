@@ -264,7 +264,8 @@ def choose_base_backup(
     before = [m for m in usable if m.ended_at <= when]
     if not before:
         raise RecoveryRefused(
-            f"{window.sentence()}; the target {what} is before the oldest base backup with its WAL archived ended"
+            f"{window.sentence()}; the target {what} is before the oldest base backup with its WAL "
+            "archived ended"
         )
     for m in before:
         end = _chain_end(m, scan)
