@@ -136,7 +136,7 @@ def own(path: Path, user: str | None) -> None:
     path.chmod(0o700)
 
 
-def _clear(path: Path, created: bool) -> None:
+def clear_directory(path: Path, created: bool) -> None:
     if created:
         shutil.rmtree(path, ignore_errors=True)
         return
@@ -180,25 +180,25 @@ def extract_base_backup(
                 tar.extract(_check_member(member, dest), dest, filter="fully_trusted")
         reader.drain()
     except ExtractionFailed:
-        _clear(data_directory, created)
+        clear_directory(data_directory, created)
         raise
     except (DecompressionError, tarfile.TarError, EOFError) as exc:
-        _clear(data_directory, created)
+        clear_directory(data_directory, created)
         raise ExtractionFailed(
             f"the base backup {manifest.tar_key} is not a readable zstd tar ({exc}); nothing was kept in "
             f"{data_directory}: take a new base backup"
         ) from None
     except OSError as exc:
-        _clear(data_directory, created)
+        clear_directory(data_directory, created)
         raise ExtractionFailed(
             f"extracting {manifest.tar_key} into {data_directory} failed ({exc.strerror or exc}); "
             "nothing was kept: check free space and permissions"
         ) from None
     except BaseException:
-        _clear(data_directory, created)
+        clear_directory(data_directory, created)
         raise
     if digest.hexdigest() != manifest.sha256 or stored[0] != manifest.bytes:
-        _clear(data_directory, created)
+        clear_directory(data_directory, created)
         raise ExtractionFailed(
             f"the base backup {manifest.tar_key} does not match its manifest "
             f"(sha256 {digest.hexdigest()[:12]}… of {stored[0]} bytes, expected {manifest.sha256[:12]}… "

@@ -28,9 +28,9 @@ from flows.core.pitr.config import recovery_settings, write_recovery_config
 from flows.core.pitr.errors import ExtractionFailed, RecoveryFailed, RecoveryRefused
 from flows.core.pitr.extract import (
     Extracted,
-    _clear,
     check_data_directory,
     check_free_space,
+    clear_directory,
     extract_base_backup,
     own,
 )
@@ -143,7 +143,7 @@ def verify_extracted(data_directory: Path, manifest: BaseBackupManifest, bindir:
     run = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=child_environment())
     if run.returncode != 0:
         detail = (run.stderr or run.stdout).strip().splitlines()
-        _clear(data_directory, created=False)
+        clear_directory(data_directory, created=False)
         raise ExtractionFailed(
             f"pg_verifybackup found the restored files do not match the backup's manifest "
             f"({detail[0] if detail else f'exit {run.returncode}'}); what was extracted has been removed: "
@@ -256,9 +256,11 @@ def replay(
         while True:
             now = clock()
             if now - started > timeout:
+                lines = [line for line in server.log().splitlines() if line.strip()]
                 raise RecoveryFailed(
                     f"recovery to {target.describe()} did not finish within {timeout / 3600:.1f} h; "
-                    f"the server was stopped, see {server.log_file}"
+                    f"the server was stopped (its last log line: {lines[-1] if lines else 'none'}), "
+                    f"see {server.log_file}"
                 )
             facts = parse_log(server.log())
             if facts.fatal or (not server.running() and now - started > 5):
