@@ -226,7 +226,7 @@ def replay_to_target(
     return report, server
 
 
-@dbops_task("stop_recovered_server", retry=False)
+@dbops_task("stop_recovered_server")
 def stop_recovered_server(server: PgServer) -> None:
     server.stop()
 
