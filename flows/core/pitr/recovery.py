@@ -271,7 +271,7 @@ def replay(
                 replayed_at = now
             if conn is None and (facts.consistent or facts.ready):
                 try:
-                    conn = server.connect(superuser or login_user, login_database)
+                    conn = _login(server, superuser, login_user, login_database)
                     if superuser is None:
                         row = conn.execute("SELECT rolname FROM pg_roles WHERE oid = 10").fetchone()
                         superuser = str(row[0]) if row else login_user
@@ -316,6 +316,18 @@ def replay(
         raise
     finally:
         spool.stop()
+
+
+def _login(server: PgServer, superuser: str | None, login_user: str, database: str) -> psycopg.Connection:
+    """The known superuser; else the block's role, then `postgres` (a role the block's may not reach)."""
+    if superuser:
+        return server.connect(superuser, database)
+    try:
+        return server.connect(login_user, database)
+    except psycopg.OperationalError as exc:
+        if "not yet accepting" in str(exc) or "starting up" in str(exc) or login_user == "postgres":
+            raise
+        return server.connect("postgres", database)
 
 
 def _progress(
