@@ -148,6 +148,12 @@ def test_recovery_to_a_time_between_two_commits_has_the_first_and_not_the_second
     assert report.stopped_by and "before commit" in report.stopped_by
     assert report.segments_replayed >= 1 and report.bytes_downloaded > source.manifest.bytes
     assert "pg_verifybackup" in report.verified
+    st = (scratch / "data").stat()
+    assert st.st_mode & 0o777 == 0o700
+    if os.geteuid() == 0:
+        import pwd
+
+        assert pwd.getpwuid(st.st_uid).pw_name == "postgres"
 
 
 def test_recovery_to_a_restore_point_has_what_came_before_it(
@@ -309,6 +315,12 @@ def test_a_damaged_base_backup_stops_extraction_and_leaves_nothing(source: Sourc
     with pytest.raises(ExtractionFailed):
         extract_base_backup(store, source.manifest, scratch / "data", server_user())
     assert not (scratch / "data").exists()
+    # a readable object that is not the one the manifest describes: unpacked whole, then removed
+    wrong = source.manifest.model_copy(update={"sha256": "0" * 64})
+    (scratch / "data").mkdir()  # an empty directory is kept, emptied
+    with pytest.raises(ExtractionFailed, match="does not match its manifest"):
+        extract_base_backup(source.store, wrong, scratch / "data", server_user())
+    assert list((scratch / "data").iterdir()) == []
 
 
 def test_a_tar_member_outside_the_data_directory_is_refused(source: Source, scratch: Path) -> None:
