@@ -477,6 +477,9 @@ def test_pitr_restore_flow_refuses_before_downloading_anything(
         assert state.is_failed()
         return _message(state)
 
+    if os.geteuid() == 0:
+        (scratch / "private").mkdir(mode=0o700)
+        assert "cannot reach" in run(data_directory=str(scratch / "private" / "data"))
     (scratch / "busy").mkdir()
     (scratch / "busy" / "PG_VERSION").write_text("15\n")
     assert "is not empty" in run(data_directory=str(scratch / "busy"))

@@ -81,8 +81,8 @@ def plan_recovery(
     logger = get_run_logger()
     params = load_database(database).params()
     path = Path(data_directory).expanduser().absolute()
-    preflight(path, port)
     user = server_user()
+    preflight(path, port, user=user)
     store = load_store(storage)
     manifests, unreadable = read_base_manifests(store, prefix, params.database)
     for key in unreadable:
@@ -91,7 +91,7 @@ def plan_recovery(
     choice = choose_base_backup(
         manifests, target, wal, where=f"{storage}:{prefix or '/'} for {params.database}"
     )
-    preflight(path, port, choice.manifest)  # now with the backup's size against free disk space
+    preflight(path, port, choice.manifest, user)  # now with the backup's size against free disk space
     m = choice.manifest
     logger.info(
         "%s: base backup %s (ended %s, %s stored, timeline %d); %s",

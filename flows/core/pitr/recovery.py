@@ -108,9 +108,30 @@ def check_port_free(port: int) -> None:
             raise RecoveryRefused(f"port {port} is in use on this worker; choose a free port") from None
 
 
-def preflight(data_directory: Path, port: int, manifest: BaseBackupManifest | None = None) -> None:
+def check_reachable(data_directory: Path, user: str | None) -> None:
+    """The server's OS user must be able to walk to its data directory (a 0700 root home is a dead end)."""
+    if not user:
+        return
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid
+    for parent in data_directory.parents:
+        if not parent.exists():
+            continue
+        st = parent.stat()
+        if st.st_uid != uid and not st.st_mode & 0o001:
+            raise RecoveryRefused(
+                f"the {user} OS user cannot reach {data_directory}: {parent} is not searchable by others; "
+                f"choose a directory under one it can reach (or chmod o+x {parent})"
+            )
+
+
+def preflight(
+    data_directory: Path, port: int, manifest: BaseBackupManifest | None = None, user: str | None = None
+) -> None:
     """The refusals that need nothing downloaded: directory, port, disk space, work directory."""
     check_data_directory(data_directory)
+    check_reachable(data_directory, user)
     check_port_free(port)
     work = work_directory(data_directory)
     if work.exists() and not (work / WORK_MARK).exists() and any(work.iterdir()):
@@ -384,7 +405,7 @@ def recover_cluster(
     """Every step in one call (drill, tests). The server is stopped at the end unless `keep_running`; on
     failure it is always stopped. The data directory is left for the caller to keep or remove."""
     m = choice.manifest
-    preflight(data_directory, port, m)
+    preflight(data_directory, port, m, user)
     work = prepare_work_directory(data_directory, user)
     t0 = time.monotonic()
     extracted: Extracted = extract_base_backup(store, m, data_directory, user)
