@@ -124,6 +124,9 @@ def test_the_drill_passes_on_a_healthy_chain_and_records_rpo_and_rto(production:
     tokens = production.cluster.sql("SELECT count(*) FROM dbops.pitr_canary", "shop")
     assert tokens == [(1,)]
     assert list(production.scratch_root.iterdir()) == []  # the scratch server and its files are gone
+    from flows.core.listing import list_backups
+
+    assert "last PITR drill passed" in list_backups(production.store, "prod", "shop").describe()
 
 
 def test_the_drill_fails_naming_a_segment_deleted_after_the_base_backup(production: Production) -> None:
@@ -140,4 +143,7 @@ def test_the_drill_fails_naming_a_segment_deleted_after_the_base_backup(producti
     assert production.cluster.sql("SELECT count(*) FROM dbops.pitr_canary", "shop") == [(1,)]
     record = _sidecar(production)
     assert not record.passed and record.missing_segment == victim and victim in record.message
+    from flows.core.listing import list_backups
+
+    assert "last PITR drill FAILED" in list_backups(production.store, "prod", "shop").describe()
     assert list(production.scratch_root.iterdir()) == []

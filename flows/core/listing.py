@@ -101,11 +101,14 @@ class BackupListing:
     catalog: Catalog
     rows: list[dict[str, str]]  # one per backup, newest first
     left_alone: list[dict[str, str]]  # key, problem
+    pitr_drill: str = ""  # the last PITR drill (beside the base backups), when there was one
 
     def describe(self) -> str:
         text = f"{len(self.rows)} backup(s); {len(self.catalog.orphans)} dump(s) without a manifest"
         if self.left_alone:
             text += f"; {len(self.left_alone)} object(s) left alone (unreadable or foreign)"
+        if self.pitr_drill:
+            text += f"; {self.pitr_drill}"
         return text
 
 
@@ -114,7 +117,12 @@ def list_backups(
 ) -> BackupListing:
     catalog = read_catalog(store, prefix, database)
     rows = backup_rows(catalog, read_drill_records(store, catalog), now)
-    return BackupListing(database, catalog, rows, left_alone_rows(catalog))
+    from flows.core.pitr.drill import describe_pitr_drill, last_pitr_drill
+
+    drill = last_pitr_drill(store, prefix, database)
+    return BackupListing(
+        database, catalog, rows, left_alone_rows(catalog), describe_pitr_drill(drill) if drill else ""
+    )
 
 
 def _human(n: float) -> str:

@@ -19,7 +19,9 @@ from pydantic import AwareDatetime, BaseModel, Field
 
 from flows.core.childenv import child_environment
 from flows.core.drill import CheckResult
+from flows.core.errors import DbopsError
 from flows.core.manifest import Manifest
+from flows.core.objectstore import ObjectStore
 from flows.core.pgtools import PgTool, error_summary
 from flows.core.tablenames import TableName, resolve_key
 from flows.core.wal import parse_lsn
@@ -182,3 +184,32 @@ def run_amcheck(
 
 def rpo_seconds(newest_archived_at: datetime | None, started_at: datetime) -> float | None:
     return None if newest_archived_at is None else max(0.0, (started_at - newest_archived_at).total_seconds())
+
+
+def last_pitr_drill(store: ObjectStore, prefix: str, database: str) -> PitrDrillRecord | None:
+    """The newest PITR drill record beside any base backup of `database` (for `dbops backups list`)."""
+    from flows.core.base_layout import PITR_DRILL_SUFFIX, base_prefix, parse_base_key
+
+    newest: PitrDrillRecord | None = None
+    for info in store.list(base_prefix(prefix, database)):
+        parsed = parse_base_key(info.key, prefix, database)
+        if parsed is None or parsed[1] != PITR_DRILL_SUFFIX:
+            continue
+        try:
+            record = PitrDrillRecord.model_validate_json(store.get_bytes(info.key))
+        except (ValueError, DbopsError):
+            continue
+        if newest is None or record.finished_at > newest.finished_at:
+            newest = record
+    return newest
+
+
+def describe_pitr_drill(record: PitrDrillRecord | None) -> str:
+    if record is None:
+        return "no PITR drill yet"
+    when = record.finished_at.isoformat(timespec="seconds")
+    if not record.passed:
+        return f"last PITR drill FAILED {when}: {record.message}"
+    rpo = f"{record.rpo_seconds:.0f} s" if record.rpo_seconds is not None else "unknown"
+    rto = f"{record.rto_seconds:.0f} s" if record.rto_seconds is not None else "unknown"
+    return f"last PITR drill passed {when} (RPO {rpo}, RTO {rto})"
