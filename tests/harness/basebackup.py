@@ -64,7 +64,9 @@ def switch_and_archive(cluster: PgCluster) -> str:
     """Close the current segment and wait until the archiver has copied it; returns its name."""
     with cluster.connect() as conn:
         conn.execute("SELECT pg_logical_emit_message(false, 'dbops-test', 'x')")
-        name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # type: ignore[index]
+        row = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
+    assert row is not None
+    name = row[0]
 
     def archived() -> bool:
         last = cluster.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0]
@@ -109,19 +111,23 @@ def take_base_backup(
         )
     raw = run.stdout
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-        backup_label = tar.extractfile("backup_label").read().decode()  # type: ignore[union-attr]
-        pg_manifest = tar.extractfile("backup_manifest").read()  # type: ignore[union-attr]
+        label_file, manifest_file = tar.extractfile("backup_label"), tar.extractfile("backup_manifest")
+        assert label_file is not None and manifest_file is not None  # both are regular files in the tar
+        backup_label = label_file.read().decode()
+        pg_manifest = manifest_file.read()
     m = re.search(r"START WAL LOCATION: (\S+) \(file (\w+)\)", backup_label)
     assert m, backup_label
     start_lsn, start_wal = m.group(1), m.group(2)
     ranges = json.loads(pg_manifest)["WAL-Ranges"][0]
     stop_lsn, timeline = ranges["End-LSN"], int(ranges["Timeline"])
     with cluster.connect() as conn:
-        version, version_num, sysid, segsize = conn.execute(
+        facts = conn.execute(
             "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
             " (SELECT system_identifier::text FROM pg_control_system()),"
             " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')"
-        ).fetchone()  # type: ignore[misc]
+        ).fetchone()
+    assert facts is not None
+    version, version_num, sysid, segsize = facts
     ended = datetime.now(UTC)
     stem = base_stem(prefix, database, started)
     digest = hashlib.sha256()

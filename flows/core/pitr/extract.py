@@ -38,6 +38,7 @@ class _ChunkReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    # typeshed types the buffer as WriteableBuffer; tarfile only ever passes a bytearray or memoryview
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._buf:
             try:

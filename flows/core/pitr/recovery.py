@@ -231,7 +231,9 @@ def _failure(target: RecoveryTarget, facts: LogFacts, spool: WalSpool, archive: 
             last_lsn=facts.redo_done_lsn,
         )
     if facts.fatal and "recovery ended before" in facts.fatal:
-        last = spool.stats.absent[-1] if spool.stats.absent else None
+        last = next(
+            (n for n in reversed(spool.stats.absent) if len(n) == 24), None
+        )  # a segment, not a .history
         return RecoveryFailed(
             f"recovery ended before the target ({target.describe()}): {where}; the archive has nothing after "
             f"that{f' ({last} is not there)' if last else ''}: the target is not in the archived WAL (a "
@@ -319,7 +321,8 @@ def replay(
                     facts = parse_log(server.log())
                     if target.kind == "latest" and spool.missing:
                         raise _failure(target, facts, spool, archive)
-                    conn.close()  # type: ignore[union-attr]
+                    if conn is not None:
+                        conn.close()
                     return Replayed(
                         state=state,
                         facts=facts,
