@@ -7,4 +7,6 @@ config     recovery.signal and the settings that keep the copy from touching pro
 spool      the local WAL spool restore_command copies from, filled ahead by the flow
 server     start, watch (log and a trusted private socket), stop
 recovery   the steps in order, and the report
+drill      the PITR drill's canary, checks of the recovered copy, and its .pitr-drill.json record
+errors     RecoveryRefused (before any download), ExtractionFailed, RecoveryFailed, PitrDrillFailed
 """
