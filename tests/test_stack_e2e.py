@@ -201,7 +201,8 @@ def test_each_other_deployment_completes_when_triggered_with_its_defaults(
     from prefect.client.orchestration import get_client
 
     first = ("base-backup", "nightly-dump", "wal-archive-check")  # the stack ran these already
-    specs = [s for s in deployments_in_yaml() if s["name"] not in first]
+    # pitr-restore needs a target and a data directory chosen per run
+    specs = [s for s in deployments_in_yaml() if s["name"] not in first and s["name"] != "pitr-restore"]
 
     def paused(spec: dict[str, Any]) -> bool:  # ships paused: it needs a block only some sites have
         return bool(spec.get("schedules")) and not any(s.get("active", True) for s in spec["schedules"])

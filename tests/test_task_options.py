@@ -14,7 +14,17 @@ import flows.tasks
 from flows.tasks.common import retry_if_transient
 
 # A retried migration step could apply a revision twice; a retried check could hide a flaky restore.
-NEVER_RETRIED = {"upgrade_database", "downgrade_database", "check_restored_database"}
+# A retried replay would start a second server on a data directory the first one already recovered; a
+# retried canary would write a second token and restore point on production; the PITR drill's checks, like
+# the restore drill's, must not hide a flaky copy.
+NEVER_RETRIED = {
+    "upgrade_database",
+    "downgrade_database",
+    "check_restored_database",
+    "replay_to_target",
+    "write_drill_canary",
+    "check_recovered_copy",
+}
 
 
 def all_tasks() -> dict[str, Task]:

@@ -148,6 +148,7 @@ class BackupListing:
         if self.window is None:
             return f"{self.database}: recoverable window unknown"
         return self.window.describe()
+    pitr_drill: str = ""  # the last PITR drill (beside the base backups), when there was one
 
     def describe(self) -> str:
         text = f"{len(self.rows)} backup(s); {len(self.catalog.orphans)} dump(s) without a manifest"
@@ -155,6 +156,8 @@ class BackupListing:
             text += f"; {len(self.base_rows)} base backup(s)"
         if self.left_alone:
             text += f"; {len(self.left_alone)} object(s) left alone (unreadable or foreign)"
+        if self.pitr_drill:
+            text += f"; {self.pitr_drill}"
         return text
 
 
@@ -170,8 +173,18 @@ def list_backups(
     rows = backup_rows(catalog, read_drill_records(store, catalog), now)
     base = read_base_catalog(store, prefix, database)
     window = recoverable_window(database, base, archive)
+    from flows.core.pitr.drill import describe_pitr_drill, last_pitr_drill
+
+    drill = last_pitr_drill(store, prefix, database)
     return BackupListing(
-        database, catalog, rows, left_alone_rows(catalog, base), base, base_rows(base, now), window
+        database,
+        catalog,
+        rows,
+        left_alone_rows(catalog, base),
+        base,
+        base_rows(base, now),
+        window,
+        describe_pitr_drill(drill) if drill else "",
     )
 
 

@@ -1,0 +1,164 @@
+"""A test factory for base backups, until the base-backup flow (issue 12) is merged: a real
+`pg_basebackup -D - -Ft -X none --checkpoint=fast` of a real archiving cluster, zstd-compressed through
+flows/core/streams.py into a real store, with a BaseBackupManifest written per flows/core/base_layout.py.
+
+Also the archiving source cluster the PITR tests and the drill share (1 MiB segments, `cp %p DIR/%f`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flows.core.base_layout import (
+    BaseBackupManifest,
+    base_manifest_key,
+    base_stem,
+    pg_manifest_key,
+    tar_key,
+)
+from flows.core.objectstore import ObjectStore
+from flows.core.pgtools import find_tool
+from flows.core.postgres import ConnParams, libpq_environment
+from flows.core.streams import hashing, zstd_compress
+from flows.core.wal import walfile_of_lsn
+from tests.harness.pg import PgCluster, pg_cluster, wait_until
+
+SMALL_SEGMENTS = ["--wal-segsize=1"]
+
+
+@contextmanager
+def archiving_cluster(**settings: str) -> Iterator[tuple[PgCluster, Path]]:
+    """A cluster archiving with `cp %p ARCHIVE/%f` into a directory beside it."""
+    tmp = Path(tempfile.mkdtemp(prefix="dbops-pitr-src-"))
+    os.chmod(tmp, 0o755)
+    archive = tmp / "wal_archive"
+    archive.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(archive, "postgres")
+    conf = {
+        "wal_level": "replica",
+        "archive_mode": "on",
+        "archive_command": f"'cp %p {archive}/%f'",
+        **settings,
+    }
+    try:
+        with pg_cluster(conf, base_dir=tmp, initdb_args=SMALL_SEGMENTS) as cluster:
+            yield cluster, archive
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def switch_and_archive(cluster: PgCluster) -> str:
+    """Close the current segment and wait until the archiver has copied it; returns its name."""
+    with cluster.connect() as conn:
+        conn.execute("SELECT pg_logical_emit_message(false, 'dbops-test', 'x')")
+        row = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
+    assert row is not None
+    name = row[0]
+
+    def archived() -> bool:
+        last = cluster.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0]
+        return last is not None and last >= name
+
+    wait_until(archived, timeout=60, what=f"{name} archived")
+    return str(name)
+
+
+def take_base_backup(
+    cluster: PgCluster, store: ObjectStore, prefix: str, database: str, *, label: str | None = None
+) -> BaseBackupManifest:
+    """pg_basebackup -Ft to stdout (PostgreSQL injects backup_manifest), zstd, stored with its manifests."""
+    started = datetime.now(UTC)
+    params = ConnParams(
+        host=cluster.host,
+        port=cluster.port,
+        database="postgres",
+        user=cluster.superuser,
+        password=cluster.password,
+    )
+    label = label or f"dbops-{database}-{started:%Y%m%dT%H%M%SZ}"
+    version_num = int(cluster.sql("SHOW server_version_num")[0][0])
+    pg_basebackup = find_tool("pg_basebackup", version_num).path
+    with libpq_environment(params) as env:
+        run = subprocess.run(
+            [
+                str(pg_basebackup),
+                "-D",
+                "-",
+                "-Ft",
+                "-X",
+                "none",
+                "--checkpoint=fast",
+                "-l",
+                label,
+            ],
+            capture_output=True,
+            env=env,
+            timeout=300,
+            check=True,
+        )
+    raw = run.stdout
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        label_file, manifest_file = tar.extractfile("backup_label"), tar.extractfile("backup_manifest")
+        assert label_file is not None and manifest_file is not None  # both are regular files in the tar
+        backup_label = label_file.read().decode()
+        pg_manifest = manifest_file.read()
+    m = re.search(r"START WAL LOCATION: (\S+) \(file (\w+)\)", backup_label)
+    assert m, backup_label
+    start_lsn, start_wal = m.group(1), m.group(2)
+    ranges = json.loads(pg_manifest)["WAL-Ranges"][0]
+    stop_lsn, timeline = ranges["End-LSN"], int(ranges["Timeline"])
+    with cluster.connect() as conn:
+        facts = conn.execute(
+            "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
+            " (SELECT system_identifier::text FROM pg_control_system()),"
+            " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')"
+        ).fetchone()
+    assert facts is not None
+    version, version_num, sysid, segsize = facts
+    ended = datetime.now(UTC)
+    stem = base_stem(prefix, database, started)
+    digest = hashlib.sha256()
+    count = [0]
+    store.put_stream(tar_key(stem), hashing(zstd_compress([raw]), digest, count), if_absent=True)
+    store.put_bytes(pg_manifest_key(stem), pg_manifest)
+    from flows.core.wal import parse_lsn
+
+    manifest = BaseBackupManifest(
+        database=database,
+        server=f"{cluster.host}:{cluster.port}",
+        system_identifier=sysid,
+        server_version=version,
+        server_version_num=version_num,
+        pg_basebackup_version=version,
+        label=label,
+        started_at=started,
+        ended_at=ended,
+        start_lsn=start_lsn,
+        stop_lsn=stop_lsn,
+        start_wal=start_wal,
+        stop_wal=walfile_of_lsn(timeline, parse_lsn(stop_lsn), segsize),
+        timeline=timeline,
+        wal_segment_size=segsize,
+        wal_included=False,
+        wal_archived=True,  # BASE_BACKUP waits for the WAL to be archived (its default WAIT)
+        tar_key=tar_key(stem),
+        bytes=count[0],
+        raw_bytes=len(raw),
+        sha256=digest.hexdigest(),
+        pg_manifest_key=pg_manifest_key(stem),
+    )
+    store.put_bytes(base_manifest_key(stem), manifest.to_json())
+    return manifest
