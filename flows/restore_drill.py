@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.core.drill import CheckResult, scratch_name
-from flows.core.errors import DbopsError
+from flows.core.errors import DrillFailed
 from flows.core.identity import DatabaseIdentity, Guard
 from flows.core.layout import check_location
 from flows.core.restore import (
@@ -41,10 +41,6 @@ from flows.tasks.restore import (
     record_drill,
     restore_database,
 )
-
-
-class DrillFailed(DbopsError):
-    pass
 
 
 class DrillReport(BaseModel):

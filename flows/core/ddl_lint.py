@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from flows.core.errors import ConfigurationError
+from flows.core.errors import ConfigurationError, MigrationError
 
 BLOCK = "block"
 REVIEW = "review"
@@ -173,7 +173,7 @@ class Finding:
         return self.severity == BLOCK and not self.waived
 
 
-class UnknownWaiver(ConfigurationError):
+class UnknownWaiver(MigrationError, ConfigurationError):
     pass
 
 

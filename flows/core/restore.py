@@ -36,7 +36,14 @@ import psycopg
 from psycopg import sql
 
 from flows.core.catalog import Backup, Catalog
-from flows.core.errors import ConfigurationError, DatabaseMissing, DbopsError, TransientError, is_transient
+from flows.core.errors import (
+    BackupIntegrityError,
+    ConfigurationError,
+    DatabaseMissing,
+    RestoreError,
+    TransientError,
+    is_transient,
+)
 from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.layout import MANIFEST_SUFFIX
 from flows.core.leases import release_lease, take_lease
@@ -59,27 +66,27 @@ DISK_MARGIN = 1.10
 DISK_SLACK = 256 * 1024 * 1024
 
 
-class RestoreFailed(DbopsError):
+class RestoreFailed(RestoreError):
     """pg_restore failed; the target was left as it was (create: temp dropped, replace: rolled back)."""
 
 
-class RestoreInterrupted(TransientError):
+class RestoreInterrupted(RestoreError, TransientError):
     """pg_restore lost its connection: nothing was committed, a new attempt may succeed."""
 
 
-class ChecksumMismatch(RestoreFailed):
+class ChecksumMismatch(RestoreFailed, BackupIntegrityError):
     """The stored object is not the one the manifest describes."""
 
 
-class BackupNotFound(ConfigurationError):
+class BackupNotFound(RestoreError, ConfigurationError):
     pass
 
 
-class RestoreRefused(ConfigurationError):
+class RestoreRefused(RestoreError, ConfigurationError):
     """Protected target without the matching confirm, or a target that must (not) exist."""
 
 
-class NotEnoughSpace(DbopsError):
+class NotEnoughSpace(RestoreError):
     pass
 
 

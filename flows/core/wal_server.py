@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import psycopg
 from pydantic import BaseModel, Field
 
-from flows.core.errors import DbopsError
+from flows.core.errors import WalArchiveError
 from flows.core.health import Check, Status
 from flows.core.redact import redact_secrets
 from flows.core.wal import (
@@ -31,7 +31,7 @@ from flows.core.wal import (
 NOOP_COMMANDS = {"", "(disabled)", "true", "/bin/true", "/usr/bin/true", ":", "exit 0", "/bin/true %p"}
 
 
-class WalArchiveBroken(DbopsError):
+class WalArchiveBroken(WalArchiveError):
     """WAL archiving is broken: point-in-time recovery past the last good segment is impossible."""
 
 

@@ -13,7 +13,7 @@ from blocks.storage import load_block, load_store
 from flows.core.catalog import Catalog, read_catalog
 from flows.core.compression import SUFFIX, Compression
 from flows.core.dump import DumpResult, ListVerification, dump_globals, stream_dump, verify_stored_dump
-from flows.core.errors import ConfigurationError, DumpFailed, ObjectExists, PermissionDenied, TransientError
+from flows.core.errors import ConfigurationError, DumpFailed, ObjectExists, PermissionDenied, StemTaken
 from flows.core.expiry import Cleanup, carry_out, plan_cleanup
 from flows.core.layout import backup_stem, check_database_name, dump_key, globals_key, manifest_key
 from flows.core.manifest import Manifest, Verification, VerifyMethod
@@ -122,10 +122,6 @@ def check_storage(storage: str, prefix: str) -> str:
     store = load_store(storage)
     store.check_writable(prefix or "dbops")
     return store.url
-
-
-class StemTaken(TransientError):
-    """Another dump created the same key first; a retry picks the next free name."""
 
 
 @dbops_task("upload_dump")
