@@ -10,9 +10,11 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from prefect.filesystems import LocalFileSystem
 from prefect_aws import S3Bucket
+from pydantic import ValidationError
 
 from flows.core.errors import ConfigurationError
 from flows.core.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
+from flows.core.redact import validation_summary
 
 SUPPORTED = ("s3-bucket", "local-file-system")
 
@@ -26,6 +28,11 @@ def load_block(slug: str, expected: type[Block] | None = None) -> Block:
         )
     try:
         block = Block.load(slug)
+    except ValidationError as exc:  # stored, but its fields no longer fit the block's schema
+        raise ConfigurationError(
+            f"block {slug!r} is not valid ({validation_summary(exc)}); fix it with `dbops setup` or in the "
+            "Prefect UI"
+        ) from None
     except ValueError as exc:
         raise ConfigurationError(
             f"block {slug!r} does not exist; create it with `dbops setup` or in the Prefect UI ({exc})"

@@ -9,6 +9,7 @@ import inspect
 import pkgutil
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,9 +97,9 @@ def _sample(annotation: object) -> object:
     raise AssertionError(f"no sample value for a field annotated {text}")
 
 
-def _declared_fields(cls: type[DbopsError]) -> dict[str, object]:
+def _declared_fields(cls: type[DbopsError]) -> dict[str, Any]:
     """The constructor's fields after the message (annotations are strings: `from __future__`)."""
-    values = {}
+    values: dict[str, Any] = {}
     for name, param in inspect.signature(cls.__init__).parameters.items():
         skip = name in ("self", "message", "transient")
         if skip or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):

@@ -407,3 +407,11 @@ class SameDatabase(SafetyError, ConfigurationError):
 
 class ProtectedTarget(SafetyError, ConfigurationError):
     """A database named by a protected block would be dropped or replaced without confirm."""
+
+
+# == the local stack and the command line (deployments/) ===================================================
+
+
+class StackError(DbopsError):
+    """`make run` / `dbops` could not start or drive the local stack (sandbox cluster, Prefect server,
+    worker, deployments): the sentence names the part and where its log is."""
