@@ -236,3 +236,37 @@ def test_reindex_with_a_baseline_variable_that_is_not_json_ends_with_a_sentence_
     assert state.message == str(exc)
     assert (state.message or "").startswith(f"Prefect Variable {variable} (index size baselines) is not")
     assert Variable.get(variable) == "{not json"  # left for a person to look at, not overwritten
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_stored_block_that_no_longer_validates_is_named_invalid_not_missing(unique: str) -> None:
+    """Before: "block ... does not exist" for a block that is there but whose port was edited to 99999."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import BlockDocumentUpdate
+
+    from blocks import PostgresDatabase
+    from blocks.storage import load_block
+
+    name = f"drift-{unique}"
+    PostgresDatabase(host="db.example", database="im", user="app", password="Hunter2-secret").save(name)
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name(name, "postgres-database", include_secrets=False)
+        client.update_block_document(
+            document.id, BlockDocumentUpdate(data={**document.data, "port": 99999}, merge_existing_data=True)
+        )
+    with pytest.raises(errors.ConfigurationError) as caught:
+        load_block(f"postgres-database/{name}", PostgresDatabase)
+    assert str(caught.value).startswith(f"block 'postgres-database/{name}' is not valid (port: ")
+    assert "does not exist" not in str(caught.value) and "Hunter2" not in str(caught.value)
+
+
+def test_a_cut_short_answer_of_the_alembic_driver_is_an_alembic_error(tmp_path: Path) -> None:
+    """Before: `JSONDecodeError: Unterminated string` ended the migrate flow."""
+    from flows.core.alembic_runner import AlembicError, read_driver_answer
+
+    answer = tmp_path / "answer.json"
+    answer.write_text('{"steps": [{"rev": "0002", "seco')
+    with pytest.raises(AlembicError, match="alembic migrate left an unreadable answer"):
+        read_driver_answer(answer, "migrate")
+    answer.write_text('{"steps": [], "end": ["0002"]}')
+    assert read_driver_answer(answer, "migrate") == {"steps": [], "end": ["0002"]}
