@@ -28,10 +28,12 @@ def load_block(slug: str, expected: type[Block] | None = None) -> Block:
         )
     try:
         block = Block.load(slug)
-    except ValidationError as exc:  # stored, but its fields no longer fit the block's schema
+    except RuntimeError as exc:  # stored, but its fields no longer fit the block's schema
+        if not isinstance(exc.__cause__, ValidationError):
+            raise
         raise ConfigurationError(
-            f"block {slug!r} is not valid ({validation_summary(exc)}); fix it with `dbops setup` or in the "
-            "Prefect UI"
+            f"block {slug!r} is not valid ({validation_summary(exc.__cause__)}); fix it with `dbops setup` "
+            "or in the Prefect UI"
         ) from None
     except ValueError as exc:
         raise ConfigurationError(

@@ -240,7 +240,7 @@ def test_reindex_with_a_baseline_variable_that_is_not_json_ends_with_a_sentence_
 
 @pytest.mark.usefixtures("prefect_api")
 def test_a_stored_block_that_no_longer_validates_is_named_invalid_not_missing(unique: str) -> None:
-    """Before: "block ... does not exist" for a block that is there but whose port was edited to 99999."""
+    """Before: `RuntimeError: Unable to load 'drift-...' of block type 'block' due to failed validation`."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import BlockDocumentUpdate
 
@@ -270,3 +270,36 @@ def test_a_cut_short_answer_of_the_alembic_driver_is_an_alembic_error(tmp_path: 
         read_driver_answer(answer, "migrate")
     answer.write_text('{"steps": [], "end": ["0002"]}')
     assert read_driver_answer(answer, "migrate") == {"steps": [], "end": ["0002"]}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_restore_with_globals_of_a_backup_without_roles_file_ends_with_the_sentence(
+    pg: PgCluster, tmp_path: Path, unique: str
+) -> None:
+    """Before: the run ended with `FileNotFoundError: backup ... has no roles file`."""
+    from flows.nightly_dump import nightly_dump
+    from flows.restore import restore
+
+    source = _small_database(pg, f"noroles_{unique}")
+    block = make_database_block(pg, f"noroles-{unique}", source)
+    storage = make_local_block(f"local-{unique}", tmp_path / "store")
+    dumped = nightly_dump(database=block, storage=storage, globals=False)
+    target_db = f"noroles_copy_{unique}"
+    target = make_database_block(pg, f"noroles-copy-{unique}", target_db)
+    state = restore(
+        storage=storage,
+        source_database=source,
+        target=target,
+        globals=True,
+        confirm=target_db,
+        return_state=True,
+    )
+    assert state.is_failed()
+    exc = _final_exception(state)
+    assert isinstance(exc, errors.RolesFileMissing) and isinstance(exc, errors.ConfigurationError)
+    assert state.message == str(exc)
+    message = state.message or ""
+    assert message.startswith("backup ") and not message.startswith("FileNotFoundError")
+    assert "has no roles file; run without globals" in (state.message or "")
+    assert (state.message or "").split()[1] in dumped.key  # names the backup it chose
+    assert not pg.sql("SELECT 1 FROM pg_database WHERE datname = %s", params=(target_db,))  # nothing created

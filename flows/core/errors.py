@@ -1,9 +1,9 @@
 """Named errors that carry one sentence for the person on call, grouped by area (as Barman's exceptions.py).
 
 Every dbops error says what failed, where, and what to do, in `str(error)`: one line, with any password
-in it redacted. `transient` tells the task layer whether a retry can help: a refused connection or an S3
-5xx may pass, a wrong password will not. An error's context (a revision, a log tail, a pid) is declared in
-its constructor, never attached afterwards.
+in it (`password=...`, URL credentials) redacted. `transient` tells the task layer whether a retry can
+help: a refused connection or an S3 5xx may pass, a wrong password will not. An error's context (a
+revision, a log tail, a pid) is declared in its constructor, never attached afterwards.
 
 Each area has a base class (`StorageFault`, `ToolError`, `MigrationError`...) so a caller can catch an
 area; an error may belong to two (a `SameDatabase` is bad input *and* a safety refusal). Area bases never
@@ -17,19 +17,15 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from flows.core.redact import redact_secrets
+from flows.core.redact import redact_passwords
 
 if TYPE_CHECKING:
     from flows.core.alembic_runner import RunResult
 
-#: `password=...` in a conninfo string or a command (libpq, psql, pg_dump's own messages)
-_PASSWORD_ASSIGNMENT = re.compile(r"(password\s*=\s*)\S+", re.IGNORECASE)
-
-
 def one_line(text: str) -> str:
-    """The sentence on one line (a quoted stderr tail may bring newlines) and without secrets."""
-    flat = re.sub(r"\s*\n\s*", " ", text).strip()
-    return _PASSWORD_ASSIGNMENT.sub(r"\1********", redact_secrets(flat))
+    """The sentence on one line (a quoted stderr tail may bring newlines) and without passwords
+    (`password=...`, URL credentials); failure_sentence redacts every secret-looking word on top."""
+    return redact_passwords(re.sub(r"\s*\n\s*", " ", text).strip())
 
 
 # == base ===================================================================================================
@@ -168,7 +164,8 @@ class ToolError(DbopsError):
 
 
 class VersionMismatch(ToolError):
-    """The client tools (or the server) are not of a major version dbops can use for this job."""
+    """A client tool is missing or of the wrong major version, or the server's version cannot do the job
+    (no REINDEX CONCURRENTLY, a minor release that corrupts concurrent builds)."""
 
 
 class DumpFailed(ToolError):
@@ -250,7 +247,7 @@ class RolesFileMissing(RestoreError, ConfigurationError):
 
 
 class DrillFailed(RestoreError):
-    """The restore drill's restore or one of its checks failed."""
+    """The newest backup is too old, or restoring it or one of the checks of the restored copy failed."""
 
 
 # == WAL archive ============================================================================================
