@@ -13,10 +13,12 @@ from pathlib import Path
 from prefect.blocks.core import Block
 from prefect.filesystems import LocalFileSystem
 from prefect_aws import S3Bucket
+from pydantic import ValidationError
 
 from flows.core.errors import ConfigurationError
 from flows.core.localstore import LocalObjectStore
 from flows.core.objectstore import ObjectStore
+from flows.core.redact import validation_summary
 from flows.core.s3store import S3ObjectStore
 from flows.core.wal_archive import ArchiveLocation, WalArchive
 
@@ -32,6 +34,13 @@ def load_block(slug: str, expected: type[Block] | None = None) -> Block:
         )
     try:
         block = Block.load(slug)
+    except RuntimeError as exc:  # stored, but its fields no longer fit the block's schema
+        if not isinstance(exc.__cause__, ValidationError):
+            raise
+        raise ConfigurationError(
+            f"block {slug!r} is not valid ({validation_summary(exc.__cause__)}); fix it with `dbops setup` "
+            "or in the Prefect UI"
+        ) from None
     except ValueError as exc:
         raise ConfigurationError(
             f"block {slug!r} does not exist; create it with `dbops setup` or in the Prefect UI ({exc})"

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flows.core.errors import StackError
+
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("DBOPS_STATE_DIR", ROOT / ".state")).resolve()
 os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect"))
@@ -42,7 +44,7 @@ def alembic_upgrade(
     done = subprocess.run(argv, cwd=SAMPLE, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
-        raise RuntimeError(f"alembic upgrade head of the sample application on {database} failed:\n{tail}")
+        raise StackError(f"alembic upgrade head of the sample application on {database} failed:\n{tail}")
 
 
 def prepare_sandbox():  # -> PgCluster

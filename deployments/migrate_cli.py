@@ -22,6 +22,7 @@ from deployments.trigger import (
     parse_params,
     trigger_and_wait,
 )
+from flows.core.errors import ConfigurationError
 
 DEFAULT_DEPLOYMENT = "migrate/migrate"
 EXIT_MEANING = {
@@ -36,7 +37,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     """Start the deployment (tagged trigger:api, so the run's report says who started it) and wait."""
     try:
         parameters = parse_params(args.param or [])
-    except ValueError as exc:
+    except ConfigurationError as exc:
         print(f"dbops migrate: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if args.timeout is not None and args.timeout <= 0:

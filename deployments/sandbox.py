@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psycopg
 
+from flows.core.errors import StackError
+
 
 def pg_bindir() -> Path:
     """Where the server binaries are: Debian keeps them off PATH, `pg_config --bindir` knows."""
@@ -42,7 +44,7 @@ def pg_bindir() -> Path:
     for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
         if (candidate / "initdb").exists():
             return candidate
-    raise RuntimeError("PostgreSQL server binaries (initdb) not found: install the `postgresql` package")
+    raise StackError("PostgreSQL server binaries (initdb) not found: install the `postgresql` package")
 
 
 def free_port() -> int:
@@ -58,7 +60,7 @@ def _server_user() -> str | None:
     try:
         pwd.getpwnam("postgres")
     except KeyError as exc:  # pragma: no cover - depends on the machine
-        raise RuntimeError("running as root needs a `postgres` OS user to run initdb") from exc
+        raise StackError("running as root needs a `postgres` OS user to run initdb") from exc
     return "postgres"
 
 

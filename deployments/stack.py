@@ -33,7 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from deployments import stackstate
 from deployments.deploy import prefect_bin
-from flows.core.errors import DbopsError
+from flows.core.errors import DbopsError, StackError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE = ROOT / ".state"
@@ -280,7 +280,7 @@ class Stack:
         if deploy(out=say, capture=deploy_log) != 0:
             tail = deploy_log.read_text(errors="replace").splitlines()[-30:]
             say("\n".join(tail), err=True)
-            raise RuntimeError(f"deploying prefect.yaml failed; the output is in {deploy_log}")
+            raise StackError(f"deploying prefect.yaml failed; the output is in {deploy_log}")
         import yaml
 
         names = [d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]]
@@ -346,7 +346,7 @@ class Stack:
         Never two Prefect servers on one SQLite state."""
         other = stackstate.live_pid(self.state, "stack")
         if other is not None and other != os.getpid():
-            raise RuntimeError(
+            raise StackError(
                 f"another `make run` (pid {other}) is serving {self.state}; use that one, stop it first "
                 f"(Ctrl-C in its terminal, or kill {other}), or set DBOPS_STATE_DIR to another folder"
             )
@@ -467,13 +467,13 @@ def wait_http(url: str, timeout: float, what: str, procs: list) -> None:
     while time.monotonic() < deadline:
         for name, proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}; see .state/logs/")
+                raise StackError(f"{name} exited with {proc.returncode}; see .state/logs/")
         try:
             urllib.request.urlopen(url, timeout=2).read()
             return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s")
+    raise StackError(f"{what} did not answer at {url} within {timeout:.0f} s")
 
 
 def latest_backup_line(storage_slug: str) -> str:
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                 signal.pause()
     except KeyboardInterrupt:
         log("stopping (Ctrl-C or SIGTERM)")
-    except (RuntimeError, DbopsError) as exc:
+    except DbopsError as exc:
         say(f"make run: {exc}", err=True)
         code = 1
     finally:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from flows.core.errors import ConfigurationError
+
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 2
@@ -27,7 +29,7 @@ def parse_params(pairs: Iterable[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"parameter {pair!r} is not KEY=VALUE")
+            raise ConfigurationError(f"parameter {pair!r} is not KEY=VALUE")
         try:
             params[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -35,7 +35,7 @@ from blocks.storage import require_store_kind
 from flows.core.alembic_runner import AlembicApp
 from flows.core.compression import DEFAULT_LEVEL, Compression
 from flows.core.ddl_rules import apply_waivers, blocking
-from flows.core.errors import DbopsError
+from flows.core.errors import DbopsError, MigrationError
 from flows.core.identity import Guard
 from flows.core.migrate_plan import (
     ApprovalRejected,
@@ -336,9 +336,8 @@ def migrate(
     except BaseException as exc:
         report.outcome = f"failed: {failure_sentence(exc)}"
         if in_production and ini is not None:
-            applied_so_far = getattr(exc, "applied", None)
-            if applied_so_far is not None:
-                _record_production(report, applied_so_far.seconds, applied_so_far.attempts)
+            if isinstance(exc, MigrationError) and exc.applied_seconds is not None:
+                _record_production(report, exc.applied_seconds, exc.applied_attempts or {})
             _record_production_failure(report, ini, options.driver, options.alembic_env)
         if not isinstance(exc, Exception):  # cancellation, Prefect's pause and abort signals
             raise

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from blocks.storage import require_store_kind
 from flows.core.drill import CheckResult, scratch_name
-from flows.core.errors import DbopsError
+from flows.core.errors import DrillFailed
 from flows.core.identity import DatabaseIdentity, Guard
 from flows.core.layout import check_location
 from flows.core.listing import is_stale, stale_message, staleness_hours
@@ -45,10 +45,6 @@ from flows.tasks.restore import (
     record_drill,
     restore_database,
 )
-
-
-class DrillFailed(DbopsError):
-    pass
 
 
 class DrillReport(BaseModel):

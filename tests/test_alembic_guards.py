@@ -122,7 +122,7 @@ def test_held_lock_fails_the_revision_within_lock_timeout(
     finally:
         blocker.rollback()
         blocker.close()
-    assert caught.value.revision == sample.alter  # type: ignore[attr-defined]
+    assert caught.value.revision == sample.alter
     assert "waited longer than lock_timeout" in str(caught.value)
     assert elapsed < 15, f"{elapsed:.1f} s: the ALTER waited far past lock_timeout (1 s)"
     assert not has_column(pg, params.database, sample.table, sample.column)
@@ -169,7 +169,7 @@ def test_watchdog_cancels_a_lock_wait_even_when_the_revision_turns_lock_timeout_
     finally:
         blocker.rollback()
         blocker.close()
-    assert caught.value.revision == "0009_guard_off"  # type: ignore[attr-defined]
+    assert caught.value.revision == "0009_guard_off"
     assert elapsed < 15, f"{elapsed:.1f} s: nothing cancelled the wait"
     assert not has_column(pg, params.database, sample.table, "guard_off")
     assert stamped(pg, params.database) == [sample.base]
@@ -220,7 +220,7 @@ def test_a_migration_the_watchdog_cannot_see_is_stopped(
         runner.join(timeout=60)
     assert outcome and isinstance(outcome[0], WatchdogBlind), outcome
     assert "could not watch its locks" in str(outcome[0])
-    assert outcome[0].revision == "0009_guard_off"  # type: ignore[attr-defined]
+    assert outcome[0].revision == "0009_guard_off"
     assert elapsed < 30, f"{elapsed:.1f} s (blind for 8 s, the longer of 5 s and lock_timeout, then stopped)"
     # The killed child's session notices its client is gone once it gets the lock, and rolls back.
     wait_until(lambda: not sessions(), timeout=30, what="the orphaned session to end")
@@ -291,7 +291,7 @@ def test_statement_timeout_cancels_a_long_statement_with_asyncpg(
     with pytest.raises(MigrationFailed, match="ran longer than statement_timeout") as caught:
         app.upgrade(params, "head", lock_timeout_ms=1000, statement_timeout_ms=1000, start=[ASYNCPG.alter])
     elapsed = time.monotonic() - t0
-    assert caught.value.revision == "0003_slow"  # type: ignore[attr-defined]
+    assert caught.value.revision == "0003_slow"
     assert elapsed < 15, f"{elapsed:.1f} s: the minute-long statement was not cancelled"
     assert stamped(pg, params.database) == [ASYNCPG.alter]
 

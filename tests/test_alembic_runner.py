@@ -146,9 +146,10 @@ def test_lock_timeout_is_transient_and_names_the_revision(
         elapsed = time.monotonic() - t0
         blocker.rollback()
     assert is_transient(caught.value)
-    assert caught.value.revision == "0002_image_metadata"  # type: ignore[attr-defined]
+    assert caught.value.revision == "0002_image_metadata"
     assert "lock_timeout" in str(caught.value)
-    waited = caught.value.seconds  # type: ignore[attr-defined]
+    waited = caught.value.seconds
+    assert waited is not None, "the failed step's duration is declared on the error"
     assert 0.3 <= waited < 5, f"the failed step ran {waited:.1f} s: roughly lock_timeout plus start-up"
     assert elapsed < 20, "two subprocesses and 0.3 s of waiting, not PostgreSQL's endless default wait"
     assert pg.password not in str(caught.value)

@@ -6,14 +6,14 @@ Kept apart from the runner so that the revision tree (`alembic_tree`) and the ch
 
 from __future__ import annotations
 
-from flows.core.errors import ConfigurationError, DbopsError, TransientError
+from flows.core.errors import ConfigurationError, MigrationError, TransientError
 
 
-class AlembicError(DbopsError):
+class AlembicError(MigrationError):
     """Something about the application's Alembic tree or its run needs a person."""
 
 
-class AlembicConfigMissing(ConfigurationError):
+class AlembicConfigMissing(MigrationError, ConfigurationError):
     pass
 
 

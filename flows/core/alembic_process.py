@@ -201,7 +201,7 @@ def run_driver(
         tail = scrub("\n".join((stderr or "").splitlines()[-40:]), password)
         if dog is not None and dog.blind_for is not None:
             dog.end_sessions()  # in case the server can be reached again
-            answer = json.loads(result_path.read_text()) if result_path.exists() else {}
+            answer = read_driver_answer(result_path, command) if result_path.exists() else {}
             return {**answer, "blind": dog.blind_for}, tail
         if not result_path.exists():
             last = scrub(last_line(stderr or stdout or "no output"), password)
@@ -209,7 +209,21 @@ def run_driver(
                 f"alembic {command} exited with code {proc.returncode} before answering ({last}); "
                 f"run it by hand in {call.ini_path.parent} to see why"
             )
-        return json.loads(result_path.read_text()), tail
+        return read_driver_answer(result_path, command), tail
+
+
+def read_driver_answer(path: Path, command: str) -> dict:
+    """The driver's JSON answer; one cut short (the child killed while writing it) is an AlembicError."""
+    try:
+        answer = json.loads(path.read_text())
+    except ValueError as exc:
+        raise AlembicError(
+            f"alembic {command} left an unreadable answer ({exc}); the database may be part way through: "
+            "check its revision with `alembic current` before running the migration again"
+        ) from None
+    if not isinstance(answer, dict):
+        raise AlembicError(f"alembic {command} answered {type(answer).__name__}, not an object; report a bug")
+    return answer
 
 
 def last_line(text: str) -> str:

@@ -40,7 +40,7 @@ from flows.core.alembic_errors import (
 )
 from flows.core.alembic_process import REFUSED_NAMES, DriverCall, SessionGuard, run_driver
 from flows.core.alembic_tree import Revision, RevisionTree
-from flows.core.errors import ConfigurationError, DbopsError
+from flows.core.errors import ConfigurationError, DbopsError, MigrationConnectionLost
 from flows.core.postgres import ConnParams, classify_connect_error, scrub
 from flows.core.session_watchdog import LOCK, STATEMENT, SessionWatchdog
 
@@ -289,16 +289,15 @@ class AlembicApp:
         result.steps = [StepResult(s["rev"], direction, float(s["seconds"])) for s in answer.get("steps", [])]
         result.end = list(answer.get("end") or [])
         if "blind" in answer:
-            exc = WatchdogBlind(
+            done = len(answer.get("steps", []))
+            raise WatchdogBlind(
                 f"the {direction} on {params.where} was stopped because dbops could not watch its locks for "
                 f"{answer['blind']:.0f} s (its own connection to the server was lost and could not be made "
-                "again); check the server, then run the migration again (revisions done before stay applied)"
+                "again); check the server, then run the migration again (revisions done before stay applied)",
+                revision=steps[done][1] if done < len(steps) else None,
+                result=result,
+                log_tail=tail,
             )
-            done = len(answer.get("steps", []))
-            exc.revision = steps[done][1] if done < len(steps) else None  # type: ignore[attr-defined]
-            exc.result = result  # type: ignore[attr-defined]
-            exc.log_tail = tail  # type: ignore[attr-defined]
-            raise exc
         if answer.get("moved"):
             raise RevisionMoved(
                 f"database {params.database!r} moved from revision {', '.join(start) or 'base'} to "
@@ -308,9 +307,8 @@ class AlembicApp:
         if "error" in answer:
             rev = answer.get("failed_at")
             doing = f"{direction} of revision {rev}" if rev else "reading the current revision"
-            exc = self._error(answer["error"], params, tail, doing, rev, result, cancelled_for)
-            exc.seconds = answer.get("seconds")  # type: ignore[attr-defined]  # how long the failed step ran
-            raise exc
+            seconds = answer.get("seconds")  # how long the failed step ran
+            raise self._error(answer["error"], params, tail, doing, rev, result, cancelled_for, seconds)
         return result
 
     def _error(
@@ -322,12 +320,15 @@ class AlembicApp:
         rev: str | None,
         result: RunResult | None = None,
         cancelled_for: str | None = None,
+        seconds: float | None = None,
     ) -> DbopsError:
-        """`cancelled_for`: why the SessionWatchdog cancelled a statement of this run (LOCK, STATEMENT)."""
+        """`cancelled_for`: why the SessionWatchdog cancelled a statement of this run (LOCK, STATEMENT);
+        `seconds`: how long the failed step ran. Reading the revision (no `result`) fails with the plain
+        connection error; a run that lost its connection fails with MigrationConnectionLost, which keeps
+        that error's sentence and `transient` flag and adds what the run did."""
         message = scrub(err.get("message") or err.get("type") or "unknown error", params.password)
         detail = scrub(err.get("detail") or "", params.password)
         sqlstate = err.get("sqlstate")
-        exc: DbopsError
         by_watchdog = sqlstate == QUERY_CANCELED or "canceling statement" in detail
         if (
             sqlstate == LOCK_NOT_AVAILABLE
@@ -335,28 +336,46 @@ class AlembicApp:
             or "lock timeout" in tail
             or (by_watchdog and cancelled_for == LOCK)
         ):
-            exc = LockTimeout(
+            return LockTimeout(
                 f"{doing} on {params.where} waited longer than lock_timeout for a lock and was rolled back; "
-                "it will be retried (find the blocking session in pg_stat_activity if it keeps happening)"
+                "it will be retried (find the blocking session in pg_stat_activity if it keeps happening)",
+                revision=rev,
+                result=result,
+                log_tail=tail,
+                seconds=seconds,
             )
-        elif (
+        if (
             "statement timeout" in detail
             or (by_watchdog and cancelled_for == STATEMENT)
             or (sqlstate == QUERY_CANCELED and cancelled_for is None)
         ):
-            exc = MigrationFailed(
+            return MigrationFailed(
                 f"{doing} on {params.where} ran longer than statement_timeout and was cancelled; raise "
-                "statement_timeout for this revision or make it cheaper"
+                "statement_timeout for this revision or make it cheaper",
+                revision=rev,
+                result=result,
+                log_tail=tail,
+                seconds=seconds,
             )
-        elif sqlstate is None and any(sign in detail for sign in _CONNECT_FAILURES):
-            exc = classify_connect_error(psycopg.OperationalError(detail or message), params)
-        else:
-            exc = MigrationFailed(
-                f"{doing} on {params.where} failed ({message}); fix the revision or the data it trips on, "
-                "the log tail is in the run's artifact"
+        if sqlstate is None and any(sign in detail for sign in _CONNECT_FAILURES):
+            lost = classify_connect_error(psycopg.OperationalError(detail or message), params)
+            if result is None:
+                return lost
+            return MigrationConnectionLost(
+                str(lost),
+                transient=lost.transient,
+                revision=rev,
+                result=result,
+                log_tail=tail,
+                seconds=seconds,
             )
-        exc.revision = rev  # type: ignore[attr-defined]
-        exc.result = result  # type: ignore[attr-defined]
-        exc.log_tail = tail  # type: ignore[attr-defined]
-        return exc
+        return MigrationFailed(
+            f"{doing} on {params.where} failed ({message}); fix the revision or the data it trips on, "
+            "the log tail is in the run's artifact",
+            revision=rev,
+            result=result,
+            log_tail=tail,
+            seconds=seconds,
+        )
+
 

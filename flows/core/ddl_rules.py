@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from flows.core.errors import ConfigurationError
+from flows.core.errors import ConfigurationError, MigrationError
 
 BLOCK = "block"
 REVIEW = "review"
@@ -161,7 +161,7 @@ class Finding:
         return self.severity == BLOCK and not self.waived
 
 
-class UnknownWaiver(ConfigurationError):
+class UnknownWaiver(MigrationError, ConfigurationError):
     pass
 
 

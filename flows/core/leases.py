@@ -17,16 +17,12 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import AwareDatetime, BaseModel, Field, ValidationError
 
-from flows.core.errors import DbopsError, ObjectNotFound
+from flows.core.errors import BackupGone, ObjectNotFound
 from flows.core.layout import lease_key, manifest_key
 from flows.core.manifest import why_invalid
 from flows.core.objectstore import ObjectStore
 
 LEASE_FORMAT_VERSION = 1
-
-
-class BackupGone(DbopsError):
-    """The chosen backup was deleted (by retention) between choosing it and starting to read it."""
 
 
 class Lease(BaseModel):

@@ -54,6 +54,11 @@ class LocalObjectStore(ObjectStore):
         tmp.unlink()
 
     def _ensure_root(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(
+                f"local storage basepath {self.root} is a file, not a directory; point basepath in the block "
+                "at a directory"
+            )
         if not self.root.is_dir():
             raise StorageError(
                 f"local storage directory {self.root} does not exist; create it or fix basepath in the block"
@@ -77,6 +82,11 @@ class LocalObjectStore(ObjectStore):
             path.parent.mkdir(parents=True, exist_ok=True)
         except PermissionError as exc:
             raise StorageError(f"cannot create {path.parent}: permission denied; fix the directory") from exc
+        except OSError as exc:  # a file where a directory of the key must be (FileExistsError, ENOTDIR)
+            raise StorageError(
+                f"cannot create {path.parent} for {key} ({exc.strerror}): a file in {self.root} stands where "
+                "a directory must be; move it away or use another prefix"
+            ) from exc
         tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(4)}")
         total = 0
         ok = False
@@ -142,6 +152,10 @@ class LocalObjectStore(ObjectStore):
             f = open(path, "rb")
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"{self.url}/{key} does not exist") from exc
+        except OSError as exc:  # a directory at the key, a file where a directory should be, permissions
+            raise StorageError(
+                f"cannot read {self.url}/{key} ({exc.strerror}); fix the storage directory"
+            ) from exc
         with f:
             while chunk := f.read(chunk_size):
                 yield chunk

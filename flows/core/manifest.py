@@ -7,11 +7,15 @@ It never contains a password: connection details are reduced to host, port and d
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AwareDatetime, BaseModel, Field, ValidationError
 
 from flows.core.compression import Compression
+from flows.core.errors import ManifestUnreadable
+
+if TYPE_CHECKING:
+    from flows.core.objectstore import ObjectStore
 
 FORMAT_VERSION = 1
 
@@ -77,3 +81,17 @@ def why_invalid(exc: Exception) -> str:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         return f"{where}: {first.get('msg', 'invalid')}{more}"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def read_manifest(store: ObjectStore, key: str) -> Manifest:
+    """The manifest stored at `key`; an object there that is not one (not JSON, another schema) is a
+    ManifestUnreadable naming the object, never a bare JSON or pydantic error."""
+    data = store.get_bytes(key)
+    try:
+        return Manifest.from_json(data)
+    except (ValueError, ValidationError) as exc:
+        raise ManifestUnreadable(
+            f"{store.url}/{key} is not a readable dbops manifest ({why_invalid(exc)}); nothing was replaced: "
+            "look at the object, then fix or remove it",
+            key=key,
+        ) from None

@@ -17,38 +17,20 @@ import psycopg
 from flows.core.alembic_errors import AlembicConfigMissing
 from flows.core.alembic_runner import AlembicApp
 from flows.core.ddl_rules import Finding
-from flows.core.errors import ConfigurationError, DbopsError
+from flows.core.errors import (  # noqa: F401 - defined in flows.core.errors, still importable from here
+    ApprovalRejected,
+    ConfigurationError,
+    DbopsError,
+    InvalidIndexes,
+    LintBlocked,
+    LockBudgetExhausted,
+    PreBackupFailed,
+    ProductionFailed,
+    StagingFailed,
+)
 from flows.core.identity import DatabaseIdentity
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class InvalidIndexes(DbopsError):
-    """Production has INVALID indexes: a failed concurrent build that a migration may trip over."""
-
-
-class LintBlocked(DbopsError):
-    pass
-
-
-class PreBackupFailed(DbopsError):
-    pass
-
-
-class StagingFailed(DbopsError):
-    pass
-
-
-class ApprovalRejected(DbopsError):
-    pass
-
-
-class ProductionFailed(DbopsError):
-    pass
-
-
-class LockBudgetExhausted(ProductionFailed):
-    """Lock timeouts kept coming back until retry_budget was spent; nothing of that revision applied."""
 
 
 # -- parameters --------------------------------------------------------------------------------------------

@@ -14,23 +14,10 @@ from dataclasses import dataclass
 
 import psycopg
 
-from flows.core.errors import DbopsError
+from flows.core.errors import MigrationLockHeld, MigrationLockLost
 from flows.core.postgres import ConnParams, connect
 
 LOCK_NAMESPACE = "dbops-migrate"
-
-
-class MigrationLockHeld(DbopsError):
-    """Another session holds the migration lock of this database."""
-
-    def __init__(self, message: str, pid: int | None = None, application_name: str | None = None) -> None:
-        super().__init__(message)
-        self.pid = pid
-        self.application_name = application_name
-
-
-class MigrationLockLost(DbopsError):
-    pass
 
 
 def lock_key(database: str) -> int:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from flows.core.errors import DbopsError, TransientError, is_transient
+from flows.core.errors import BackupIntegrityError, RestoreError, TransientError, is_transient
 from flows.core.identity import DatabaseIdentity
 from flows.core.manifest import Manifest
 from flows.core.objectstore import ObjectStore
@@ -34,21 +34,21 @@ DISK_MARGIN = 1.10
 DISK_SLACK = 256 * 1024 * 1024
 
 
-class RestoreFailed(DbopsError):
+class RestoreFailed(RestoreError):
     """pg_restore failed; the target was left as it was (create: temp dropped, replace: rolled back)."""
 
 
-class RestoreInterrupted(TransientError):
+class RestoreInterrupted(RestoreError, TransientError):
     """pg_restore lost its connection: nothing was committed, a new attempt may succeed."""
 
 
-class ChecksumMismatch(RestoreFailed):
+class ChecksumMismatch(RestoreFailed, BackupIntegrityError):
     """The stored object is not the one the manifest describes."""
 
 
 
 
-class NotEnoughSpace(DbopsError):
+class NotEnoughSpace(RestoreError):
     pass
 
 

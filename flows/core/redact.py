@@ -39,6 +39,17 @@ def redact_secrets(command: str) -> str:
     return _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
 
 
+#: `password=...` in a conninfo string or a command (libpq's, psql's and pg_dump's own messages)
+_PASSWORD_ASSIGNMENT = re.compile(r"(password\s*=\s*)\S+", re.IGNORECASE)
+
+
+def redact_passwords(text: str) -> str:
+    """Only the unmistakable passwords: `password=...` and URL credentials. Narrower than
+    redact_secrets, so an error's own words (`KEY=VALUE`, `sslkey=...`) stay as written."""
+    text = _PASSWORD_ASSIGNMENT.sub(lambda m: m.group(1) + REDACTED, text)
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
+
+
 def libpq_parse_problem(message: str) -> str:
     """What libpq found wrong with a conninfo/URL, without the excerpt it quotes (maybe the password).
 

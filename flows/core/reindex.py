@@ -22,7 +22,11 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 
-from flows.core.errors import DbopsError
+from flows.core.errors import (
+    DbopsError,
+    ReindexBusy,
+    ReindexFailed,  # noqa: F401 - defined in flows.core.errors, importable here
+)
 from flows.core.postgres import ConnParams, connect
 
 REINDEX_APPLICATION = "dbops-reindex"
@@ -32,14 +36,6 @@ ADVISORY_LOCK_NAME = "dbops:reindex"
 RETRYABLE = (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected)
 
 Status = Literal["rebuilt", "failed", "refused"]
-
-
-class ReindexBusy(DbopsError):
-    """Another reindexer holds the advisory lock on this database."""
-
-
-class ReindexFailed(DbopsError):
-    """At least one index could not be rebuilt after its retries."""
 
 
 @dataclass(frozen=True)

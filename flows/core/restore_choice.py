@@ -13,16 +13,16 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from flows.core.catalog import Backup, Catalog
-from flows.core.errors import ConfigurationError
+from flows.core.errors import ConfigurationError, RestoreError
 from flows.core.layout import MANIFEST_SUFFIX
 from flows.core.postgres import ConnParams
 
 
-class BackupNotFound(ConfigurationError):
+class BackupNotFound(RestoreError, ConfigurationError):
     pass
 
 
-class RestoreRefused(ConfigurationError):
+class RestoreRefused(RestoreError, ConfigurationError):
     """Protected target without the matching confirm, or a target that must (not) exist."""
 
 

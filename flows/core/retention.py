@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from flows.core.catalog import Catalog
+from flows.core.errors import DuplicateBackupError, NaiveDatetimeError, RetentionError
 
 __all__ = [
     "BackupRecord",
@@ -43,26 +44,6 @@ __all__ = [
     "RetentionPolicy",
     "plan_retention",
 ]
-
-
-class RetentionError(ValueError):
-    """Base class so callers can tell "the plan cannot be made" apart from S3 or Prefect failures."""
-
-
-class DuplicateBackupError(RetentionError):
-    """Two records share a stem.
-
-    Deleting by stem would remove both objects while the plan might have meant to keep one of them,
-    so a duplicate means the listing is wrong and no plan is safe.
-    """
-
-
-class NaiveDatetimeError(RetentionError):
-    """A timestamp without a timezone.
-
-    Calendar periods are UTC days/weeks/months; guessing the zone of a naive time could move a backup
-    into another day and delete the one that should have represented it.
-    """
 
 
 @dataclass(frozen=True)

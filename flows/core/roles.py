@@ -22,7 +22,7 @@ from typing import Literal
 import psycopg
 from psycopg import sql
 
-from flows.core.errors import ConfigurationError, DbopsError
+from flows.core.errors import ConfigurationError, GlobalsFailed
 from flows.core.postgres import ConnParams, connect, scrub
 
 Kind = Literal["session", "create_role", "role", "create_tablespace", "tablespace", "grant"]
@@ -165,10 +165,6 @@ def parse_globals(text: str) -> list[Statement]:
                 "applied, use a roles file written by pg_dumpall --globals-only or apply it by hand"
             )
     return statements
-
-
-class GlobalsFailed(DbopsError):
-    """A statement of the roles file failed: the run stops, naming the object."""
 
 
 @dataclass

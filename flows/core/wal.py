@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from flows.core.errors import BadLsn, BadSegmentSize, BadTimelineHistory, BadWalName
+
 #: src/include/pg_config_manual.h DEFAULT_XLOG_SEG_SIZE; initdb --wal-segsize may choose 1 MiB .. 1 GiB
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 MIN_SEGMENT_SIZE = 1024 * 1024
@@ -35,14 +37,12 @@ _SIMPLE_EXT = frozenset({""} | set(COMPRESSION_SUFFIXES))
 HISTORY_RE = re.compile(r"^(?P<name>(?P<tli>[0-9A-F]{8})\.history)" + _SHA + _EXT + "$")
 
 
-class BadWalName(ValueError):
-    """A name that is not a WAL segment, partial, backup label or timeline history file."""
-
-
 def check_segment_size(segment_size: int) -> int:
     """Valid sizes are powers of two from 1 MiB to 1 GiB (IsValidWalSegSize)."""
     if not (MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE and segment_size & (segment_size - 1) == 0):
-        raise ValueError(f"{segment_size} is not a valid wal_segment_size (a power of two, 1 MiB to 1 GiB)")
+        raise BadSegmentSize(
+            f"{segment_size} is not a valid wal_segment_size (a power of two, 1 MiB to 1 GiB)"
+        )
     return segment_size
 
 
@@ -75,7 +75,7 @@ def parse_lsn(text: str) -> int:
         high, low = text.strip().split("/")
         return (int(high, 16) << 32) | int(low, 16)
     except ValueError:
-        raise ValueError(f"{text!r} is not an LSN like 16/B374D848") from None
+        raise BadLsn(f"{text!r} is not an LSN like 16/B374D848") from None
 
 
 def format_lsn(lsn: int) -> str:
@@ -160,7 +160,7 @@ def parse_history(text: str) -> list[TimelineSwitch]:
             continue
         parts = line.split(None, 2)
         if len(parts) < 2:
-            raise ValueError(f"malformed timeline history line {raw!r}")
+            raise BadTimelineHistory(f"malformed timeline history line {raw!r}")
         switches.append(
             TimelineSwitch(int(parts[0]), parse_lsn(parts[1]), parts[2] if len(parts) > 2 else "")
         )

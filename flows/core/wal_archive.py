@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from flows.core.errors import UnsupportedCompression, WalArchiveError
 from flows.core.health import Check
 from flows.core.objectstore import ObjectStore
 from flows.core.wal import (
@@ -98,7 +99,15 @@ class WalArchive:
         key = self.find(history_name(tli))
         if key is None:
             return None
-        return key, decompress(key, self.store.get_bytes(key)).decode()
+        try:
+            return key, decompress(key, self.store.get_bytes(key)).decode()
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+            if isinstance(exc, WalArchiveError):
+                raise
+            raise WalArchiveError(
+                f"timeline history file {self.url}/{key} cannot be read ({type(exc).__name__}: {exc}); "
+                f"copy a good {history_name(tli)} there from the server's pg_wal"
+            ) from exc
 
     def lineage(self, tli: int, segment_size: int) -> tuple[Lineage, str | None]:
         """The timelines a restore follows to reach `tli`, from its history file; and a problem, if any."""
@@ -130,7 +139,10 @@ def decompress(key: str, data: bytes) -> bytes:
 
         return lzma.decompress(data)
     if key.endswith((".lz4", ".br", ".snappy")):
-        raise ValueError(f"{key}: reading {key.rsplit('.', 1)[-1]} needs a library dbops does not install")
+        raise UnsupportedCompression(
+            f"{key}: reading {key.rsplit('.', 1)[-1]} needs a library dbops does not install; store the "
+            "archive's history files uncompressed or with gzip, zstd, bzip2 or xz"
+        )
     return data
 
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import psycopg
 from pydantic import BaseModel
 
-from flows.core.errors import DbopsError
+from flows.core.errors import WalArchiveError
 from flows.core.redact import redact_secrets
 from flows.core.wal import (
     BadWalName,
@@ -24,7 +24,7 @@ from flows.core.wal import (
 )
 
 
-class WalArchiveBroken(DbopsError):
+class WalArchiveBroken(WalArchiveError):
     """WAL archiving is broken: point-in-time recovery past the last good segment is impossible."""
 
 

@@ -13,10 +13,15 @@ from blocks.storage import load_store
 from flows.core.catalog import Catalog, read_catalog
 from flows.core.compression import SUFFIX, Compression
 from flows.core.dump import DumpResult, ListVerification, dump_globals, stream_dump, verify_stored_dump
-from flows.core.errors import DumpFailed, ObjectExists, PermissionDenied, TransientError
+from flows.core.errors import (
+    DumpFailed,
+    ObjectExists,
+    PermissionDenied,
+    StemTaken,
+)
 from flows.core.expiry import Cleanup, carry_out, plan_cleanup
 from flows.core.layout import backup_stem, check_database_name, dump_key, globals_key, manifest_key
-from flows.core.manifest import Manifest, Verification, VerifyMethod
+from flows.core.manifest import Manifest, Verification, VerifyMethod, read_manifest
 from flows.core.objectstore import part_size_for
 from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import (
@@ -115,10 +120,6 @@ def check_storage(storage: str, prefix: str) -> str:
     store = load_store(storage)
     store.check_writable(prefix or "dbops")
     return store.url
-
-
-class StemTaken(TransientError):
-    """Another dump created the same key first; a retry picks the next free name."""
 
 
 @dbops_task("upload_dump")
@@ -310,7 +311,7 @@ def write_manifest(
         store.put_bytes(manifest_key(stem), manifest.to_json(), if_absent=True)
     except ObjectExists:
         # Ours if an earlier attempt of this task wrote it and only the answer was lost; never replaced.
-        existing = Manifest.from_json(store.get_bytes(manifest_key(stem)))
+        existing = read_manifest(store, manifest_key(stem))
         if (existing.dump_key, existing.sha256) != (result.key, result.sha256):
             raise DumpFailed(
                 f"another dump already wrote {manifest_key(stem)} (same second); it was not replaced, and "

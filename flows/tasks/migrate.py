@@ -26,7 +26,7 @@ from flows.core.catalog import read_catalog
 from flows.core.database_admin import drop_database
 from flows.core.ddl_lint import lint
 from flows.core.ddl_rules import Finding
-from flows.core.errors import ConfigurationError
+from flows.core.errors import ConfigurationError, MigrationError
 from flows.core.identity import Guard, require_distinct, resolve
 from flows.core.migrate_plan import (
     LockBudgetExhausted,
@@ -286,10 +286,9 @@ def upgrade_database(
             still_locked=still_locked,
             backoff_first_s=backoff_first_s,
         )
-    except Exception as exc:
-        done = getattr(getattr(exc, "result", None), "steps", None) or []
-        _count(applied, done)
-        exc.applied = applied  # type: ignore[attr-defined]  # the flow reports timings of a failed run too
+    except MigrationError as exc:  # the flow reports timings of a failed run too
+        _count(applied, exc.result.steps if exc.result is not None else [])
+        exc.record_progress(applied.seconds, applied.attempts)
         raise
 
 
@@ -326,8 +325,8 @@ def _upgrade_with_retries(
                 start=known_start,
             )
         except LockTimeout as exc:
-            _count(applied, exc.result.steps if getattr(exc, "result", None) else [])  # type: ignore[attr-defined]
-            rev = getattr(exc, "revision", None) or "?"
+            _count(applied, exc.result.steps if exc.result is not None else [])
+            rev = exc.revision or "?"
             applied.attempts[rev] = applied.attempts.get(rev, 0) + 1
             delay = next(delays, None)
             if delay is None or time.monotonic() + delay > deadline + 0.001:

@@ -28,7 +28,7 @@ from flows.core.bloat import (
     plan_reindex,
     read_indexes,
 )
-from flows.core.errors import IdentityUnknown
+from flows.core.errors import IdentityUnknown, UnreadableDocument
 from flows.core.identity import system_identifier
 from flows.core.index_baseline import (
     BaselineState,
@@ -270,13 +270,23 @@ class SizeCheck:
 
 
 def _read_state(name: str) -> BaselineState:
+    """The kept baselines. A variable that is not JSON (edited by hand, cut short) stops the run with a
+    sentence naming it: judging without it and then saving over it would silently lose every baseline."""
     first = Variable.get(name, default=None)
     if first is None:
         return BaselineState()
-    raw = json.loads(first) if isinstance(first, str) else first
-    parts = int(raw.get("parts", 1)) if isinstance(raw, dict) else 1
-    values = [raw] + [Variable.get(f"{name}_{n}", default=None) for n in range(2, parts + 1)]
-    return state_from_values(v for v in values if v is not None)
+    try:
+        raw = json.loads(first) if isinstance(first, str) else first
+        parts = int(raw.get("parts", 1)) if isinstance(raw, dict) else 1
+        values = [raw] + [Variable.get(f"{name}_{n}", default=None) for n in range(2, parts + 1)]
+        return state_from_values(v for v in values if v is not None)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UnreadableDocument(
+            f"Prefect Variable {name} (index size baselines) is not readable JSON ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); delete it (`prefect variable unset "
+            f"{name}` and its _2, _3... parts) to start new baselines, or put back a good copy",
+            source=name,
+        ) from None
 
 
 @dbops_task("judge_index_sizes")

@@ -22,7 +22,7 @@ from flows.core.drill import (
     failed_summary,
     restored_tables,
 )
-from flows.core.errors import ConfigurationError
+from flows.core.errors import ConfigurationError, RolesFileMissing
 from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.listing import BackupListing, list_backups
 from flows.core.pg_restore import Mode, RestoreResult
@@ -86,7 +86,7 @@ def restore_globals(storage: str, backup: Backup, target: Target, maintenance_da
     """Create the roles (and tablespaces) of the stored roles file that the target server lacks; existing
     ones are left exactly as they are. Returns what was created and what was already present."""
     if not backup.manifest.globals_key:
-        raise FileNotFoundError(
+        raise RolesFileMissing(
             f"backup {backup.stem.rsplit('/', 1)[-1]} has no roles file; run without globals, or pick a "
             "backup taken with globals=true"
         )

@@ -15,16 +15,17 @@ from dataclasses import dataclass, field
 import psycopg
 from pydantic import BaseModel, Field
 
-from flows.core.errors import AuthenticationFailed, ConfigurationError, DatabaseUnreachable, DbopsError
+from flows.core.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    DatabaseUnreachable,
+    PgBouncerUnhealthy,  # noqa: F401 - defined in flows.core.errors, importable here
+)
 from flows.core.health import Check
 from flows.core.postgres import ConnParams, scrub
 
 #: PgBouncer's own pseudo-database: its pool is the console, not an application's
 ADMIN_DATABASE = "pgbouncer"
-
-
-class PgBouncerUnhealthy(DbopsError):
-    """A PgBouncer pool is in a state the application feels (clients queueing, no server connection)."""
 
 
 class PoolerThresholds(BaseModel):
