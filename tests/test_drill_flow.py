@@ -57,7 +57,7 @@ def test_drill_passes_on_a_good_backup_drops_the_scratch_database_and_records_th
         "alembic revision": "ok",
         "amcheck": "ok",
     }
-    assert databases(pg, "drill_%") == []  # the scratch database is gone
+    assert databases(pg, f"drill_{name}_%") == []  # the scratch database is gone
     record = drill_record(s3, bucket, dumped.manifest_key)
     assert record.passed and record.rto_seconds == report.rto_seconds and record.dump_key == dumped.key
     assert record.scratch_database == report.scratch_database and record.describe().startswith(
@@ -84,7 +84,7 @@ def test_drill_fails_when_the_manifest_claims_a_table_the_dump_lacks(
     )
     message = failure_message(state)
     assert "restore drill of" in message and "public.ghost" in message and "tables" in message
-    assert databases(pg, "drill_%") == []  # dropped although a check failed
+    assert databases(pg, f"drill_{name}_%") == []  # dropped although a check failed
     record = drill_record(s3, bucket, dumped.manifest_key)
     assert not record.passed and "public.ghost" in record.summary
     assert artifact_values(name)["result"] == "FAILED"

@@ -16,8 +16,13 @@ from flows.tasks.common import retry_if_transient
 # A retried migration step could apply a revision twice; a retried check could hide a flaky restore.
 # A retried replay would start a second server on a data directory the first one already recovered; a
 # retried canary would write a second token and restore point on production; the PITR drill's checks, like
-# the restore drill's, must not hide a flaky copy.
+# the restore drill's, must not hide a flaky copy. Confirming a base backup's WAL already waits its whole
+# timeout; a retry would only double the wait before the run fails naming the missing segment. The
+# health flow's VACUUM reports a table another session locks instead of waiting: the next hourly run
+# tries again, so a retry here would only hold the db: slot longer.
 NEVER_RETRIED = {
+    "vacuum_flagged_tables",
+    "confirm_wal_archived",
     "upgrade_database",
     "downgrade_database",
     "check_restored_database",

@@ -39,6 +39,7 @@ from flows.core.alembic_errors import (
     WatchdogBlind,
 )
 from flows.core.alembic_process import REFUSED_NAMES, DriverCall, SessionGuard, run_driver
+from flows.core.alembic_result import RunResult, StepResult
 from flows.core.alembic_tree import Revision, RevisionTree
 from flows.core.errors import ConfigurationError, DbopsError, MigrationConnectionLost
 from flows.core.postgres import ConnParams, classify_connect_error, scrub
@@ -53,26 +54,6 @@ _CONNECT_FAILURES = (
 )
 LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL errcodes.txt: lock_not_available
 QUERY_CANCELED = "57014"  # statement_timeout
-
-
-@dataclass(frozen=True)
-class StepResult:
-    revision: str
-    direction: str  # "upgrade" | "downgrade"
-    seconds: float
-
-
-@dataclass
-class RunResult:
-    start: list[str]
-    target: str
-    steps: list[StepResult] = field(default_factory=list)
-    end: list[str] = field(default_factory=list)
-    log_tail: str = ""
-
-    @property
-    def seconds(self) -> float:
-        return sum(s.seconds for s in self.steps)
 
 
 class OfflineSql(dict[str, str]):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from flows.core.redact import redact_passwords
 
 if TYPE_CHECKING:
-    from flows.core.alembic_runner import RunResult
+    from flows.core.alembic_result import RunResult
 
 def one_line(text: str) -> str:
     """The sentence on one line (a quoted stderr tail may bring newlines) and without passwords

@@ -14,15 +14,10 @@ from blocks.storage import load_store
 from flows.core.base_backup import (
     BaseBackupFailed,
     BaseBackupResult,
-    ClusterFacts,
     TarVerification,
     WalNotArchived,
     backup_label_text,
-    check_cluster_settings,
-    check_replication_connection,
-    check_replication_role,
     first_missing,
-    read_cluster,
     stream_base_backup,
     verify_stored_base_backup,
 )
@@ -41,6 +36,13 @@ from flows.core.base_layout import (
     base_stem,
     pg_manifest_key,
     tar_key,
+)
+from flows.core.base_preflight import (
+    ClusterFacts,
+    check_cluster_settings,
+    check_replication_connection,
+    check_replication_role,
+    read_cluster,
 )
 from flows.core.errors import ConfigurationError, ObjectExists, TransientError
 from flows.core.layout import check_database_name
