@@ -34,7 +34,7 @@ from flows.core.pitr.extract import (
     extract_base_backup,
     own,
 )
-from flows.core.pitr.selection import Choice, Window
+from flows.core.pitr.selection import Choice
 from flows.core.pitr.server import LogFacts, PgServer, ReplayState, parse_log, read_replay_state
 from flows.core.pitr.spool import WalSpool
 from flows.core.pitr.targets import RecoveryTarget
@@ -472,7 +472,7 @@ def build_report(
         base_backup=choice.manifest.tar_key,
         base_backup_ended_at=choice.manifest.ended_at,
         target=target.describe(),
-        window=choice.window.sentence(),
+        window=choice.sentence(),
         data_directory=str(data_directory),
         port=port,
         reached_lsn=done.state.lsn,
@@ -496,7 +496,7 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-__all__ = ["PitrReport", "RecoveryProgress", "Window", "recover_cluster", "preflight", "replay"]
+__all__ = ["PitrReport", "RecoveryProgress", "recover_cluster", "preflight", "replay"]
 
 
 def free_local_port() -> int:
