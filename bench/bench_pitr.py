@@ -33,9 +33,10 @@ def main() -> int:
     from flows.core.localstore import LocalObjectStore
     from flows.core.pgtools import find_tool
     from flows.core.pitr.extract import server_user
-    from flows.core.pitr.recovery import free_local_port, recover_cluster
+    from flows.core.pitr.recovery import recover_cluster
     from flows.core.pitr.selection import choose_base_backup
     from flows.core.pitr.targets import parse_target
+    from flows.core.pitr.workdir import free_local_port
     from flows.core.postgres import ConnParams, libpq_environment
     from flows.core.wal_archive import WalArchive
     from tests.harness.basebackup import archiving_cluster, catalog_of, switch_and_archive, take_base_backup

@@ -37,16 +37,14 @@ from flows.core.pitr.recovery import (
     RecoveryProgress,
     build_report,
     configure,
-    preflight,
-    prepare_work_directory,
     replay,
     verify_extracted,
-    work_directory,
 )
 from flows.core.pitr.selection import Choice, choose_base_backup
 from flows.core.pitr.server import PgServer
 from flows.core.pitr.spool import WalSpool
 from flows.core.pitr.targets import RecoveryTarget
+from flows.core.pitr.workdir import preflight, prepare_work_directory, work_directory
 from flows.core.wal import parse_lsn, segno_of_lsn
 from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.backup import load_database
