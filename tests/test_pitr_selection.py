@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.core.base_layout import BaseBackupManifest
+from flows.core.chain import recoverable_window
 from flows.core.localstore import LocalObjectStore
 from flows.core.pitr.errors import RecoveryRefused
 from flows.core.pitr.selection import choose_base_backup
@@ -105,3 +106,32 @@ def test_a_base_backup_whose_own_wal_is_missing_is_not_used(tmp_path: Path) -> N
     target = parse_target(time=(T0 + timedelta(minutes=6)).isoformat())
     with pytest.raises(RecoveryRefused, match="before the oldest base backup"):
         choose_base_backup(BOTH, target, archive)
+
+
+def test_pitr_refuses_exactly_the_targets_outside_the_window_the_listing_prints(tmp_path: Path) -> None:
+    """One window: a target is accepted iff `dbops backups list`'s window (chain.recoverable_window) covers
+    it, with a hole splitting it in two."""
+    archive = _archive(tmp_path, range(2, 20), skip=5)
+    listed = recoverable_window("app", BOTH, archive)
+    assert len(listed.windows) == 2 and listed.first_hole == segment_name(1, 5, SEG)
+    for seconds in range(0, 25 * 60, 20):
+        when = T0 + timedelta(seconds=seconds)
+        inside = any(w.covers_time(when) for w in listed.windows)
+        target = parse_target(time=when.isoformat(), now=T0 + timedelta(hours=1))
+        try:
+            choose_base_backup(BOTH, target, archive)
+            accepted = True
+        except RecoveryRefused as exc:
+            accepted = False
+            assert "recoverable from 2026-11-01T00:02:10+00:00 to 2026-11-01T00:04:00+00:00 and " in str(exc)
+        assert accepted == inside, when
+
+
+def test_a_base_backup_whose_wal_was_never_confirmed_is_not_chosen(tmp_path: Path) -> None:
+    """The listing does not count a manifest without wal_archived/wal_included: neither does PITR."""
+    archive = _archive(tmp_path, range(2, 20))
+    unconfirmed = NEW.model_copy(update={"wal_archived": False})
+    target = parse_target(time=(T0 + timedelta(minutes=15)).isoformat())
+    assert choose_base_backup(catalog_of(OLD, unconfirmed), target, archive).manifest is OLD
+    with pytest.raises(RecoveryRefused, match="no base backup with its WAL confirmed"):
+        choose_base_backup(catalog_of(unconfirmed), target, archive)
