@@ -40,15 +40,20 @@ from tests.harness.pg import PgCluster, pg_cluster, wait_until
 SMALL_SEGMENTS = ["--wal-segsize=1"]
 
 
+def server_owned(path: Path) -> Path:
+    """Create `path` for the server's OS user to write in (tests run as root, the server as postgres)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(path, "postgres")
+    return path
+
+
 @contextmanager
 def archiving_cluster(**settings: str) -> Iterator[tuple[PgCluster, Path]]:
     """A cluster archiving with `cp %p ARCHIVE/%f` into a directory beside it."""
     tmp = Path(tempfile.mkdtemp(prefix="dbops-pitr-src-"))
     os.chmod(tmp, 0o755)
-    archive = tmp / "wal_archive"
-    archive.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(archive, "postgres")
+    archive = server_owned(tmp / "wal_archive")
     conf = {
         "wal_level": "replica",
         "archive_mode": "on",
