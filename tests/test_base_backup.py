@@ -23,8 +23,9 @@ import pytest
 import zstandard
 
 from flows.base_backup import BaseBackupOptions, base_backup
-from flows.core.base_backup import BaseBackupFailed, TarScanner, facts_from, stream_base_backup
+from flows.core.base_backup import stream_base_backup
 from flows.core.base_layout import BaseBackupManifest, base_manifest_key, base_prefix, pg_manifest_key
+from flows.core.base_tar import BaseBackupFailed, TarScanner, facts_from
 from flows.core.errors import DbopsError, is_transient
 from flows.core.leases import take_lease
 from flows.core.localstore import LocalObjectStore
