@@ -14,6 +14,9 @@ after the hole opens a second window. The window's end is the archive object's m
 (ObjectInfo.last_modified) of the last segment in the chain: when archive_command stored it. That is an
 upper bound: the segment's last record was written a little earlier (up to archive_timeout), and a
 target between the two is past the end of WAL, which recovery reports as "ended before the target".
+
+Point-in-time recovery chooses its base backup on this same window (flows/core/pitr/selection.py), and its
+WAL spool restores from `TimelineView`: the listing and PITR cannot disagree about what is recoverable.
 """
 
 from __future__ import annotations
@@ -172,6 +175,11 @@ class Window:
     def covers_lsn(self, lsn: int) -> bool:
         return self.start_lsn <= lsn < self.end_lsn
 
+    def holds(self, b: BaseBackup) -> bool:
+        """All of `b`'s WAL is part of this window's unbroken chain (`b` may be newer than `base`)."""
+        stop = parse_wal_name(b.manifest.stop_wal, b.manifest.wal_segment_size).segno
+        return needed_from(b) >= needed_from(self.base) and stop <= self.through_segno
+
 
 @dataclass
 class RecoverableWindow:
@@ -192,11 +200,7 @@ class RecoverableWindow:
 
     def window_of(self, b: BaseBackup) -> Window | None:
         """The window whose unbroken chain holds all of `b`'s WAL (None: `b` restores to nothing)."""
-        stop = parse_wal_name(b.manifest.stop_wal, b.manifest.wal_segment_size).segno
-        for w in self.windows:
-            if needed_from(b) >= needed_from(w.base) and stop <= w.through_segno:
-                return w
-        return None
+        return next((w for w in self.windows if w.holds(b)), None)
 
     @property
     def first_hole(self) -> str | None:
@@ -370,8 +374,7 @@ def pick_base_backup(window: RecoverableWindow, target: datetime | str) -> Choic
 def _reaches(b: BaseBackup, w: Window, target: datetime | str, lsn: int | None) -> bool:
     """`b` ended before the target, and its WAL is a part of window `w`'s unbroken chain up to the target."""
     m = b.manifest
-    size = m.wal_segment_size
-    if needed_from(b) < needed_from(w.base) or parse_wal_name(m.stop_wal, size).segno > w.through_segno:
+    if not w.holds(b):
         return False
     if lsn is not None:
         return parse_lsn(m.stop_lsn) <= lsn < w.end_lsn
