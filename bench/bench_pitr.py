@@ -33,12 +33,13 @@ def main() -> int:
     from flows.core.localstore import LocalObjectStore
     from flows.core.pgtools import find_tool
     from flows.core.pitr.extract import server_user
-    from flows.core.pitr.recovery import free_local_port, recover_cluster
+    from flows.core.pitr.recovery import recover_cluster
     from flows.core.pitr.selection import choose_base_backup
     from flows.core.pitr.targets import parse_target
+    from flows.core.pitr.workdir import free_local_port
     from flows.core.postgres import ConnParams, libpq_environment
     from flows.core.wal_archive import WalArchive
-    from tests.harness.basebackup import archiving_cluster, switch_and_archive, take_base_backup
+    from tests.harness.basebackup import archiving_cluster, catalog_of, switch_and_archive, take_base_backup
 
     with archiving_cluster() as (cluster, archive_dir):
         version = int(cluster.sql("SHOW server_version_num")[0][0])
@@ -76,7 +77,7 @@ def main() -> int:
         print(f"archive: {wal / 2**20:.0f} MiB of WAL")
         archive = WalArchive(LocalObjectStore(archive_dir))
         target = parse_target(time=target_time)
-        choice = choose_base_backup([manifest], target, archive)
+        choice = choose_base_backup(catalog_of(manifest), target, archive)
         scratch = Path(tempfile.mkdtemp(prefix="dbops-bench-pitr-"))
         os.chmod(scratch, 0o755)
         try:

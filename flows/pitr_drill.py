@@ -30,9 +30,10 @@ from flows.core.drill import CheckResult
 from flows.core.layout import check_location
 from flows.core.pitr.drill import Canary, PitrDrillCheck, PitrDrillRecord, restore_point_name, rpo_seconds
 from flows.core.pitr.errors import PitrDrillFailed, RecoveryFailed
-from flows.core.pitr.recovery import PitrReport, free_local_port, work_directory
+from flows.core.pitr.recovery import PitrReport
 from flows.core.pitr.server import PgServer
 from flows.core.pitr.targets import parse_target
+from flows.core.pitr.workdir import free_local_port, work_directory
 from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.common import artifact_key, database_name_of, failure_sentence, publish_failure
 from flows.tasks.pitr import (

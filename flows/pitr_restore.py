@@ -185,7 +185,7 @@ def pitr_restore(
         if plan is not None:
             details = [
                 f"base backup: {plan.choice.manifest.tar_key}",
-                f"window: {plan.choice.window.sentence()}",
+                f"window: {plan.choice.sentence()}",
             ]
             if plan.data_directory.is_dir() and any(plan.data_directory.iterdir()):
                 details.append(

@@ -23,7 +23,9 @@ import pytest
 import zstandard
 
 from flows.base_backup import BaseBackupOptions, base_backup
-from flows.core.base_backup import BaseBackupFailed, TarScanner, facts_from, stream_base_backup
+from flows.core.base_backup import stream_base_backup
+from flows.core.base_backup_errors import BaseBackupFailed
+from flows.core.base_facts import facts_from
 from flows.core.base_layout import BaseBackupManifest, base_manifest_key, base_prefix, pg_manifest_key
 from flows.core.errors import DbopsError, is_transient
 from flows.core.leases import take_lease
@@ -33,6 +35,7 @@ from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams
 from flows.core.retention import RetentionPolicy
 from flows.core.s3store import S3ObjectStore
+from flows.core.tar_stream import TarScanner
 from flows.core.wal_archive import ArchiveLocation
 from tests.conftest import make_local_block, make_s3_block
 from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until

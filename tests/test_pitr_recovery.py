@@ -18,18 +18,19 @@ from typing import Any
 
 import pytest
 
+from flows.core.base_catalog import read_base_catalog
 from flows.core.base_layout import BaseBackupManifest
 from flows.core.localstore import LocalObjectStore
 from flows.core.objectstore import ObjectStore
 from flows.core.pitr.errors import ExtractionFailed, RecoveryFailed, RecoveryRefused
 from flows.core.pitr.extract import extract_base_backup, server_user
 from flows.core.pitr.recovery import PitrReport, RecoveryProgress, recover_cluster
-from flows.core.pitr.selection import choose_base_backup, read_base_manifests
+from flows.core.pitr.selection import choose_base_backup
 from flows.core.pitr.server import PgServer
 from flows.core.pitr.targets import RecoveryTarget, parse_target
 from flows.core.s3store import S3ObjectStore
 from flows.core.wal_archive import ArchiveLocation, WalArchive
-from tests.harness.basebackup import archiving_cluster, switch_and_archive, take_base_backup
+from tests.harness.basebackup import archiving_cluster, catalog_of, switch_and_archive, take_base_backup
 from tests.harness.pg import PgCluster, free_port
 from tests.harness.s3 import S3Endpoint
 
@@ -114,7 +115,7 @@ def _recover(
 ) -> tuple[PitrReport, PgServer]:
     archive = archive or WalArchive(LocalObjectStore(source.archive_dir))
     store = store or source.store
-    choice = choose_base_backup(manifests or [source.manifest], target, archive)
+    choice = choose_base_backup(catalog_of(*(manifests or [source.manifest])), target, archive)
     report, server = recover_cluster(
         database="app",
         store=store,
@@ -217,7 +218,7 @@ def test_a_target_beyond_the_archive_is_refused_before_anything_is_downloaded(
     archive = WalArchive(LocalObjectStore(source.archive_dir))
     target = parse_target(time=datetime.now(UTC) - timedelta(milliseconds=1))
     with pytest.raises(RecoveryRefused) as err:
-        choose_base_backup([source.manifest], target, archive)
+        choose_base_backup(catalog_of(source.manifest), target, archive)
     message = str(err.value)
     assert "recoverable from" in message and "after the last archived segment" in message
     assert source.last_segment in message
@@ -234,11 +235,11 @@ def test_a_target_in_the_future_and_a_naive_time_are_refused() -> None:
 
 
 def test_no_base_backup_is_refused(source: Source) -> None:
-    manifests, unreadable = read_base_manifests(source.store, "prod", "other")
-    assert manifests == [] and unreadable == []
+    catalog = read_base_catalog(source.store, "prod", "other")
+    assert catalog.backups == [] and catalog.unreadable == []
     with pytest.raises(RecoveryRefused, match="no base backup"):
         choose_base_backup(
-            manifests, parse_target(latest=True), WalArchive(LocalObjectStore(source.archive_dir))
+            catalog, parse_target(latest=True), WalArchive(LocalObjectStore(source.archive_dir))
         )
 
 
@@ -269,7 +270,7 @@ def test_a_missing_segment_before_a_time_target_is_refused_up_front(source: Sour
     archive, victim = _archive_without(source, scratch, 0)
     target = parse_target(time=datetime.now(UTC) - timedelta(seconds=0.001))
     with pytest.raises(RecoveryRefused) as err:
-        choose_base_backup([source.manifest], target, archive)
+        choose_base_backup(catalog_of(source.manifest), target, archive)
     assert victim in str(err.value)
 
 
@@ -500,14 +501,15 @@ def test_the_spool_keeps_a_bounded_window_and_the_script_never_leaves_a_partial_
     source: Source, scratch: Path
 ) -> None:
     """The fetcher driven as the server drives it (`.want`), the restore script run for real."""
-    from flows.core.pitr.selection import scan_archive
+    from flows.core.chain import recoverable_window
     from flows.core.pitr.spool import WalSpool
     from flows.core.wal import parse_lsn, segno_of_lsn
 
     m = source.manifest
     archive = WalArchive(LocalObjectStore(source.archive_dir))
     first = segno_of_lsn(parse_lsn(m.start_lsn), m.wal_segment_size)
-    scan = scan_archive(archive, first, m.timeline, m.wal_segment_size)
+    scan = recoverable_window("app", catalog_of(m), archive).view()
+    assert scan is not None
     spool = WalSpool(archive, scan, scratch / "work" / "spool", first, ahead=2)
     spool.prepare()
     wanted = scan.name(first + 3)

@@ -38,12 +38,10 @@ from flows.restore import list_backups
 from flows.tasks.wal_expiry import expire_wal
 from flows.wal_archive_check import CheckOptions, wal_archive_check
 from tests.conftest import make_local_block, make_s3_block
-from tests.harness.base_backups import take_base_backup
+from tests.harness.basebackup import SMALL_SEGMENTS, server_owned, take_base_backup
 from tests.harness.pg import PgCluster, pg_cluster
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, s3_endpoint
 from tests.test_wal_archive_check_flow import (
-    SMALL_SEGMENTS,
-    _server_owned,
     database_block,
     failure_message,
     switch_and_wait_archived,
@@ -70,7 +68,7 @@ class Chain:
 def chain(s3: S3Endpoint) -> Iterator[Chain]:
     tmp = Path(tempfile.mkdtemp(prefix="dbops-chain-"))
     os.chmod(tmp, 0o755)
-    archive = _server_owned(tmp / "wal_archive")
+    archive = server_owned(tmp / "wal_archive")
     bucket = s3.create_bucket(f"chain-{os.getpid()}-{int(time.time())}")
     command = f"cp %p {archive}/%f && curl -sf -T %p {s3.url}/{bucket}/wal/%f"
     conf = {"wal_level": "replica", "archive_mode": "on", "archive_command": f"'{command}'"}

@@ -14,6 +14,9 @@ after the hole opens a second window. The window's end is the archive object's m
 (ObjectInfo.last_modified) of the last segment in the chain: when archive_command stored it. That is an
 upper bound: the segment's last record was written a little earlier (up to archive_timeout), and a
 target between the two is past the end of WAL, which recovery reports as "ended before the target".
+
+Point-in-time recovery chooses its base backup on this same window (flows/core/pitr/selection.py), and its
+WAL spool restores from `TimelineView`: the listing and PITR cannot disagree about what is recoverable.
 """
 
 from __future__ import annotations
@@ -100,6 +103,56 @@ def archive_lineage(archive: WalArchive, contents: ArchiveContents) -> tuple[Lin
         return Lineage.single(tli), f"the history file of timeline {tli} cannot be read ({exc})"
 
 
+# -- one timeline's view ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TimelineView:
+    """The archive as a recovery following `lineage` reads it (recovery_target_timeline=latest): per segment
+    the whole copy of the timeline responsible for it, and the history files of the lineage."""
+
+    segment_size: int
+    lineage: Lineage
+    segments: dict[int, ObjectInfo]  # segno -> the responsible timeline's whole segment
+    histories: dict[int, str]  # tli -> key
+
+    def name(self, segno: int) -> str:
+        return segment_name(self.lineage.responsible(segno), segno, self.segment_size)
+
+    @property
+    def last(self) -> int | None:
+        return max(self.segments) if self.segments else None
+
+    @property
+    def last_archived_at(self) -> datetime | None:
+        """When the last segment was stored (its object's modification time): the drill's RPO point."""
+        last = self.last
+        return self.segments[last].last_modified if last is not None else None
+
+    def first_archived_at_or_after(self, first: int, through: int, when: datetime) -> int | None:
+        """The first segment in first..through stored at or after `when` (the one a time target is in)."""
+        stored = self.segments
+        found = (s for s in range(first, through + 1) if s in stored and stored[s].last_modified >= when)
+        return next(found, None)
+
+
+def follow(contents: ArchiveContents, lineage: Lineage) -> TimelineView:
+    """Keep, per segment, the copy a recovery along `lineage` restores (a .partial is never whole)."""
+    size = contents.segment_size
+    segments: dict[int, ObjectInfo] = {}
+    for tli, found in contents.listing.segments.items():
+        if tli not in lineage.ranges:
+            continue
+        for segno in found:
+            if lineage.responsible(segno) != tli:
+                continue
+            key = contents.listing.keys.get(segment_name(tli, segno, size))
+            if key is not None and ".partial" not in key.rsplit("/", 1)[-1]:
+                segments[segno] = contents.infos[key]
+    histories = {t: k for t, k in contents.listing.histories.items() if t in lineage.ranges}
+    return TimelineView(size, lineage, segments, histories)
+
+
 # -- the recoverable window ---------------------------------------------------------------------------------
 
 
@@ -122,6 +175,11 @@ class Window:
     def covers_lsn(self, lsn: int) -> bool:
         return self.start_lsn <= lsn < self.end_lsn
 
+    def holds(self, b: BaseBackup) -> bool:
+        """All of `b`'s WAL is part of this window's unbroken chain (`b` may be newer than `base`)."""
+        stop = parse_wal_name(b.manifest.stop_wal, b.manifest.wal_segment_size).segno
+        return needed_from(b) >= needed_from(self.base) and stop <= self.through_segno
+
 
 @dataclass
 class RecoverableWindow:
@@ -131,6 +189,18 @@ class RecoverableWindow:
     unknown: str | None = None  # why the window could not be computed at all
     problems: list[str] = field(default_factory=list)  # e.g. a missing history file
     bases: list[BaseBackup] = field(default_factory=list)  # every usable base backup, oldest first
+    contents: ArchiveContents | None = None  # the listing the window was computed from
+    lineage: Lineage | None = None  # the newest timeline's, which the windows follow
+
+    def view(self) -> TimelineView | None:
+        """The archive as a recovery following the windows' lineage reads it (None: never listed)."""
+        if self.contents is None or self.lineage is None:
+            return None
+        return follow(self.contents, self.lineage)
+
+    def window_of(self, b: BaseBackup) -> Window | None:
+        """The window whose unbroken chain holds all of `b`'s WAL (None: `b` restores to nothing)."""
+        return next((w for w in self.windows if w.holds(b)), None)
 
     @property
     def first_hole(self) -> str | None:
@@ -191,7 +261,9 @@ def recoverable_window(
     except ArchiveListingFailed as exc:
         return RecoverableWindow(database, [], unknown=str(exc))
     lineage, problem = archive_lineage(archive, contents)
-    result = RecoverableWindow(database, [], problems=[problem] if problem else [], bases=usable)
+    result = RecoverableWindow(
+        database, [], problems=[problem] if problem else [], bases=usable, contents=contents, lineage=lineage
+    )
     on_lineage = [s for t, segs in contents.listing.segments.items() if t in lineage.ranges for s in segs]
     last = max(on_lineage, default=-1)
     covered_through = -1  # the chain already walked: a newer base inside it adds nothing
@@ -302,8 +374,7 @@ def pick_base_backup(window: RecoverableWindow, target: datetime | str) -> Choic
 def _reaches(b: BaseBackup, w: Window, target: datetime | str, lsn: int | None) -> bool:
     """`b` ended before the target, and its WAL is a part of window `w`'s unbroken chain up to the target."""
     m = b.manifest
-    size = m.wal_segment_size
-    if needed_from(b) < needed_from(w.base) or parse_wal_name(m.stop_wal, size).segno > w.through_segno:
+    if not w.holds(b):
         return False
     if lsn is not None:
         return parse_lsn(m.stop_lsn) <= lsn < w.end_lsn
@@ -317,8 +388,11 @@ __all__ = [
     "Choice",
     "NotRecoverable",
     "RecoverableWindow",
+    "TimelineView",
     "Window",
+    "follow",
     "list_archive",
+    "needed_from",
     "pick_base_backup",
     "recoverable_window",
 ]

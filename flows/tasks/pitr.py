@@ -14,7 +14,9 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from blocks.storage import load_store
+from flows.core.base_catalog import read_base_catalog
 from flows.core.base_layout import TAR_SUFFIX, pitr_drill_key
+from flows.core.chain import archive_lineage, follow, list_archive
 from flows.core.drill import CheckResult
 from flows.core.leases import release_lease, take_lease
 from flows.core.manifest import Manifest
@@ -35,16 +37,14 @@ from flows.core.pitr.recovery import (
     RecoveryProgress,
     build_report,
     configure,
-    preflight,
-    prepare_work_directory,
     replay,
     verify_extracted,
-    work_directory,
 )
-from flows.core.pitr.selection import Choice, choose_base_backup, read_base_manifests
+from flows.core.pitr.selection import Choice, choose_base_backup
 from flows.core.pitr.server import PgServer
 from flows.core.pitr.spool import WalSpool
 from flows.core.pitr.targets import RecoveryTarget
+from flows.core.pitr.workdir import preflight, prepare_work_directory, work_directory
 from flows.core.wal import parse_lsn, segno_of_lsn
 from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.backup import load_database
@@ -84,12 +84,12 @@ def plan_recovery(
     user = server_user()
     preflight(path, port, user=user)
     store = load_store(storage)
-    manifests, unreadable = read_base_manifests(store, prefix, params.database)
-    for key in unreadable:
-        logger.warning("ignoring base backup manifest %s: it cannot be read", key)
+    catalog = read_base_catalog(store, prefix, params.database)
+    for key, why in catalog.unreadable:
+        logger.warning("ignoring base backup manifest %s: %s", key, why)
     wal = open_archive(archive)
     choice = choose_base_backup(
-        manifests, target, wal, where=f"{storage}:{prefix or '/'} for {params.database}"
+        catalog, target, wal, where=f"{storage}:{prefix or '/'} for {params.database}"
     )
     preflight(path, port, choice.manifest, user)  # now with the backup's size against free disk space
     m = choice.manifest
@@ -100,7 +100,7 @@ def plan_recovery(
         m.ended_at.isoformat(timespec="seconds"),
         human_bytes(m.bytes),
         m.timeline,
-        choice.window.sentence(),
+        choice.sentence(),
     )
     return RecoveryPlan(
         database=params.database,
@@ -241,23 +241,17 @@ def work_directory_of(data_directory: str) -> Path:
 @dbops_task("measure_rpo")
 def measure_rpo(database: str, storage: str, prefix: str, archive: ArchiveLocation) -> datetime | None:
     """When the newest archived WAL segment was archived (the drill's RPO is its age at the start)."""
-    from flows.core.pitr.selection import scan_archive
-
     params = load_database(database).params()
-    manifests, _ = read_base_manifests(load_store(storage), prefix, params.database)
-    if not manifests:
+    catalog = read_base_catalog(load_store(storage), prefix, params.database)
+    if not catalog.backups:
         raise RecoveryRefused(
             f"there is no base backup of {params.database} in {storage}:{prefix or '/'}; take one "
             "(base-backup flow) before the PITR drill can run; nothing was written to the database"
         )
-    newest = max(manifests, key=lambda m: m.ended_at)
-    scan = scan_archive(
-        open_archive(archive),
-        segno_of_lsn(parse_lsn(newest.start_lsn), newest.wal_segment_size),
-        newest.timeline,
-        newest.wal_segment_size,
-    )
-    return scan.segments[scan.last].archived_at if scan.last is not None else None
+    wal = open_archive(archive)
+    contents = list_archive(wal, catalog.backups[0].manifest.wal_segment_size)  # fails closed, never short
+    lineage, _problem = archive_lineage(wal, contents)
+    return follow(contents, lineage).last_archived_at
 
 
 @dbops_task("write_drill_canary", retry=False)

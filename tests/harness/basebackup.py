@@ -1,4 +1,4 @@
-"""A test factory for base backups, until the base-backup flow (issue 12) is merged: a real
+"""The one test factory for base backups (the WAL chain, PITR and bench use it): a real
 `pg_basebackup -D - -Ft -X none --checkpoint=fast` of a real archiving cluster, zstd-compressed through
 flows/core/streams.py into a real store, with a BaseBackupManifest written per flows/core/base_layout.py.
 
@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from flows.core.base_catalog import BaseBackup, BaseCatalog
 from flows.core.base_layout import (
+    TAR_SUFFIX,
     BaseBackupManifest,
     base_manifest_key,
     base_stem,
@@ -32,10 +34,18 @@ from flows.core.objectstore import ObjectStore
 from flows.core.pgtools import find_tool
 from flows.core.postgres import ConnParams, libpq_environment
 from flows.core.streams import hashing, zstd_compress
-from flows.core.wal import walfile_of_lsn
+from flows.core.wal import parse_lsn, walfile_of_lsn
 from tests.harness.pg import PgCluster, pg_cluster, wait_until
 
 SMALL_SEGMENTS = ["--wal-segsize=1"]
+
+
+def server_owned(path: Path) -> Path:
+    """Create `path` for the server's OS user to write in (tests run as root, the server as postgres)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(path, "postgres")
+    return path
 
 
 @contextmanager
@@ -43,10 +53,7 @@ def archiving_cluster(**settings: str) -> Iterator[tuple[PgCluster, Path]]:
     """A cluster archiving with `cp %p ARCHIVE/%f` into a directory beside it."""
     tmp = Path(tempfile.mkdtemp(prefix="dbops-pitr-src-"))
     os.chmod(tmp, 0o755)
-    archive = tmp / "wal_archive"
-    archive.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(archive, "postgres")
+    archive = server_owned(tmp / "wal_archive")
     conf = {
         "wal_level": "replica",
         "archive_mode": "on",
@@ -77,9 +84,19 @@ def switch_and_archive(cluster: PgCluster) -> str:
 
 
 def take_base_backup(
-    cluster: PgCluster, store: ObjectStore, prefix: str, database: str, *, label: str | None = None
+    cluster: PgCluster,
+    store: ObjectStore,
+    prefix: str,
+    database: str,
+    archive_dir: Path | None = None,
+    *,
+    label: str | None = None,
+    wal_archived: bool = True,
 ) -> BaseBackupManifest:
-    """pg_basebackup -Ft to stdout (PostgreSQL injects backup_manifest), zstd, stored with its manifests."""
+    """pg_basebackup -Ft to stdout (PostgreSQL injects backup_manifest), zstd, stored with its manifests.
+
+    With `archive_dir`, waits until the stop segment is there; `wal_archived=False` files a manifest that
+    does not promise its WAL (what the chain must not trust)."""
     started = datetime.now(UTC)
     params = ConnParams(
         host=cluster.host,
@@ -129,13 +146,16 @@ def take_base_backup(
     assert facts is not None
     version, version_num, sysid, segsize = facts
     ended = datetime.now(UTC)
+    stop_wal = walfile_of_lsn(timeline, parse_lsn(stop_lsn), segsize)
+    if archive_dir is not None:
+        wait_until(lambda: (archive_dir / stop_wal).exists(), what=f"{stop_wal} archived")
+    # stems are per second: never two base backups in one
+    wait_until(lambda: datetime.now(UTC).replace(microsecond=0) > started.replace(microsecond=0), what="tick")
     stem = base_stem(prefix, database, started)
     digest = hashlib.sha256()
     count = [0]
     store.put_stream(tar_key(stem), hashing(zstd_compress([raw]), digest, count), if_absent=True)
     store.put_bytes(pg_manifest_key(stem), pg_manifest)
-    from flows.core.wal import parse_lsn
-
     manifest = BaseBackupManifest(
         database=database,
         server=f"{cluster.host}:{cluster.port}",
@@ -149,11 +169,11 @@ def take_base_backup(
         start_lsn=start_lsn,
         stop_lsn=stop_lsn,
         start_wal=start_wal,
-        stop_wal=walfile_of_lsn(timeline, parse_lsn(stop_lsn), segsize),
+        stop_wal=stop_wal,
         timeline=timeline,
         wal_segment_size=segsize,
         wal_included=False,
-        wal_archived=True,  # BASE_BACKUP waits for the WAL to be archived (its default WAIT)
+        wal_archived=wal_archived,  # BASE_BACKUP waits for the WAL to be archived (its default WAIT)
         tar_key=tar_key(stem),
         bytes=count[0],
         raw_bytes=len(raw),
@@ -162,3 +182,9 @@ def take_base_backup(
     )
     store.put_bytes(base_manifest_key(stem), manifest.to_json())
     return manifest
+
+
+def catalog_of(*manifests: BaseBackupManifest) -> BaseCatalog:
+    """The catalog read_base_catalog would build from these manifests (newest first), without a store."""
+    backups = [BaseBackup(m.tar_key.removesuffix(TAR_SUFFIX), m, [m.tar_key]) for m in manifests]
+    return BaseCatalog(sorted(backups, key=lambda b: b.manifest.ended_at, reverse=True), [])

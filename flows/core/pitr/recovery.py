@@ -8,8 +8,6 @@ directory when it was scratch).
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,25 +23,22 @@ from flows.core.childenv import child_environment
 from flows.core.objectstore import ObjectStore
 from flows.core.pgtools import find_tool
 from flows.core.pitr.config import recovery_settings, write_recovery_config
-from flows.core.pitr.errors import ExtractionFailed, RecoveryFailed, RecoveryRefused
+from flows.core.pitr.errors import ExtractionFailed, RecoveryFailed
 from flows.core.pitr.extract import (
     Extracted,
-    check_data_directory,
-    check_free_space,
     clear_directory,
     extract_base_backup,
     own,
 )
-from flows.core.pitr.selection import Choice, Window
+from flows.core.pitr.selection import Choice
 from flows.core.pitr.server import LogFacts, PgServer, ReplayState, parse_log, read_replay_state
 from flows.core.pitr.spool import WalSpool
 from flows.core.pitr.targets import RecoveryTarget
+from flows.core.pitr.workdir import preflight, prepare_work_directory
 from flows.core.wal import parse_lsn, segno_of_lsn
 from flows.core.wal_archive import WalArchive
 
 PROGRESS_EVERY = 10.0
-WORK_SUFFIX = ".dbops-pitr"
-WORK_MARK = ".dbops-pitr-workdir"
 
 
 class RecoveryProgress(BaseModel):
@@ -82,73 +77,6 @@ class PitrReport(BaseModel):
     @property
     def rto_seconds(self) -> float:
         return self.download_seconds + self.replay_seconds + self.start_seconds
-
-
-def work_directory(data_directory: Path) -> Path:
-    """Where the spool, the restore script, the socket and the server log go: beside the data directory
-    (never inside it: it would become part of the recovered cluster)."""
-    return data_directory.with_name(data_directory.name + WORK_SUFFIX)
-
-
-def check_port_free(port: int) -> None:
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.settimeout(1)
-                if s.connect_ex((host, port)) == 0:
-                    raise RecoveryRefused(
-                        f"port {port} is in use on this worker; choose a free port for the recovered server"
-                    )
-        except OSError:
-            continue
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise RecoveryRefused(f"port {port} is in use on this worker; choose a free port") from None
-
-
-def check_reachable(data_directory: Path, user: str | None) -> None:
-    """The server's OS user must be able to walk to its data directory (a 0700 root home is a dead end)."""
-    if not user:
-        return
-    import pwd
-
-    uid = pwd.getpwnam(user).pw_uid
-    for parent in data_directory.parents:
-        if not parent.exists():
-            continue
-        st = parent.stat()
-        if st.st_uid != uid and not st.st_mode & 0o001:
-            raise RecoveryRefused(
-                f"the {user} OS user cannot reach {data_directory}: {parent} is not searchable by others; "
-                f"choose a directory under one it can reach (or chmod o+x {parent})"
-            )
-
-
-def preflight(
-    data_directory: Path, port: int, manifest: BaseBackupManifest | None = None, user: str | None = None
-) -> None:
-    """The refusals that need nothing downloaded: directory, port, disk space, work directory."""
-    check_data_directory(data_directory)
-    check_reachable(data_directory, user)
-    check_port_free(port)
-    work = work_directory(data_directory)
-    if work.exists() and not (work / WORK_MARK).exists() and any(work.iterdir()):
-        raise RecoveryRefused(f"{work} exists and is not dbops' work directory; move it away")
-    if manifest is not None:
-        check_free_space(data_directory, manifest.raw_bytes)
-
-
-def prepare_work_directory(data_directory: Path, user: str | None) -> Path:
-    work = work_directory(data_directory)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(mode=0o700, parents=True)
-    (work / WORK_MARK).write_text("")
-    (work / "sock").mkdir(mode=0o700)
-    own(work, user)
-    return work
 
 
 def verify_extracted(data_directory: Path, manifest: BaseBackupManifest, bindir: str | None = None) -> str:
@@ -472,7 +400,7 @@ def build_report(
         base_backup=choice.manifest.tar_key,
         base_backup_ended_at=choice.manifest.ended_at,
         target=target.describe(),
-        window=choice.window.sentence(),
+        window=choice.sentence(),
         data_directory=str(data_directory),
         port=port,
         reached_lsn=done.state.lsn,
@@ -496,11 +424,4 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-__all__ = ["PitrReport", "RecoveryProgress", "Window", "recover_cluster", "preflight", "replay"]
-
-
-def free_local_port() -> int:
-    """A port nothing listens on now (the drill's scratch server takes it right after)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["PitrReport", "RecoveryProgress", "recover_cluster", "replay"]

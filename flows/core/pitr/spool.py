@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.core.pitr.selection import ArchiveScan
+from flows.core.chain import TimelineView
 from flows.core.wal import HISTORY_RE, WAL_FILE_RE, parse_wal_name, segment_name
 from flows.core.wal_archive import WalArchive, decompress
 
@@ -61,7 +61,7 @@ class WalSpool:
     def __init__(
         self,
         archive: WalArchive,
-        scan: ArchiveScan,
+        scan: TimelineView,
         directory: Path,
         first_segno: int,
         *,
@@ -130,7 +130,7 @@ class WalSpool:
         if WAL_FILE_RE.match(name) and len(name) == 24:
             pos = parse_wal_name(name, self.scan.segment_size)
             seg = self.scan.segments.get(pos.segno)
-            if seg is not None and seg.tli == pos.tli:
+            if seg is not None and self.scan.lineage.responsible(pos.segno) == pos.tli:
                 return seg.key
         return self.archive.find(name)
 
