@@ -11,10 +11,22 @@ from prefect.blocks.core import Block
 from prefect.filesystems import LocalFileSystem
 from prefect_aws import S3Bucket
 
-from flows.core.errors import ConfigurationError
+from flows.core.errors import ConfigurationError, DbopsError
 from flows.core.objectstore import LocalObjectStore, ObjectStore, S3ObjectStore
 
 SUPPORTED = ("s3-bucket", "local-file-system")
+
+
+def load_sync(slug: str) -> Block:
+    """`Block.load` from synchronous code, where it returns the block (Prefect types it as block or
+    coroutine because inside an event loop it dispatches to `aload`); every dbops caller is synchronous."""
+    block = Block.load(slug)
+    if not isinstance(block, Block):
+        raise DbopsError(
+            f"block {slug!r} was loaded from inside an event loop, where Prefect returns a coroutine; "
+            "this is a dbops bug, report it"
+        )
+    return block
 
 
 def load_block(slug: str, expected: type[Block] | None = None) -> Block:
@@ -25,7 +37,7 @@ def load_block(slug: str, expected: type[Block] | None = None) -> Block:
             "postgres-database/imagemanager-prod"
         )
     try:
-        block = Block.load(slug)
+        block = load_sync(slug)
     except ValueError as exc:
         raise ConfigurationError(
             f"block {slug!r} does not exist; create it with `dbops setup` or in the Prefect UI ({exc})"

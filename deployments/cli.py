@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-Register = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]
+Register = Callable[[argparse._SubParsersAction], None]
 COMMANDS: list[Register] = []
 
 
@@ -90,7 +90,7 @@ def backups_list(args: argparse.Namespace) -> int:
 
 
 @command
-def _backups(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _backups(sub: argparse._SubParsersAction) -> None:
     backups = sub.add_parser("backups", help="what backups exist, and whether they were verified and drilled")
     actions = backups.add_subparsers(dest="action", required=True, metavar="ACTION")
     lst = actions.add_parser(
@@ -130,7 +130,7 @@ def setup_command(args: argparse.Namespace) -> int:
 
 
 @command
-def _setup(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _setup(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("setup", help="create blocks, work pool, concurrency limits, variables (idempotent)")
     p.add_argument("--config", type=Path, default=None, help="TOML config (see deployments/setup.py)")
     p.add_argument("--notify", default=None, help="notification block slug to alert on failed runs")
@@ -144,7 +144,7 @@ def deploy_command(args: argparse.Namespace) -> int:
 
 
 @command
-def _deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _deploy(sub: argparse._SubParsersAction) -> None:
     from deployments.deploy import ROOT
 
     p = sub.add_parser("deploy", help="check prefect.yaml (blocks, variables, cron, work pool), then deploy")
@@ -156,14 +156,14 @@ def _deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 @command
-def _migrate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _migrate(sub: argparse._SubParsersAction) -> None:
     from deployments.migrate_cli import register
 
     register(sub)
 
 
 @command
-def _run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _run(sub: argparse._SubParsersAction) -> None:
     from deployments.migrate_cli import register_run
 
     register_run(sub)

@@ -16,10 +16,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -97,21 +98,23 @@ class PgCluster:
             host=self.host, port=self.port, dbname=dbname, user=user, password=pw, connect_timeout=10
         )
 
-    def connect(self, dbname: str = "postgres", autocommit: bool = True, **kw: object) -> psycopg.Connection:
-        return psycopg.connect(self.conninfo(dbname), autocommit=autocommit, **kw)  # type: ignore[arg-type]
+    def connect(self, dbname: str = "postgres", autocommit: bool = True, **kw: Any) -> psycopg.Connection:
+        return psycopg.connect(self.conninfo(dbname), autocommit=autocommit, **kw)
 
-    def sql(self, query: str, dbname: str = "postgres", params: object = None) -> list[tuple]:
+    def sql(
+        self, query: str, dbname: str = "postgres", params: Sequence[Any] | Mapping[str, Any] | None = None
+    ) -> list[tuple]:
         """Run one statement as superuser and return its rows (empty when it returns none)."""
         with self.connect(dbname) as conn:
-            cur = conn.execute(query, params)  # type: ignore[arg-type]
+            cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    def _run(self, args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    def _run(self, args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         user = _server_user()
         cmd = (["runuser", "-u", user, "--"] if user else []) + args
-        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
     def init(self) -> None:
         user = _server_user()

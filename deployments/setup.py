@@ -333,10 +333,11 @@ AUTOMATION_NAME = "dbops: notify on failed or crashed runs"
 def ensure_notification(notify: str, report: SetupReport) -> None:
     """One automation: any Failed or Crashed flow run tagged `dbops` sends to the notification block."""
     from prefect.automations import Automation, EventTrigger, Posture, SendNotification
-    from prefect.blocks.core import Block
+
+    from blocks.storage import load_sync
 
     try:
-        block = Block.load(notify)
+        block = load_sync(notify)
     except ValueError:
         raise ConfigurationError(
             f"notification block {notify!r} does not exist; create it in the Prefect UI or fix `notify`"

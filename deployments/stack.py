@@ -297,12 +297,16 @@ class Stack:
             # On a fresh sandbox nothing may be archived yet: the active probe switches WAL and waits.
             parameters = {"active": True} if deployment.startswith("wal") else None
             label = deployment.split("/")[0]
+
+            def show(line: str, label: str = label) -> None:
+                say(f"   {label} | {line.strip()}")
+
             code = trigger_and_wait(
                 deployment,
                 parameters,
                 timeout=900,
                 tags=("trigger:make-run",),
-                out=lambda line, label=label: say(f"   {label} | {line.strip()}"),
+                out=show,
             )
             worst = max(worst, code)
         return worst

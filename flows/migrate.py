@@ -28,7 +28,6 @@ from prefect.artifacts import create_table_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from flows.core.alembic_runner import AlembicApp
@@ -49,7 +48,7 @@ from flows.core.migrate_plan import (
 )
 from flows.nightly_dump import BackupReport, DumpOptions, take_backup
 from flows.tasks.backup import require_store_kind
-from flows.tasks.common import artifact_key, database_lock, failed_state, failure_sentence
+from flows.tasks.common import artifact_key, completed_state, database_lock, failed_state, failure_sentence
 from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.migrate import (
     LintOutcome,
@@ -232,7 +231,7 @@ def migrate(
             if not plan.pending:
                 report.production_end = plan.start_label
                 report.outcome = f"already at {plan.start_label}"
-                return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
+                return completed_state(report.outcome, report)
 
             staging_guard = None
             if refresh_staging and not dry_run:  # a protected staging is refused before any work
@@ -265,7 +264,7 @@ def migrate(
                     f"offline SQL sha256 {linted.sha256[:12]}; nothing was changed"
                 )
                 logger.info(report.outcome)
-                return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
+                return completed_state(report.outcome, report)
 
             # 3. pre-backup: no backup, no migration
             with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
@@ -326,7 +325,7 @@ def migrate(
                     )
                 )
         report.outcome = f"applied {len(plan.pending)} revision(s): {plan.start_label} → {plan.target}"
-        return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
+        return completed_state(report.outcome, report)
     except BaseException as exc:
         report.outcome = f"failed: {failure_sentence(exc)}"
         if in_production and ini is not None:
@@ -337,7 +336,7 @@ def migrate(
         if not isinstance(exc, Exception):  # cancellation, Prefect's pause and abort signals
             raise
         # the table artifact (outcome first) goes out in `finally`; the state carries the same sentence
-        return failed_state(exc)  # type: ignore[return-value]
+        return failed_state(exc)
     finally:
         _publish(report)
 

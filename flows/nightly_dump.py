@@ -259,7 +259,7 @@ def nightly_dump(
         return report
     except Exception as exc:
         key = artifact_key("nightly-dump", database_name_of(database))
-        return publish_failure(key, f"Nightly dump of {database} into {storage}", exc)  # type: ignore[return-value]
+        return publish_failure(key, f"Nightly dump of {database} into {storage}", exc)
 
 
 def _publish(report: BackupReport) -> None:

@@ -74,9 +74,9 @@ def pgbouncer_check(
         return report
     except Exception as exc:
         if published:
-            return failed_state(exc)  # type: ignore[return-value]
+            return failed_state(exc)
         rows = [c.row() for c in report.checks] if report is not None else []
-        return publish_failure(  # type: ignore[return-value]
+        return publish_failure(
             artifact_key("pgbouncer-check", pgbouncer), f"PgBouncer {pgbouncer}", exc, table_lines(rows)
         )
 

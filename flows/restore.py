@@ -205,7 +205,7 @@ def restore(
         _publish(report)
         return report
     except Exception as exc:
-        return publish_failure(  # type: ignore[return-value]
+        return publish_failure(
             artifact_key("restore", database_name_of(target)),
             f"Restore of {source_database} ({backup}, mode {mode}) into {target}",
             exc,
@@ -253,4 +253,4 @@ def list_backups(storage: str, database: str, prefix: str = "") -> list[dict[str
         )
         return listing.rows
     except Exception as exc:
-        return publish_failure(artifact_key("backups", database), f"Backups of {database} in {storage}", exc)  # type: ignore[return-value]
+        return publish_failure(artifact_key("backups", database), f"Backups of {database} in {storage}", exc)

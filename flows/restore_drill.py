@@ -200,8 +200,8 @@ def restore_drill(
         return report
     except Exception as exc:
         if published:
-            return failed_state(exc)  # type: ignore[return-value]
-        return publish_failure(  # type: ignore[return-value]
+            return failed_state(exc)
+        return publish_failure(
             artifact_key("restore-drill", source_database),
             f"Restore drill of {source_database} on {scratch}",
             exc,

@@ -765,16 +765,16 @@ class AlembicApp:
         result.steps = [StepResult(s["rev"], direction, float(s["seconds"])) for s in answer.get("steps", [])]
         result.end = list(answer.get("end") or [])
         if "blind" in answer:
-            exc = WatchdogBlind(
+            blind = WatchdogBlind(
                 f"the {direction} on {params.where} was stopped because dbops could not watch its locks for "
                 f"{answer['blind']:.0f} s (its own connection to the server was lost and could not be made "
                 "again); check the server, then run the migration again (revisions done before stay applied)"
             )
             done = len(answer.get("steps", []))
-            exc.revision = steps[done][1] if done < len(steps) else None  # type: ignore[attr-defined]
-            exc.result = result  # type: ignore[attr-defined]
-            exc.log_tail = tail  # type: ignore[attr-defined]
-            raise exc
+            blind.revision = steps[done][1] if done < len(steps) else None  # type: ignore[attr-defined]
+            blind.result = result  # type: ignore[attr-defined]
+            blind.log_tail = tail  # type: ignore[attr-defined]
+            raise blind
         if answer.get("moved"):
             raise RevisionMoved(
                 f"database {params.database!r} moved from revision {', '.join(start) or 'base'} to "

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import psycopg
 
@@ -242,10 +243,17 @@ def trigger_of(
     return "python (direct flow call)"
 
 
-def timings(steps: Iterable[object]) -> dict[str, float]:
+class TimedStep(Protocol):
+    """What `timings` reads of a step (alembic_runner.StepResult); its `direction` defaults to upgrade."""
+
+    revision: str
+    seconds: float
+
+
+def timings(steps: Iterable[TimedStep]) -> dict[str, float]:
     """{revision: seconds} of a RunResult's upgrade steps (a retried revision keeps its last time)."""
     out: dict[str, float] = {}
     for step in steps:
         if getattr(step, "direction", "upgrade") == "upgrade":
-            out[step.revision] = round(float(step.seconds), 3)  # type: ignore[attr-defined]
+            out[step.revision] = round(float(step.seconds), 3)
     return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import psycopg
 
 from flows.core.errors import DbopsError
-from flows.core.postgres import ConnParams, connect
+from flows.core.postgres import ConnParams, connect, scalar
 
 LOCK_NAMESPACE = "dbops-migrate"
 
@@ -129,7 +129,7 @@ def migration_lock(params: ConnParams) -> Iterator[MigrationLock]:
                 f"another session held the migration lock of database {params.database!r} a moment ago; "
                 "retry once it has finished"
             )
-        pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+        pid = int(scalar(conn, "SELECT pg_backend_pid()"))
         lock = MigrationLock(params.database, key, conn, pid)
         try:
             yield lock

@@ -8,6 +8,7 @@ local files are written under a temporary name and renamed only when complete.
 
 from __future__ import annotations
 
+import builtins  # the stores' method `list` shadows the type inside their classes
 import errno
 import os
 import secrets
@@ -120,7 +121,7 @@ class ObjectStore(ABC):
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.get_stream(key))
 
-    def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
+    def incomplete_writes(self, prefix: str) -> builtins.list[IncompleteWrite]:
         """Writes under `prefix` that were started and never finished (none by default)."""
         return []
 
@@ -438,7 +439,7 @@ class S3ObjectStore(ObjectStore):
         flush()
         return deleted
 
-    def list_incomplete_uploads(self, prefix: str = "") -> list[str]:
+    def list_incomplete_uploads(self, prefix: str = "") -> builtins.list[str]:
         """Keys with multipart uploads still open: orphan parts that cost money and hold no backup."""
         resp = self._call(
             "list multipart uploads",
@@ -448,9 +449,9 @@ class S3ObjectStore(ObjectStore):
         )
         return [self._rel(u["Key"]) for u in resp.get("Uploads", [])]
 
-    def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
+    def incomplete_writes(self, prefix: str) -> builtins.list[IncompleteWrite]:
         """Open multipart uploads under `prefix`, every page (a dead upload keeps its parts, and its cost)."""
-        found: list[IncompleteWrite] = []
+        found: builtins.list[IncompleteWrite] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key(prefix)}
         while True:
             resp = self._call("list multipart uploads", self.client.list_multipart_uploads, **kwargs)
@@ -632,14 +633,14 @@ class LocalObjectStore(ObjectStore):
                 parent = parent.parent
         return deleted
 
-    def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
+    def incomplete_writes(self, prefix: str) -> builtins.list[IncompleteWrite]:
         """`.<name>.partial-<token>` files under `prefix`: a writer that died before its rename."""
         self._ensure_root()
         prefix = prefix.lstrip("/")
         start = self._walk_start(prefix)
         if not start.is_dir():
             return []
-        found: list[IncompleteWrite] = []
+        found: builtins.list[IncompleteWrite] = []
         for dirpath, _dirnames, filenames in os.walk(start):
             for name in filenames:
                 if not name.startswith(".") or ".partial-" not in name:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from flows.core.errors import DbopsError
 from flows.core.health import Check, Status
+from flows.core.postgres import one_row, scalar
 from flows.core.redact import redact_secrets
 from flows.core.wal import (
     BadWalName,
@@ -171,7 +172,7 @@ def read_settings(conn: psycopg.Connection) -> ArchiveSettings:
             else None
         )
         pending_mode = row[0] if row else "(changed)"
-    in_recovery = bool(conn.execute("SELECT pg_is_in_recovery()").fetchone()[0])  # type: ignore[index]
+    in_recovery = bool(scalar(conn, "SELECT pg_is_in_recovery()"))
     info = conn.info
     return ArchiveSettings(
         wal_level=s["wal_level"][0],
@@ -213,9 +214,9 @@ def read_position(conn: psycopg.Connection, settings: ArchiveSettings) -> WalPos
     """The WAL file being written now (on a primary); None on a standby."""
     if settings.in_recovery:
         return None
-    lsn_text, walfile = conn.execute(
-        "SELECT pg_current_wal_lsn()::text, pg_walfile_name(pg_current_wal_lsn())"
-    ).fetchone()  # type: ignore[misc]
+    lsn_text, walfile = one_row(
+        conn, "SELECT pg_current_wal_lsn()::text, pg_walfile_name(pg_current_wal_lsn())"
+    )
     lsn = parse_lsn(lsn_text)
     tli = int(walfile[:8], 16)
     # pg_walfile_name puts a boundary LSN in the previous file; the file being written is the LSN's own
@@ -266,7 +267,7 @@ def read_standbys(conn: psycopg.Connection) -> list[Standby] | None:
 
 def snapshot(conn: psycopg.Connection) -> ServerSnapshot:
     """Everything the checks need from the server, read in one go."""
-    user = str(conn.execute("SELECT current_user").fetchone()[0])  # type: ignore[index]
+    user = str(scalar(conn, "SELECT current_user"))
     settings = read_settings(conn)
     return ServerSnapshot(
         settings=settings,
@@ -369,8 +370,9 @@ def archiver_failing(a: ArchiverStats, segment_size: int) -> bool:
         return False
     failed = wal_position(a.last_failed_wal, segment_size)
     archived = wal_position(a.last_archived_wal, segment_size)
-    segments = failed and archived and "history" not in (failed.kind, archived.kind)
-    return not (segments and ordered_after(archived, failed))  # type: ignore[arg-type]
+    if failed is None or archived is None or "history" in (failed.kind, archived.kind):
+        return True
+    return not ordered_after(archived, failed)
 
 
 def check_archiver(
@@ -613,9 +615,7 @@ def switch_wal(conn: psycopg.Connection, label: str, user: str) -> ProbeStart:
     try:
         with conn.transaction():
             conn.execute("SELECT pg_create_restore_point(%s)", (label,))
-            lsn_text, walfile = conn.execute(
-                "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() AS s"
-            ).fetchone()  # type: ignore[misc]
+            lsn_text, walfile = one_row(conn, "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() AS s")
     except psycopg.errors.InsufficientPrivilege:
         raise WalArchiveBroken(
             f"role {user!r} may not switch WAL for the active probe; GRANT EXECUTE ON FUNCTION "

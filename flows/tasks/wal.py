@@ -14,6 +14,7 @@ from blocks.storage import load_store
 from flows.core.errors import ConfigurationError
 from flows.core.health import Check
 from flows.core.objectstore import LocalObjectStore
+from flows.core.postgres import scalar
 from flows.core.wal_archive import ArchiveLocation, ContentsResult, WalArchive, check_contents, wait_for
 from flows.core.wal_server import CheckState, ServerSnapshot, snapshot, switch_wal
 from flows.tasks.backup import load_database
@@ -97,7 +98,7 @@ def switch_wal_and_wait_for_archive(
     """Like `pgbackrest check`: restore point, pg_switch_wal(), then wait for that segment in the archive."""
     block = load_database(database)
     with block.connect() as conn:
-        if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
+        if scalar(conn, "SELECT pg_is_in_recovery()"):
             return Check(
                 name="probe",
                 status="skipped",
