@@ -152,7 +152,7 @@ def main() -> int:
     print(f"   sort + regex + successor loop     {t_naive:6.2f} s   ({t_naive / t_ours:.1f}x slower)")
 
     # b. incremental: the previous run verified everything up to the last segment; NEW_SEGMENTS arrive
-    store = MemoryStore(keys + [f"wal/{segment_name(1, hole, SEGMENT)}.zst"])
+    store = MemoryStore([*keys, f"wal/{segment_name(1, hole, SEGMENT)}.zst"])
     for s in range(n + 1, n + NEW_SEGMENTS + 1):
         store.put_bytes(f"wal/{segment_name(1, s, SEGMENT)}.zst", b"")
     t_full, full = timed(lambda: sum(1 for _ in store.list("wal/")))

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +156,7 @@ class PgCluster:
             "shared_buffers": "128MB",
             "max_connections": "60",
             "password_encryption": "'scram-sha-256'",
-            **{k: v for k, v in self.settings.items()},
+            **dict(self.settings.items()),
         }
         with (self.data_dir / "postgresql.auto.conf").open("a") as f:
             for key, value in conf.items():
@@ -179,10 +179,8 @@ class PgCluster:
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data_dir / "postmaster.pid").exists():
-            try:
+            with suppress(subprocess.CalledProcessError):
                 self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"])
-            except subprocess.CalledProcessError:
-                pass
 
     def restart(self) -> None:
         self.stop()
@@ -192,7 +190,7 @@ class PgCluster:
         """Change settings with ALTER SYSTEM and reload (restart() for the ones that need it)."""
         with self.connect() as conn:
             for key, value in settings.items():
-                conn.execute(f"ALTER SYSTEM SET {key} = {psycopg.sql.quote(value)}")  # noqa: S608
+                conn.execute(f"ALTER SYSTEM SET {key} = {psycopg.sql.quote(value)}")
             conn.execute("SELECT pg_reload_conf()")
 
     def create_role(self, name: str, password: str, *extra: str) -> None:

@@ -358,7 +358,7 @@ class Stack:
                         proc.wait()
                 stackstate.forget(self.state, name.replace(" ", "-"))
                 log(f"stopped {name}")
-            except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+            except Exception as exc:  # keep stopping the rest
                 say(
                     f"make run: stopping {name} failed ({exc}); check with `ps` and stop it by hand", err=True
                 )
@@ -366,7 +366,7 @@ class Stack:
             try:
                 self.cluster.stop()
                 log("stopped the sandbox PostgreSQL")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 say(
                     f"make run: stopping the sandbox PostgreSQL failed ({exc}); run pg_ctl stop -D "
                     f"{self.cluster.data_dir}",

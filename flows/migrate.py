@@ -38,6 +38,7 @@ from flows.core.identity import Guard
 from flows.core.migrate_plan import (
     ApprovalRejected,
     LintBlocked,
+    Plan,
     PreBackupFailed,
     StagingFailed,
     duration_ms,
@@ -374,7 +375,7 @@ def _pre_backup(database: str, storage: str, prefix: str) -> BackupReport:
 
 def _staging_gate(
     report: MigrateReport,
-    plan,  # noqa: ANN001 - flows.core.migrate_plan.Plan
+    plan: Plan,
     ini: str,
     options: MigrateOptions,
     staging: str,

@@ -172,7 +172,7 @@ def nightly_dump(
     prefix: str = "",
     compression: Compression = Compression.zstd,
     compression_level: int | None = None,
-    globals: bool = False,  # noqa: A002 - the parameter name users see in the UI
+    globals: bool = False,  # the parameter name users see in the UI
     verify: VerifyMethod = "list",
     retention: RetentionPolicy | None = None,
     retention_dry_run: bool = False,

@@ -106,7 +106,7 @@ def restore(
     mode: Mode = "create",
     jobs: Annotated[int, Field(ge=1, le=64)] = 1,
     confirm: str = "",
-    globals: bool = False,  # noqa: A002 - the parameter name users see in the UI
+    globals: bool = False,  # the parameter name users see in the UI
     options: RestoreOptions | None = None,
 ) -> RestoreReport:
     """Restore one backup into a database: a new one (create) or an existing one (replace).

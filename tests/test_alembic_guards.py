@@ -92,10 +92,9 @@ def migrate_sessions(pg: PgCluster, database: str, lock_wait: bool = False) -> b
 
 
 def allow_connections(database: str, allow: bool) -> str:
-    query = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+    return sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
         sql.Identifier(database), sql.SQL("true" if allow else "false")
     )
-    return query  # type: ignore[return-value]  # PgCluster.sql passes it to psycopg as it is
 
 
 def hold_lock(pg: PgCluster, database: str, table: str) -> psycopg.Connection:
@@ -197,7 +196,7 @@ def test_a_migration_the_watchdog_cannot_see_is_stopped(
             app.upgrade(
                 params, "0009_guard_off", lock_timeout_ms=8000, statement_timeout_ms=0, start=["0001_items"]
             )
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:  # handed to the test thread
             outcome.append(exc)
 
     def sessions(lock_wait: bool = False) -> bool:
@@ -222,7 +221,8 @@ def test_a_migration_the_watchdog_cannot_see_is_stopped(
         blocker.rollback()
         blocker.close()
         runner.join(timeout=60)
-    assert outcome and isinstance(outcome[0], WatchdogBlind), outcome
+    assert outcome, outcome
+    assert isinstance(outcome[0], WatchdogBlind), outcome
     assert "could not watch its locks" in str(outcome[0])
     assert outcome[0].revision == "0009_guard_off"  # type: ignore[attr-defined]
     assert elapsed < 30, f"{elapsed:.1f} s (blind for 8 s, the longer of 5 s and lock_timeout, then stopped)"
@@ -249,7 +249,7 @@ def test_a_stopped_alembic_leaves_no_session_queued_for_the_lock(
             app.upgrade(
                 params, "0009_guard_off", lock_timeout_ms=60000, statement_timeout_ms=0, start=["0001_items"]
             )
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:  # handed to the test thread
             outcome.append(exc)
 
     runner = threading.Thread(target=migrate)
@@ -259,7 +259,8 @@ def test_a_stopped_alembic_leaves_no_session_queued_for_the_lock(
             lambda: migrate_sessions(pg, params.database, lock_wait=True), timeout=20, what="lock wait"
         )
         runner.join(timeout=40)
-        assert outcome and isinstance(outcome[0], MigrationTimeout), outcome
+        assert outcome, outcome
+        assert isinstance(outcome[0], MigrationTimeout), outcome
         # still holding the lock: the queued session must be gone now, not when the lock comes free
         wait_until(lambda: not migrate_sessions(pg, params.database), timeout=5, what="the session to end")
         assert blocker.execute("SELECT 1").fetchone() == (1,)
@@ -348,7 +349,9 @@ def test_alembic_sees_an_allowlisted_environment_and_the_password_only_in_a_priv
     seen = json.loads(out.read_text())
     env = seen["env"]
     assert env["DATABASE_URL"] == f"{sample.driver}://postgres@{params.host}:{params.port}/{params.database}"
-    assert "PGPASSWORD" not in env and "AWS_SECRET_ACCESS_KEY" not in env and "PREFECT_API_KEY" not in env
+    assert "PGPASSWORD" not in env
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert "PREFECT_API_KEY" not in env
     assert env["IMAGEMANAGER_FLAG"] == "on", "a name listed in pass_env reaches env.py"
     assert seen["passfile_mode"] == 0o600
     assert not Path(env["PGPASSFILE"]).exists(), "the passfile is removed after the run"

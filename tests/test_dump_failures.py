@@ -43,7 +43,9 @@ KEY = "prod/app/dumps/app.dump"
 
 
 def params_for(pg: PgCluster, dbname: str, **kw: object) -> ConnParams:
-    fields = dict(host=pg.host, port=pg.port, database=dbname, user=pg.superuser, password=pg.password)
+    fields = {
+        "host": pg.host, "port": pg.port, "database": dbname, "user": pg.superuser, "password": pg.password
+    }
     return ConnParams(**{**fields, **kw})  # type: ignore[arg-type]
 
 
@@ -115,7 +117,8 @@ def test_killed_pg_dump_leaves_no_object_and_no_open_multipart_upload(
 
     def progress(raw: int, _stored: int) -> None:
         if raw > 0 and not killed:
-            assert started.proc is not None and started.proc.poll() is None, "pg_dump finished too soon"
+            assert started.proc is not None, "pg_dump finished too soon"
+            assert started.proc.poll() is None, "pg_dump finished too soon"
             started.proc.send_signal(signal.SIGKILL)
             killed.append(raw)
 
@@ -133,7 +136,8 @@ def test_killed_pg_dump_leaves_no_object_and_no_open_multipart_upload(
         )
 
     assert killed, "the progress callback never saw pg_dump's bytes"
-    assert "SIGKILL" in str(info.value) and is_transient(info.value)
+    assert "SIGKILL" in str(info.value)
+    assert is_transient(info.value)
     assert started.proc.returncode == -signal.SIGKILL
     assert_nothing_stored(store)
 
@@ -170,7 +174,8 @@ def test_dropped_database_connection_is_transient_and_leaves_no_object(
 
     assert terminated == [True], "pg_dump's backend was not found by its application_name"
     assert is_transient(info.value)
-    assert "terminating connection" in str(info.value) and "retried" in str(info.value)
+    assert "terminating connection" in str(info.value)
+    assert "retried" in str(info.value)
     assert started.proc.returncode not in (None, 0)
     assert_nothing_stored(store)
 
@@ -210,7 +215,8 @@ def test_missing_select_privilege_is_permission_denied_with_the_grant_fix(
 
     message = str(info.value)
     assert not is_transient(info.value)
-    assert "grant" in message.lower() and "SELECT" in message
+    assert "grant" in message.lower()
+    assert "SELECT" in message
     assert "permission denied for table audit" in message, message  # the failure, not pg_dump's query
     assert password not in message
     assert started.proc.returncode == 1
@@ -249,9 +255,11 @@ def test_s3_endpoint_dying_mid_upload_is_a_named_error_and_stops_pg_dump(
             )
 
     assert killed
-    assert isinstance(info.value, StorageUnavailable) and is_transient(info.value), repr(info.value)
+    assert isinstance(info.value, StorageUnavailable), repr(info.value)
+    assert is_transient(info.value), repr(info.value)
     assert bucket in str(info.value) or "S3 endpoint" in str(info.value)
-    assert started.proc is not None and started.proc.poll() is not None, "pg_dump was left running"
+    assert started.proc is not None, "pg_dump was left running"
+    assert started.proc.poll() is not None, "pg_dump was left running"
 
 
 # -- credentials -------------------------------------------------------------------------------------------
@@ -290,10 +298,13 @@ def test_password_never_in_pg_dump_argv_or_environment_and_passfile_is_private_a
 
     assert seen["argv"] == str(pg_dump.path).encode()  # we looked at the real pg_dump
     assert seen["password_in_argv"] is False
-    assert seen["password_in_environ"] is False and seen["pgpassword_set"] is False
+    assert seen["password_in_environ"] is False
+    assert seen["pgpassword_set"] is False
     assert seen["passfile_has_password"] is True  # so this is how it authenticated
-    assert seen["passfile_mode"] == 0o600 and seen["passfile_dir_mode"] == 0o700
-    assert not seen["passfile"].exists() and not seen["passfile"].parent.exists()
+    assert seen["passfile_mode"] == 0o600
+    assert seen["passfile_dir_mode"] == 0o700
+    assert not seen["passfile"].exists()
+    assert not seen["passfile"].parent.exists()
     assert pg.password not in " ".join(result.argv) + result.stderr
     assert store.head(KEY) is not None
 
@@ -325,10 +336,13 @@ def test_pg_dump_gets_an_allowlisted_environment_without_the_workers_cloud_and_p
         level=0,
         on_start=on_start,
     )
-    assert "AWS_SECRET_ACCESS_KEY" not in seen and "PREFECT_API_KEY" not in seen
-    assert "DBOPS_SOMETHING_TOKEN" not in seen and "PGPASSWORD" not in seen
+    assert "AWS_SECRET_ACCESS_KEY" not in seen
+    assert "PREFECT_API_KEY" not in seen
+    assert "DBOPS_SOMETHING_TOKEN" not in seen
+    assert "PGPASSWORD" not in seen
     assert seen["PGSSLROOTCERT"] == "/etc/dbops/root.crt"  # verify-full keeps working for pg_dump
-    assert seen["PGHOST"] == pg.host and seen["PATH"] == os.environ["PATH"]
+    assert seen["PGHOST"] == pg.host
+    assert seen["PATH"] == os.environ["PATH"]
 
 
 # -- not a plausible dump ------------------------------------------------------------------------------
@@ -347,7 +361,8 @@ def test_implausibly_small_dump_is_refused_and_its_object_removed(
             level=0,
             min_bytes=10**9,
         )
-    assert "not a plausible dump" in str(info.value) and "removed" in str(info.value)
+    assert "not a plausible dump" in str(info.value)
+    assert "removed" in str(info.value)
     assert not is_transient(info.value)
     assert_nothing_stored(store)
 
@@ -365,7 +380,7 @@ def test_verification_rejects_a_truncated_or_altered_object(
     )
 
     store.put_bytes("truncated.dump", good[: len(good) // 3])
-    with pytest.raises(VerificationFailed, match="truncated.dump"):
+    with pytest.raises(VerificationFailed, match=r"truncated\.dump"):
         verify_stored_dump(store, "truncated.dump", Compression.zstd, pg_restore, full=True)
 
     with pytest.raises(VerificationFailed, match="sha256"):
@@ -411,7 +426,8 @@ def test_archive_of_a_database_without_tables_is_a_backup_only_when_the_catalog_
         )
     pg_restore = find_tool("pg_restore", version)
     checked = verify_stored_dump(store, KEY, Compression.zstd, pg_restore, empty_database=True)
-    assert checked.entries == 0 and checked.empty_database
+    assert checked.entries == 0
+    assert checked.empty_database
     assert "no tables" in checked.detail()
     with pytest.raises(VerificationFailed, match="the backup is empty"):
         verify_stored_dump(store, KEY, Compression.zstd, pg_restore)
@@ -424,7 +440,9 @@ def test_older_pg_dump_than_server_is_version_mismatch_naming_both_versions():
     with pytest.raises(VersionMismatch) as info:
         check_tool_version(PgTool(Path("/x/pg_dump"), "12.3"), 150004)
     message = str(info.value)
-    assert "12.3" in message and re.search(r"PostgreSQL 15\b", message) and "/x/pg_dump" in message
+    assert "12.3" in message
+    assert re.search(r"PostgreSQL 15\b", message)
+    assert "/x/pg_dump" in message
     assert not is_transient(info.value)
     check_tool_version(PgTool(Path("/x/pg_dump"), "16.1"), 150004)  # newer than the server is fine
     check_tool_version(PgTool(Path("/x/pg_dump"), "15.0"), 150004)
@@ -433,7 +451,8 @@ def test_older_pg_dump_than_server_is_version_mismatch_naming_both_versions():
 @pytest.mark.parametrize("name", ["pg_dump", "pg_restore", "pg_dumpall"])
 def test_find_tool_picks_the_client_of_the_server_major_version(version: int, name: str):
     tool = find_tool(name, version)
-    assert tool.path.name == name and os.access(tool.path, os.X_OK)
+    assert tool.path.name == name
+    assert os.access(tool.path, os.X_OK)
     assert tool.major == version // 10000
     out = subprocess.run([str(tool.path), "--version"], capture_output=True, text=True, check=True).stdout
     assert tool.version in out
@@ -452,7 +471,8 @@ def test_wrong_password_is_authentication_failed_without_the_password(pg: PgClus
     with pytest.raises(AuthenticationFailed) as info:
         connect(params_for(pg, "postgres", password=wrong))
     message = str(info.value)
-    assert wrong not in message and pg.password not in message
+    assert wrong not in message
+    assert pg.password not in message
     assert "fix the password" in message
     assert not is_transient(info.value)
 
@@ -460,7 +480,8 @@ def test_wrong_password_is_authentication_failed_without_the_password(pg: PgClus
 def test_missing_database_is_database_missing(pg: PgCluster, unique: str):
     with pytest.raises(DatabaseMissing) as info:
         connect(params_for(pg, f"no_such_db_{unique}"))
-    assert f"no_such_db_{unique}" in str(info.value) and not is_transient(info.value)
+    assert f"no_such_db_{unique}" in str(info.value)
+    assert not is_transient(info.value)
 
 
 def test_nothing_listening_is_database_unreachable_and_transient(pg: PgCluster):

@@ -274,15 +274,20 @@ def dump_verify_and_restore(
     assert stored.stat().st_size == result.bytes
     assert sha256_file(stored) == result.sha256
     if compression is Compression.zstd:  # zstd here over pg_dump -Z0
-        assert "--compress=0" in result.argv and result.bytes < result.raw_bytes / 2
+        assert "--compress=0" in result.argv
+        assert result.bytes < result.raw_bytes / 2
     elif compression is Compression.gzip:  # pg_dump's own zlib inside the archive
-        assert "--compress=6" in result.argv and result.bytes == result.raw_bytes
+        assert "--compress=6" in result.argv
+        assert result.bytes == result.raw_bytes
     else:
-        assert "--compress=0" in result.argv and result.bytes == result.raw_bytes and result.parts >= 2
+        assert "--compress=0" in result.argv
+        assert result.bytes == result.raw_bytes
+        assert result.parts >= 2
 
     with connect(params) as conn:
         expected_tables = dumpable_tables(conn)
-    assert "Audit Log.Entry Log" in expected_tables and "sales.events_2026" in expected_tables
+    assert "Audit Log.Entry Log" in expected_tables
+    assert "sales.events_2026" in expected_tables
     verification = verify_stored_dump(
         store,
         key,

@@ -48,7 +48,8 @@ def test_wrong_password_dump_publishes_the_sentence_first_and_ends_with_it(
     assert state.message == sentence  # no "Flow run encountered an exception: AuthenticationFailed:"
     markdown = latest_artifact(artifact_key("nightly-dump", name))  # the success artifact's key
     assert markdown.splitlines()[0] == f"**Failed**: {sentence}"
-    assert secret not in markdown and secret not in (state.message or "")
+    assert secret not in markdown
+    assert secret not in (state.message or "")
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -63,13 +64,15 @@ def test_refused_restore_and_listing_publish_their_refusal(unique: str, s3: S3En
     state = restore(
         storage=storage, source_database=target_db, target=f"prot-{unique}", mode="replace", return_state=True
     )
-    assert state.is_failed() and "is protected" in (state.message or "")
+    assert state.is_failed()
+    assert "is protected" in (state.message or "")
     assert state.message == failure_message(state)
     markdown = latest_artifact(artifact_key("restore", target_db))
     assert markdown.splitlines()[0] == f"**Failed**: {state.message}"
 
     listed = list_backups(storage=storage, database=f"db_{unique}", prefix="../x", return_state=True)
-    assert listed.is_failed() and listed.message == failure_message(listed)
+    assert listed.is_failed()
+    assert listed.message == failure_message(listed)
     assert latest_artifact(artifact_key("backups", f"db_{unique}")).startswith(
         f"**Failed**: {listed.message}"
     )
@@ -89,7 +92,8 @@ def test_judged_failure_keeps_its_table_and_ends_with_the_sentence(
     state = restore_drill(
         storage=storage, source_database=f"none_{unique}", scratch="unused", return_state=True
     )
-    assert state.is_failed() and state.message == failure_message(state)
+    assert state.is_failed()
+    assert state.message == failure_message(state)
     assert not state.message.startswith("Flow run encountered")
     artifact = Artifact.get(artifact_key("restore-drill", f"none_{unique}"))
     assert artifact is not None

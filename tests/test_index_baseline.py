@@ -75,7 +75,8 @@ def test_fresh_low_cardinality_index_is_at_its_estimate_and_churned_one_is_over_
     low_cardinality_table(pg, dbname)
 
     fresh = judgements(pg, dbname)["public.idx_images_deleted"]
-    assert fresh.source == "estimate" and 0.8 <= fresh.ratio <= 1.25, fresh
+    assert fresh.source == "estimate", fresh
+    assert 0.8 <= fresh.ratio <= 1.25, fresh
 
     churn(pg, dbname)
     churned = judgements(pg, dbname)["public.idx_images_deleted"]
@@ -83,7 +84,8 @@ def test_fresh_low_cardinality_index_is_at_its_estimate_and_churned_one_is_over_
     with pg.connect(dbname) as conn:
         [row] = [r for r in read_indexes(conn) if r.name == "idx_images_deleted"]
     # the density estimate cannot see it: it expects one tuple per row, larger than the churned index
-    assert row.estimated_bloat is not None and row.estimated_bloat < 0.3
+    assert row.estimated_bloat is not None
+    assert row.estimated_bloat < 0.3
 
 
 def test_unique_and_include_indexes_are_estimated_without_deduplication(pg: PgCluster, unique: str) -> None:
@@ -98,8 +100,10 @@ def test_unique_and_include_indexes_are_estimated_without_deduplication(pg: PgCl
     with pg.connect(dbname) as conn:
         rows = {r.name: r for r in read_indexes(conn)}
         shapes = read_index_shapes(conn, [r.oid for r in rows.values()], server_version_num(conn))
-    assert not shapes[rows["t_pkey"].oid].dedup and not shapes[rows["t_k_incl"].oid].dedup
-    assert not shapes[rows["t_k_nodedup"].oid].dedup and shapes[rows["t_k"].oid].dedup
+    assert not shapes[rows["t_pkey"].oid].dedup
+    assert not shapes[rows["t_k_incl"].oid].dedup
+    assert not shapes[rows["t_k_nodedup"].oid].dedup
+    assert shapes[rows["t_k"].oid].dedup
     assert shapes[rows["t_k"].oid].distinct == pytest.approx(100, rel=0.1)
     for name in ("t_pkey", "t_k_incl", "t_k", "t_k_nodedup"):  # every fresh build sits near its estimate
         j = judgements(pg, dbname)[f"public.{name}"]
@@ -149,7 +153,8 @@ def test_freshly_built_low_cardinality_index_is_left_alone_on_the_first_run() ->
     judged = judge_sizes([row], SHAPE, BaselineState(), 8192)
     assert judged["public.idx_images_deleted"].source == "estimate"
     plan = apply_size_rule(plan_reindex([row], bloat_threshold=0.3, min_index_size=MB), judged, 2.0)
-    assert not plan.candidates and [r.name for r in plan.healthy] == ["idx_images_deleted"]
+    assert not plan.candidates
+    assert [r.name for r in plan.healthy] == ["idx_images_deleted"]
 
 
 def test_churned_index_never_rebuilt_is_chosen_on_the_first_run_by_the_estimate() -> None:
@@ -164,7 +169,8 @@ def test_under_min_index_size_the_size_rule_does_not_apply() -> None:
     row = issue_row(int(12.0 * MB))
     judged = judge_sizes([row], SHAPE, BaselineState(), 8192)
     plan = apply_size_rule(plan_reindex([row], bloat_threshold=0.3, min_index_size=20 * MB), judged, 2.0)
-    assert not plan.candidates and plan.skipped[0].reason == "under the minimum size"
+    assert not plan.candidates
+    assert plan.skipped[0].reason == "under the minimum size"
 
 
 def test_a_changed_definition_resets_the_kept_baseline() -> None:
@@ -226,7 +232,8 @@ def test_state_is_split_under_prefects_value_limit_and_read_back_whole() -> None
     import json
 
     values = state_to_values(state)
-    assert len(values) > 1 and values[0]["parts"] == len(values)
+    assert len(values) > 1
+    assert values[0]["parts"] == len(values)
     assert all(len(json.dumps(v, separators=(",", ":"))) < 5000 for v in values)
     assert state_from_values(values) == state
     assert state_from_values([{"version": 99, "indexes": {}}, "{}"]) == BaselineState()
@@ -237,7 +244,8 @@ def test_state_variable_is_named_after_the_database_identity() -> None:
         "dbops_reindex_baseline_7713526889172156228_imagemanager"
     )
     odd = state_variable_name(1, "Image.Manager")
-    assert odd.startswith("dbops_reindex_baseline_1_image_manager_") and odd != state_variable_name(
+    assert odd.startswith("dbops_reindex_baseline_1_image_manager_")
+    assert odd != state_variable_name(
         1, "image_manager"
     )
 
@@ -256,7 +264,8 @@ def test_estimate_of_a_fresh_build() -> None:
     assert fresh_btree_bytes_per_tuple(1_000_000, 8, None, False, 90, 8192) == pytest.approx(22.4, rel=0.02)
     # 500 projects over 600,000 rows: posting lists, ~7 B per row (the issue's 4.1 MB fresh build)
     dedup = fresh_btree_bytes_per_tuple(600_000, 8, 500, True, 90, 8192)
-    assert dedup is not None and 6.0 < dedup < 7.5
+    assert dedup is not None
+    assert 6.0 < dedup < 7.5
     # the 6-byte TIDs dominate: a tenfold underestimated n_distinct moves the estimate by a few per cent
     assert fresh_btree_bytes_per_tuple(600_000, 8, 50, True, 90, 8192) == pytest.approx(dedup, rel=0.05)
     assert fresh_btree_bytes_per_tuple(0, 8, 1, True, 90, 8192) is None

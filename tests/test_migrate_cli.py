@@ -37,8 +37,11 @@ def run_cli(*argv: str) -> int:
 
 def test_arguments_and_defaults() -> None:
     args = parse("--param", "dry_run=true", "--param", "target=0002_x", "--wait", "--timeout", "60")
-    assert args.deployment == "migrate/migrate" and args.wait and args.timeout == 60.0
-    assert args.param == ["dry_run=true", "target=0002_x"] and args.tag == []
+    assert args.deployment == "migrate/migrate"
+    assert args.wait
+    assert args.timeout == 60.0
+    assert args.param == ["dry_run=true", "target=0002_x"]
+    assert args.tag == []
 
 
 def test_bad_param_starts_nothing_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,10 +116,12 @@ def test_exit_code_follows_the_final_state_of_the_run(
         assert {r["item"]: r["value"] for r in table}["trigger"] == "api"  # the tag dbops migrate sets
     else:
         assert code == 1, out
-        assert "ended Failed" in out and "0099_not_in_the_tree" in out
+        assert "ended Failed" in out
+        assert "0099_not_in_the_tree" in out
         # The run's sentence, its page and the exit code; the traceback only with --verbose.
         assert "Traceback" not in out, out
-        assert "/runs/flow-run/" in out and out.rstrip().endswith("exit code 1 (the run did not complete)")
+        assert "/runs/flow-run/" in out
+        assert out.rstrip().endswith("exit code 1 (the run did not complete)")
     assert box["state"].is_completed() == (outcome == "completed")
 
 
@@ -132,4 +137,5 @@ def test_timeout_exits_2_and_leaves_the_run_alone(unique: str, capsys: pytest.Ca
     required = ["database=prod", "staging_database=staging", "storage=local-file-system/x"]
     code = run_cli(*argv, *[a for p in required for a in ("--param", p)])
     out = capsys.readouterr().out
-    assert code == 2 and "it was not cancelled" in out, out
+    assert code == 2, out
+    assert "it was not cancelled" in out, out

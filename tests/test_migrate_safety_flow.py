@@ -51,11 +51,14 @@ def test_first_migration_of_a_new_empty_database_completes_after_a_verified_pre_
     state = env.run()
     assert state.is_completed(), failure_message(state)
     report: MigrateReport = state.result()
-    assert report.from_revision == "base" and revision(pg, env.prod) == "0003_email_unique"
+    assert report.from_revision == "base"
+    assert revision(pg, env.prod) == "0003_email_unique"
     manifests = backups_in(env.backups)
-    assert len(manifests) == 1 and report.backup_key
+    assert len(manifests) == 1
+    assert report.backup_key
     manifest = json.loads(manifests[0].read_text())
-    assert manifest["verified"] is True and manifest["alembic_revision"] is None
+    assert manifest["verified"] is True
+    assert manifest["alembic_revision"] is None
     assert "no tables" in manifest["verification"]["detail"]
 
 
@@ -114,7 +117,8 @@ def test_revision_whose_sql_cannot_be_rendered_blocks_before_production_unless_w
     assert "0003_reads_data:offline-sql-not-rendered" in message
     assert "revision 0003_reads_data: Its offline SQL could not be rendered (" in message
     assert "waivers=['offline-sql-not-rendered@0003_reads_data']" in message
-    assert revision(pg, env.prod) == "0001_items" and not has_column(pg, env.prod, "items", "note")
+    assert revision(pg, env.prod) == "0001_items"
+    assert not has_column(pg, env.prod, "items", "note")
     assert backups_in(env.backups) == [], "blocked before the pre-backup"
     # 0002's SQL rendered although env.py reads os.environ["DATABASE_URL"]: only 0003 is named
     assert "0002_items_note:offline-sql-not-rendered" not in message
@@ -142,9 +146,12 @@ def test_asyncpg_application_behind_a_held_lock_retries_then_fails_within_the_bu
     finally:
         blocker.rollback()
         blocker.close()
-    assert "revision 0002_items_note" in message and "waited longer than lock_timeout (1000 ms)" in message
-    assert "within retry_budget 6 s" in message and "the database is at 0001_items" in message
+    assert "revision 0002_items_note" in message
+    assert "waited longer than lock_timeout (1000 ms)" in message
+    assert "within retry_budget 6 s" in message
+    assert "the database is at 0001_items" in message
     assert int(message.split("(1000 ms) ")[1].split(" time")[0]) >= 2, "retried at least once"
-    assert revision(pg, env.prod) == "0001_items" and not has_column(pg, env.prod, "items", "note")
+    assert revision(pg, env.prod) == "0001_items"
+    assert not has_column(pg, env.prod, "items", "note")
     assert revision(pg, env.staging) == "0002_items_note", "the rehearsal on staging passed"
     assert elapsed < 120, f"{elapsed:.0f} s"

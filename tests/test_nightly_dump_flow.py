@@ -97,7 +97,8 @@ def test_dump_lands_in_s3_with_manifest_written_last_and_matching_sha256(
     db: str, s3_storage: str, s3: S3Endpoint, bucket: str, pg: PgCluster
 ) -> None:
     report = nightly_dump(database=db, storage=s3_storage, prefix="prod")
-    assert DUMP_RE.match(report.key) and report.key.endswith(".dump.zst")
+    assert DUMP_RE.match(report.key)
+    assert report.key.endswith(".dump.zst")
     client = s3.client()
     objects = {o["Key"]: o for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
     dump = client.get_object(Bucket=bucket, Key=f"dbops/{report.key}")
@@ -107,11 +108,13 @@ def test_dump_lands_in_s3_with_manifest_written_last_and_matching_sha256(
     )
     assert manifest.sha256 == hashlib.sha256(body).hexdigest() == report.sha256
     assert manifest.bytes == len(body)
-    assert manifest.verified and manifest.verification.method == "list"
+    assert manifest.verified
+    assert manifest.verification.method == "list"
     assert manifest.alembic_revision == "0004_classifications_image_index"
     assert manifest.row_estimates["public.images"] == 20_000
     assert manifest.flow_run_id
-    assert manifest.server_version.startswith("15") and manifest.pg_dump_version.startswith("15")
+    assert manifest.server_version.startswith("15")
+    assert manifest.pg_dump_version.startswith("15")
     # written last: the manifest is never older than the dump it describes
     assert (
         objects[f"dbops/{report.manifest_key}"]["LastModified"]
@@ -127,11 +130,14 @@ def test_dump_lands_in_s3_with_manifest_written_last_and_matching_sha256(
 def test_dump_to_local_storage_with_globals(db: str, tmp_path: Path, unique: str) -> None:
     storage = make_local_block(f"local-{unique}", tmp_path / "backups")
     report = nightly_dump(database=db, storage=storage, globals=True, compression="gzip")
-    assert (tmp_path / "backups" / report.key).is_file() and report.key.endswith(".dump")
+    assert (tmp_path / "backups" / report.key).is_file()
+    assert report.key.endswith(".dump")
     manifest = Manifest.from_json((tmp_path / "backups" / report.manifest_key).read_bytes())
-    assert manifest.compression == "gzip" and manifest.globals_key
+    assert manifest.compression == "gzip"
+    assert manifest.globals_key
     roles = (tmp_path / "backups" / manifest.globals_key).read_text()
-    assert "CREATE ROLE postgres" in roles and "SCRAM-SHA-256" not in roles  # --no-role-passwords
+    assert "CREATE ROLE postgres" in roles
+    assert "SCRAM-SHA-256" not in roles  # --no-role-passwords
 
 
 def test_artifact_reports_key_sha_and_retention(db: str, s3_storage: str) -> None:
@@ -142,7 +148,8 @@ def test_artifact_reports_key_sha_and_retention(db: str, s3_storage: str) -> Non
     assert artifact is not None
     table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     values = {row["item"]: row["value"] for row in table}
-    assert values["key"] == report.key and values["sha256"] == report.sha256
+    assert values["key"] == report.key
+    assert values["sha256"] == report.sha256
     assert values["retention"].startswith("keep 1 of 1")
 
 
@@ -159,11 +166,13 @@ def test_wrong_password_fails_on_first_try_and_is_not_logged(
     state = nightly_dump(database=f"bad-{unique}", storage=s3_storage, return_state=True)
     assert state.is_failed()
     message = failure_message(state)
-    assert "rejected the password" in message and "fix the password" in message
+    assert "rejected the password" in message
+    assert "fix the password" in message
     # the first connection identifies the database for its db:<...> limit; permanent: no retry
     assert task_runs(state.state_details.flow_run_id)["identify_target"] == 1
     logs = run_logs(state.state_details.flow_run_id)
-    assert secret not in logs and secret not in message
+    assert secret not in logs
+    assert secret not in message
 
 
 def test_unreachable_database_is_retried_then_fails_clearly(unique: str, s3_storage: str) -> None:
@@ -193,14 +202,16 @@ def test_missing_bucket_fails_fast_naming_it(db: str, s3: S3Endpoint, unique: st
     storage = make_s3_block(s3, f"nobucket-{unique}", f"no-such-bucket-{unique}")
     state = nightly_dump(database=db, storage=storage, return_state=True)
     message = failure_message(state)
-    assert f"no-such-bucket-{unique}" in message and "does not exist" in message
+    assert f"no-such-bucket-{unique}" in message
+    assert "does not exist" in message
     assert task_runs(state.state_details.flow_run_id)["check_storage"] == 1
 
 
 def test_unknown_block_is_one_sentence(s3_storage: str) -> None:
     state = nightly_dump(database="no-such-block", storage=s3_storage, return_state=True)
     message = failure_message(state)
-    assert "postgres-database/no-such-block" in message and "does not exist" in message
+    assert "postgres-database/no-such-block" in message
+    assert "does not exist" in message
 
 
 def test_negative_retention_is_refused_before_any_work(db: str, s3_storage: str) -> None:
@@ -244,12 +255,17 @@ def test_retention_expires_old_backups_keeps_newest_and_removes_stale_orphans(
         retention=RetentionPolicy(max_age_days=7),
         retention_dry_run=True,
     )
-    assert dry.deleted == [first.key.rsplit(".dump", 1)[0]] and manifest_path.exists() and orphan.exists()
+    assert dry.deleted == [first.key.rsplit(".dump", 1)[0]]
+    assert manifest_path.exists()
+    assert orphan.exists()
 
     report = nightly_dump(database=db, storage=storage, prefix="p", retention=RetentionPolicy(max_age_days=7))
-    assert not manifest_path.exists() and not (root / first.key).exists()
-    assert not orphan.exists() and fresh_orphan.exists()
-    assert (root / report.key).exists() and (root / dry.key).exists()
+    assert not manifest_path.exists()
+    assert not (root / first.key).exists()
+    assert not orphan.exists()
+    assert fresh_orphan.exists()
+    assert (root / report.key).exists()
+    assert (root / dry.key).exists()
 
 
 def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
@@ -272,7 +288,8 @@ def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
         return_state=True,
     )
     message = failure_message(state)
-    assert "cannot read 3 tables or sequences" in message and "grant it pg_read_all_data" in message
+    assert "cannot read 3 tables or sequences" in message
+    assert "grant it pg_read_all_data" in message
     assert task_runs(state.state_details.flow_run_id)["check_database"] == 1
     after = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
     assert after == before
@@ -284,7 +301,9 @@ def test_unverified_dump_does_not_run_retention(db: str, s3_storage: str) -> Non
     report = nightly_dump(
         database=db, storage=s3_storage, verify="none", retention=RetentionPolicy(keep_last=1)
     )
-    assert not report.verified and report.retention.startswith("skipped") and report.deleted == []
+    assert not report.verified
+    assert report.retention.startswith("skipped")
+    assert report.deleted == []
 
 
 def test_implausibly_small_dump_is_discarded(pg: PgCluster, db: str, s3_storage: str) -> None:
@@ -377,4 +396,5 @@ def test_prefix_that_leaves_the_storage_folder_is_refused_before_any_work(
     storage = make_local_block(f"local-{unique}", root)
     state = nightly_dump(database=db, storage=storage, prefix="../outside", return_state=True)
     assert "prefix '../outside' contains a '..' segment" in failure_message(state)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups"] and list(root.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups"]
+    assert list(root.iterdir()) == []

@@ -97,7 +97,8 @@ def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
         waiting = checks[f"waiting clients {pool}"]
         assert waiting.status in ("warning", "critical")
         assert waiting.figure.startswith("1 waiting, 1 active clients; oldest waiting ")
-        assert "wait for a server connection" in waiting.message and "pool_size" in waiting.action
+        assert "wait for a server connection" in waiting.message
+        assert "pool_size" in waiting.action
         saturation = checks[f"pool saturation {pool}"]
         assert saturation.status == "critical"
         assert saturation.figure.startswith("1 of 1 server connections busy (pool_size 1 + reserve_pool 0)")
@@ -115,7 +116,8 @@ def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
         assert "PgBouncer holds 1 server connections" in rows["server connections"]["figure"]
         assert f"of {60 - 3} connections in use" in rows["server connections"]["figure"]
         assert waiter.result is None  # still waiting: the check did not disturb it
-    assert waiter.error is None and waiter.result == (42,)
+    assert waiter.error is None
+    assert waiter.result == (42,)
 
 
 def test_a_quiet_pool_is_ok(pg: PgCluster, small_pool: tuple[PgBouncer, str], unique: str) -> None:
@@ -124,7 +126,8 @@ def test_a_quiet_pool_is_ok(pg: PgCluster, small_pool: tuple[PgBouncer, str], un
         conn.execute("SELECT 1")
     block = admin_block(bouncer)
     report = pgbouncer_check(pgbouncer=block, database=make_database_block(pg, f"direct-{unique}", database))
-    assert report.status == "ok" and report.pool_mode == "transaction"
+    assert report.status == "ok"
+    assert report.pool_mode == "transaction"
     assert report.version == "PgBouncer 1.18.0"
     assert {c.status for c in report.checks} == {"ok"}
 
@@ -164,4 +167,5 @@ def test_server_connections_are_judged_against_postgresqls_max_connections() -> 
     assert too_small.status == "warning"
     assert too_small.message == "PgBouncer's pools may open 60 server connections, PostgreSQL allows 47"
     full = check_server_connections(snap, ServerLimits(100, 3, 95, "db1:5432"), t)
-    assert full.status == "critical" and "95 of 97 connections in use" in full.message
+    assert full.status == "critical"
+    assert "95 of 97 connections in use" in full.message

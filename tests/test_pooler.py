@@ -266,7 +266,9 @@ def test_a_tcp_forward_is_recognised_and_said_not_refused(setup: Setup) -> None:
         params = PostgresDatabase.load(setup.block(setup.database, port)).params()
         conn, route = connect_direct(params, block="forwarded")
         conn.close()
-    assert route.kind == "tcp forward" and route.server_port == setup.pg.port and route.block_port == port
+    assert route.kind == "tcp forward"
+    assert route.server_port == setup.pg.port
+    assert route.block_port == port
     assert "PostgreSQL itself answered the pooler probe" in route.detail
     conn, route = connect_direct(PostgresDatabase.load(setup.block(setup.database)).params(), block="direct")
     conn.close()
@@ -363,7 +365,8 @@ def test_allow_pooler_accepts_session_pooling_with_a_dedicated_server_session(se
             conn, route = block.connect_direct()
             with conn:
                 assert conn.execute("SELECT count(*) FROM images").fetchone() == (500,)
-    assert route.kind == "session pooler (allowed)" and "PgBouncer 1.18.0" in route.detail
+    assert route.kind == "session pooler (allowed)"
+    assert "PgBouncer 1.18.0" in route.detail
 
 
 # -- dbops setup: the application's URL is refused, PostgreSQL's own is asked for ----------------------------
@@ -386,7 +389,7 @@ def test_dbops_setup_refuses_the_applications_pgbouncer_url(setup: Setup, where:
         assert message.startswith(sentence(name, setup.bouncer))
     else:
         assert message.startswith(f"database {name}: port 6432 is PgBouncer's")
-    with pytest.raises(ValueError):  # nothing was created
+    with pytest.raises(ValueError, match="Unable to find block document"):  # nothing was created
         PostgresDatabase.load(name)
 
 

@@ -101,7 +101,8 @@ def cancel_while_waiting_for_a_writer(
     finally:
         writer.rollback()
         writer.close()
-    assert failure and isinstance(failure[0], psycopg.errors.QueryCanceled)
+    assert failure
+    assert isinstance(failure[0], psycopg.errors.QueryCanceled)
 
 
 def make_ccnew_leftover(pg: PgCluster, dbname: str, table: str, index: str) -> str:
@@ -122,9 +123,10 @@ def bloated(pg: PgCluster, unique: str) -> str:
 
 
 def row(name: str, **kw: object) -> IndexRow:
-    fields: dict[str, object] = dict(
-        oid=1, schema="public", table="t", name=name, am="btree", size_bytes=10 << 20, valid=True
-    )
+    fields: dict[str, object] = {
+        "oid": 1, "schema": "public", "table": "t", "name": name, "am": "btree", "size_bytes": 10 << 20,
+        "valid": True,
+    }
     fields.update(kw)
     return IndexRow(**fields)  # type: ignore[arg-type]
 
@@ -160,9 +162,13 @@ def test_plan_drops_leftovers_first_then_rebuilds_largest_waste_first_and_says_w
     assert [c.action for c in plan.candidates] == ["drop_leftover", "rebuild", "rebuild", "rebuild"]
     reasons = {s.index.name: s.reason for s in plan.skipped}
     assert reasons["small_bloated"] == "under the minimum size"
-    assert "exclusion" in reasons["excl"] and "BRIN" in reasons["brin_idx"] and "gin" in reasons["gin_idx"]
-    assert reasons["pg_class_oid_index"] == "system catalog" and reasons["tmp_idx"] == "temporary table"
-    assert "ANALYZE" in reasons["nostats"] and reasons["other_schema"] == "not selected"
+    assert "exclusion" in reasons["excl"]
+    assert "BRIN" in reasons["brin_idx"]
+    assert "gin" in reasons["gin_idx"]
+    assert reasons["pg_class_oid_index"] == "system catalog"
+    assert reasons["tmp_idx"] == "temporary table"
+    assert "ANALYZE" in reasons["nostats"]
+    assert reasons["other_schema"] == "not selected"
     assert [r.name for r in plan.healthy] == ["healthy"]
 
 
@@ -184,7 +190,7 @@ def test_catalog_estimate_arithmetic_flags_a_sparse_btree_and_not_a_packed_one()
 
 @pytest.mark.parametrize("version", [140000, 140003, 110020])
 def test_postgresql_14_0_to_14_3_and_pre_12_are_refused(version: int) -> None:
-    with pytest.raises(VersionMismatch, match="14.4|12 or newer"):
+    with pytest.raises(VersionMismatch, match=r"14\.4|12 or newer"):
         check_server_version(version)
     check_server_version(140004)
     check_server_version(150007)
@@ -199,11 +205,14 @@ def test_mass_deleted_index_is_flagged_by_estimate_and_pgstatindex_while_fresh_o
     with pg.connect(bloated) as conn:
         rows = [r for r in read_indexes(conn) if r.schema == "public"]
         by_name = {r.name: r for r in rows}
-        assert by_name["items_pkey"].estimated_bloat > 0.6 and by_name["items_pkey"].method == "estimate"
+        assert by_name["items_pkey"].estimated_bloat > 0.6
+        assert by_name["items_pkey"].method == "estimate"
         assert by_name["healthy_pkey"].estimated_bloat < 0.15
         exact = {r.name: r for r in measure(conn, rows, 0.3, pgstattuple_schema(conn))}
-    assert exact["items_pkey"].method == "pgstatindex" and exact["items_pkey"].estimated_bloat > 0.6
-    assert exact["items_code_idx"].method == "pgstatindex" and exact["items_code_idx"].estimated_bloat > 0.6
+    assert exact["items_pkey"].method == "pgstatindex"
+    assert exact["items_pkey"].estimated_bloat > 0.6
+    assert exact["items_code_idx"].method == "pgstatindex"
+    assert exact["items_code_idx"].estimated_bloat > 0.6
     assert exact["healthy_pkey"].method == "estimate"  # the estimate cleared it: pgstatindex not needed
     plan = plan_reindex(exact.values(), bloat_threshold=0.3, min_index_size=64 << 10)
     assert {c.index.name for c in plan.rebuilds} == {"items_pkey", "items_code_idx"}
@@ -239,13 +248,18 @@ def test_open_transaction_stalls_the_rebuild_which_times_out_drops_its_ccnew_ret
         )
     finally:
         blocker.close()
-    assert result.status == "rebuilt" and result.attempts == 2 and released == [1]
+    assert result.status == "rebuilt"
+    assert result.attempts == 2
+    assert released == [1]
     # While stalled, the progress lines say which phase it is in and whom it waits for.
     assert any(line.startswith("waiting for writers") and str(blocker_pid) in line for line in said), said
-    assert result.leftovers_dropped == ["items_pkey_ccnew"] and not result.leftovers_remaining
+    assert result.leftovers_dropped == ["items_pkey_ccnew"]
+    assert not result.leftovers_remaining
     [who] = result.blockers
-    assert who.pid == blocker_pid and who.application_name == "long-writer"
-    assert who.state == "idle in transaction" and who.xact_start.endswith("Z")
+    assert who.pid == blocker_pid
+    assert who.application_name == "long-writer"
+    assert who.state == "idle in transaction"
+    assert who.xact_start.endswith("Z")
     assert not leftovers_of(pg.connect(bloated), "public", "items")
     assert index_size(pg, bloated, "items_pkey") < before / 3
 
@@ -259,7 +273,8 @@ def test_index_locked_for_longer_than_all_retries_fails_without_leaving_an_inval
             params_for(pg, bloated), "public", "items_code_idx", lock_timeout_s=1.0, retries=1, backoff_s=0.01
         )
         holder.rollback()
-    assert result.status == "failed" and result.attempts == 2
+    assert result.status == "failed"
+    assert result.attempts == 2
     assert "lock timeout" in (result.error or "")
     assert [b.application_name for b in result.blockers] == ["ddl-session"]
     assert "lock on the table" in result.blockers[0].waiting_for
@@ -279,10 +294,12 @@ def test_second_reindexer_is_refused_by_the_advisory_lock_naming_the_holder(
     pg: PgCluster, bloated: str
 ) -> None:
     params = params_for(pg, bloated)
-    with reindex_advisory_lock(params) as first:
-        with pytest.raises(ReindexBusy, match=f"pid {first.info.backend_pid}, application dbops-reindex"):
-            with reindex_advisory_lock(params):
-                pass
+    with (
+        reindex_advisory_lock(params) as first,
+        pytest.raises(ReindexBusy, match=f"pid {first.info.backend_pid}, application dbops-reindex"),
+        reindex_advisory_lock(params),
+    ):
+        pass
     with reindex_advisory_lock(params):  # released with the run
         pass
 
@@ -333,7 +350,8 @@ def test_rebuild_whose_session_is_terminated_still_drops_its_ccnew(pg: PgCluster
     finally:
         killer.join(30)
         writer.close()
-    assert result.status == "failed" and result.attempts == 1
+    assert result.status == "failed"
+    assert result.attempts == 1
     assert "lost the connection" in (result.error or "")
     assert result.leftovers_dropped == ["items_pkey_ccnew"]
     assert not leftovers_of(pg.connect(bloated), "public", "items")

@@ -83,7 +83,8 @@ def test_bloated_indexes_are_rebuilt_and_shrink_while_the_healthy_one_is_left_al
     before_vacuum = vacuum_counts(pg, dbname)
 
     state = weekly_reindex(database=block, return_state=True, **FAST)
-    assert state.is_completed() and "rebuilt 2" in (state.message or "")
+    assert state.is_completed()
+    assert "rebuilt 2" in (state.message or "")
     report: ReindexReport = state.result()
 
     after_files = index_files(pg, dbname)
@@ -122,7 +123,8 @@ def test_without_pgstattuple_the_catalog_estimate_chooses_and_the_artifact_says_
     assert report.method.startswith("catalog estimate only")
     assert report.vacuum.get("(database)", "not run") is None
     _, description = artifact_rows(dbname)
-    assert "catalog estimate only" in description and "pgstattuple is not installed" in description
+    assert "catalog estimate only" in description
+    assert "pgstattuple is not installed" in description
 
 
 def test_dry_run_reports_the_plan_and_changes_nothing(pg: PgCluster, bloated: tuple[str, str]) -> None:
@@ -132,7 +134,8 @@ def test_dry_run_reports_the_plan_and_changes_nothing(pg: PgCluster, bloated: tu
 
     report = weekly_reindex(database=block, dry_run=True, **FAST)
 
-    assert index_files(pg, dbname) == before_files and vacuum_counts(pg, dbname) == before_vacuum
+    assert index_files(pg, dbname) == before_files
+    assert vacuum_counts(pg, dbname) == before_vacuum
     actions = {i.index: i.action for i in report.indexes}
     assert actions == {
         f"public.{leftover}": "would drop",
@@ -192,13 +195,17 @@ def test_lock_held_by_another_session_makes_one_index_time_out_retry_and_fail_th
 
     assert state.is_failed()
     message = failure_message(state)
-    assert "could not rebuild public.orders_pkey" in message and "after 2 attempts" in message
-    assert "lock timeout" in message and f"pid {holder_pid} (ddl-session" in message
+    assert "could not rebuild public.orders_pkey" in message
+    assert "after 2 attempts" in message
+    assert "lock timeout" in message
+    assert f"pid {holder_pid} (ddl-session" in message
     rows, _ = artifact_rows(dbname)
     by_index = {r["index"]: r for r in rows}
     assert (
         by_index["public.orders_pkey"]["action"] == "failed"
-        and by_index["public.orders_pkey"]["attempts"] == 2
+    )
+    assert (
+        by_index["public.orders_pkey"]["attempts"] == 2
     )
     # the other indexes went on
     assert by_index["public.items_pkey"]["action"] == "rebuilt"
@@ -210,7 +217,8 @@ def test_time_budget_defers_the_rest_to_the_next_run(pg: PgCluster, bloated: tup
     block, dbname = bloated
     before = index_files(pg, dbname)
     state = weekly_reindex(database=block, time_budget=0.01, return_state=True, **FAST)
-    assert state.is_completed() and "1 deferred" in (state.message or "")
+    assert state.is_completed()
+    assert "1 deferred" in (state.message or "")
     report: ReindexReport = state.result()
     [rebuilt] = report.with_action("rebuilt")
     [deferred] = report.with_action("deferred")
@@ -229,7 +237,8 @@ def test_run_is_refused_while_another_reindexer_holds_the_advisory_lock(
         other_pid = other.info.backend_pid
         state = weekly_reindex(database=block, return_state=True, **FAST)
         message = failure_message(state)
-    assert "another reindex already runs" in message and f"pid {other_pid}" in message
+    assert "another reindex already runs" in message
+    assert f"pid {other_pid}" in message
     assert index_files(pg, dbname) == before
 
 
@@ -252,8 +261,10 @@ def test_failed_rebuild_drops_its_ccnew_goes_on_with_the_others_and_fails_the_ru
     state = weekly_reindex(database=block, return_state=True, **FAST)
 
     message = failure_message(state)
-    assert "could not rebuild public.dupes_k_key" in message and "after 1 attempt:" in message
-    assert "duplicate" in message and "dropped leftovers dupes_k_key_ccnew" in message
+    assert "could not rebuild public.dupes_k_key" in message
+    assert "after 1 attempt:" in message
+    assert "duplicate" in message
+    assert "dropped leftovers dupes_k_key_ccnew" in message
     invalid = [n for n, (_, valid) in index_files(pg, dbname).items() if not valid]
     assert invalid == ["dupes_k_key"]  # the original stays for a person to fix; no _ccnew piles up
     rows, _ = artifact_rows(dbname)
@@ -287,28 +298,43 @@ def test_dense_low_cardinality_index_churned_past_twice_its_size_is_rebuilt_and_
 
     [line] = report.with_action("rebuilt")
     assert line.index == "public.idx_images_deleted"
-    assert line.reason.startswith("size: ") and "x its baseline" in line.reason
+    assert line.reason.startswith("size: ")
+    assert "x its baseline" in line.reason
     assert (
-        "estimate of a fresh build" in line.reason and "density: " in line.reason and "wasted" in line.reason
+        "estimate of a fresh build" in line.reason
     )
-    assert line.size_before == churned_size and line.size_after is not None
+    assert (
+        "density: " in line.reason
+    )
+    assert (
+        "wasted" in line.reason
+    )
+    assert line.size_before == churned_size
+    assert line.size_after is not None
     assert (
         line.size_after <= 0.5 * churned_size
-        and index_size(pg, dbname, "idx_images_deleted") <= 0.5 * churned_size
     )
-    assert line.ratio_before is not None and line.ratio_before >= 2.0
-    assert line.ratio_after is not None and line.ratio_after < 1.3
+    assert (
+        index_size(pg, dbname, "idx_images_deleted") <= 0.5 * churned_size
+    )
+    assert line.ratio_before is not None
+    assert line.ratio_before >= 2.0
+    assert line.ratio_after is not None
+    assert line.ratio_after < 1.3
     assert "public.idx_archive_deleted" in report.healthy
     assert index_files(pg, dbname)["idx_archive_deleted"] == before["idx_archive_deleted"]
     rows, _ = artifact_rows(dbname)
     row = {r["index"]: r for r in rows}["public.idx_images_deleted"]
-    assert row["ratio to baseline before"].endswith("x") and row["ratio to baseline after"].endswith("x")
-    assert row["baseline per tuple"].endswith("(estimate)") and row["per tuple after"].endswith(" B")
+    assert row["ratio to baseline before"].endswith("x")
+    assert row["ratio to baseline after"].endswith("x")
+    assert row["baseline per tuple"].endswith("(estimate)")
+    assert row["per tuple after"].endswith(" B")
 
     sysid = int(pg.sql("SELECT system_identifier FROM pg_control_system()", dbname)[0][0])
     kept = state_from_values([Variable.get(state_variable_name(sysid, dbname))])
     baseline = kept.indexes["public.idx_images_deleted"]
-    assert baseline.source == "rebuilt" and baseline.bytes_per_tuple == pytest.approx(
+    assert baseline.source == "rebuilt"
+    assert baseline.bytes_per_tuple == pytest.approx(
         line.per_tuple_after, rel=0.01
     )
 
@@ -339,5 +365,6 @@ def test_index_of_a_table_that_grew_since_its_last_analyze_is_not_rebuilt_by_the
 
     report = weekly_reindex(database=block, include_indexes=["idx_*"], **FAST)
 
-    assert not report.with_action("rebuilt") and "public.idx_images_deleted" in report.healthy
+    assert not report.with_action("rebuilt")
+    assert "public.idx_images_deleted" in report.healthy
     assert index_files(pg, dbname)["idx_images_deleted"] == before["idx_images_deleted"]

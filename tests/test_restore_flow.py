@@ -74,23 +74,30 @@ def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
         globals=True,
         confirm=f"restored_{unique}",
     )
-    assert report.key == dumped.key and report.sha256 == dumped.sha256 and report.method == "stream"
+    assert report.key == dumped.key
+    assert report.sha256 == dumped.sha256
+    assert report.method == "stream"
     assert content(pg, f"restored_{unique}") == content(pg, name)
     assert (
-        report.globals.startswith("roles file: created 0 role(s); ") and "already present" in report.globals
+        report.globals.startswith("roles file: created 0 role(s); ")
+    )
+    assert (
+        "already present" in report.globals
     )
     assert databases(pg, "%_restoring_%") == []
     artifact = Artifact.get(f"restore-restored-{unique}")
     table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     values = {row["item"]: row["value"] for row in table}
-    assert values["duration (RTO)"].endswith(" s") and values["backup"] == dumped.key
+    assert values["duration (RTO)"].endswith(" s")
+    assert values["backup"] == dumped.key
     assert pg.password not in json.dumps(table)
 
     # create never overwrites: the database now exists, a second create is refused and changes nothing
     pg.sql("INSERT INTO images (name) VALUES ('added after the restore')", f"restored_{unique}")
     after = content(pg, f"restored_{unique}")
     state = restore(storage=storage, source_database=name, target=target, prefix="prod", return_state=True)
-    assert "already exists" in failure_message(state) and "mode=replace" in failure_message(state)
+    assert "already exists" in failure_message(state)
+    assert "mode=replace" in failure_message(state)
     assert content(pg, f"restored_{unique}") == after
 
 
@@ -109,7 +116,8 @@ def test_jobs_2_downloads_the_archive_first_then_restores_in_parallel(
         return_state=True,
     )
     report = state.result()
-    assert report.method == "file" and report.jobs == 2
+    assert report.method == "file"
+    assert report.jobs == 2
     assert content(pg, f"parallel_{unique}") == content(pg, name)
     assert "jobs=2 needs a seekable archive: downloading" in caplog.text  # the run's log says so
     # replace is one transaction; pg_restore cannot combine that with --jobs, so it is refused
@@ -133,9 +141,11 @@ def test_replace_mode_puts_back_the_backed_up_rows_into_a_protected_database_onl
     state = restore(
         storage=storage, source_database=name, target=protected, mode="replace", return_state=True
     )
-    assert "is protected" in failure_message(state) and content(pg, name) == changed
+    assert "is protected" in failure_message(state)
+    assert content(pg, name) == changed
     report = restore(storage=storage, source_database=name, target=protected, mode="replace", confirm=name)
-    assert report.mode == "replace" and content(pg, name) == backed_up
+    assert report.mode == "replace"
+    assert content(pg, name) == backed_up
 
 
 @pytest.mark.parametrize("mode", ["replace", "create"])
@@ -151,7 +161,8 @@ def test_object_with_one_flipped_byte_is_refused_and_the_target_is_untouched(
     target = block if mode == "replace" else make_database_block(pg, f"new-{unique}", f"restored_{unique}")
     state = restore(storage=storage, source_database=name, target=target, mode=mode, return_state=True)
     message = failure_message(state)
-    assert "does not match its manifest" in message and "before it committed anything" in message
+    assert "does not match its manifest" in message
+    assert "before it committed anything" in message
     assert content(pg, name) == before  # replace: rolled back; create: never touched
     assert databases(pg, f"restored_{unique}%") == []  # create: no target, no temporary database
 
@@ -175,7 +186,8 @@ def test_protected_target_without_confirm_is_refused_before_any_connection(
         return_state=True,
     )
     message = failure_message(state)
-    assert "is protected" in message and "confirm='imagemanager'" in message
+    assert "is protected" in message
+    assert "confirm='imagemanager'" in message
     assert "cannot reach" not in message
 
 
@@ -200,7 +212,8 @@ def test_latest_before_picks_the_newest_backup_started_before_that_time(
     cutoff = (now - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     before = make_database_block(pg, f"b-{unique}", f"before_{unique}")
     report = restore(storage=storage, source_database=name, target=before, backup=f"latest before {cutoff}")
-    assert report.key == old.key and content(pg, f"before_{unique}") == old_content
+    assert report.key == old.key
+    assert content(pg, f"before_{unique}") == old_content
     assert new_content != old_content
 
 
@@ -249,13 +262,16 @@ def test_globals_create_missing_roles_and_leave_existing_ones_exactly_as_they_ar
         storage=storage, source_database=name, target=target, globals=True, confirm=f"withroles_{unique}"
     )
     assert f"created 1 role(s) ({gone})" in report.globals, report.globals
-    assert "already present, left unchanged" in report.globals and keep in report.globals
+    assert "already present, left unchanged" in report.globals
+    assert keep in report.globals
     # the missing role is back, with its attributes, membership and comment
     assert role(pg, gone) == (True, False, 3, f"{{{keep}}}")
     assert pg.sql(f"SELECT shobj_description('\"{gone}\"'::regrole, 'pg_authid')")[0][0] == "was here; before"
     # the existing role was not ALTERed: still CREATEDB, still the new password
-    assert role(pg, keep) == kept_before and kept_before[1] is True
-    assert can_log_in(pg, keep, "new-password") and not can_log_in(pg, keep, "old-password")
+    assert role(pg, keep) == kept_before
+    assert kept_before[1] is True
+    assert can_log_in(pg, keep, "new-password")
+    assert not can_log_in(pg, keep, "old-password")
     assert content(pg, f"withroles_{unique}") == content(pg, name)
 
 
@@ -272,7 +288,8 @@ def test_globals_without_confirm_is_refused_before_any_connection_even_when_unpr
         storage=storage, source_database=name, target=f"scratch-{unique}", globals=True, return_state=True
     )
     message = failure_message(state)
-    assert "globals=true creates roles" in message and "confirm='scratch'" in message
+    assert "globals=true creates roles" in message
+    assert "confirm='scratch'" in message
     assert "cannot reach" not in message
 
 
@@ -311,5 +328,6 @@ def test_failing_statement_in_the_roles_file_fails_the_run_naming_its_object(
         return_state=True,
     )
     message = failure_message(state)
-    assert "applying the roles file" in message and named.format(u=unique) in message, message
+    assert "applying the roles file" in message, message
+    assert named.format(u=unique) in message, message
     assert databases(pg, f"failing_{unique}%") == []  # the database was not restored after it

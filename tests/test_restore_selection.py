@@ -106,7 +106,8 @@ def test_protected_database_needs_its_exact_name_as_confirm() -> None:
 def test_temporary_name_fits_postgres_identifier_limit() -> None:
     assert temporary_name("imagemanager", "ab12cd34") == "imagemanager_restoring_ab12cd34"
     long = temporary_name("x" * 80, "ab12cd34")
-    assert len(long.encode()) <= 63 and long.endswith("_restoring_ab12cd34")
+    assert len(long.encode()) <= 63
+    assert long.endswith("_restoring_ab12cd34")
     assert len(temporary_name("ü" * 40, "ab12cd34").encode()) <= 63
 
 

@@ -146,6 +146,8 @@ def test_restore_holds_a_read_lease_while_pg_restore_runs_and_removes_it_after(
         run_id="r1",
     )
     restore_backup(request, on_start=leases_now, log=lambda _: None)
-    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(stem + ".reading-r1-")
+    assert len(seen) == 1
+    assert len(seen[0]) == 1
+    assert seen[0][0].startswith(stem + ".reading-r1-")
     assert [o.key for o in store.list(stem) if LEASE_MARK in o.key] == []
     assert pg.sql("SELECT count(*) FROM images", f"{name}_copy")[0][0] == 500

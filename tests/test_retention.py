@@ -261,7 +261,8 @@ def test_backups_dated_after_now_are_kept_and_do_not_take_keep_last_slots() -> N
 def test_empty_history_gives_an_empty_plan() -> None:
     plan = plan_retention([], RetentionPolicy(keep_last=3), NOW)
 
-    assert plan.keep == [] and plan.delete == []
+    assert plan.keep == []
+    assert plan.delete == []
     assert plan.summary() == "keep 0 of 0 backups, delete 0"
 
 

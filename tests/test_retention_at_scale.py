@@ -56,18 +56,21 @@ def test_retention_plans_and_deletes_over_100k_objects(tmp_path: Path) -> None:
     stems = write_history(tmp_path, now)
     store = LocalObjectStore(tmp_path)
     catalog = read_catalog(store, "prod", "imagemanager")
-    assert len(catalog.backups) == BACKUPS and not catalog.orphans
+    assert len(catalog.backups) == BACKUPS
+    assert not catalog.orphans
     assert sum(len(b.keys) for b in catalog.backups) == 3 * BACKUPS > 100_000
 
     policy = RetentionPolicy(keep_last=7, keep_daily=30, keep_weekly=12, keep_monthly=24)
     records = [BackupRecord(b.stem, b.manifest.ended_at, b.manifest.verified) for b in catalog.backups]
     plan = plan_retention(records, policy, now)
     kept = {k.record.stem for k in plan.keep}
-    assert stems[0] in kept and 30 <= len(kept) <= 7 + 30 + 12 + 24
+    assert stems[0] in kept
+    assert 30 <= len(kept) <= 7 + 30 + 12 + 24
 
     keys_of = {b.stem: b.keys for b in catalog.backups}
     manifests, rest = deletion_order(k for r in plan.delete for k in keys_of[r.stem])
-    assert len(manifests) == len(plan.delete) and all(k.endswith(".manifest.json") for k in manifests)
+    assert len(manifests) == len(plan.delete)
+    assert all(k.endswith(".manifest.json") for k in manifests)
     assert store.delete(manifests) + store.delete(rest) == 3 * len(plan.delete)
 
     after = read_catalog(store, "prod", "imagemanager")

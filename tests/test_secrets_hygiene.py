@@ -92,7 +92,8 @@ def test_passfile_directory_of_a_reused_pid_or_another_naming_is_judged_safely()
     try:
         with passfile(params()) as path:
             assert not reused.exists()
-            assert legacy.exists() and elsewhere.exists()
+            assert legacy.exists()
+            assert elsewhere.exists()
             assert Path(path).parent.exists()  # our own, started now: alive
     finally:
         for d in (reused, legacy, elsewhere):
@@ -161,7 +162,8 @@ def test_child_environment_keeps_what_tools_need_and_drops_credentials() -> None
 )
 def test_secret_values_in_archive_command_are_redacted(command: str, secret: str) -> None:
     redacted = redact_secrets(command)
-    assert secret not in redacted and REDACTED in redacted
+    assert secret not in redacted
+    assert REDACTED in redacted
     assert "%p" in redacted
 
 

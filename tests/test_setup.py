@@ -75,7 +75,8 @@ def test_setup_twice_creates_then_reports_everything_existing(
     second = run_setup(config, environ=env_for(pg, unique))
     assert not second.changed, second.render()
     block = PostgresDatabase.load(f"prod-{unique}")
-    assert block.protected and block.password.get_secret_value() == pg.password
+    assert block.protected
+    assert block.password.get_secret_value() == pg.password
     assert pg.password not in first.render() + second.render()
     with get_client(sync_client=True) as client:
         assert client.read_work_pool(f"dbops-{unique}").type == "process"
@@ -131,7 +132,8 @@ def test_a_database_setup_cannot_reach_gets_no_limit_and_the_report_says_why(uni
     )
     report = run_setup(config, environ={})
     (item,) = [(name, status) for kind, name, status in report.items if kind == "concurrency limit"]
-    assert item[1] == "not created" and item[0].startswith(f"for gone-{unique} (cannot connect")
+    assert item[1] == "not created"
+    assert item[0].startswith(f"for gone-{unique} (cannot connect")
     assert "p@" not in report.render()
 
 
@@ -144,7 +146,8 @@ def test_environment_urls_become_blocks(unique: str) -> None:
         },
     )
     assert config.databases[f"staging-{unique}"].url.endswith("@db2/imagemanager")
-    assert config.storage["nightly"].bucket == "bucket" and config.storage["nightly"].folder == "folder"
+    assert config.storage["nightly"].bucket == "bucket"
+    assert config.storage["nightly"].folder == "folder"
 
 
 def test_invalid_toml_is_one_sentence(tmp_path: Path) -> None:
@@ -182,8 +185,10 @@ def test_malformed_database_url_fails_naming_the_field_never_the_password(url: s
     with pytest.raises(ConfigurationError) as info:
         run_setup(config, environ={})
     message = str(info.value)
-    assert message.startswith("database prod: ") and PASSWORD not in message, message
-    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained libpq/pydantic text
+    assert message.startswith("database prod: "), message
+    assert PASSWORD not in message, message
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__  # no chained libpq/pydantic text
     with pytest.raises(ConfigurationError) as direct:
         PostgresDatabase.from_url(url)
     assert PASSWORD not in str(direct.value)
@@ -205,13 +210,15 @@ def test_database_url_written_where_a_table_belongs_is_refused_without_echoing_i
     cfg.write_text(f'[databases]\nprod = "postgresql://u:{PASSWORD}@h/db"\n')
     with pytest.raises(ConfigurationError) as info:
         load_config(cfg, environ={})
-    assert "databases.prod" in str(info.value) and PASSWORD not in str(info.value)
+    assert "databases.prod" in str(info.value)
+    assert PASSWORD not in str(info.value)
 
 
 def test_storage_url_with_a_credential_is_refused_without_echoing_it() -> None:
     with pytest.raises(ConfigurationError) as info:
         load_config(None, environ={"DBOPS_STORAGE_NIGHTLY": f"https://key:{PASSWORD}@minio/bucket"})
-    assert "DBOPS_STORAGE_NIGHTLY" in str(info.value) and PASSWORD not in str(info.value)
+    assert "DBOPS_STORAGE_NIGHTLY" in str(info.value)
+    assert PASSWORD not in str(info.value)
 
 
 @pytest.mark.parametrize("url", [MALFORMED_URLS[0], MALFORMED_URLS[1], MALFORMED_URLS[3]])

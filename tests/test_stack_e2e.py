@@ -161,7 +161,8 @@ def test_first_dump_and_wal_check_completed_and_the_backup_is_where_it_says(stac
     match = re.search(r"latest backup\s+file://(\S+)", out)
     assert match, out[-4000:]
     dump = Path(match.group(1))
-    assert dump.is_file() and dump.stat().st_size > 10_000
+    assert dump.is_file()
+    assert dump.stat().st_size > 10_000
     assert dump.is_relative_to(stack.state / "backups")
 
 
@@ -182,8 +183,9 @@ def test_the_server_holds_every_deployment_with_the_schedules_of_prefect_yaml(ap
             ), spec["name"]
             # Variables were resolved at deploy time: no empty or templated block names reached the server.
             for key, value in deployment.parameters.items():
-                assert value not in ("", None) and "{{" not in str(value), (spec["name"], key)
-    assert not [s for s in deployments_in_yaml() if s["name"] in ("migrate", "restore")][0].get("schedules")
+                assert value not in ("", None), (spec["name"], key)
+                assert "{{" not in str(value), (spec["name"], key)
+    assert not next(s for s in deployments_in_yaml() if s["name"] in ("migrate", "restore")).get("schedules")
 
 
 def test_each_other_deployment_completes_when_triggered_with_its_defaults(api: str) -> None:
@@ -199,18 +201,23 @@ def test_each_other_deployment_completes_when_triggered_with_its_defaults(api: s
 
     others = [f"{flow_name(s['entrypoint'])}/{s['name']}" for s in specs if not paused(s)]
     optional = [f"{flow_name(s['entrypoint'])}/{s['name']}" for s in specs if paused(s)]
-    assert "restore/restore" in others and len(others) >= 5
+    assert "restore/restore" in others
+    assert len(others) >= 5
     assert optional == ["pgbouncer-check/pgbouncer-check"]
     with get_client(sync_client=True) as client:
         runs = {name: start(client, name) for name in others + optional}
         final = wait_final(client, runs)
-        assert {name: final[name][0] for name in others} == {name: "COMPLETED" for name in others}, final
+        assert {name: final[name][0] for name in others} == dict.fromkeys(others, "COMPLETED"), final
         again = wait_final(client, {"restore/restore": start(client, "restore/restore")})
     kind, message = again["restore/restore"]
-    assert kind == "FAILED" and "already exists" in message and "mode=replace" in message, message
+    assert kind == "FAILED", message
+    assert "already exists" in message, message
+    assert "mode=replace" in message, message
     # the paused one, triggered anyway, says which block is missing and how to make it
     kind, message = final["pgbouncer-check/pgbouncer-check"]
-    assert kind == "FAILED" and "imagemanager-pgbouncer" in message and "dbops setup" in message, message
+    assert kind == "FAILED", message
+    assert "imagemanager-pgbouncer" in message, message
+    assert "dbops setup" in message, message
 
 
 def start(client: Any, name: str) -> Any:
@@ -262,7 +269,8 @@ def test_the_banners_commands_work_in_a_second_shell(stack: RunningStack) -> Non
     assert f"Prefect server {stack.api_url} (the local stack in {stack.state})" in listed.stderr
     assert re.search(r"imagemanager: \d+ backup\(s\)", listed.stdout), listed.stdout
     dump = second_shell(stack, commands[1])
-    assert dump.returncode == 0 and "exit code 0" in dump.stdout, dump.stdout + dump.stderr
+    assert dump.returncode == 0, dump.stdout + dump.stderr
+    assert "exit code 0" in dump.stdout, dump.stdout + dump.stderr
     for done in (listed, dump):
         assert "Still processing items" not in done.stderr, done.stderr
 
@@ -305,8 +313,10 @@ def test_a_second_make_run_on_a_served_state_is_refused(stack: RunningStack) -> 
     )
     assert second.returncode == 1
     pid = stack.pid
-    assert pid is not None and f"another `make run` (pid {pid}) is serving {stack.state}" in second.stderr
-    assert stack.proc.poll() is None and stack.pid == pid
+    assert pid is not None
+    assert f"another `make run` (pid {pid}) is serving {stack.state}" in second.stderr
+    assert stack.proc.poll() is None
+    assert stack.pid == pid
 
 
 def started_pids(state: Path) -> dict[str, int]:
@@ -360,7 +370,8 @@ def test_a_killed_run_leaves_orphans_the_next_run_adopts_on_the_same_port(stack:
     reached = threading.Event()
     reader = threading.Thread(target=follow, args=(killed, lines, "== dbops setup", reached))
     reader.start()
-    assert reached.wait(STARTUP_TIMEOUT) and killed.poll() is None, "".join(lines)[-4000:]
+    assert reached.wait(STARTUP_TIMEOUT), "".join(lines)[-4000:]
+    assert killed.poll() is None, "".join(lines)[-4000:]
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     reader.join(timeout=30)

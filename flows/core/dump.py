@@ -8,6 +8,7 @@ connection or a failed upload leaves no object (and no manifest) behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import subprocess
@@ -225,7 +226,8 @@ def verify_stored_dump(
         stderr=subprocess.PIPE,
         env=child_environment(),
     )
-    assert proc.stdout is not None and proc.stdin is not None  # both PIPE above
+    assert proc.stdout is not None
+    assert proc.stdin is not None  # both PIPE above
     stdout = proc.stdout
     out_chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: out_chunks.append(stdout.read()), daemon=True)
@@ -246,10 +248,8 @@ def verify_stored_dump(
             if not feeding and not full:
                 break
         if proc.stdin:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
-            except BrokenPipeError:
-                pass
         rc = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:

@@ -68,12 +68,12 @@ def duration_ms(value: str | float | int, what: str = "duration") -> int:
     if isinstance(value, int | float):
         if value < 0:
             raise ConfigurationError(f"{what} {value!r} is negative; use 0 for no limit")
-        return int(round(float(value) * 1000))
+        return round(float(value) * 1000)
     m = _DURATION_RE.match(str(value))
     if not m:
         raise ConfigurationError(f"{what} {value!r} is not a duration; use e.g. 5s, 500ms or 2min")
     number, unit = float(m.group(1)), (m.group(2) or "s").lower()
-    return int(round(number * _UNITS_MS[unit]))
+    return round(number * _UNITS_MS[unit])
 
 
 def normalise_waivers(waivers: Iterable[str]) -> list[str]:

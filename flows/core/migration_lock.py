@@ -7,6 +7,7 @@ Prefect's `db:<name>` concurrency limit, whose lease renewals have failed in som
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,9 +136,7 @@ def migration_lock(params: ConnParams) -> Iterator[MigrationLock]:
             yield lock
         finally:
             if not conn.closed:
-                try:
+                with contextlib.suppress(psycopg.Error):  # the session is gone, and the lock with it
                     conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-                except psycopg.Error:
-                    pass  # the session is gone, and the lock with it
     finally:
         conn.close()

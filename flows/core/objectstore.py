@@ -9,6 +9,7 @@ local files are written under a temporary name and renamed only when complete.
 from __future__ import annotations
 
 import builtins  # the stores' method `list` shadows the type inside their classes
+import contextlib
 import errno
 import os
 import secrets
@@ -352,10 +353,8 @@ class S3ObjectStore(ObjectStore):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             if not completed:
-                try:
+                with contextlib.suppress(Exception):
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
-                except Exception:  # noqa: S110 - the original error matters more; orphan check reports it
-                    pass
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
@@ -601,7 +600,7 @@ class LocalObjectStore(ObjectStore):
     def get_stream(self, key: str, chunk_size: int = MiB) -> Iterator[bytes]:
         path = self._path(key)
         try:
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 - opened outside `with` so only the open maps to ObjectNotFound
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"{self.url}/{key} does not exist") from exc
         with f:

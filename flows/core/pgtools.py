@@ -9,6 +9,7 @@ failures are worth a retry. The callers decide what a failure means for their ow
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -225,10 +226,8 @@ class ToolRun:
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.env
         )
         assert self.proc.stdout is not None  # PIPE above
-        try:
+        with contextlib.suppress(OSError):
             fcntl.fcntl(self.proc.stdout.fileno(), F_SETPIPE_SZ, READ_SIZE)
-        except OSError:
-            pass
         self.stderr = StderrCollector(self.proc.stderr)
         self.stderr.start()
         if self.on_start:
@@ -236,7 +235,8 @@ class ToolRun:
 
     def chunks(self) -> Iterator[bytes]:
         """pg_dump's output; at end of stream, raise unless it exited 0 (before the upload completes)."""
-        assert self.proc and self.proc.stdout
+        assert self.proc
+        assert self.proc.stdout
         fd = self.proc.stdout.fileno()
         while True:
             chunk = os.read(fd, READ_SIZE)

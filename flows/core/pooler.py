@@ -30,6 +30,7 @@ then.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -251,10 +252,8 @@ def dedicated_session_problem(params: ConnParams) -> str | None:
                 return f"a second connection was handed the same backend {pid}"
             return None
         finally:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            except psycopg.Error:
-                pass
 
 
 # -- the check ---------------------------------------------------------------------------------------------

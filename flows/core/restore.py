@@ -18,6 +18,7 @@ a free-space check, its sha256 compared, and only then does `pg_restore --jobs` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -383,10 +384,8 @@ def stream_restore(
                     fed += len(pending)
                 except BrokenPipeError:
                     pass
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
-            except BrokenPipeError:
-                pass
             rc = proc.wait(timeout=timeout_s)
         finally:
             if proc.poll() is None:

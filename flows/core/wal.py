@@ -258,19 +258,18 @@ def scan_keys(
             if keep_keys:
                 names[base[:24]] = key
             continue
-        else:
-            m = WAL_FILE_RE.match(base)
-            if not m:
-                h = HISTORY_RE.match(base)
-                if h:
-                    histories[int(h["tli"], 16)] = key
-                else:
-                    other += 1
-                continue
-            kind = m["kind"]
-            if kind and kind != ".partial":  # a .backup label is not a segment
-                continue
-            tli, log, seg, name = int(m["tli"], 16), int(m["log"], 16), int(m["seg"], 16), m["name"]
+        m = WAL_FILE_RE.match(base)
+        if not m:
+            h = HISTORY_RE.match(base)
+            if h:
+                histories[int(h["tli"], 16)] = key
+            else:
+                other += 1
+            continue
+        kind = m["kind"]
+        if kind and kind != ".partial":  # a .backup label is not a segment
+            continue
+        tli, log, seg, name = int(m["tli"], 16), int(m["log"], 16), int(m["seg"], 16), m["name"]
         if seg >= per_log:
             other += 1
             continue
