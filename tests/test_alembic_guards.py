@@ -27,6 +27,7 @@ from flows.core.alembic_runner import (
 )
 from flows.core.ddl_lint import blocking, lint
 from flows.core.postgres import ConnParams
+from tests.harness.factories import conn_params
 from tests.harness.pg import PgCluster, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def app_copy(tmp_path: Path, sample: Sample, extra: dict[str, str] | None = None
 def params(pg: PgCluster, unique: str) -> ConnParams:
     name = f"guard_{unique}"
     pg.create_database(name)
-    return ConnParams(host=pg.host, port=pg.port, database=name, user=pg.superuser, password=pg.password)
+    return conn_params(pg, name)
 
 
 def has_column(pg: PgCluster, database: str, table: str, column: str) -> bool:

@@ -27,6 +27,7 @@ from flows.core.alembic_runner import (
 from flows.core.ddl_lint import split_statements
 from flows.core.errors import AuthenticationFailed, is_transient
 from flows.core.postgres import ConnParams
+from tests.harness.factories import conn_params
 from tests.harness.pg import PgCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +50,7 @@ def app() -> AlembicApp:
 def params(pg: PgCluster, unique: str) -> ConnParams:
     name = f"migrate_{unique}"
     pg.create_database(name)
-    return ConnParams(
-        host=pg.host,
-        port=pg.port,
-        database=name,
-        user=pg.superuser,
-        password=pg.password,
-        application_name="dbops-migrate-test",
-    )
+    return conn_params(pg, name, application_name="dbops-migrate-test")
 
 
 def _copy_tree(tmp_path: Path, extra_name: str, extra_source: str) -> AlembicApp:

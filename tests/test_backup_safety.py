@@ -8,7 +8,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -30,61 +30,13 @@ from flows.core.layout import (
 )
 from flows.core.leases import BackupGone, Lease, take_lease
 from flows.core.listing import list_backups
-from flows.core.manifest import Manifest, Verification
 from flows.core.objectstore import LocalObjectStore, MiB, ObjectInfo, ObjectStore, S3ObjectStore
 from flows.core.pgtools import find_tool
-from flows.core.postgres import ConnParams
 from flows.core.restore import Selector, select_backup
 from flows.core.retention import BackupRecord, RetentionPlan, RetentionPolicy, plan_retention
+from tests.harness.factories import DB, NOW, PREFIX, conn_params, manifest_for, sample_database, write_backup
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import S3Endpoint
-from tests.test_nightly_dump_flow import sample_database
-
-DB = "imagemanager"
-PREFIX = "prod"
-NOW = datetime.now(UTC).replace(microsecond=0)
-
-
-def manifest_for(stem: str, when: datetime, *, database: str = DB, dump: str | None = None) -> Manifest:
-    return Manifest(
-        database=database,
-        server="db:5432",
-        server_version="15.18",
-        pg_dump_version="15.18",
-        started_at=when,
-        ended_at=when,
-        dump_key=dump or dump_key(stem, ".zst"),
-        bytes=4,
-        raw_bytes=4,
-        sha256="0" * 64,
-        compression=Compression.zstd,
-        compression_level=3,
-        dump_options=[],
-        verified=True,
-        verification=Verification(method="list"),
-    )
-
-
-def write_backup(
-    store: ObjectStore,
-    days_ago: float,
-    *,
-    globals_file: bool = False,
-    prefix: str = PREFIX,
-    database: str = DB,
-    naive: bool = False,
-) -> str:
-    """A backup's objects as a dump writes them; `naive`: its manifest's times carry no time zone."""
-    when = NOW - timedelta(days=days_ago)
-    stem = backup_stem(prefix, database, when)
-    store.put_bytes(dump_key(stem, ".zst"), b"dump")
-    if globals_file:
-        store.put_bytes(globals_key(stem), b"roles")
-    text = manifest_for(stem, when, database=database).to_json()
-    if naive:  # what an older tool wrote: no time zone
-        text = text.replace(b"+00:00", b"").replace(b'Z"', b'"')
-    store.put_bytes(manifest_key(stem), text)
-    return stem
 
 
 def keys(store: ObjectStore) -> set[str]:
@@ -450,7 +402,7 @@ def test_a_second_pg_dump_into_a_taken_key_is_discarded_and_the_first_stays(
     """The dump path asks for the conditional create: what upload_dump turns into a retry on a new name."""
     name = sample_database(pg, f"race_{unique}", rows=500)
     version = int(pg.sql("SHOW server_version_num")[0][0])
-    conn = ConnParams(host=pg.host, port=pg.port, database=name, user=pg.superuser, password=pg.password)
+    conn = conn_params(pg, name)
     key = dump_key(backup_stem(PREFIX, name, NOW), ".zst")
     tool = find_tool("pg_dump", version)
     first = stream_dump(conn, s3_store, key, tool=tool, compression=Compression.zstd, level=3, if_absent=True)

@@ -13,10 +13,9 @@ from flows.nightly_dump import nightly_dump
 from flows.restore import list_backups
 from flows.restore_drill import restore_drill
 from tests.conftest import make_database_block, make_s3_block
+from tests.harness.factories import DB, PREFIX, sample_database, write_backup
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import S3Endpoint
-from tests.test_backup_safety import DB, PREFIX, write_backup
-from tests.test_nightly_dump_flow import sample_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

@@ -17,28 +17,12 @@ from flows.core.drill import (
 from flows.core.manifest import Manifest
 from flows.core.restore import is_stale, staleness_hours
 from flows.core.tablenames import TableName, legacy_readings, parse_table_key, resolve_key, table_key
+from tests.harness.factories import make_manifest
 from tests.harness.pg import PgCluster
 
 
 def manifest(estimates: dict[str, int], revision: str | None = "0004") -> Manifest:
-    now = datetime.now(UTC)
-    return Manifest(
-        database="d",
-        server="h:1",
-        server_version="15",
-        pg_dump_version="15",
-        started_at=now,
-        ended_at=now,
-        dump_key="k",
-        bytes=1,
-        raw_bytes=1,
-        sha256="0",
-        compression="zstd",
-        compression_level=3,
-        dump_options=[],
-        alembic_revision=revision,
-        row_estimates=estimates,
-    )
+    return make_manifest(alembic_revision=revision, row_estimates=estimates)
 
 
 def test_row_counts_are_exact_for_small_tables_and_within_tolerance_for_large() -> None:

@@ -12,10 +12,10 @@ from flows.core.manifest import Manifest
 from flows.nightly_dump import nightly_dump
 from flows.restore_drill import restore_drill
 from tests.conftest import make_database_block, make_s3_block
+from tests.harness.factories import databases, rewrite, sample_database
 from tests.harness.pg import PgCluster, wait_until
+from tests.harness.runs import failure_message
 from tests.harness.s3 import S3Endpoint
-from tests.test_nightly_dump_flow import failure_message, sample_database
-from tests.test_restore_flow import databases, rewrite
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

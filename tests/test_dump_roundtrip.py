@@ -21,7 +21,8 @@ from flows.core.compression import Compression
 from flows.core.dump import stream_dump, verify_stored_dump
 from flows.core.objectstore import LocalObjectStore, MiB, ObjectStore, S3ObjectStore
 from flows.core.pgtools import PgTool, find_tool
-from flows.core.postgres import ConnParams, connect, dumpable_tables, server_version_num
+from flows.core.postgres import connect, dumpable_tables, server_version_num
+from tests.harness.factories import conn_params
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import S3Endpoint
 
@@ -145,10 +146,6 @@ def zstd_cli() -> str:
     return path
 
 
-def params_for(pg: PgCluster, dbname: str) -> ConnParams:
-    return ConnParams(host=pg.host, port=pg.port, database=dbname, user=pg.superuser, password=pg.password)
-
-
 def tools(pg: PgCluster) -> tuple[PgTool, PgTool]:
     with pg.connect() as conn:
         version = server_version_num(conn)
@@ -161,7 +158,7 @@ def tools(pg: PgCluster) -> tuple[PgTool, PgTool]:
 def snapshot(pg: PgCluster, dbname: str) -> dict[str, object]:
     """Checksums of everything a restore must bring back, keyed by what they describe."""
     out: dict[str, object] = {}
-    with connect(params_for(pg, dbname)) as conn:
+    with connect(conn_params(pg, dbname)) as conn:
         relations = conn.execute(
             """
             SELECT n.nspname, c.relname, c.relkind
@@ -262,7 +259,7 @@ def dump_verify_and_restore(
     zstd_cli: str,
 ) -> None:
     pg_dump, pg_restore_tool = tools(pg)
-    params = params_for(pg, source_db)
+    params = conn_params(pg, source_db)
     level = {Compression.zstd: 3, Compression.gzip: 6, Compression.none: 0}[compression]
 
     result = stream_dump(

@@ -9,9 +9,10 @@ from flows.nightly_dump import nightly_dump
 from flows.restore import list_backups, restore
 from flows.tasks.common import artifact_key, failure_sentence
 from tests.conftest import make_s3_block
+from tests.harness.factories import sample_database
 from tests.harness.pg import PgCluster, free_port
+from tests.harness.runs import failure_message
 from tests.harness.s3 import S3Endpoint
-from tests.test_nightly_dump_flow import failure_message, sample_database
 
 
 def latest_artifact(key: str) -> str:

@@ -4,7 +4,6 @@ against real PostgreSQL B-trees, the size rule in the plan, and the baselines th
 from __future__ import annotations
 
 import pytest
-from psycopg import sql
 
 from flows.core.bloat import IndexRow, plan_reindex, read_indexes
 from flows.core.index_baseline import (
@@ -24,47 +23,9 @@ from flows.core.index_baseline import (
     state_variable_name,
 )
 from flows.core.postgres import server_version_num
+from tests.harness.factories import churn, low_cardinality_table
 from tests.harness.pg import PgCluster
-
-ROWS, PROJECTS = 150_000, 200
-
-
-def low_cardinality_table(pg: PgCluster, dbname: str, table: str = "images") -> None:
-    """The seed's shape: `idx_<table>_deleted ON <table>(project_id) WHERE deleted_at IS NULL`, built fresh
-    over 150,000 rows in 200 projects (posting lists of ~130 TIDs)."""
-    t, idx = sql.Identifier(table), sql.Identifier(f"idx_{table}_deleted")
-    with pg.connect(dbname) as conn:
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE {} (id bigint PRIMARY KEY, project_id bigint NOT NULL, deleted_at timestamptz, "
-                "note text) WITH (autovacuum_enabled = off)"
-            ).format(t)
-        )
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {} SELECT g, (hashint4(g::int) & 2147483647) %% %s, NULL, 'n' "
-                "FROM generate_series(1, %s) g"
-            ).format(t),
-            (PROJECTS, ROWS),
-        )
-        conn.execute(sql.SQL("CREATE INDEX {} ON {} (project_id) WHERE deleted_at IS NULL").format(idx, t))
-        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(t))
-
-
-def churn(pg: PgCluster, dbname: str, table: str = "images") -> None:
-    """Ordinary churn: every image moves to the next project (new index entries arrive one at a time and
-    are deduplicated only lazily), then VACUUM and ANALYZE."""
-    t = sql.Identifier(table)
-    with pg.connect(dbname) as conn:
-        conn.execute(sql.SQL("UPDATE {} SET project_id = (project_id + 1) %% %s").format(t), (PROJECTS,))
-        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(t))
-
-
-def judgements(pg: PgCluster, dbname: str, state: BaselineState | None = None) -> dict[str, SizeJudgement]:
-    with pg.connect(dbname) as conn:
-        rows = read_indexes(conn)
-        shapes = read_index_shapes(conn, [r.oid for r in rows], server_version_num(conn))
-        return judge_sizes(rows, shapes, state or BaselineState(), 8192)
+from tests.harness.reindex import judgements
 
 
 def test_fresh_low_cardinality_index_is_at_its_estimate_and_churned_one_is_over_twice_it(

@@ -18,8 +18,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.migrate_cli import register
 from flows.migrate import migrate
+from tests.harness.migrate_env import MIGRATE_APP, Env, env_fixture  # noqa: F401 - the env fixture
 from tests.harness.pg import free_port, wait_until
-from tests.test_migrate_flow import MIGRATE_APP, Env, env  # noqa: F401 - the env fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def _worker(deployment_id: Any, box: dict[str, Any]) -> threading.Thread:
 @pytest.mark.usefixtures("prefect_api")
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
 def test_exit_code_follows_the_final_state_of_the_run(
-    env: Env,  # noqa: F811
+    env: Env,
     unique: str,
     outcome: str,
     capsys: pytest.CaptureFixture[str],

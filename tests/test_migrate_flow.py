@@ -1,9 +1,9 @@
 """The migrate flow end to end: real PostgreSQL databases for production and staging, local storage and
 the moto S3 server for the pre-backup, the application's Alembic in subprocesses, a real Prefect API.
 
-Production starts at 0001_base of tests/fixtures/migrate_app with 2,000 accounts; 0003 builds a unique
-index CONCURRENTLY, which fails when production holds duplicate e-mails. Every upgrade() and
-downgrade() of that app writes a row into migration_log, so the tests can count how often each ran.
+Production starts at 0001_base of tests/fixtures/migrate_app with 2,000 accounts (see
+tests/harness/migrate_env.py); 0003 builds a unique index CONCURRENTLY, which fails when production holds
+duplicate e-mails.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -32,105 +31,26 @@ from prefect.flow_runs import resume_flow_run
 from prefect.input.actions import read_flow_run_input
 
 from flows.core.alembic_runner import AlembicApp
-from flows.core.postgres import ConnParams
-from flows.migrate import MigrateOptions, MigrateReport, migrate
-from tests.conftest import make_database_block, make_local_block, make_s3_block
+from flows.migrate import MigrateReport
+from tests.conftest import make_s3_block
+from tests.harness.factories import conn_params
+from tests.harness.migrate_env import (
+    HEAD,
+    LINT_APP,
+    MIGRATE_APP,
+    Env,
+    backups_in,
+    env_fixture,  # noqa: F401 - the env fixture
+    has_column,
+    log_counts,
+    report_table,
+    revision,
+)
 from tests.harness.pg import PgCluster, wait_until
+from tests.harness.runs import failure_message, run_logs
 from tests.harness.s3 import S3Endpoint
-from tests.test_nightly_dump_flow import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MIGRATE_APP = REPO_ROOT / "tests" / "fixtures" / "migrate_app"
-LINT_APP = REPO_ROOT / "tests" / "fixtures" / "lint_app" / "alembic.ini"
-HEAD = "0003_email_unique"
-FAST = MigrateOptions(approval_poll_seconds=1, retry_first_delay_s=0.2, lock_wait_hours=0.05)
-
-
-@dataclass
-class Env:
-    prod: str  # database names
-    staging: str
-    prod_block: str
-    staging_block: str
-    storage: str
-    backups: Path
-
-    def run(self, **kw: Any):
-        params: dict[str, Any] = {
-            "database": self.prod_block,
-            "staging_database": self.staging_block,
-            "storage": self.storage,
-            "prefix": "prod",
-            "alembic": str(MIGRATE_APP),  # the folder: alembic.ini is found inside it
-            "lock_timeout": "2s",
-            "retry_budget": 0,
-            "options": FAST,
-        }
-        params.update(kw)
-        return migrate(**params, return_state=True)
-
-
-def conn_params(pg: PgCluster, database: str) -> ConnParams:
-    return ConnParams(host=pg.host, port=pg.port, database=database, user=pg.superuser, password=pg.password)
-
-
-def revision(pg: PgCluster, database: str) -> str | None:
-    exists = pg.sql("SELECT to_regclass('alembic_version') IS NOT NULL", database)[0][0]
-    if not exists:
-        return None
-    rows = pg.sql("SELECT version_num FROM alembic_version", database)
-    return ",".join(r[0] for r in rows) or None
-
-
-def log_counts(pg: PgCluster, database: str) -> dict[str, int]:
-    """{"0002_nickname up": 1, ...}: how often each upgrade()/downgrade() of the app ran there."""
-    rows = pg.sql("SELECT revision || ' ' || direction, count(*) FROM migration_log GROUP BY 1", database)
-    return {k: int(n) for k, n in rows}
-
-
-def has_column(pg: PgCluster, database: str, table: str, column: str) -> bool:
-    return bool(
-        pg.sql(
-            "SELECT 1 FROM information_schema.columns WHERE table_name = %s AND column_name = %s",
-            database,
-            (table, column),
-        )
-    )
-
-
-def report_table(database: str) -> dict[str, str]:
-    artifact = Artifact.get(f"migrate-{database}".replace("_", "-"))
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return {row["item"]: row["value"] for row in table}
-
-
-def backups_in(path: Path) -> list[Path]:
-    return sorted(path.rglob("*.manifest.json")) if path.exists() else []
-
-
-@pytest.fixture
-def env(pg: PgCluster, unique: str, tmp_path: Path) -> Env:
-    prod, staging = f"prod_{unique}", f"stg_{unique}"
-    pg.create_database(prod)
-    pg.create_database(staging)
-    AlembicApp(MIGRATE_APP / "alembic.ini").upgrade(conn_params(pg, prod), "0001_base")
-    pg.sql(
-        "INSERT INTO accounts (email) SELECT 'user' || g || '@example.org' FROM generate_series(1, 2000) g",
-        prod,
-    )
-    pg.sql("CREATE TABLE stale_marker (id int)", staging)  # whatever staging held before: refresh drops it
-    return Env(
-        prod=prod,
-        staging=staging,
-        prod_block=make_database_block(pg, f"prod-{unique}", prod),
-        staging_block=make_database_block(pg, f"stg-{unique}", staging),
-        storage=make_local_block(f"bk-{unique}", tmp_path / "backups"),
-        backups=tmp_path / "backups",
-    )
-
 
 def test_happy_path_from_old_revision_to_head_on_staging_then_production(env: Env, pg: PgCluster) -> None:
     state = env.run()
@@ -438,8 +358,12 @@ def test_approval_nobody_gives_times_out_and_leaves_production_alone(env: Env, p
     state = env.run(require_approval=True, approval_timeout=2, refresh_staging=False)
     assert state.is_failed()
     # Once the pause deadline has passed, Prefect's server replaces the flow's own final message with its
-    # own; the flow's sentence ("nobody approved ... within 2 s") is in the run's log.
-    assert "never resumed" in (state.message or "")
+    # own; dbops's sentence is in the run's log.
+    sentence = (
+        "nobody approved the migration within 2 s, so production was not touched; start it again when "
+        "someone can approve"
+    )
+    wait_until(lambda: sentence in run_logs(state), timeout=30, what="dbops's sentence in the run's log")
     assert revision(pg, env.prod) == "0001_base"
     assert log_counts(pg, env.prod) == {}
     assert not has_column(pg, env.prod, "accounts", "nickname")

@@ -15,10 +15,18 @@ import pytest
 
 from flows.core.alembic_runner import AlembicApp
 from flows.migrate import MigrateReport
-from tests.conftest import make_database_block, make_local_block
+from tests.harness.factories import conn_params
+from tests.harness.migrate_env import (
+    FAST,
+    Env,
+    backups_in,
+    env_with_blocks,
+    has_column,
+    report_table,
+    revision,
+)
 from tests.harness.pg import PgCluster
-from tests.test_migrate_flow import FAST, Env, backups_in, conn_params, has_column, report_table, revision
-from tests.test_nightly_dump_flow import failure_message
+from tests.harness.runs import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -34,14 +42,7 @@ def empty_env(pg: PgCluster, unique: str, tmp_path: Path) -> Env:
     prod, staging = f"new_{unique}", f"newstg_{unique}"
     pg.create_database(prod)
     pg.create_database(staging)
-    return Env(
-        prod=prod,
-        staging=staging,
-        prod_block=make_database_block(pg, f"new-{unique}", prod),
-        staging_block=make_database_block(pg, f"newstg-{unique}", staging),
-        storage=make_local_block(f"newbk-{unique}", tmp_path / "backups"),
-        backups=tmp_path / "backups",
-    )
+    return env_with_blocks(pg, prod, staging, tmp_path / "backups")
 
 
 def test_first_migration_of_a_new_empty_database_completes_after_a_verified_pre_backup(
@@ -79,14 +80,7 @@ def async_env(pg: PgCluster, unique: str, tmp_path: Path) -> Env:
     app = AlembicApp(ASYNC_APP / "alembic.ini", driver="postgresql+asyncpg")
     app.upgrade(conn_params(pg, prod), "0001_items", start=[])
     pg.sql("INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 100) g", prod)
-    return Env(
-        prod=prod,
-        staging=staging,
-        prod_block=make_database_block(pg, f"aprod-{unique}", prod),
-        staging_block=make_database_block(pg, f"astg-{unique}", staging),
-        storage=make_local_block(f"abk-{unique}", tmp_path / "backups"),
-        backups=tmp_path / "backups",
-    )
+    return env_with_blocks(pg, prod, staging, tmp_path / "backups")
 
 
 READS_DATA = '''"""Reads data through the connection: offline (--sql) it cannot be rendered."""

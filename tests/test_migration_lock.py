@@ -10,6 +10,7 @@ import pytest
 from flows.core.errors import is_transient
 from flows.core.migration_lock import MigrationLockHeld, lock_key, migration_lock
 from flows.core.postgres import ConnParams
+from tests.harness.factories import conn_params
 from tests.harness.pg import PgCluster
 
 
@@ -17,7 +18,7 @@ from tests.harness.pg import PgCluster
 def params(pg: PgCluster, unique: str) -> ConnParams:
     name = f"lock_{unique}"
     pg.create_database(name)
-    return ConnParams(host=pg.host, port=pg.port, database=name, user=pg.superuser, password=pg.password)
+    return conn_params(pg, name)
 
 
 def test_lock_key_is_stable_and_per_database() -> None:

@@ -14,8 +14,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
-    LogFilter,
-    LogFilterFlowRunId,
     TaskRunFilter,  # noqa: F401 - used through the client API
 )
 
@@ -24,37 +22,12 @@ from flows.core.manifest import Manifest
 from flows.core.retention import RetentionPolicy
 from flows.nightly_dump import DumpOptions, nightly_dump
 from tests.conftest import make_database_block, make_local_block, make_s3_block
-from tests.harness.pg import PgCluster, wait_until
+from tests.harness.factories import sample_database
+from tests.harness.pg import PgCluster
+from tests.harness.runs import failure_message, run_logs
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def sample_database(pg: PgCluster, name: str, rows: int = 20_000) -> str:
-    pg.create_database(name)
-    pg.sql("CREATE TABLE images (id bigserial PRIMARY KEY, name text NOT NULL, body bytea, meta jsonb)", name)
-    pg.sql(
-        "INSERT INTO images (name, body, meta) SELECT 'img-' || g, decode(md5(g::text), 'hex'),"
-        " jsonb_build_object('n', g) FROM generate_series(1, %s) g",
-        name,
-        (rows,),
-    )
-    pg.sql("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)", name)
-    pg.sql("INSERT INTO alembic_version VALUES ('0004_classifications_image_index')", name)
-    with pg.connect(name) as conn:
-        # The inserting sessions have ended, but their statistics may still be on the way; ANALYZE sets the
-        # live-tuple count, and a late flush would add the rows a second time. Wait until they arrived.
-        wait_until(
-            lambda: (
-                conn.execute(
-                    "SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables WHERE relname = 'images'"
-                ).fetchone()[0]
-                == rows
-            ),
-            what="the inserts into images to reach the statistics",
-        )
-        conn.execute("ANALYZE")
-    return name
 
 
 def task_runs(flow_run_id: UUID) -> dict[str, int]:
@@ -66,20 +39,6 @@ def task_runs(flow_run_id: UUID) -> dict[str, int]:
         name = run.name.rsplit("-", 1)[0]
         counts[name] = max(counts.get(name, 0), run.run_count)
     return counts
-
-
-def run_logs(flow_run_id: UUID) -> str:
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(log.message for log in logs)
-
-
-def failure_message(state) -> str:
-    try:
-        state.result()
-    except Exception as exc:  # the exception the flow ended with
-        return str(exc)
-    raise AssertionError(f"expected a failed run, got {state.type}")
 
 
 @pytest.fixture
@@ -170,7 +129,7 @@ def test_wrong_password_fails_on_first_try_and_is_not_logged(
     assert "fix the password" in message
     # the first connection identifies the database for its db:<...> limit; permanent: no retry
     assert task_runs(state.state_details.flow_run_id)["identify_target"] == 1
-    logs = run_logs(state.state_details.flow_run_id)
+    logs = run_logs(state)
     assert secret not in logs
     assert secret not in message
 
@@ -368,7 +327,7 @@ def test_an_unreadable_manifest_and_foreign_objects_are_left_alone_while_dump_an
 ) -> None:
     """One manifest without time zones (an older tool) once made every dump fail with a TypeError."""
     from flows.core.objectstore import S3ObjectStore
-    from tests.test_backup_safety import write_backup
+    from tests.harness.factories import write_backup
 
     name = f"im_{unique}"  # the database the `db` block names
     store = S3ObjectStore(s3.client(), bucket, "dbops")

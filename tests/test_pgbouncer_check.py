@@ -18,7 +18,7 @@ from flows.pgbouncer_check import pgbouncer_check
 from tests.conftest import make_database_block
 from tests.harness.pg import PgCluster, wait_until
 from tests.harness.pgbouncer import PgBouncer, pgbouncer
-from tests.test_nightly_dump_flow import failure_message
+from tests.harness.runs import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

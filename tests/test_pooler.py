@@ -23,10 +23,11 @@ from flows.core.errors import ConfigurationError, ConnectionPoolerInTheWay
 from flows.core.pooler import ServerView, connect_direct, route_signals
 from flows.core.postgres import ConnParams, connect
 from tests.conftest import make_local_block
+from tests.harness.factories import sample_database
 from tests.harness.forward import tcp_forward
 from tests.harness.pg import PgCluster
 from tests.harness.pgbouncer import PgBouncer, pgbouncer
-from tests.test_nightly_dump_flow import failure_message, sample_database
+from tests.harness.runs import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

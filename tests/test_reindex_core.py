@@ -7,7 +7,6 @@ import threading
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from flows.core.bloat import (
     IndexRow,
@@ -20,98 +19,10 @@ from flows.core.bloat import (
     read_indexes,
 )
 from flows.core.errors import VersionMismatch
-from flows.core.postgres import ConnParams
 from flows.core.reindex import ReindexBusy, leftovers_of, rebuild_index, reindex_advisory_lock
+from tests.harness.factories import bloated_database, conn_params
 from tests.harness.pg import PgCluster, wait_until
-
-# -- shared helpers (imported by the flow tests) ----------------------------------------------------------
-
-
-def bloated_database(pg: PgCluster, name: str, rows: int = 40_000, pgstattuple: bool = True) -> str:
-    """`items` with two indexes left ~90 % empty by a mass delete + VACUUM, `healthy` freshly loaded."""
-    pg.create_database(name)
-    statements = [
-        "CREATE TABLE items (id bigint PRIMARY KEY, code int NOT NULL, note text)",
-        "CREATE INDEX items_code_idx ON items (code)",
-        "INSERT INTO items SELECT g, g * 7 %% %(rows)s, 'n' || g FROM generate_series(1, %(rows)s) g",
-        "UPDATE items SET code = code + 1 WHERE id % 10 <> 0",  # new index entries for 90 % of rows
-        "DELETE FROM items WHERE id % 10 <> 0",
-        "VACUUM ANALYZE items",
-        "CREATE TABLE healthy (id bigint PRIMARY KEY, v int)",
-        "INSERT INTO healthy SELECT g, g FROM generate_series(1, %(rows)s) g",
-        "VACUUM ANALYZE healthy",
-    ]
-    if pgstattuple:
-        statements.insert(0, "CREATE EXTENSION pgstattuple")
-    for statement in statements:
-        pg.sql(statement, name, {"rows": rows} if "%(rows)s" in statement else None)
-    return name
-
-
-def params_for(pg: PgCluster, dbname: str) -> ConnParams:
-    return ConnParams(host=pg.host, port=pg.port, database=dbname, user=pg.superuser, password=pg.password)
-
-
-def index_size(pg: PgCluster, dbname: str, index: str) -> int:
-    return int(pg.sql("SELECT pg_relation_size(%s::regclass)", dbname, (index,))[0][0])
-
-
-def cancel_while_waiting_for_a_writer(
-    pg: PgCluster, dbname: str, table: str, statement: sql.Composable
-) -> None:
-    """Run a concurrent index build that waits for an open writer once its index is in the catalog, then
-    pg_cancel_backend it: the real way an INVALID index is born."""
-    writer = pg.connect(dbname, autocommit=False)
-    writer.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(sql.Identifier(table)))
-    failure: list[BaseException] = []
-
-    def build() -> None:
-        with psycopg.connect(pg.conninfo(dbname), autocommit=True, application_name="doomed-build") as c:
-            try:
-                c.execute(statement)
-            except psycopg.Error as exc:
-                failure.append(exc)
-
-    def invalid_index_exists() -> bool:
-        return bool(
-            pg.sql(
-                "SELECT count(*) FROM pg_index WHERE NOT indisvalid AND indrelid = %s::regclass",
-                dbname,
-                (table,),
-            )[0][0]
-        )
-
-    thread = threading.Thread(target=build)
-    thread.start()
-    try:
-        wait_until(
-            lambda: (
-                pg.sql(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'doomed-build' "
-                    "AND wait_event_type = 'Lock'",
-                    dbname,
-                )[0][0]
-                == 1
-                and invalid_index_exists()
-            ),
-            what="the concurrent build waiting for the open writer after creating its index",
-        )
-        pg.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'doomed-build'")
-        thread.join(30)
-    finally:
-        writer.rollback()
-        writer.close()
-    assert failure
-    assert isinstance(failure[0], psycopg.errors.QueryCanceled)
-
-
-def make_ccnew_leftover(pg: PgCluster, dbname: str, table: str, index: str) -> str:
-    """A real failed REINDEX CONCURRENTLY: it waits for an open writer, gets cancelled, leaves `_ccnew`."""
-    statement = sql.SQL("REINDEX INDEX CONCURRENTLY {}").format(sql.Identifier(index))
-    cancel_while_waiting_for_a_writer(pg, dbname, table, statement)
-    names = [n for _, n in leftovers_of(pg.connect(dbname), "public", table)]
-    assert names == [f"{index}_ccnew"]
-    return names[0]
+from tests.harness.reindex import index_size, make_ccnew_leftover
 
 
 @pytest.fixture
@@ -236,7 +147,7 @@ def test_open_transaction_stalls_the_rebuild_which_times_out_drops_its_ccnew_ret
     said: list[str] = []
     try:
         result = rebuild_index(
-            params_for(pg, bloated),
+            conn_params(pg, bloated),
             "public",
             "items_pkey",
             lock_timeout_s=1.0,
@@ -270,7 +181,12 @@ def test_index_locked_for_longer_than_all_retries_fails_without_leaving_an_inval
     with psycopg.connect(pg.conninfo(bloated), autocommit=False, application_name="ddl-session") as holder:
         holder.execute("LOCK TABLE items IN SHARE UPDATE EXCLUSIVE MODE")
         result = rebuild_index(
-            params_for(pg, bloated), "public", "items_code_idx", lock_timeout_s=1.0, retries=1, backoff_s=0.01
+            conn_params(pg, bloated),
+            "public",
+            "items_code_idx",
+            lock_timeout_s=1.0,
+            retries=1,
+            backoff_s=0.01,
         )
         holder.rollback()
     assert result.status == "failed"
@@ -293,7 +209,7 @@ def test_cancelled_concurrent_rebuild_leaves_an_invalid_ccnew_that_the_plan_drop
 def test_second_reindexer_is_refused_by_the_advisory_lock_naming_the_holder(
     pg: PgCluster, bloated: str
 ) -> None:
-    params = params_for(pg, bloated)
+    params = conn_params(pg, bloated)
     with (
         reindex_advisory_lock(params) as first,
         pytest.raises(ReindexBusy, match=f"pid {first.info.backend_pid}, application dbops-reindex"),
@@ -345,7 +261,7 @@ def test_rebuild_whose_session_is_terminated_still_drops_its_ccnew(pg: PgCluster
     killer.start()
     try:
         result = rebuild_index(
-            params_for(pg, bloated), "public", "items_pkey", lock_timeout_s=30, retries=3, backoff_s=0.2
+            conn_params(pg, bloated), "public", "items_pkey", lock_timeout_s=30, retries=3, backoff_s=0.2
         )
     finally:
         killer.join(30)

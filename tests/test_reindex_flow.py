@@ -12,14 +12,22 @@ from flows.core.reindex import reindex_advisory_lock
 from flows.tasks.common import artifact_key
 from flows.weekly_reindex import ReindexReport, weekly_reindex
 from tests.conftest import make_database_block
-from tests.harness.pg import PgCluster
-from tests.test_reindex_core import (
+from tests.harness.factories import (
+    PROJECTS,
+    ROWS,
     bloated_database,
+    churn,
+    conn_params,
+    low_cardinality_table,
+)
+from tests.harness.pg import PgCluster
+from tests.harness.reindex import (
     cancel_while_waiting_for_a_writer,
     index_size,
+    judgements,
     make_ccnew_leftover,
-    params_for,
 )
+from tests.harness.runs import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -47,14 +55,6 @@ def artifact_rows(dbname: str) -> tuple[list[dict], str]:
     assert artifact is not None
     table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     return table, artifact.description or ""
-
-
-def failure_message(state) -> str:
-    try:
-        state.result()
-    except Exception as exc:
-        return str(exc)
-    raise AssertionError(f"expected a failed run, got {state.type}")
 
 
 def add_bloated_table(pg: PgCluster, dbname: str, table: str, rows: int = 20_000) -> None:
@@ -233,7 +233,7 @@ def test_run_is_refused_while_another_reindexer_holds_the_advisory_lock(
 ) -> None:
     block, dbname = bloated
     before = index_files(pg, dbname)
-    with reindex_advisory_lock(params_for(pg, dbname)) as other:
+    with reindex_advisory_lock(conn_params(pg, dbname)) as other:
         other_pid = other.info.backend_pid
         state = weekly_reindex(database=block, return_state=True, **FAST)
         message = failure_message(state)
@@ -283,7 +283,6 @@ def test_dense_low_cardinality_index_churned_past_twice_its_size_is_rebuilt_and_
     from prefect.variables import Variable
 
     from flows.core.index_baseline import state_from_values, state_variable_name
-    from tests.test_index_baseline import churn, low_cardinality_table
 
     dbname = f"dedup_{unique}"
     pg.create_database(dbname)
@@ -348,7 +347,6 @@ def test_index_of_a_table_that_grew_since_its_last_analyze_is_not_rebuilt_by_the
 ) -> None:
     """Bytes per tuple rest on reltuples: a table that doubled since its last ANALYZE makes a healthy index
     look twice its size. The size rule confirms its choice after ANALYZE of the table, and lets it be."""
-    from tests.test_index_baseline import PROJECTS, ROWS, judgements, low_cardinality_table
 
     dbname = f"grown_{unique}"
     pg.create_database(dbname)

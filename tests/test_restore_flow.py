@@ -11,38 +11,12 @@ from flows.core.manifest import Manifest
 from flows.nightly_dump import nightly_dump
 from flows.restore import RestoreOptions, restore
 from tests.conftest import make_database_block, make_s3_block
+from tests.harness.factories import content, databases, flip_one_byte_of_row_data, rewrite, sample_database
 from tests.harness.pg import PgCluster, free_port
+from tests.harness.runs import failure_message
 from tests.harness.s3 import S3Endpoint
-from tests.test_nightly_dump_flow import failure_message, sample_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def content(pg: PgCluster, dbname: str) -> tuple[int, str, str]:
-    """Row count, an md5 over every row, and the Alembic revision: equal means the same data."""
-    count, digest = pg.sql(
-        "SELECT count(*), md5(coalesce(string_agg(i::text, '|' ORDER BY id), '')) FROM images i", dbname
-    )[0]
-    revision = pg.sql("SELECT string_agg(version_num, ',') FROM alembic_version", dbname)[0][0]
-    return count, digest, revision
-
-
-def databases(pg: PgCluster, pattern: str) -> list[str]:
-    return [r[0] for r in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", params=(pattern,))]
-
-
-def rewrite(s3: S3Endpoint, bucket: str, key: str, change) -> None:
-    """Rewrite one object in the bucket through `change(bytes) -> bytes`."""
-    client = s3.client()
-    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    client.put_object(Bucket=bucket, Key=key, Body=change(body))
-
-
-def flip_one_byte_of_row_data(body: bytes) -> bytes:
-    """Change one character of a row (`img-10000` → `img-1000X`): still valid COPY data, so pg_restore
-    alone would load and commit it; only the sha256 comparison can stop it."""
-    at = body.index(b"\timg-10000\t") + len(b"\timg-1000")
-    return body[:at] + b"X" + body[at + 1 :]
 
 
 @pytest.fixture

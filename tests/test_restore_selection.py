@@ -9,7 +9,6 @@ import pytest
 from flows.core.catalog import Backup, Catalog
 from flows.core.errors import ConfigurationError
 from flows.core.layout import backup_stem, dump_key
-from flows.core.manifest import Manifest
 from flows.core.restore import (
     BackupNotFound,
     NotEnoughSpace,
@@ -22,26 +21,19 @@ from flows.core.restore import (
     select_backup,
     temporary_name,
 )
+from tests.harness.factories import make_manifest
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 
 
 def backup(started: datetime, minutes: int = 10) -> Backup:
     stem = backup_stem("prod", "imagemanager", started)
-    manifest = Manifest(
-        database="imagemanager",
-        server="db:5432",
-        server_version="15.18",
-        pg_dump_version="15.18",
+    manifest = make_manifest(
         started_at=started,
         ended_at=started + timedelta(minutes=minutes),
         dump_key=dump_key(stem, ".zst"),
         bytes=10,
         raw_bytes=20,
-        sha256="0" * 64,
-        compression="zstd",
-        compression_level=3,
-        dump_options=[],
     )
     return Backup(stem, manifest, [manifest.dump_key, stem + ".manifest.json"])
 

@@ -7,32 +7,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from flows.core.catalog import deletion_order, read_catalog
-from flows.core.compression import Compression
 from flows.core.layout import backup_stem, dump_key, globals_key, manifest_key
-from flows.core.manifest import Manifest, Verification
+from flows.core.manifest import Verification
 from flows.core.objectstore import LocalObjectStore
 from flows.core.retention import BackupRecord, RetentionPolicy, plan_retention
+from tests.harness.factories import make_manifest
 
 BACKUPS = 34_000  # x3 objects (dump, manifest, globals) = 102,000 objects
 
 
 def write_history(root: Path, now: datetime) -> list[str]:
-    template = Manifest(
-        database="imagemanager",
-        server="db:5432",
-        server_version="15.18",
-        pg_dump_version="15.18",
-        started_at=now,
-        ended_at=now,
-        dump_key="x",
-        bytes=10,
-        raw_bytes=10,
-        sha256="0" * 64,
-        compression=Compression.zstd,
-        compression_level=3,
-        dump_options=[],
-        verified=True,
-        verification=Verification(method="list"),
+    template = make_manifest(
+        when=now, bytes=10, raw_bytes=10, verified=True, verification=Verification(method="list")
     )
     stems = []
     for i in range(BACKUPS):

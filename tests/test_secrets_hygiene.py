@@ -128,21 +128,9 @@ def test_child_environment_keeps_what_tools_need_and_drops_credentials() -> None
         "PGOPTIONS": "-c x=y",
     }
     env = child_environment({"PGHOST": "db1", "PGOPTIONS": "-c lock_timeout=1000"}, environ=worker)
-    assert env == {
-        "PATH": "/usr/bin",
-        "HOME": "/home/w",
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "TZ": "UTC",
-        "TMPDIR": "/tmp/w",
-        "PGSSLROOTCERT": "/etc/root.crt",
-        "PGSSLCERT": "/etc/client.crt",
-        "PGSSLKEY": "/etc/client.key",
-        "PGCLIENTENCODING": "UTF8",
-        "KRB5CCNAME": "FILE:/tmp/krb",
-        "PGHOST": "db1",
-        "PGOPTIONS": "-c lock_timeout=1000",
-    }
+    kept = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"]
+    kept += ["PGCLIENTENCODING", "KRB5CCNAME"]
+    assert env == {**{k: worker[k] for k in kept}, "PGHOST": "db1", "PGOPTIONS": "-c lock_timeout=1000"}
 
 
 @pytest.mark.parametrize(

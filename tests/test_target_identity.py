@@ -25,9 +25,10 @@ from flows.tasks.identity import identify_target
 from flows.tasks.migrate import refresh_staging
 from flows.tasks.restore import drop_scratch_database
 from tests.conftest import make_database_block, make_local_block
+from tests.harness.factories import conn_params, sample_database
+from tests.harness.migrate_env import FAST, MIGRATE_APP, revision
 from tests.harness.pg import PgCluster
-from tests.test_migrate_flow import FAST, MIGRATE_APP, conn_params, revision
-from tests.test_nightly_dump_flow import failure_message, sample_database
+from tests.harness.runs import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

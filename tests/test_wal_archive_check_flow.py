@@ -24,6 +24,7 @@ from flows.core.wal_server import Thresholds
 from flows.wal_archive_check import CheckOptions, wal_archive_check
 from tests.conftest import make_s3_block
 from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until
+from tests.harness.runs import failure_message
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -97,14 +98,6 @@ def switch_and_wait_archived(cluster: PgCluster, count: int = 1) -> list[str]:
         )
         names.append(name)
     return names
-
-
-def failure_message(state) -> str:
-    try:
-        state.result()
-    except Exception as exc:
-        return str(exc)
-    raise AssertionError(f"expected a failed run, got {state.type}")
 
 
 def artifact_rows(database: str) -> dict[str, dict]:
@@ -597,7 +590,7 @@ def test_full_verify_finds_a_segment_deleted_behind_the_watermark_in_s3_pgbackre
     from flows.core.wal import segment_name
     from flows.core.wal_archive import WalArchive, check_contents
     from flows.core.wal_server import CheckState
-    from tests.test_wal_arithmetic import MiB, _snapshot_at
+    from tests.harness.factories import MiB, snapshot_at
 
     client = s3.client()
     prefix = "archive/main/15-1"
@@ -607,13 +600,13 @@ def test_full_verify_finds_a_segment_deleted_behind_the_watermark_in_s3_pgbackre
         keys[segno] = f"pg/{prefix}/{name[:16]}/{name}-{'0' * 40}.gz"
         client.put_object(Bucket=bucket, Key=keys[segno], Body=gzip.compress(b"wal"))
     archive = WalArchive(S3ObjectStore(client, bucket, "pg"), prefix)
-    first = check_contents(archive, _snapshot_at(4109), CheckState(), 4096)
+    first = check_contents(archive, snapshot_at(4109), CheckState(), 4096)
     assert first.full
     assert first.missing == []
     assert first.list_requests == 2  # one listing per log id
     state = CheckState(segment_size=MiB, verified_through=4109, verified_from=first.window_first)
     client.delete_object(Bucket=bucket, Key=keys[4095])
-    assert check_contents(archive, _snapshot_at(4109), state, 4096).missing == []
-    full = check_contents(archive, _snapshot_at(4109), state, 4096, full=True)
+    assert check_contents(archive, snapshot_at(4109), state, 4096).missing == []
+    full = check_contents(archive, snapshot_at(4109), state, 4096, full=True)
     assert full.missing == [segment_name(1, 4095, MiB)]
     assert full.list_requests == 2

@@ -32,8 +32,7 @@ from flows.core.wal_server import (
     check_settings,
     check_stall,
 )
-
-MiB = 1024 * 1024
+from tests.harness.factories import MiB, archive_settings, snapshot_at
 
 
 def test_segment_names_depend_on_wal_segment_size() -> None:
@@ -170,39 +169,26 @@ def test_same_oldest_waiting_segment_after_the_stall_time_is_critical() -> None:
     assert check_stall(name, "000000010000000000000008", now - timedelta(hours=1), now, t).status == "ok"
 
 
-def _settings(**kw: object) -> ArchiveSettings:
-    base: dict[str, object] = {
-        "wal_level": "replica",
-        "archive_mode": "on",
-        "archive_command": "cp %p /wal/%f",
-        "segment_size": 16 * MiB,
-        "in_recovery": False,
-        "server": "db:5432",
-    }
-    return ArchiveSettings(**{**base, **kw})  # type: ignore[arg-type]
-
-
 def test_wal_level_minimal_is_critical_and_archive_library_counts_as_a_command() -> None:
-    checks = {c.name: c for c in check_settings(_settings(wal_level="minimal"))}
+    checks = {c.name: c for c in check_settings(archive_settings(wal_level="minimal"))}
     assert checks["wal_level"].status == "critical"
     assert "wal_level = replica" in checks["wal_level"].message
-    checks = {
-        c.name: c for c in check_settings(_settings(archive_command="", archive_library="basic_archive"))
-    }
+    library = archive_settings(archive_command="", archive_library="basic_archive")
+    checks = {c.name: c for c in check_settings(library)}
     assert checks["archive_command"].status == "ok"
     assert "basic_archive" in checks["archive_command"].figure
     assert checks["archive_timeout"].figure.startswith("0 ")
 
 
 def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
-    from flows.core.wal_server import Backlog, ServerSnapshot, WalPositionNow, check_lag
+    from flows.core.wal_server import ServerSnapshot, WalPositionNow, check_lag
 
     now = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
     def snap(archived_segno: int, current_segno: int, archived_at: datetime) -> ServerSnapshot:
         size = 16 * MiB
         return ServerSnapshot(
-            settings=_settings(),
+            settings=archive_settings(),
             archiver=ArchiverStats(
                 archived_count=1,
                 last_archived_wal=segment_name(1, archived_segno, size),
@@ -237,27 +223,6 @@ def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
 # -- full re-verification: a hole behind the watermark -------------------------------------------------------
 
 
-def _snapshot_at(last_segno: int, size: int = MiB) -> ServerSnapshot:
-    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-    return ServerSnapshot(
-        settings=_settings(segment_size=size),
-        archiver=ArchiverStats(
-            archived_count=last_segno,
-            last_archived_wal=segment_name(1, last_segno, size),
-            last_archived_time=now,
-            failed_count=0,
-            last_failed_wal=None,
-            last_failed_time=None,
-            stats_reset=None,
-        ),
-        position=None,
-        backlog=Backlog(ready=0),
-        standbys=[],
-        user="test",
-        taken_at=now,
-    )
-
-
 def _archive_dir(tmp_path, segnos: range) -> WalArchive:
     for s in segnos:
         (tmp_path / segment_name(1, s, MiB)).write_bytes(b"")
@@ -290,7 +255,7 @@ def test_full_verify_is_due_once_a_day_on_demand_and_on_the_first_run() -> None:
 def test_segment_deleted_behind_the_watermark_is_found_only_by_a_full_verify(tmp_path) -> None:
     archive = _archive_dir(tmp_path, range(100, 201))
     t0 = datetime(2026, 11, 29, tzinfo=UTC)
-    first = check_contents(archive, _snapshot_at(200), CheckState(), 4096)
+    first = check_contents(archive, snapshot_at(200), CheckState(), 4096)
     assert first.full
     assert first.window_first == 100
     assert first.verified_through == 200
@@ -299,17 +264,17 @@ def test_segment_deleted_behind_the_watermark_is_found_only_by_a_full_verify(tmp
     (tmp_path / segment_name(1, 100, MiB)).unlink()  # the oldest one: a hole, not where archiving began
     for s in range(201, 206):
         (tmp_path / segment_name(1, s, MiB)).write_bytes(b"")
-    incremental = check_contents(archive, _snapshot_at(205), state, 4096)
+    incremental = check_contents(archive, snapshot_at(205), state, 4096)
     assert not incremental.full
     assert incremental.checks[-2].status == "ok"  # [-1] is the listing row
     assert incremental.checks[-1].figure.startswith("incremental")
     state = _next(state, incremental, t0)
-    full = check_contents(archive, _snapshot_at(205), state, 4096, full=True, why="asked for")
+    full = check_contents(archive, snapshot_at(205), state, 4096, full=True, why="asked for")
     assert full.full
     assert full.missing == [segment_name(1, 100, MiB), segment_name(1, 150, MiB)]
     assert full.checks[-1].figure.startswith("full re-verify (asked for): ")
     assert full.verified_through == 99  # the watermark goes back to the hole: later runs keep reporting it
-    again = check_contents(archive, _snapshot_at(205), _next(state, full, t0), 4096)
+    again = check_contents(archive, snapshot_at(205), _next(state, full, t0), 4096)
     assert not again.full
     assert again.missing_count == 2
 
@@ -318,11 +283,11 @@ def test_full_verify_window_is_window_segments_back_or_from_the_oldest_needed_se
     archive = _archive_dir(tmp_path, range(1, 301))
     (tmp_path / segment_name(1, 20, MiB)).unlink()
     state = CheckState(segment_size=MiB, verified_through=300)
-    windowed = check_contents(archive, _snapshot_at(300), state, 100, full=True)
+    windowed = check_contents(archive, snapshot_at(300), state, 100, full=True)
     assert windowed.first == 201
     assert windowed.missing == []  # 100 back: the old hole is not ours
     needed = check_contents(
-        archive, _snapshot_at(300), state, 100, full=True, oldest_needed_segment=segment_name(1, 10, MiB)
+        archive, snapshot_at(300), state, 100, full=True, oldest_needed_segment=segment_name(1, 10, MiB)
     )
     assert needed.first == 10
     assert needed.missing == [segment_name(1, 20, MiB)]
