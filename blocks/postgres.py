@@ -30,7 +30,8 @@ class PostgresDatabase(Block):
         ```
         Use it in a flow:
         ```python
-        db = PostgresDatabase.load("imagemanager-prod")
+        from blocks import PostgresDatabase
+        db = PostgresDatabase.load("BLOCK_NAME")
         with db.connect() as conn:
             conn.execute("SELECT 1")
         ```
@@ -40,6 +41,8 @@ class PostgresDatabase(Block):
     _block_type_slug = "postgres-database"
     _logo_url = HttpUrl("https://www.postgresql.org/media/img/about/press/elephant.png")
     _description = "Connection details for a PostgreSQL database managed by dbops."
+    # the fields are libpq's connection parameters, documented there
+    _documentation_url = HttpUrl("https://www.postgresql.org/docs/current/libpq-connect.html")
 
     host: str = Field(description="Server host name or IP address.")
     port: int = Field(default=5432, ge=1, le=65535, description="Server port.")
