@@ -44,7 +44,6 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
-SAMPLE = ROOT / "examples" / "imagemanager"
 DBNAME = "imagemanager"
 BUCKET = "bench-backups"
 DB_BLOCK = "bench-imagemanager"
@@ -188,43 +187,11 @@ def run_measured(argv: list[str], *, env: dict[str, str], log: Path | None = Non
 # -- setup: cluster, database, S3, Prefect -----------------------------------------------------------------
 
 
-def open_cluster(workdir: Path):  # -> PgCluster
-    """A cluster in WORKDIR/pg: created on first use; a kept WORKDIR is reused (same password, new port)."""
-    from deployments.sandbox import PgCluster, free_port
-
-    meta = workdir / "cluster.json"
-    if meta.exists():
-        saved = json.loads(meta.read_text())
-        cluster = PgCluster(base_dir=workdir / "pg", port=free_port(), password=saved["password"])
-        with (cluster.data_dir / "postgresql.auto.conf").open("a") as f:
-            f.write(f"port = {cluster.port}\n")  # the last setting wins
-    else:
-        cluster = PgCluster(base_dir=workdir / "pg", port=free_port())
-        cluster.init()
-        fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"password": cluster.password}, f)
-    cluster.start()
-    return cluster
-
-
-def alembic_upgrade(cluster: Any) -> None:
-    """The application's own migrations, as deployments/demo.py runs them (DATABASE_URL + PGPASSWORD)."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgresql+psycopg://{cluster.superuser}@{cluster.host}:{cluster.port}/{DBNAME}",
-        "PGPASSWORD": cluster.password,
-    }
-    subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=SAMPLE, env=env, check=True,
-        capture_output=True,
-    )
-
-
 def build_database(cluster: Any, workdir: Path, target_bytes: int) -> dict[str, Any]:
     """imagemanager at Alembic head with ~target_bytes of data, vacuumed; skipped when a kept one matches."""
     import psycopg.sql
 
+    from deployments.sample_app import alembic_upgrade
     from examples.imagemanager.generate import generate
 
     marker = workdir / "database.json"
@@ -237,7 +204,7 @@ def build_database(cluster: Any, workdir: Path, target_bytes: int) -> dict[str, 
             conn.execute(psycopg.sql.SQL("DROP DATABASE {}").format(psycopg.sql.Identifier(DBNAME)))
     t0 = time.monotonic()
     cluster.create_database(DBNAME)
-    alembic_upgrade(cluster)
+    alembic_upgrade(cluster.host, cluster.port, cluster.superuser, cluster.password, DBNAME, quiet=True)
     t1 = time.monotonic()
     counts = generate(cluster.conninfo(DBNAME), target_bytes=target_bytes, seed=0)
     t2 = time.monotonic()
@@ -586,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster = None
     try:
         print(f"== cluster in {workdir}")
-        cluster = open_cluster(workdir)
+        from deployments.sandbox import persistent_cluster
+
+        cluster = persistent_cluster(workdir / "pg")  # a kept WORKDIR reuses it (same port and password)
         print(f"== imagemanager database, ~{args.size} (Alembic head + generate.py, then VACUUM FREEZE)")
         db = build_database(cluster, workdir, target)
         print(
