@@ -102,7 +102,10 @@ class PgCluster:
         return psycopg.connect(self.conninfo(dbname), autocommit=autocommit, **kw)
 
     def sql(
-        self, query: str, dbname: str = "postgres", params: Sequence[Any] | Mapping[str, Any] | None = None
+        self,
+        query: str | psycopg.sql.SQL | psycopg.sql.Composed,
+        dbname: str = "postgres",
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
     ) -> list[tuple]:
         """Run one statement as superuser and return its rows (empty when it returns none)."""
         with self.connect(dbname) as conn:

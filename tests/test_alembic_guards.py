@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -51,14 +52,14 @@ ASYNCPG = Sample("async_app", "postgresql+asyncpg", "0001_items", "0002_items_no
 BOTH = pytest.mark.parametrize("sample", [PSYCOPG, ASYNCPG], ids=["psycopg", "asyncpg"])
 
 
-def app_copy(tmp_path: Path, sample: Sample, extra: dict[str, str] | None = None, **kw: object) -> AlembicApp:
+def app_copy(tmp_path: Path, sample: Sample, extra: dict[str, str] | None = None, **kw: Any) -> AlembicApp:
     """A copy of the sample app (plus extra revision files) so a test can add revisions of its own."""
     root = tmp_path / sample.folder
     shutil.copytree(FIXTURES / sample.folder, root, ignore=shutil.ignore_patterns("__pycache__"))
     for name, source in (extra or {}).items():
         (root / "alembic" / "versions" / name).write_text(source)
     kw.setdefault("timeout_s", 60)
-    return AlembicApp(root / "alembic.ini", driver=sample.driver, **kw)  # type: ignore[arg-type]
+    return AlembicApp(root / "alembic.ini", driver=sample.driver, **kw)
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def migrate_sessions(pg: PgCluster, database: str, lock_wait: bool = False) -> b
     return bool(rows)
 
 
-def allow_connections(database: str, allow: bool) -> str:
+def allow_connections(database: str, allow: bool) -> sql.Composed:
     return sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
         sql.Identifier(database), sql.SQL("true" if allow else "false")
     )

@@ -390,7 +390,9 @@ def test_lease_key_is_layout_and_its_expiry_is_timezone_aware(store: ObjectStore
     stem = write_backup(store, 1)
     key = take_lease(store, stem, "a/b c", "restore", timedelta(hours=1))
     assert key == lease_key(stem, "a/b c")
-    assert parse_key(key, PREFIX, DB).kind == "lease"
+    parsed = parse_key(key, PREFIX, DB)
+    assert parsed is not None
+    assert parsed.kind == "lease"
     lease = Lease.from_json(store.get_bytes(key))
     assert lease.expires_at.tzinfo is not None
     assert lease.expires_at - lease.taken_at == timedelta(hours=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -24,8 +25,8 @@ def write_yaml(tmp_path: Path, deployments: list[dict]) -> Path:
     return path
 
 
-def dump_deployment(unique: str, **overrides: object) -> dict:
-    spec = {
+def dump_deployment(unique: str, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
         "name": f"nightly-{unique}",
         "entrypoint": "flows/nightly_dump.py:nightly_dump",
         "work_pool": {"name": f"pool-{unique}"},

@@ -144,6 +144,7 @@ def test_killed_pg_dump_leaves_no_object_and_no_open_multipart_upload(
     assert killed, "the progress callback never saw pg_dump's bytes"
     assert "SIGKILL" in str(info.value)
     assert is_transient(info.value)
+    assert started.proc is not None
     assert started.proc.returncode == -signal.SIGKILL
     assert_nothing_stored(store)
 
@@ -179,6 +180,7 @@ def test_dropped_database_connection_is_transient_and_leaves_no_object(
     assert is_transient(info.value)
     assert "terminating connection" in str(info.value)
     assert "retried" in str(info.value)
+    assert started.proc is not None
     assert started.proc.returncode not in (None, 0)
     assert_nothing_stored(store)
 
@@ -221,6 +223,7 @@ def test_missing_select_privilege_is_permission_denied_with_the_grant_fix(
     assert "SELECT" in message
     assert "permission denied for table audit" in message, message  # the failure, not pg_dump's query
     assert password not in message
+    assert started.proc is not None
     assert started.proc.returncode == 1
     assert_nothing_stored(store)
 
@@ -268,7 +271,7 @@ def test_s3_endpoint_dying_mid_upload_is_a_named_error_and_stops_pg_dump(
 def test_password_never_in_pg_dump_argv_or_environment_and_passfile_is_private_and_removed(
     pg: PgCluster, small_db: str, pg_dump: PgTool, store: S3ObjectStore
 ):
-    seen: dict[str, object] = {}
+    seen: dict[str, Any] = {}
 
     def on_start(proc: subprocess.Popen[bytes]) -> None:
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()

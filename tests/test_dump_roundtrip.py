@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from psycopg import sql
@@ -155,9 +156,9 @@ def tools(pg: PgCluster) -> tuple[PgTool, PgTool]:
 # -- what "identical contents" means -------------------------------------------------------------------------
 
 
-def snapshot(pg: PgCluster, dbname: str) -> dict[str, object]:
+def snapshot(pg: PgCluster, dbname: str) -> dict[str, Any]:
     """Checksums of everything a restore must bring back, keyed by what they describe."""
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     with connect(conn_params(pg, dbname)) as conn:
         relations = conn.execute(
             """
@@ -190,7 +191,7 @@ def snapshot(pg: PgCluster, dbname: str) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def source_snapshot(pg: PgCluster, source_db: str) -> dict[str, object]:
+def source_snapshot(pg: PgCluster, source_db: str) -> dict[str, Any]:
     snap = snapshot(pg, source_db)
     # The fixture must contain what the test claims to cover, or equality proves nothing.
     for table in ("sales.customers", "sales.events_2025", "sales.events_other", "public.sparse"):
@@ -230,7 +231,7 @@ def pg_restore(pg: PgCluster, tool: PgTool, archive: Path, dbname: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def assert_same_contents(before: dict[str, object], after: dict[str, object]) -> None:
+def assert_same_contents(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert sorted(after) == sorted(before)
     different = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert different == {}
@@ -311,7 +312,7 @@ def test_s3_dump_restored_with_stock_pg_restore_has_identical_contents(
     s3: S3Endpoint,
     bucket: str,
     source_db: str,
-    source_snapshot: dict[str, object],
+    source_snapshot: dict[str, Any],
     restore_db: str,
     tmp_path: Path,
     zstd_cli: str,
@@ -333,7 +334,7 @@ def test_s3_dump_restored_with_stock_pg_restore_has_identical_contents(
 def test_local_directory_dump_restored_with_stock_pg_restore_has_identical_contents(
     pg: PgCluster,
     source_db: str,
-    source_snapshot: dict[str, object],
+    source_snapshot: dict[str, Any],
     restore_db: str,
     tmp_path: Path,
     zstd_cli: str,

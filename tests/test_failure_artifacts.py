@@ -11,17 +11,14 @@ from flows.tasks.common import artifact_key, failure_sentence
 from tests.conftest import make_s3_block
 from tests.harness.factories import sample_database
 from tests.harness.pg import PgCluster, free_port
-from tests.harness.runs import failure_message
+from tests.harness.runs import artifact, artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
 
 
 def latest_artifact(key: str) -> str:
-    from prefect.artifacts import Artifact
-
-    artifact = Artifact.get(key)
-    assert artifact is not None, f"no artifact {key}"
-    assert isinstance(artifact.data, str)
-    return artifact.data
+    data = artifact(key).data
+    assert isinstance(data, str)
+    return data
 
 
 def test_unexpected_error_is_type_and_first_line_without_the_password() -> None:
@@ -83,9 +80,7 @@ def test_refused_restore_and_listing_publish_their_refusal(unique: str, s3: S3En
 def test_judged_failure_keeps_its_table_and_ends_with_the_sentence(
     unique: str, s3: S3Endpoint, bucket: str
 ) -> None:
-    import json
 
-    from prefect.artifacts import Artifact
 
     from flows.restore_drill import restore_drill
 
@@ -96,7 +91,5 @@ def test_judged_failure_keeps_its_table_and_ends_with_the_sentence(
     assert state.is_failed()
     assert state.message == failure_message(state)
     assert not state.message.startswith("Flow run encountered")
-    artifact = Artifact.get(artifact_key("restore-drill", f"none_{unique}"))
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    table = artifact_table(artifact_key("restore-drill", f"none_{unique}"))
     assert {row["item"]: row["value"] for row in table}["result"] == "FAILED"

@@ -11,6 +11,7 @@ from flows.core.index_baseline import (
     BaselineState,
     IndexShape,
     SizeJudgement,
+    Source,
     apply_size_rule,
     dedup_applies,
     fresh_btree_bytes_per_tuple,
@@ -149,8 +150,10 @@ def test_density_choice_also_shows_the_size_figures() -> None:
 
 
 def test_learning_keeps_honest_measurements_lowers_kept_ones_and_forgets_dropped_indexes() -> None:
-    def judgement(name: str, current: float, baseline: float, source: str, estimate: float) -> SizeJudgement:
-        return SizeJudgement(name, "abc", current, baseline, source, estimate)  # type: ignore[arg-type]
+    def judgement(
+        name: str, current: float, baseline: float, source: Source, estimate: float
+    ) -> SizeJudgement:
+        return SizeJudgement(name, "abc", current, baseline, source, estimate)
 
     state = BaselineState(
         indexes={

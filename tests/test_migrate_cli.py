@@ -4,15 +4,15 @@ deployment, whose runs a small in-process worker (below) executes with Prefect's
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
-from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+from prefect.deployments.runner import RunnerDeployment
 from prefect.flow_engine import run_flow
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -20,6 +20,7 @@ from deployments.migrate_cli import register
 from flows.migrate import migrate
 from tests.harness.migrate_env import MIGRATE_APP, Env, env_fixture  # noqa: F401 - the env fixture
 from tests.harness.pg import free_port, wait_until
+from tests.harness.runs import artifact_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,15 @@ def test_missing_deployment_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert "does not exist" in capsys.readouterr().out
 
 
+def deploy(name: str) -> UUID:
+    """The migrate flow as deployment `name` of this API; its id."""
+    deployment = migrate.to_deployment(name=name)
+    assert isinstance(deployment, RunnerDeployment)  # to_deployment is sync outside an event loop
+    deployment_id = deployment.apply()
+    assert isinstance(deployment_id, UUID)
+    return deployment_id
+
+
 def _worker(deployment_id: Any, box: dict[str, Any]) -> threading.Thread:
     """Run the deployment's next flow run in this process, as a worker would (Scheduled → Running → ...)."""
 
@@ -73,7 +83,12 @@ def _worker(deployment_id: Any, box: dict[str, Any]) -> threading.Thread:
 
     def work() -> None:
         found: list = []
-        wait_until(lambda: bool(found.extend(scheduled()) or found), timeout=60, what="a flow run to pick up")
+
+        def picked_one() -> bool:
+            found.extend(scheduled())
+            return bool(found)
+
+        wait_until(picked_one, timeout=60, what="a flow run to pick up")
         flow_run = found[0]
         box["state"] = run_flow(
             migrate, flow_run=flow_run, parameters=flow_run.parameters, return_type="state"
@@ -93,8 +108,9 @@ def test_exit_code_follows_the_final_state_of_the_run(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     name = f"migrate-{outcome}-{unique}"
-    deployment_id = migrate.to_deployment(name=name).apply()
-    worker = _worker(deployment_id, box := {})
+    deployment_id = deploy(name)
+    box: dict[str, Any] = {}
+    worker = _worker(deployment_id, box)
     target = "head" if outcome == "completed" else "0099_not_in_the_tree"
     params = [
         f"database={env.prod_block}",
@@ -111,8 +127,7 @@ def test_exit_code_follows_the_final_state_of_the_run(
     if outcome == "completed":
         assert code == 0, out
         assert "ended Completed: dry run: would apply 0002_nickname, 0003_email_unique" in out
-        artifact = Artifact.get(f"migrate-{env.prod}".replace("_", "-"))
-        table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+        table = artifact_table(f"migrate-{env.prod}".replace("_", "-"))
         assert {r["item"]: r["value"] for r in table}["trigger"] == "api"  # the tag dbops migrate sets
     else:
         assert code == 1, out
@@ -128,7 +143,7 @@ def test_exit_code_follows_the_final_state_of_the_run(
 @pytest.mark.usefixtures("prefect_api")
 def test_timeout_exits_2_and_leaves_the_run_alone(unique: str, capsys: pytest.CaptureFixture[str]) -> None:
     name = f"migrate-nobody-runs-it-{unique}"
-    migrate.to_deployment(name=name).apply()  # no worker: the run stays Scheduled
+    deploy(name)  # no worker: the run stays Scheduled
     argv = ["--deployment", f"migrate/{name}", "--wait", "--timeout", "0.5", "--poll-interval", "0.1"]
     # the server checks the parameters against the flow's schema: nothing starts without the required ones
     assert run_cli(*argv) == 1

@@ -18,7 +18,6 @@ from uuid import UUID
 
 import pytest
 from prefect import tags
-from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -47,7 +46,7 @@ from tests.harness.migrate_env import (
     revision,
 )
 from tests.harness.pg import PgCluster, wait_until
-from tests.harness.runs import failure_message, run_logs
+from tests.harness.runs import artifact, failure_message, run_logs
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -100,8 +99,7 @@ def test_happy_path_from_old_revision_to_head_on_staging_then_production(env: En
     assert values["approver"] == "-"
     assert "production" in values[f"revision {HEAD}"]
     assert pg.password not in json.dumps(values)
-    sql = Artifact.get(f"migrate-sql-{env.prod}".replace("_", "-"))
-    assert sql is not None
+    sql = artifact(f"migrate-sql-{env.prod}".replace("_", "-"))
     assert "CREATE UNIQUE INDEX CONCURRENTLY accounts_email_key" in str(sql.data)
 
     # a second run has nothing to do: Completed "already at", no new backup
@@ -204,8 +202,11 @@ def test_approval_pause_and_resume_while_a_second_run_fails_fast(
 
     # the form shows the backup key, staging timings and the lint result
     with get_client(sync_client=True) as client:
-        keyset = client.read_flow_run(run_id).state.state_details.run_input_keyset
-    description = read_flow_run_input(keyset["description"], flow_run_id=run_id)
+        paused = client.read_flow_run(run_id).state
+    assert paused is not None
+    keyset = paused.state_details.run_input_keyset
+    assert keyset is not None
+    description = str(read_flow_run_input(keyset["description"], flow_run_id=run_id))
     assert "Rollback point (pre-backup): `prod/" in description
     assert "| 0002_nickname |" in description
     assert "Lint: 0 finding(s), none" in description
@@ -265,7 +266,8 @@ def test_table_locked_by_another_session_makes_production_retry_then_fail_cleanl
 def test_dry_run_plans_lints_and_changes_nothing(env: Env, pg: PgCluster) -> None:
     state = env.run(dry_run=True)
     assert state.is_completed(), failure_message(state)
-    assert state.message.startswith(f"dry run: would apply 0002_nickname, {HEAD} (0001_base → {HEAD})")
+    planned = f"dry run: would apply 0002_nickname, {HEAD} (0001_base → {HEAD})"
+    assert (state.message or "").startswith(planned)
     assert revision(pg, env.prod) == "0001_base"
     assert log_counts(pg, env.prod) == {}
     assert revision(pg, env.staging) is None

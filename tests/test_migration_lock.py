@@ -46,6 +46,7 @@ def test_second_acquirer_fails_fast_naming_the_holder(params: ConnParams) -> Non
         assert f"pid {lock.pid}" in message
         assert "dbops-migrate-first" in message
         assert params.database in message
+        assert params.password
         assert params.password not in message
         assert not is_transient(caught.value)
     with migration_lock(second) as again:  # released on exit

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from uuid import UUID
 
 import pytest
+from prefect import State
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -17,6 +16,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilter,  # noqa: F401 - used through the client API
 )
 
+from flows.core.compression import Compression
 from flows.core.layout import DUMP_RE
 from flows.core.manifest import Manifest
 from flows.core.retention import RetentionPolicy
@@ -24,14 +24,16 @@ from flows.nightly_dump import DumpOptions, nightly_dump
 from tests.conftest import make_database_block, make_local_block, make_s3_block
 from tests.harness.factories import sample_database
 from tests.harness.pg import PgCluster
-from tests.harness.runs import failure_message, run_logs
+from tests.harness.runs import artifact_table, failure_message, run_logs, saved_database
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
-def task_runs(flow_run_id: UUID) -> dict[str, int]:
-    """How many times each task ran in a flow run (run_count counts retries)."""
+def task_runs(state: State) -> dict[str, int]:
+    """How many times each task ran in the flow run that ended in `state` (run_count counts retries)."""
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     counts: dict[str, int] = {}
@@ -88,7 +90,7 @@ def test_dump_lands_in_s3_with_manifest_written_last_and_matching_sha256(
 
 def test_dump_to_local_storage_with_globals(db: str, tmp_path: Path, unique: str) -> None:
     storage = make_local_block(f"local-{unique}", tmp_path / "backups")
-    report = nightly_dump(database=db, storage=storage, globals=True, compression="gzip")
+    report = nightly_dump(database=db, storage=storage, globals=True, compression=Compression.gzip)
     assert (tmp_path / "backups" / report.key).is_file()
     assert report.key.endswith(".dump")
     manifest = Manifest.from_json((tmp_path / "backups" / report.manifest_key).read_bytes())
@@ -100,12 +102,8 @@ def test_dump_to_local_storage_with_globals(db: str, tmp_path: Path, unique: str
 
 
 def test_artifact_reports_key_sha_and_retention(db: str, s3_storage: str) -> None:
-    from prefect.artifacts import Artifact
-
     report = nightly_dump(database=db, storage=s3_storage, retention=RetentionPolicy(keep_last=3))
-    artifact = Artifact.get(f"nightly-dump-{report.database.replace('_', '-')}")
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    table = artifact_table(f"nightly-dump-{report.database.replace('_', '-')}")
     values = {row["item"]: row["value"] for row in table}
     assert values["key"] == report.key
     assert values["sha256"] == report.sha256
@@ -128,7 +126,7 @@ def test_wrong_password_fails_on_first_try_and_is_not_logged(
     assert "rejected the password" in message
     assert "fix the password" in message
     # the first connection identifies the database for its db:<...> limit; permanent: no retry
-    assert task_runs(state.state_details.flow_run_id)["identify_target"] == 1
+    assert task_runs(state)["identify_target"] == 1
     logs = run_logs(state)
     assert secret not in logs
     assert secret not in message
@@ -145,7 +143,7 @@ def test_unreachable_database_is_retried_then_fails_clearly(unique: str, s3_stor
     assert state.is_failed()
     assert "cannot reach PostgreSQL" in failure_message(state)
     # the first connection identifies the database for its db:<...> limit: retried, then one sentence
-    assert task_runs(state.state_details.flow_run_id)["identify_target"] == 1 + int(
+    assert task_runs(state)["identify_target"] == 1 + int(
         os.environ["DBOPS_TASK_RETRIES"]
     )
 
@@ -154,7 +152,7 @@ def test_missing_database_fails_fast(pg: PgCluster, unique: str, s3_storage: str
     make_database_block(pg, f"nodb-{unique}", f"does_not_exist_{unique}")
     state = nightly_dump(database=f"nodb-{unique}", storage=s3_storage, return_state=True)
     assert "does not exist" in failure_message(state)
-    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1
+    assert task_runs(state)["check_database"] == 1
 
 
 def test_missing_bucket_fails_fast_naming_it(db: str, s3: S3Endpoint, unique: str) -> None:
@@ -163,7 +161,7 @@ def test_missing_bucket_fails_fast_naming_it(db: str, s3: S3Endpoint, unique: st
     message = failure_message(state)
     assert f"no-such-bucket-{unique}" in message
     assert "does not exist" in message
-    assert task_runs(state.state_details.flow_run_id)["check_storage"] == 1
+    assert task_runs(state)["check_storage"] == 1
 
 
 def test_unknown_block_is_one_sentence(s3_storage: str) -> None:
@@ -175,7 +173,8 @@ def test_unknown_block_is_one_sentence(s3_storage: str) -> None:
 
 def test_negative_retention_is_refused_before_any_work(db: str, s3_storage: str) -> None:
     with pytest.raises(Exception, match="keep_daily must be 0 or more"):
-        nightly_dump(database=db, storage=s3_storage, retention={"keep_daily": -1})
+        # what a deployment sends: JSON, which Prefect validates into the parameter's model
+        nightly_dump(database=db, storage=s3_storage, retention={"keep_daily": -1})  # type: ignore[call-overload]
 
 
 def test_out_of_range_compression_level_is_refused(db: str, s3_storage: str) -> None:
@@ -236,7 +235,7 @@ def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
     before = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
     # A role that may connect but not read the table: pg_dump fails with "permission denied".
     pg.create_role(f"weak_{unique}", "weakpw")
-    dbname = PostgresDatabase.load(db).database
+    dbname = saved_database(db).database
     PostgresDatabase(
         host=pg.host, port=pg.port, database=dbname, user=f"weak_{unique}", password="weakpw"
     ).save(f"weak-{unique}")
@@ -249,7 +248,7 @@ def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
     message = failure_message(state)
     assert "cannot read 3 tables or sequences" in message
     assert "grant it pg_read_all_data" in message
-    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1
+    assert task_runs(state)["check_database"] == 1
     after = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
     assert after == before
     assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
@@ -266,10 +265,9 @@ def test_unverified_dump_does_not_run_retention(db: str, s3_storage: str) -> Non
 
 
 def test_implausibly_small_dump_is_discarded(pg: PgCluster, db: str, s3_storage: str) -> None:
-    from blocks import PostgresDatabase
 
     first = nightly_dump(database=db, storage=s3_storage)
-    pg.sql("TRUNCATE images", dbname=PostgresDatabase.load(db).database)
+    pg.sql("TRUNCATE images", dbname=saved_database(db).database)
     state = nightly_dump(
         database=db,
         storage=s3_storage,
@@ -298,7 +296,7 @@ def test_dump_waits_for_the_database_lock_and_gives_up_clearly(db: str, s3_stora
             database=db, storage=s3_storage, options=DumpOptions(lock_wait_hours=0.0005), return_state=True
         )
     assert f"held {name} ({db})" in failure_message(state)
-    assert "upload_dump" not in task_runs(state.state_details.flow_run_id)
+    assert "upload_dump" not in task_runs(state)
 
 
 def test_unreachable_s3_endpoint_is_retried_then_fails_clearly(db: str, unique: str) -> None:
@@ -319,7 +317,7 @@ def test_unreachable_s3_endpoint_is_retried_then_fails_clearly(db: str, unique: 
     state = nightly_dump(database=db, storage=f"s3-bucket/s3down-{unique}", return_state=True)
     assert "cannot reach the S3 endpoint" in failure_message(state)
     retries = int(os.environ["DBOPS_TASK_RETRIES"])
-    assert task_runs(state.state_details.flow_run_id)["check_storage"] == 1 + retries
+    assert task_runs(state)["check_storage"] == 1 + retries
 
 
 def test_an_unreadable_manifest_and_foreign_objects_are_left_alone_while_dump_and_retention_run(

@@ -68,7 +68,9 @@ def test_multipart_put_stream_round_trips_bytes_exactly_in_five_mib_parts(s3: S3
     assert store.get_bytes("dumps/a.dump") == data
     raw = client.get_object(Bucket=bucket, Key="prod/db/dumps/a.dump")["Body"].read()
     assert hashlib.sha256(raw).digest() == hashlib.sha256(data).digest()
-    assert store.head("dumps/a.dump").size == len(data)
+    head = store.head("dumps/a.dump")
+    assert head is not None
+    assert head.size == len(data)
     assert store.list_incomplete_uploads() == []
 
 

@@ -3,14 +3,12 @@ only server connection in a transaction makes a second client wait, and the chec
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from prefect.artifacts import Artifact
 
 from blocks import PostgresDatabase
 from flows.core.health.pooler import PoolerThresholds, connect_console, judge, read_pgbouncer
@@ -18,7 +16,7 @@ from flows.pgbouncer_check import pgbouncer_check
 from tests.conftest import make_database_block
 from tests.harness.pg import PgCluster, wait_until
 from tests.harness.pgbouncer import PgBouncer, pgbouncer
-from tests.harness.runs import failure_message
+from tests.harness.runs import artifact_table, failure_message, saved_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -69,14 +67,11 @@ class WaitingClient:
 
 
 def waiting_clients(bouncer: PgBouncer, database: str) -> int:
-    return sum(int(p["cl_waiting"]) for p in bouncer.admin("SHOW POOLS") if p["database"] == database)
+    return sum(int(str(p["cl_waiting"])) for p in bouncer.admin("SHOW POOLS") if p["database"] == database)
 
 
 def artifact_rows(block: str) -> dict[str, dict[str, str]]:
-    artifact = Artifact.get(f"pgbouncer-check-{block}")
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return {row["check"]: row for row in table}
+    return {row["check"]: row for row in artifact_table(f"pgbouncer-check-{block}")}
 
 
 def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
@@ -91,7 +86,7 @@ def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
     with waiter, holder:  # on the way out: the holder lets go (rollback, close), then the waiter is joined
         wait_until(lambda: waiting_clients(bouncer, database) == 1, what="a client waiting in PgBouncer")
 
-        with connect_console(PostgresDatabase.load(block).params()) as console:
+        with connect_console(saved_database(block).params()) as console:
             checks = {c.name: c for c in judge(read_pgbouncer(console), None, PoolerThresholds())}
         pool = f"{database}/{pg.superuser}"
         waiting = checks[f"waiting clients {pool}"]

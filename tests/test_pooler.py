@@ -27,7 +27,7 @@ from tests.harness.factories import sample_database
 from tests.harness.forward import tcp_forward
 from tests.harness.pg import PgCluster
 from tests.harness.pgbouncer import PgBouncer, pgbouncer
-from tests.harness.runs import failure_message
+from tests.harness.runs import failure_message, saved_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -264,14 +264,14 @@ def test_preflights_pass_on_the_direct_port_and_through_a_plain_tcp_forward(
 
 def test_a_tcp_forward_is_recognised_and_said_not_refused(setup: Setup) -> None:
     with tcp_forward(setup.pg.host, setup.pg.port) as port:
-        params = PostgresDatabase.load(setup.block(setup.database, port)).params()
+        params = saved_database(setup.block(setup.database, port)).params()
         conn, route = connect_direct(params, block="forwarded")
         conn.close()
     assert route.kind == "tcp forward"
     assert route.server_port == setup.pg.port
     assert route.block_port == port
     assert "PostgreSQL itself answered the pooler probe" in route.detail
-    conn, route = connect_direct(PostgresDatabase.load(setup.block(setup.database)).params(), block="direct")
+    conn, route = connect_direct(saved_database(setup.block(setup.database)).params(), block="direct")
     conn.close()
     assert route.kind == "direct"
 
@@ -340,7 +340,7 @@ def test_a_login_pgbouncer_refuses_says_pooler_not_server_down(setup: Setup) -> 
 def test_allow_pooler_does_not_let_transaction_pooling_through(setup: Setup) -> None:
     block = setup.pooled(setup.database, allow_pooler=True)
     with pytest.raises(ConnectionPoolerInTheWay) as caught:
-        PostgresDatabase.load(block).connect_direct()
+        saved_database(block).connect_direct()
     assert "allow_pooler=true does not help" in str(caught.value)
     assert "a second connection was handed the same backend" in str(caught.value)
     assert advisory_locks(setup.pg) == []  # the probe's lock was released
@@ -358,7 +358,7 @@ def test_allow_pooler_accepts_session_pooling_with_a_dedicated_server_session(se
                 password=setup.pg.password,
                 allow_pooler=allow,
             ).save(name, overwrite=True)
-            block = PostgresDatabase.load(name)
+            block = saved_database(name)
             if not allow:
                 with pytest.raises(ConnectionPoolerInTheWay, match="through a connection pooler at"):
                     block.connect_direct()

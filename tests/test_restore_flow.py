@@ -7,13 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from flows.core.compression import Compression
 from flows.core.manifest import Manifest
 from flows.nightly_dump import nightly_dump
 from flows.restore import RestoreOptions, restore
 from tests.conftest import make_database_block, make_s3_block
 from tests.harness.factories import content, databases, flip_one_byte_of_row_data, rewrite, sample_database
 from tests.harness.pg import PgCluster, free_port
-from tests.harness.runs import failure_message
+from tests.harness.runs import artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -34,7 +35,6 @@ def storage(s3: S3Endpoint, bucket: str, unique: str) -> str:
 def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
     pg: PgCluster, source: tuple[str, str], storage: str, unique: str
 ) -> None:
-    from prefect.artifacts import Artifact
 
     block, name = source
     dumped = nightly_dump(database=block, storage=storage, prefix="prod", globals=True)
@@ -59,8 +59,7 @@ def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
         "already present" in report.globals
     )
     assert databases(pg, "%_restoring_%") == []
-    artifact = Artifact.get(f"restore-restored-{unique}")
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    table = artifact_table(f"restore-restored-{unique}")
     values = {row["item"]: row["value"] for row in table}
     assert values["duration (RTO)"].endswith(" s")
     assert values["backup"] == dumped.key
@@ -128,7 +127,7 @@ def test_object_with_one_flipped_byte_is_refused_and_the_target_is_untouched(
 ) -> None:
     block, name = source
     # Uncompressed, so the changed byte reaches pg_restore as row data instead of failing zstd.
-    dumped = nightly_dump(database=block, storage=storage, compression="none")
+    dumped = nightly_dump(database=block, storage=storage, compression=Compression.none)
     rewrite(s3, bucket, f"dbops/{dumped.key}", flip_one_byte_of_row_data)
     pg.sql("INSERT INTO images (name) VALUES ('written after the backup')", name)
     before = content(pg, name)
@@ -243,6 +242,7 @@ def test_globals_create_missing_roles_and_leave_existing_ones_exactly_as_they_ar
     assert pg.sql(f"SELECT shobj_description('\"{gone}\"'::regrole, 'pg_authid')")[0][0] == "was here; before"
     # the existing role was not ALTERed: still CREATEDB, still the new password
     assert role(pg, keep) == kept_before
+    assert kept_before is not None
     assert kept_before[1] is True
     assert can_log_in(pg, keep, "new-password")
     assert not can_log_in(pg, keep, "old-password")

@@ -367,7 +367,7 @@ def test_policy_errors_are_value_errors() -> None:
 
 def test_misspelled_policy_fields_are_rejected_rather_than_ignored() -> None:
     with pytest.raises(ValidationError, match="keep_dayly"):
-        RetentionPolicy(keep_last=1, keep_dayly=7)  # type: ignore[call-arg]
+        RetentionPolicy(keep_last=1, keep_dayly=7)  # type: ignore[call-arg]  # the misspelling under test
 
 
 def test_every_policy_field_is_described_for_the_prefect_form() -> None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -99,7 +100,7 @@ def alembic(
     return result
 
 
-def _scalar(conn: psycopg.Connection, query: str) -> object:
+def _scalar(conn: psycopg.Connection, query: str) -> Any:
     row = conn.execute(query).fetchone()
     assert row is not None
     return row[0]

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect.automations import EventTrigger
 from prefect.client.orchestration import get_client
 
 from deployments.setup import AUTOMATION_NAME, load_config, run_setup
 from flows.core.errors import ConfigurationError
 from tests.harness.pg import PgCluster
+from tests.harness.runs import saved_database
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -55,7 +57,6 @@ def env_for(pg: PgCluster, unique: str) -> dict[str, str]:
 def test_setup_twice_creates_then_reports_everything_existing(
     tmp_path: Path, pg: PgCluster, s3: S3Endpoint, unique: str
 ) -> None:
-    from blocks import PostgresDatabase
 
     config = load_config(write_config(tmp_path, pg, s3, unique), environ={})
     first = run_setup(config, environ=env_for(pg, unique))
@@ -74,8 +75,9 @@ def test_setup_twice_creates_then_reports_everything_existing(
     assert limits & {(limit, "created"), (limit, "exists")}
     second = run_setup(config, environ=env_for(pg, unique))
     assert not second.changed, second.render()
-    block = PostgresDatabase.load(f"prod-{unique}")
+    block = saved_database(f"prod-{unique}")
     assert block.protected
+    assert block.password is not None
     assert block.password.get_secret_value() == pg.password
     assert pg.password not in first.render() + second.render()
     with get_client(sync_client=True) as client:
@@ -121,6 +123,7 @@ def test_notification_automation_is_created_once(
         automations = client.read_automations_by_name(AUTOMATION_NAME)
     assert len(automations) == 1
     trigger = automations[0].trigger
+    assert isinstance(trigger, EventTrigger)
     assert trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
 
 
@@ -202,6 +205,7 @@ def test_bad_port_names_the_port_and_bad_sslmode_names_sslmode() -> None:
     with pytest.raises(ConfigurationError, match="sslmode: Input should be 'disable'"):
         PostgresDatabase.from_url(f"postgresql://u:{PASSWORD}@h/db?sslmode=bogus")
     block = PostgresDatabase.from_url(f"postgresql://u:{PASSWORD}@h:6543/db?sslmode=verify-full")
+    assert block.password is not None
     assert (block.port, block.sslmode, block.password.get_secret_value()) == (6543, "verify-full", PASSWORD)
 
 

@@ -15,16 +15,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from psycopg import sql
 
+from flows.core.postgres import scalar
 from flows.core.wal_archive import ArchiveLocation
 from flows.core.wal_server import Thresholds
 from flows.wal_archive_check import CheckOptions, wal_archive_check
 from tests.conftest import make_s3_block
 from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until
-from tests.harness.runs import failure_message
+from tests.harness.runs import artifact, artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -79,14 +81,16 @@ def archiver(cluster: PgCluster) -> dict:
     with cluster.connect() as conn:
         cur = conn.execute("SELECT * FROM pg_stat_archiver")
         row = cur.fetchone()
-        return dict(zip([c.name for c in cur.description], row, strict=True))  # type: ignore[union-attr]
+        assert row is not None
+        assert cur.description is not None
+        return dict(zip([c.name for c in cur.description], row, strict=True))
 
 
 def switch_wal(cluster: PgCluster) -> str:
     """Write a WAL record, close the segment; returns the closed segment's name."""
     with cluster.connect() as conn:
         conn.execute("SELECT pg_logical_emit_message(false, 'dbops-test', 'x')")
-        return conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # type: ignore[index]
+        return str(scalar(conn, "SELECT pg_walfile_name(pg_switch_wal())"))
 
 
 def switch_and_wait_archived(cluster: PgCluster, count: int = 1) -> list[str]:
@@ -101,18 +105,13 @@ def switch_and_wait_archived(cluster: PgCluster, count: int = 1) -> list[str]:
 
 
 def artifact_rows(database: str) -> dict[str, dict]:
-    from prefect.artifacts import Artifact
-
     from flows.tasks.common import artifact_key
 
-    artifact = Artifact.get(artifact_key("wal-archive-check", database))
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return {row["check"]: row for row in table}
+    return {row["check"]: row for row in artifact_table(artifact_key("wal-archive-check", database))}
 
 
-def options(unique: str, **kw: object) -> CheckOptions:
-    return CheckOptions(state_variable=f"wal-test-{unique}", **kw)  # type: ignore[arg-type]
+def options(unique: str, **kw: Any) -> CheckOptions:
+    return CheckOptions(state_variable=f"wal-test-{unique}", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +234,7 @@ def test_segment_deleted_behind_the_watermark_is_found_by_the_daily_or_asked_for
         assert report.status == "ok"
         assert not report.full_verify  # incremental: it looks past the watermark
         assert artifact_rows(db)["listing"]["figure"].startswith("incremental (last full verification 0.0 h")
-        remembered = json.loads(Variable.get(f"wal-test-{unique}"))
+        remembered = json.loads(str(Variable.get(f"wal-test-{unique}")))
 
         state = wal_archive_check(
             database=db, archive=location, full_verify="always", options=options(unique), return_state=True
@@ -262,7 +261,6 @@ def test_segment_deleted_behind_the_watermark_is_found_by_the_daily_or_asked_for
 
 
 def test_secret_in_archive_command_never_reaches_the_report_or_the_artifact(healthy, unique: str) -> None:
-    from prefect.artifacts import Artifact
 
     from flows.tasks.common import artifact_key
 
@@ -271,7 +269,7 @@ def test_secret_in_archive_command_never_reaches_the_report_or_the_artifact(heal
 
     def archive_command_is(value: str) -> bool:
         with cluster.connect() as conn:
-            return conn.execute("SELECT current_setting('archive_command')").fetchone()[0] == value  # type: ignore[index]
+            return scalar(conn, "SELECT current_setting('archive_command')") == value
 
     def set_archive_command(value: str) -> None:
         with cluster.connect() as conn:
@@ -288,10 +286,9 @@ def test_secret_in_archive_command_never_reaches_the_report_or_the_artifact(heal
         assert report.status == "ok"  # the command still archives: only what is shown changed
         figure = next(c for c in report.checks if c.name == "archive_command").figure
         assert figure == f"AWS_SECRET_ACCESS_KEY=******** cp %p {archive}/%f"
-        artifact = Artifact.get(artifact_key("wal-archive-check", db))
-        assert artifact is not None
-        assert "AWS_SECRET_ACCESS_KEY=********" in json.dumps(artifact.data)
-        assert "abcd1234" not in json.dumps(artifact.data)
+        shown = json.dumps(artifact(artifact_key("wal-archive-check", db)).data)
+        assert "AWS_SECRET_ACCESS_KEY=********" in shown
+        assert "abcd1234" not in shown
         assert "abcd1234" not in report.model_dump_json()
     finally:
         set_archive_command(f"cp %p {archive}/%f")

@@ -8,7 +8,7 @@ import threading
 import psycopg
 from psycopg import sql
 
-from flows.core.bloat import read_indexes
+from flows.core.bloat import IndexRow, read_indexes
 from flows.core.index_baseline import BaselineState, SizeJudgement, judge_sizes, read_index_shapes
 from flows.core.postgres import server_version_num
 from flows.core.reindex import leftovers_of
@@ -82,3 +82,9 @@ def judgements(pg: PgCluster, dbname: str, state: BaselineState | None = None) -
         rows = read_indexes(conn)
         shapes = read_index_shapes(conn, [r.oid for r in rows], server_version_num(conn))
         return judge_sizes(rows, shapes, state or BaselineState(), 8192)
+
+
+def bloat_of(row: IndexRow) -> float:
+    """The row's estimated bloat, which the test expects to be judged (not None)."""
+    assert row.estimated_bloat is not None, f"{row.name}: the estimate could not judge it"
+    return row.estimated_bloat

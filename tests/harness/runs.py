@@ -10,6 +10,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import State
 
+from blocks import PostgresDatabase
+
 
 def failure_message(state: State) -> str:
     """The sentence of the error a failed run ended with (what `state.result()` raises)."""
@@ -42,3 +44,10 @@ def run_logs(state: State) -> str:
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
     return "\n".join(log.message for log in logs)
+
+
+def saved_database(name: str) -> PostgresDatabase:
+    """The PostgresDatabase block saved as `name` (Prefect types `load` as maybe a coroutine)."""
+    block = PostgresDatabase.load(name)
+    assert isinstance(block, PostgresDatabase)
+    return block
