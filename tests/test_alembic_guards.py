@@ -99,6 +99,26 @@ def allow_connections(database: str, allow: bool) -> sql.Composed:
     )
 
 
+def upgrade_in_thread(
+    app: AlembicApp, params: ConnParams, target: str, start: str, lock_timeout_ms: int
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Start `app.upgrade` from `start` to `target` in a thread (statement_timeout off); what it raises
+    lands in the returned list."""
+    outcome: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            app.upgrade(
+                params, target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=0, start=[start]
+            )
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    runner = threading.Thread(target=migrate)
+    runner.start()
+    return runner, outcome
+
+
 def hold_lock(pg: PgCluster, database: str, table: str) -> psycopg.Connection:
     """An open transaction that wrote to the table: ALTER TABLE must wait for it."""
     blocker = pg.connect(database, autocommit=False)
@@ -191,21 +211,11 @@ def test_a_migration_the_watchdog_cannot_see_is_stopped(
     (app.ini_path.parent / "alembic" / "versions" / "0002_items_note.py").unlink()
     app.upgrade(params, "0001_items", lock_timeout_ms=8000, statement_timeout_ms=0, start=[])
     blocker = hold_lock(pg, params.database, "items")
-    outcome: list[BaseException] = []
-
-    def migrate() -> None:
-        try:
-            app.upgrade(
-                params, "0009_guard_off", lock_timeout_ms=8000, statement_timeout_ms=0, start=["0001_items"]
-            )
-        except BaseException as exc:  # handed to the test thread
-            outcome.append(exc)
+    runner, outcome = upgrade_in_thread(app, params, "0009_guard_off", "0001_items", lock_timeout_ms=8000)
 
     def sessions(lock_wait: bool = False) -> bool:
         return migrate_sessions(pg, params.database, lock_wait)
 
-    runner = threading.Thread(target=migrate)
-    runner.start()
     try:
         wait_until(lambda: sessions(lock_wait=True), timeout=30, what="the revision waiting for the lock")
         pg.sql(allow_connections(params.database, False))
@@ -244,18 +254,7 @@ def test_a_stopped_alembic_leaves_no_session_queued_for_the_lock(
     (app.ini_path.parent / "alembic" / "versions" / "0002_items_note.py").unlink()
     app.upgrade(params, "0001_items", lock_timeout_ms=60000, statement_timeout_ms=0, start=[])
     blocker = hold_lock(pg, params.database, "items")
-    outcome: list[BaseException] = []
-
-    def migrate() -> None:
-        try:
-            app.upgrade(
-                params, "0009_guard_off", lock_timeout_ms=60000, statement_timeout_ms=0, start=["0001_items"]
-            )
-        except BaseException as exc:  # handed to the test thread
-            outcome.append(exc)
-
-    runner = threading.Thread(target=migrate)
-    runner.start()
+    runner, outcome = upgrade_in_thread(app, params, "0009_guard_off", "0001_items", lock_timeout_ms=60000)
     try:
         wait_until(
             lambda: migrate_sessions(pg, params.database, lock_wait=True), timeout=20, what="lock wait"
