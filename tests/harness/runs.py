@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from prefect.artifacts import Artifact
+from prefect.client.schemas.objects import Artifact as StoredArtifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import State
@@ -22,10 +23,10 @@ def failure_message(state: State) -> str:
     raise AssertionError(f"expected a failed run, got {state.type}")
 
 
-def artifact(key: str) -> Artifact:
+def artifact(key: str) -> StoredArtifact:
     """The latest version of the artifact `key`, which must exist."""
     found = Artifact.get(key)
-    assert isinstance(found, Artifact), f"no artifact {key!r}"
+    assert isinstance(found, StoredArtifact), f"no artifact {key!r}"
     return found
 
 
