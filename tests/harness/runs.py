@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 from prefect.artifacts import Artifact
-from prefect.client.schemas.objects import Artifact as StoredArtifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import Artifact as StoredArtifact
 from prefect.client.schemas.objects import State
 
 from blocks import PostgresDatabase
