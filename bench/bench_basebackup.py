@@ -9,7 +9,7 @@ Same cluster (archiving with `cp %p DIR/%f`), same local disk, one run each:
   b. pgbackrest backup --type=full (posix repo, compress-type=zst, process-max=2)
   c. dbops base_backup flow into a local-file-system block (verify=list, WAL confirmed in the archive)
   d. the same flow with verify=none: the stream alone, which is all pgBackRest's backup does
-Targets: c ≤ 1.1× b's wall time, c's output ≤ 1.05× b's, c's peak RSS < 300 MB.
+Targets: c ≤ 1.1x b's wall time, c's output ≤ 1.05x b's, c's peak RSS < 300 MB.
 """
 
 from __future__ import annotations
@@ -288,12 +288,12 @@ def run_all(cluster: Any, workdir: Path) -> dict[str, Any]:
     c, b = rows["c. dbops base_backup (flow run)"], rows["b. pgbackrest backup --type=full"]
     targets = [
         {
-            "what": f"wall ≤ {MAX_WALL_VS_PGBACKREST}× pgBackRest",
+            "what": f"wall ≤ {MAX_WALL_VS_PGBACKREST}x pgBackRest",
             "value": c["wall"] / b["wall"],
             "pass": c["wall"] / b["wall"] <= MAX_WALL_VS_PGBACKREST,
         },
         {
-            "what": f"output ≤ {MAX_BYTES_VS_PGBACKREST}× pgBackRest",
+            "what": f"output ≤ {MAX_BYTES_VS_PGBACKREST}x pgBackRest",
             "value": c["bytes"] / b["bytes"],
             "pass": c["bytes"] / b["bytes"] <= MAX_BYTES_VS_PGBACKREST,
         },

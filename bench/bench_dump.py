@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +44,6 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
-SAMPLE = ROOT / "examples" / "imagemanager"
 DBNAME = "imagemanager"
 BUCKET = "bench-backups"
 DB_BLOCK = "bench-imagemanager"
@@ -187,43 +187,11 @@ def run_measured(argv: list[str], *, env: dict[str, str], log: Path | None = Non
 # -- setup: cluster, database, S3, Prefect -----------------------------------------------------------------
 
 
-def open_cluster(workdir: Path):  # -> PgCluster
-    """A cluster in WORKDIR/pg: created on first use; a kept WORKDIR is reused (same password, new port)."""
-    from deployments.sandbox import PgCluster, free_port
-
-    meta = workdir / "cluster.json"
-    if meta.exists():
-        saved = json.loads(meta.read_text())
-        cluster = PgCluster(base_dir=workdir / "pg", port=free_port(), password=saved["password"])
-        with (cluster.data_dir / "postgresql.auto.conf").open("a") as f:
-            f.write(f"port = {cluster.port}\n")  # the last setting wins
-    else:
-        cluster = PgCluster(base_dir=workdir / "pg", port=free_port())
-        cluster.init()
-        fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"password": cluster.password}, f)
-    cluster.start()
-    return cluster
-
-
-def alembic_upgrade(cluster: Any) -> None:
-    """The application's own migrations, as deployments/demo.py runs them (DATABASE_URL + PGPASSWORD)."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgresql+psycopg://{cluster.superuser}@{cluster.host}:{cluster.port}/{DBNAME}",
-        "PGPASSWORD": cluster.password,
-    }
-    subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=SAMPLE, env=env, check=True,
-        capture_output=True,
-    )
-
-
 def build_database(cluster: Any, workdir: Path, target_bytes: int) -> dict[str, Any]:
     """imagemanager at Alembic head with ~target_bytes of data, vacuumed; skipped when a kept one matches."""
     import psycopg.sql
 
+    from deployments.sample_app import alembic_upgrade
     from examples.imagemanager.generate import generate
 
     marker = workdir / "database.json"
@@ -236,7 +204,7 @@ def build_database(cluster: Any, workdir: Path, target_bytes: int) -> dict[str, 
             conn.execute(psycopg.sql.SQL("DROP DATABASE {}").format(psycopg.sql.Identifier(DBNAME)))
     t0 = time.monotonic()
     cluster.create_database(DBNAME)
-    alembic_upgrade(cluster)
+    alembic_upgrade(cluster.host, cluster.port, cluster.superuser, cluster.password, DBNAME, quiet=True)
     t1 = time.monotonic()
     counts = generate(cluster.conninfo(DBNAME), target_bytes=target_bytes, seed=0)
     t2 = time.monotonic()
@@ -428,12 +396,12 @@ def instrument_dump() -> dict[str, float]:
     marks: dict[str, float] = {}
     chunks, call = ToolRun.chunks, S3ObjectStore._call
 
-    def timed_chunks(self):  # type: ignore[no-untyped-def]
+    def timed_chunks(self: ToolRun) -> Iterator[bytes]:
         marks.setdefault("pg_dump_started", time.monotonic())
         yield from chunks(self)
         marks["pg_dump_eof"] = time.monotonic()
 
-    def timed_call(self, action, fn, **kwargs):  # type: ignore[no-untyped-def]
+    def timed_call(self: S3ObjectStore, action: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         t0 = time.monotonic()
         try:
             return call(self, action, fn, **kwargs)
@@ -442,6 +410,7 @@ def instrument_dump() -> dict[str, float]:
                 marks["complete_started"] = t0
                 marks["complete_ended"] = time.monotonic()
 
+    # the bench wraps two methods to time them, in its own child process only
     ToolRun.chunks = timed_chunks  # type: ignore[method-assign]
     S3ObjectStore._call = timed_call  # type: ignore[method-assign]
     return marks
@@ -564,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flow-child", nargs=3, metavar=("DB", "STORAGE", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.flow_child:
-        return flow_child(*args.flow_child, level=args.level)
+        database, storage, result_path = args.flow_child
+        return flow_child(database, storage, result_path, level=args.level)
 
     from examples.imagemanager.generate import parse_size
 
@@ -583,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster = None
     try:
         print(f"== cluster in {workdir}")
-        cluster = open_cluster(workdir)
+        from deployments.sandbox import persistent_cluster
+
+        cluster = persistent_cluster(workdir / "pg")  # a kept WORKDIR reuses it (same port and password)
         print(f"== imagemanager database, ~{args.size} (Alembic head + generate.py, then VACUUM FREEZE)")
         db = build_database(cluster, workdir, target)
         print(

@@ -81,7 +81,7 @@ def main() -> int:
         scratch = Path(tempfile.mkdtemp(prefix="dbops-bench-pitr-"))
         os.chmod(scratch, 0o755)
         try:
-            report, server = recover_cluster(
+            report, _server = recover_cluster(
                 database="postgres",
                 store=store,
                 archive=archive,

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_index_size_ratio": total_ratio,
         "reindex_seconds": round(reindex_end - reindex_start, 2),
         "flow_state": state.type.value,
-        "checks": {label: ok for label, ok in checks},
+        "checks": dict(checks),
     }
     (OUT_DIR / "bench_reindex.json").write_text(json.dumps(result, indent=2))
     return 0 if all(ok for _, ok in checks) else 1

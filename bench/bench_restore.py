@@ -34,7 +34,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
-SAMPLE = ROOT / "examples" / "imagemanager"
 DBNAME = "imagemanager"
 MiB = 1024 * 1024
 
@@ -62,44 +61,15 @@ def run_measured(argv: list[str], env: dict[str, str]) -> tuple[float, int, str]
         return wall, usage.ru_maxrss, out.read().decode()
 
 
-def open_cluster(workdir: Path):  # -> PgCluster
-    from deployments.sandbox import PgCluster, free_port
-
-    meta = workdir / "cluster.json"
-    if meta.exists():
-        saved = json.loads(meta.read_text())
-        cluster = PgCluster(base_dir=workdir / "pg", port=free_port(), password=saved["password"])
-        with (cluster.data_dir / "postgresql.auto.conf").open("a") as f:
-            f.write(f"port = {cluster.port}\n")
-    else:
-        cluster = PgCluster(base_dir=workdir / "pg", port=free_port(), settings={"max_wal_size": "'4GB'"})
-        cluster.init()
-        fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"password": cluster.password}, f)
-    cluster.start()
-    return cluster
-
-
 def build_database(cluster: Any, workdir: Path, target_bytes: int) -> dict[str, Any]:
+    from deployments.sample_app import alembic_upgrade
     from examples.imagemanager.generate import generate
 
     marker = workdir / "database.json"
     if marker.exists() and json.loads(marker.read_text()).get("target_bytes") == target_bytes:
         return {**json.loads(marker.read_text()), "reused": True}
     cluster.create_database(DBNAME)
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgresql+psycopg://{cluster.superuser}@{cluster.host}:{cluster.port}/{DBNAME}",
-        "PGPASSWORD": cluster.password,
-    }
-    subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=SAMPLE,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    alembic_upgrade(cluster.host, cluster.port, cluster.superuser, cluster.password, DBNAME, quiet=True)
     t0 = time.monotonic()
     rows = generate(cluster.conninfo(DBNAME), target_bytes=target_bytes, seed=0)
     cluster.sql("VACUUM (FREEZE, ANALYZE)", dbname=DBNAME)
@@ -310,7 +280,9 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         os.chmod(workdir, 0o755)
-    cluster = open_cluster(workdir)
+    from deployments.sandbox import persistent_cluster
+
+    cluster = persistent_cluster(workdir / "pg", settings={"max_wal_size": "'4GB'"})
     try:
         print(f"== database in {workdir} (target {args.size})")
         db = build_database(cluster, workdir, parse_size(args.size))

@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from flows.core.objectstore import ObjectInfo, ObjectStore, PutResult
 from flows.core.wal import Lineage, find_gaps, scan_keys, segment_name, segments_per_log
@@ -66,7 +67,7 @@ class MemoryStore(ObjectStore):
         i = bisect.bisect_left(self.keys, key)
         return ObjectInfo(key, SEGMENT, EPOCH) if i < len(self.keys) and self.keys[i] == key else None
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         bisect.insort(self.keys, key)
 
     def put_stream(self, key: str, chunks: Iterable[bytes], **kw: object) -> PutResult:
@@ -96,7 +97,10 @@ def naive_gaps(names: list[str]) -> list[str]:
     return missing
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
@@ -142,13 +146,13 @@ def main() -> int:
     # a. the gap check over the whole listing
     t_ours, gaps = timed(lambda: find_gaps(scan_keys(keys, SEGMENT), 1, n, Lineage.single(1), SEGMENT))
     t_naive, naive = timed(lambda: naive_gaps(keys))
-    assert gaps.missing_names == naive == [segment_name(1, hole, SEGMENT)]  # type: ignore[union-attr]
+    assert gaps.missing_names == naive == [segment_name(1, hole, SEGMENT)]
     print("\na. gap check over the full listing")
-    print(f"   dbops scan_keys + find_gaps       {t_ours:6.2f} s   found {gaps.missing_names}")  # type: ignore[union-attr]
+    print(f"   dbops scan_keys + find_gaps       {t_ours:6.2f} s   found {gaps.missing_names}")
     print(f"   sort + regex + successor loop     {t_naive:6.2f} s   ({t_naive / t_ours:.1f}x slower)")
 
     # b. incremental: the previous run verified everything up to the last segment; NEW_SEGMENTS arrive
-    store = MemoryStore(keys + [f"wal/{segment_name(1, hole, SEGMENT)}.zst"])
+    store = MemoryStore([*keys, f"wal/{segment_name(1, hole, SEGMENT)}.zst"])
     for s in range(n + 1, n + NEW_SEGMENTS + 1):
         store.put_bytes(f"wal/{segment_name(1, s, SEGMENT)}.zst", b"")
     t_full, full = timed(lambda: sum(1 for _ in store.list("wal/")))
@@ -157,7 +161,7 @@ def main() -> int:
     archive = WalArchive(store, "wal")
     state = CheckState(segment_size=SEGMENT, tli=1, verified_through=n)
     t_inc, result = timed(lambda: check_contents(archive, snapshot_at(n + NEW_SEGMENTS), state, 4096))
-    gaps_check = next(c for c in result.checks if c.name == "gaps")  # type: ignore[union-attr]
+    gaps_check = next(c for c in result.checks if c.name == "gaps")
     incremental_listed = store.listed
     print(f"\nb. incremental run after {NEW_SEGMENTS} new segments (previous run verified segment {n})")
     print(
@@ -183,7 +187,7 @@ def main() -> int:
     print(f"\nc. full re-verify of the {WINDOW:,}-segment window (a segment behind the watermark deleted)")
     print(
         f"   dbops full re-verify              {store.listed:>9,} keys  {store.requests} list requests  "
-        f"{t_re:.3f} s   (found {again.missing})"  # type: ignore[union-attr]
+        f"{t_re:.3f} s   (found {again.missing})"
     )
 
     per_log = segments_per_log(SEGMENT)
@@ -191,7 +195,7 @@ def main() -> int:
     full_bound = WINDOW + 2 * per_log + 1  # the window, rounded out to whole log ids, + the lookup
     ok_a = t_ours < MAX_GAP_SECONDS
     ok_b = incremental_listed <= bound and gaps_check.status == "ok"
-    hole_found = again.missing == [segment_name(1, n + NEW_SEGMENTS - 10, SEGMENT)]  # type: ignore[union-attr]
+    hole_found = again.missing == [segment_name(1, n + NEW_SEGMENTS - 10, SEGMENT)]
     ok_c = hole_found and store.listed <= full_bound
     print("\ntargets")
     print(

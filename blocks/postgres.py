@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import psycopg
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, HttpUrl, SecretStr, ValidationError
 
 from blocks.storage import load_block
 from flows.core.errors import ConfigurationError
@@ -31,7 +31,8 @@ class PostgresDatabase(Block):
         ```
         Use it in a flow:
         ```python
-        db = PostgresDatabase.load("imagemanager-prod")
+        from blocks import PostgresDatabase
+        db = PostgresDatabase.load("BLOCK_NAME")
         with db.connect() as conn:
             conn.execute("SELECT 1")
         ```
@@ -39,8 +40,10 @@ class PostgresDatabase(Block):
 
     _block_type_name = "Postgres Database"
     _block_type_slug = "postgres-database"
-    _logo_url = "https://www.postgresql.org/media/img/about/press/elephant.png"  # type: ignore[assignment]
+    _logo_url = HttpUrl("https://www.postgresql.org/media/img/about/press/elephant.png")
     _description = "Connection details for a PostgreSQL database managed by dbops."
+    # the fields are libpq's connection parameters, documented there
+    _documentation_url = HttpUrl("https://www.postgresql.org/docs/current/libpq-connect.html")
 
     host: str = Field(description="Server host name or IP address.")
     port: int = Field(default=5432, ge=1, le=65535, description="Server port.")
@@ -116,7 +119,7 @@ class PostgresDatabase(Block):
                 f"the database URL sets {', '.join(unknown)}, which dbops does not take from a URL; "
                 f"use only {', '.join(sorted(URL_KEYS))}"
             )
-        fields: dict[str, object] = {
+        fields: dict[str, Any] = {  # checked by the model: a bad value is the ValidationError below
             "host": info.get("host") or "localhost",
             "port": _url_int(info.get("port"), "port", 5432),
             "database": info.get("dbname") or "postgres",
@@ -133,7 +136,7 @@ class PostgresDatabase(Block):
             fields["application_name"] = info["application_name"]
         fields.update(overrides)
         try:
-            return cls(**fields)  # type: ignore[arg-type]
+            return cls(**fields)
         except ValidationError as exc:
             raise ConfigurationError(f"the database URL is not usable: {validation_summary(exc)}") from None
 
@@ -144,12 +147,13 @@ URL_KEYS = frozenset(
 )
 
 
-def _url_int(value: str | None, name: str, default: int) -> int:
-    if value is None or value == "":
+def _url_int(value: str | int | None, name: str, default: int) -> int:
+    text = "" if value is None else str(value)
+    if text == "":
         return default
-    if not value.isdigit():
+    if not text.isdigit():
         raise ConfigurationError(f"the {name} in the database URL is not a number; fix it")
-    return int(value)
+    return int(text)
 
 
 def load_database(name: str) -> PostgresDatabase:

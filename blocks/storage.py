@@ -15,7 +15,7 @@ from prefect.filesystems import LocalFileSystem
 from prefect_aws import S3Bucket
 from pydantic import ValidationError
 
-from flows.core.errors import ConfigurationError
+from flows.core.errors import ConfigurationError, DbopsError
 from flows.core.localstore import LocalObjectStore
 from flows.core.objectstore import ObjectStore
 from flows.core.redact import validation_summary
@@ -23,6 +23,18 @@ from flows.core.s3store import S3ObjectStore
 from flows.core.wal_archive import ArchiveLocation, WalArchive
 
 SUPPORTED = ("s3-bucket", "local-file-system")
+
+
+def load_sync(slug: str) -> Block:
+    """`Block.load` from synchronous code, where it returns the block (Prefect types it as block or
+    coroutine because inside an event loop it dispatches to `aload`); every dbops caller is synchronous."""
+    block = Block.load(slug)
+    if not isinstance(block, Block):
+        raise DbopsError(
+            f"block {slug!r} was loaded from inside an event loop, where Prefect returns a coroutine; "
+            "this is a dbops bug, report it"
+        )
+    return block
 
 
 def load_block(slug: str, expected: type[Block] | None = None) -> Block:
@@ -33,7 +45,7 @@ def load_block(slug: str, expected: type[Block] | None = None) -> Block:
             "postgres-database/imagemanager-prod"
         )
     try:
-        block = Block.load(slug)
+        block = load_sync(slug)
     except RuntimeError as exc:  # stored, but its fields no longer fit the block's schema
         if not isinstance(exc.__cause__, ValidationError):
             raise

@@ -32,6 +32,7 @@ with what the server holds and reports `exists`, or updates it in place (`update
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def base_backup_window(schedules: Iterable[Any], margin: timedelta) -> timedelta
 
             cron = ServerCron(cron=schedule.cron, timezone=schedule.timezone or "UTC", day_or=schedule.day_or)
             times: list[datetime] = list(run_coro_as_sync(cron.get_dates(n=8, start=datetime.now(UTC))) or [])
-            gaps.extend(b - a for a, b in zip(times, times[1:], strict=False))
+            gaps.extend(b - a for a, b in itertools.pairwise(times))
     return max(gaps) + margin if gaps else None
 
 

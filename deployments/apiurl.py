@@ -18,7 +18,7 @@ import logging
 import sys
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from deployments.stackstate import default_state, recorded_api_url
@@ -42,6 +42,7 @@ def find_api(state: Path | None = None) -> Iterator[str | int]:
 
     state = state or default_state()
     configured = get_current_settings().api.url
+    settings: AbstractContextManager[object]
     if configured:
         url, source, local = str(configured), "PREFECT_API_URL", False
         settings = nullcontext()

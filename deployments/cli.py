@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-Register = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]
+Register = Callable[[argparse._SubParsersAction], None]
 COMMANDS: list[Register] = []
 
 
@@ -56,9 +56,8 @@ def databases_under(store: ObjectStore, prefix: str) -> list[str]:
         m = DUMP_RE.match(info.key)
         rel = info.key[len(root) + 1 :] if root else info.key
         parts = rel.split("/", 2)
-        if m and parts[1:2] == ["dumps"]:
-            names.add(parts[0])
-        elif parts[1:2] == ["base"] and parse_base_key(info.key, root, parts[0]):
+        is_base = parts[1:2] == ["base"] and parse_base_key(info.key, root, parts[0]) is not None
+        if (m and parts[1:2] == ["dumps"]) or is_base:
             names.add(parts[0])
     return sorted(names)
 
@@ -127,7 +126,7 @@ def backups_list(args: argparse.Namespace) -> int:
 
 
 @command
-def _backups(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _backups(sub: argparse._SubParsersAction) -> None:
     backups = sub.add_parser("backups", help="what backups exist, and whether they were verified and drilled")
     actions = backups.add_subparsers(dest="action", required=True, metavar="ACTION")
     lst = actions.add_parser(
@@ -181,7 +180,7 @@ def setup_command(args: argparse.Namespace) -> int:
 
 
 @command
-def _setup(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _setup(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("setup", help="create blocks, work pool, concurrency limits, variables (idempotent)")
     p.add_argument("--config", type=Path, default=None, help="TOML config (see deployments/setup.py)")
     p.add_argument(
@@ -203,7 +202,7 @@ def deploy_command(args: argparse.Namespace) -> int:
 
 
 @command
-def _deploy(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _deploy(sub: argparse._SubParsersAction) -> None:
     from deployments.deploy import ROOT
 
     p = sub.add_parser("deploy", help="check prefect.yaml (blocks, variables, cron, work pool), then deploy")
@@ -249,14 +248,14 @@ def _health(sub: argparse._SubParsersAction) -> None:
 
 
 @command
-def _migrate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _migrate(sub: argparse._SubParsersAction) -> None:
     from deployments.migrate_cli import register
 
     register(sub)
 
 
 @command
-def _run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _run(sub: argparse._SubParsersAction) -> None:
     from deployments.migrate_cli import register_run
 
     register_run(sub)

@@ -10,41 +10,19 @@ A second `make run` reuses all three: same cluster, same blocks, one more backup
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from flows.core.errors import StackError
+from deployments.sample_app import alembic_upgrade  # also imported from here by stack.py
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("DBOPS_STATE_DIR", ROOT / ".state")).resolve()
 os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-SAMPLE = ROOT / "examples" / "imagemanager"
 DB_BLOCK = "imagemanager-sandbox"
 STORAGE_BLOCK = "sandbox-backups"
 DEMO_IMAGES = int(os.environ.get("DBOPS_DEMO_IMAGES", "50000"))
-
-
-def alembic_upgrade(
-    host: str, port: int, user: str, password: str, database: str, quiet: bool = False
-) -> None:
-    """Run the application's own Alembic in a subprocess, as migrate will (DATABASE_URL + PGPASSWORD).
-    `quiet` keeps Alembic's INFO lines out of the terminal (shown only when it fails)."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgresql+psycopg://{user}@{host}:{port}/{database}",
-        "PGPASSWORD": password,
-    }
-    argv = [sys.executable, "-m", "alembic", "upgrade", "head"]
-    if not quiet:
-        subprocess.run(argv, cwd=SAMPLE, env=env, check=True)
-        return
-    done = subprocess.run(argv, cwd=SAMPLE, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
-        raise StackError(f"alembic upgrade head of the sample application on {database} failed:\n{tail}")
 
 
 def prepare_sandbox():  # -> PgCluster

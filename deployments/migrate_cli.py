@@ -68,7 +68,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add `dbops migrate` to the dbops parser (deployments/cli.py lists it in COMMANDS)."""
     parser = sub.add_parser(
         "migrate",
@@ -107,7 +107,7 @@ def add_wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-interval", type=float, default=2.0, help=argparse.SUPPRESS)
 
 
-def register_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_run(sub: argparse._SubParsersAction) -> None:
     """`dbops run DEPLOYMENT`: start any deployment (e.g. a dump now) the way `dbops migrate` does."""
     parser = sub.add_parser(
         "run",

@@ -16,10 +16,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -99,21 +100,26 @@ class PgCluster:
             host=self.host, port=self.port, dbname=dbname, user=user, password=pw, connect_timeout=10
         )
 
-    def connect(self, dbname: str = "postgres", autocommit: bool = True, **kw: object) -> psycopg.Connection:
-        return psycopg.connect(self.conninfo(dbname), autocommit=autocommit, **kw)  # type: ignore[arg-type]
+    def connect(self, dbname: str = "postgres", autocommit: bool = True, **kw: Any) -> psycopg.Connection:
+        return psycopg.connect(self.conninfo(dbname), autocommit=autocommit, **kw)
 
-    def sql(self, query: str, dbname: str = "postgres", params: object = None) -> list[tuple]:
+    def sql(
+        self,
+        query: str | psycopg.sql.SQL | psycopg.sql.Composed,
+        dbname: str = "postgres",
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+    ) -> list[tuple]:
         """Run one statement as superuser and return its rows (empty when it returns none)."""
         with self.connect(dbname) as conn:
-            cur = conn.execute(query, params)  # type: ignore[arg-type]
+            cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    def _run(self, args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    def _run(self, args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         user = _server_user()
         cmd = (["runuser", "-u", user, "--"] if user else []) + args
-        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
     def init(self) -> None:
         user = _server_user()
@@ -155,7 +161,7 @@ class PgCluster:
             "shared_buffers": "128MB",
             "max_connections": "60",
             "password_encryption": "'scram-sha-256'",
-            **{k: v for k, v in self.settings.items()},
+            **dict(self.settings.items()),
         }
         with (self.data_dir / "postgresql.auto.conf").open("a") as f:
             for key, value in conf.items():
@@ -178,10 +184,8 @@ class PgCluster:
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data_dir / "postmaster.pid").exists():
-            try:
+            with suppress(subprocess.CalledProcessError):
                 self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"])
-            except subprocess.CalledProcessError:
-                pass
 
     def restart(self) -> None:
         self.stop()
@@ -191,7 +195,7 @@ class PgCluster:
         """Change settings with ALTER SYSTEM and reload (restart() for the ones that need it)."""
         with self.connect() as conn:
             for key, value in settings.items():
-                conn.execute(f"ALTER SYSTEM SET {key} = {psycopg.sql.quote(value)}")  # noqa: S608
+                conn.execute(f"ALTER SYSTEM SET {key} = {psycopg.sql.quote(value)}")
             conn.execute("SELECT pg_reload_conf()")
 
     def create_role(self, name: str, password: str, *extra: str) -> None:

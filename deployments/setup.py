@@ -347,6 +347,7 @@ def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | 
     "resolved" one. Deployments deployed after this ran get theirs from the next `dbops setup`."""
     from prefect.blocks.core import Block
 
+    from blocks.storage import load_sync
     from deployments.alerts import (
         arm,
         deployment_alerts,
@@ -356,7 +357,7 @@ def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | 
     )
 
     try:
-        block = Block.load(notify)
+        block = load_sync(notify)
     except ValueError:
         raise ConfigurationError(
             f"notification block {notify!r} does not exist; create it in the Prefect UI or fix `notify`"

@@ -330,12 +330,16 @@ class Stack:
             # On a fresh sandbox nothing may be archived yet: the active probe switches WAL and waits.
             parameters = {"active": True} if deployment.startswith("wal") else None
             label = deployment.split("/")[0]
+
+            def show(line: str, label: str = label) -> None:
+                say(f"   {label} | {line.strip()}")
+
             code = trigger_and_wait(
                 deployment,
                 parameters,
                 timeout=900,
                 tags=("trigger:make-run",),
-                out=lambda line, label=label: say(f"   {label} | {line.strip()}"),
+                out=show,
             )
             worst = max(worst, code)
         return worst
@@ -377,7 +381,7 @@ class Stack:
             try:
                 self.receiver.stop()
                 log("stopped the local alert receiver")
-            except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+            except Exception as exc:
                 say(f"make run: stopping the alert receiver failed ({exc})", err=True)
         units: list[tuple[str, subprocess.Popen[bytes] | int]] = [*self.adopted, *self.procs]
         for name, proc in reversed(units):
@@ -393,7 +397,7 @@ class Stack:
                         proc.wait()
                 stackstate.forget(self.state, name.replace(" ", "-"))
                 log(f"stopped {name}")
-            except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+            except Exception as exc:  # keep stopping the rest
                 say(
                     f"make run: stopping {name} failed ({exc}); check with `ps` and stop it by hand", err=True
                 )
@@ -401,7 +405,7 @@ class Stack:
             try:
                 self.cluster.stop()
                 log("stopped the sandbox PostgreSQL")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 say(
                     f"make run: stopping the sandbox PostgreSQL failed ({exc}); run pg_ctl stop -D "
                     f"{self.cluster.data_dir}",

@@ -28,7 +28,6 @@ from prefect.artifacts import create_table_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from blocks.storage import require_store_kind
@@ -40,6 +39,7 @@ from flows.core.identity import Guard
 from flows.core.migrate_plan import (
     ApprovalRejected,
     LintBlocked,
+    Plan,
     PreBackupFailed,
     StagingFailed,
     duration_ms,
@@ -51,6 +51,7 @@ from flows.core.migrate_plan import (
 from flows.nightly_dump import BackupReport, DumpOptions, take_backup
 from flows.tasks.common import (
     artifact_key,
+    completed_state,
     database_lock,
     failed_state,
     failure_sentence,
@@ -238,7 +239,7 @@ def migrate(
             if not plan.pending:
                 report.production_end = plan.start_label
                 report.outcome = f"already at {plan.start_label}"
-                return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
+                return completed_state(report.outcome, report)
 
             staging_guard = None
             if refresh_staging and not dry_run:  # a protected staging is refused before any work
@@ -271,7 +272,7 @@ def migrate(
                     f"offline SQL sha256 {linted.sha256[:12]}; nothing was changed"
                 )
                 logger.info(report.outcome)
-                return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
+                return completed_state(report.outcome, report)
 
             # 3. pre-backup: no backup, no migration
             with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
@@ -332,7 +333,7 @@ def migrate(
                     )
                 )
         report.outcome = f"applied {len(plan.pending)} revision(s): {plan.start_label} → {plan.target}"
-        return Completed(message=report.outcome, data=report)  # type: ignore[return-value]
+        return completed_state(report.outcome, report)
     except BaseException as exc:
         report.outcome = f"failed: {failure_sentence(exc)}"
         if in_production and ini is not None:
@@ -342,7 +343,7 @@ def migrate(
         if not isinstance(exc, Exception):  # cancellation, Prefect's pause and abort signals
             raise
         # the table artifact (outcome first) goes out in `finally`; the state carries the same sentence
-        return failed_state(exc)  # type: ignore[return-value]
+        return failed_state(exc)
     finally:
         _publish(report)
 
@@ -380,7 +381,7 @@ def _pre_backup(database: str, storage: str, prefix: str) -> BackupReport:
 
 def _staging_gate(
     report: MigrateReport,
-    plan,  # noqa: ANN001 - flows.core.migrate_plan.Plan
+    plan: Plan,
     ini: str,
     options: MigrateOptions,
     staging: str,

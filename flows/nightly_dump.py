@@ -171,7 +171,7 @@ def nightly_dump(
     prefix: str = "",
     compression: Compression = Compression.zstd,
     compression_level: int | None = None,
-    globals: bool = False,  # noqa: A002 - the parameter name users see in the UI
+    globals: bool = False,  # the parameter name users see in the UI
     verify: VerifyMethod = "list",
     retention: RetentionPolicy | None = None,
     retention_dry_run: bool = False,
@@ -258,7 +258,7 @@ def nightly_dump(
         return report
     except Exception as exc:
         key = artifact_key("nightly-dump", database_name_of(database))
-        return publish_failure(key, f"Nightly dump of {database} into {storage}", exc)  # type: ignore[return-value]
+        return publish_failure(key, f"Nightly dump of {database} into {storage}", exc)
 
 
 def _publish(report: BackupReport) -> None:

@@ -78,9 +78,9 @@ def pgbouncer_check(
     except Exception as exc:
         if published and report is not None:
             _publish(report, failure_sentence(exc))  # the sentence on top of the table it judged
-            return failed_state(exc)  # type: ignore[return-value]
+            return failed_state(exc)
         rows = [c.row() for c in report.checks] if report is not None else []
-        return publish_failure(  # type: ignore[return-value]
+        return publish_failure(
             artifact_key("pgbouncer-check", pgbouncer), f"PgBouncer {pgbouncer}", exc, table_lines(rows)
         )
 

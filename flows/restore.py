@@ -108,7 +108,7 @@ def restore(
     mode: Mode = "create",
     jobs: Annotated[int, Field(ge=1, le=64)] = 1,
     confirm: str = "",
-    globals: bool = False,  # noqa: A002 - the parameter name users see in the UI
+    globals: bool = False,  # the parameter name users see in the UI
     options: RestoreOptions | None = None,
 ) -> RestoreReport:
     """Restore one backup into a database: a new one (create) or an existing one (replace).
@@ -210,7 +210,7 @@ def restore(
         _publish(report)
         return report
     except Exception as exc:
-        return publish_failure(  # type: ignore[return-value]
+        return publish_failure(
             artifact_key("restore", database_name_of(target)),
             f"Restore of {source_database} ({backup}, mode {mode}) into {target}",
             exc,
@@ -269,4 +269,4 @@ def list_backups(
         )
         return listing.rows
     except Exception as exc:
-        return publish_failure(artifact_key("backups", database), f"Backups of {database} in {storage}", exc)  # type: ignore[return-value]
+        return publish_failure(artifact_key("backups", database), f"Backups of {database} in {storage}", exc)

@@ -201,8 +201,8 @@ def restore_drill(
     except Exception as exc:
         if published and report is not None:
             _publish(report, failure_sentence(exc))  # the sentence on top of the checks it judged
-            return failed_state(exc)  # type: ignore[return-value]
-        return publish_failure(  # type: ignore[return-value]
+            return failed_state(exc)
+        return publish_failure(
             artifact_key("restore-drill", source_database),
             f"Restore drill of {source_database} on {scratch}",
             exc,

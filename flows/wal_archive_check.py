@@ -217,8 +217,8 @@ def wal_archive_check(
     except Exception as exc:
         if published and report is not None:
             _publish(report, failure_sentence(exc))  # the sentence on top of the table it judged
-            return failed_state(exc)  # type: ignore[return-value]
-        return publish_failure(  # type: ignore[return-value]
+            return failed_state(exc)
+        return publish_failure(
             artifact_key("wal-archive-check", database),
             f"WAL archiving of {database}",
             exc,
@@ -232,17 +232,17 @@ def _next_state(
     failing = archiver_failing(snap.archiver, snap.settings.segment_size)
     same_segsize = state.segment_size == snap.settings.segment_size
     verified = contents.verified_through if contents else None
-    full = contents is not None and contents.full
+    full_pass = contents if contents is not None and contents.full else None
     return CheckState(
         segment_size=snap.settings.segment_size,
         tli=contents.tli if contents and contents.tli else state.tli,
         verified_through=verified
         if verified is not None
         else (state.verified_through if same_segsize else None),
-        verified_from=contents.window_first  # type: ignore[union-attr]
-        if full
+        verified_from=full_pass.window_first
+        if full_pass is not None
         else (state.verified_from if same_segsize else None),
-        full_verified_at=snap.taken_at if full else state.full_verified_at,
+        full_verified_at=snap.taken_at if full_pass is not None else state.full_verified_at,
         oldest_pending=pending,
         oldest_pending_seen_at=(
             state.oldest_pending_seen_at if pending and pending == state.oldest_pending else snap.taken_at

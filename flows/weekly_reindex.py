@@ -19,7 +19,6 @@ from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from flows.core.bloat import Candidate, Selection
@@ -27,6 +26,7 @@ from flows.core.index_baseline import learn_baselines, record_rebuild
 from flows.core.reindex import RebuildResult, ReindexFailed
 from flows.tasks.common import (
     artifact_key,
+    completed_state,
     database_lock,
     database_name_of,
     failed_state,
@@ -319,12 +319,12 @@ def weekly_reindex(
         if failed:
             raise ReindexFailed(_failure_sentence(report, failed))
         logger.info(report.summary())
-        return Completed(message=report.summary(), data=report)  # type: ignore[return-value]
+        return completed_state(report.summary(), report)
     except Exception as exc:
         if published:
             _publish(report, failure_sentence(exc))  # the sentence on top of the table it judged
-            return failed_state(exc)  # type: ignore[return-value]
-        return publish_failure(  # type: ignore[return-value]
+            return failed_state(exc)
+        return publish_failure(
             artifact_key("weekly-reindex", database_name_of(database)), f"Reindex of {database}", exc
         )
 

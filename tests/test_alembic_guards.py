@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,6 +24,7 @@ from flows.core.alembic_runner import AlembicApp
 from flows.core.ddl_lint import lint
 from flows.core.ddl_rules import blocking
 from flows.core.postgres import ConnParams
+from tests.harness.factories import conn_params
 from tests.harness.pg import PgCluster, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,21 +48,21 @@ ASYNCPG = Sample("async_app", "postgresql+asyncpg", "0001_items", "0002_items_no
 BOTH = pytest.mark.parametrize("sample", [PSYCOPG, ASYNCPG], ids=["psycopg", "asyncpg"])
 
 
-def app_copy(tmp_path: Path, sample: Sample, extra: dict[str, str] | None = None, **kw: object) -> AlembicApp:
+def app_copy(tmp_path: Path, sample: Sample, extra: dict[str, str] | None = None, **kw: Any) -> AlembicApp:
     """A copy of the sample app (plus extra revision files) so a test can add revisions of its own."""
     root = tmp_path / sample.folder
     shutil.copytree(FIXTURES / sample.folder, root, ignore=shutil.ignore_patterns("__pycache__"))
     for name, source in (extra or {}).items():
         (root / "alembic" / "versions" / name).write_text(source)
     kw.setdefault("timeout_s", 60)
-    return AlembicApp(root / "alembic.ini", driver=sample.driver, **kw)  # type: ignore[arg-type]
+    return AlembicApp(root / "alembic.ini", driver=sample.driver, **kw)
 
 
 @pytest.fixture
 def params(pg: PgCluster, unique: str) -> ConnParams:
     name = f"guard_{unique}"
     pg.create_database(name)
-    return ConnParams(host=pg.host, port=pg.port, database=name, user=pg.superuser, password=pg.password)
+    return conn_params(pg, name)
 
 
 def has_column(pg: PgCluster, database: str, table: str, column: str) -> bool:
@@ -87,11 +89,30 @@ def migrate_sessions(pg: PgCluster, database: str, lock_wait: bool = False) -> b
     return bool(rows)
 
 
-def allow_connections(database: str, allow: bool) -> str:
-    query = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+def allow_connections(database: str, allow: bool) -> sql.Composed:
+    return sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
         sql.Identifier(database), sql.SQL("true" if allow else "false")
     )
-    return query  # type: ignore[return-value]  # PgCluster.sql passes it to psycopg as it is
+
+
+def upgrade_in_thread(
+    app: AlembicApp, params: ConnParams, target: str, start: str, lock_timeout_ms: int
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Start `app.upgrade` from `start` to `target` in a thread (statement_timeout off); what it raises
+    lands in the returned list."""
+    outcome: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            app.upgrade(
+                params, target, lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=0, start=[start]
+            )
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    runner = threading.Thread(target=migrate)
+    runner.start()
+    return runner, outcome
 
 
 def hold_lock(pg: PgCluster, database: str, table: str) -> psycopg.Connection:
@@ -186,21 +207,11 @@ def test_a_migration_the_watchdog_cannot_see_is_stopped(
     (app.ini_path.parent / "alembic" / "versions" / "0002_items_note.py").unlink()
     app.upgrade(params, "0001_items", lock_timeout_ms=8000, statement_timeout_ms=0, start=[])
     blocker = hold_lock(pg, params.database, "items")
-    outcome: list[BaseException] = []
-
-    def migrate() -> None:
-        try:
-            app.upgrade(
-                params, "0009_guard_off", lock_timeout_ms=8000, statement_timeout_ms=0, start=["0001_items"]
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            outcome.append(exc)
+    runner, outcome = upgrade_in_thread(app, params, "0009_guard_off", "0001_items", lock_timeout_ms=8000)
 
     def sessions(lock_wait: bool = False) -> bool:
         return migrate_sessions(pg, params.database, lock_wait)
 
-    runner = threading.Thread(target=migrate)
-    runner.start()
     try:
         wait_until(lambda: sessions(lock_wait=True), timeout=30, what="the revision waiting for the lock")
         pg.sql(allow_connections(params.database, False))
@@ -218,7 +229,8 @@ def test_a_migration_the_watchdog_cannot_see_is_stopped(
         blocker.rollback()
         blocker.close()
         runner.join(timeout=60)
-    assert outcome and isinstance(outcome[0], WatchdogBlind), outcome
+    assert outcome, outcome
+    assert isinstance(outcome[0], WatchdogBlind), outcome
     assert "could not watch its locks" in str(outcome[0])
     assert outcome[0].revision == "0009_guard_off"
     assert elapsed < 30, f"{elapsed:.1f} s (blind for 8 s, the longer of 5 s and lock_timeout, then stopped)"
@@ -238,24 +250,14 @@ def test_a_stopped_alembic_leaves_no_session_queued_for_the_lock(
     (app.ini_path.parent / "alembic" / "versions" / "0002_items_note.py").unlink()
     app.upgrade(params, "0001_items", lock_timeout_ms=60000, statement_timeout_ms=0, start=[])
     blocker = hold_lock(pg, params.database, "items")
-    outcome: list[BaseException] = []
-
-    def migrate() -> None:
-        try:
-            app.upgrade(
-                params, "0009_guard_off", lock_timeout_ms=60000, statement_timeout_ms=0, start=["0001_items"]
-            )
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            outcome.append(exc)
-
-    runner = threading.Thread(target=migrate)
-    runner.start()
+    runner, outcome = upgrade_in_thread(app, params, "0009_guard_off", "0001_items", lock_timeout_ms=60000)
     try:
         wait_until(
             lambda: migrate_sessions(pg, params.database, lock_wait=True), timeout=20, what="lock wait"
         )
         runner.join(timeout=40)
-        assert outcome and isinstance(outcome[0], MigrationTimeout), outcome
+        assert outcome, outcome
+        assert isinstance(outcome[0], MigrationTimeout), outcome
         # still holding the lock: the queued session must be gone now, not when the lock comes free
         wait_until(lambda: not migrate_sessions(pg, params.database), timeout=5, what="the session to end")
         assert blocker.execute("SELECT 1").fetchone() == (1,)
@@ -344,7 +346,9 @@ def test_alembic_sees_an_allowlisted_environment_and_the_password_only_in_a_priv
     seen = json.loads(out.read_text())
     env = seen["env"]
     assert env["DATABASE_URL"] == f"{sample.driver}://postgres@{params.host}:{params.port}/{params.database}"
-    assert "PGPASSWORD" not in env and "AWS_SECRET_ACCESS_KEY" not in env and "PREFECT_API_KEY" not in env
+    assert "PGPASSWORD" not in env
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert "PREFECT_API_KEY" not in env
     assert env["IMAGEMANAGER_FLAG"] == "on", "a name listed in pass_env reaches env.py"
     assert seen["passfile_mode"] == 0o600
     assert not Path(env["PGPASSFILE"]).exists(), "the passfile is removed after the run"

@@ -31,6 +31,7 @@ from flows.core.alembic_tree import Revision
 from flows.core.errors import AuthenticationFailed, is_transient
 from flows.core.postgres import ConnParams
 from flows.core.sql_text import split_statements
+from tests.harness.factories import conn_params
 from tests.harness.pg import PgCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +54,7 @@ def app() -> AlembicApp:
 def params(pg: PgCluster, unique: str) -> ConnParams:
     name = f"migrate_{unique}"
     pg.create_database(name)
-    return ConnParams(
-        host=pg.host,
-        port=pg.port,
-        database=name,
-        user=pg.superuser,
-        password=pg.password,
-        application_name="dbops-migrate-test",
-    )
+    return conn_params(pg, name, application_name="dbops-migrate-test")
 
 
 def _copy_tree(tmp_path: Path, extra_name: str, extra_source: str) -> AlembicApp:
@@ -77,7 +71,9 @@ def test_tree_heads_history_and_pending(app: AlembicApp) -> None:
     history = app.history()
     assert [r.id for r in reversed(history)] == REVISIONS
     first = history[-1]
-    assert isinstance(first, Revision) and first.down_revision is None and first.has_downgrade
+    assert isinstance(first, Revision)
+    assert first.down_revision is None
+    assert first.has_downgrade
     assert history[0].down_revision == "0003_projects_archived"
     assert "CONCURRENTLY" in history[0].doc
     assert app.pending([], "head") == REVISIONS
@@ -95,7 +91,8 @@ def test_upgrade_in_steps_with_timings_then_downgrade(app: AlembicApp, params: C
     first = app.upgrade(params, "0002_image_metadata", lock_timeout_ms=2000, statement_timeout_ms=60000)
     assert [s.revision for s in first.steps] == REVISIONS[:2]
     assert all(s.seconds > 0 and s.direction == "upgrade" for s in first.steps)
-    assert first.start == [] and first.end == ["0002_image_metadata"]
+    assert first.start == []
+    assert first.end == ["0002_image_metadata"]
 
     second = app.upgrade(params, "head", lock_timeout_ms=2000, statement_timeout_ms=60000)
     assert second.start == ["0002_image_metadata"]
@@ -104,13 +101,15 @@ def test_upgrade_in_steps_with_timings_then_downgrade(app: AlembicApp, params: C
 
     back = app.downgrade(params, "0002_image_metadata")
     assert [s.revision for s in back.steps] == [HEAD, "0003_projects_archived"]
-    assert back.start == [HEAD] and back.end == ["0002_image_metadata"]
+    assert back.start == [HEAD]
+    assert back.end == ["0002_image_metadata"]
     assert app.downgrade(params, "base").end == []
 
 
 def test_offline_sql_per_revision(app: AlembicApp) -> None:
     offline = app.offline_sql(None, "head")
-    assert list(offline) == REVISIONS and offline.failed == {}
+    assert list(offline) == REVISIONS
+    assert offline.failed == {}
     assert all("ALTER TABLE" in sql or "CREATE" in sql for sql in offline.values())
     in_tx, concurrently_outside = False, []
     for stmt in split_statements(offline[HEAD]):
@@ -172,7 +171,9 @@ def test_database_stamped_with_unknown_revision(app: AlembicApp, params: ConnPar
     with pytest.raises(UnknownRevision, match="ffff_from_the_future") as caught:
         app.upgrade(params, "head", lock_timeout_ms=2000, statement_timeout_ms=0)
     message = str(caught.value)
-    assert "does not know" in message and message.count(". ") == 0 and "\n" not in message
+    assert "does not know" in message
+    assert message.count(". ") == 0
+    assert "\n" not in message
 
 
 def test_wrong_password_is_authentication_failed_without_the_password(
@@ -217,8 +218,10 @@ def test_broken_tree_is_one_sentence(tmp_path: Path, source: str, reason: str) -
     with pytest.raises(BrokenRevisionTree) as caught:
         app.heads()
     message = str(caught.value)
-    assert reason in message and "before migrating" in message
-    assert message.count("; ") == 1 and "\n" not in message
+    assert reason in message
+    assert "before migrating" in message
+    assert message.count("; ") == 1
+    assert "\n" not in message
 
 
 def test_downgrade_refuses_revision_without_downgrade(

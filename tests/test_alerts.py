@@ -33,7 +33,7 @@ def test_alert_windows_are_written_like_a_person_would(text: str, seconds: int) 
 @pytest.mark.parametrize("text", ["", "26", "h", "26 hours", "1h-5m", "26h!"])
 def test_a_window_that_is_not_a_duration_is_one_sentence_naming_it(text: str) -> None:
     with pytest.raises(
-        ConfigurationError, match="windows.nightly-dump: .* is not a duration; write it like 26h"
+        ConfigurationError, match=r"windows\.nightly-dump: .* is not a duration; write it like 26h"
     ):
         parse_duration(text, "windows.nightly-dump")
 

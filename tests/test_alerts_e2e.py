@@ -205,7 +205,8 @@ def run(name: str) -> Any:
     from prefect.deployments import run_deployment
 
     flow_run: Any = run_deployment(name, timeout=240, poll_interval=1)
-    assert flow_run.state is not None and flow_run.state.is_final(), flow_run.state
+    assert flow_run.state is not None, flow_run.state
+    assert flow_run.state.is_final(), flow_run.state
     return flow_run
 
 
@@ -282,7 +283,8 @@ def test_a_failed_dump_alerts_once_then_two_successes_resolve_it_once(alerts: Al
         failed = run("nightly-dump/nightly-dump")  # the wrong password
         assert failed.state.is_failed(), failed.state
         sentence = failed.state.message
-        assert sentence and "password" in sentence, sentence
+        assert sentence, sentence
+        assert "password" in sentence, sentence
         (alert,) = receiver.wait_for(failed_subject, timeout=60)
         assert alert.subject == f"{failed_subject} ({alerts.database})"
         assert f"database: {alerts.database}" in alert.body

@@ -168,14 +168,21 @@ def test_base_backup_lands_with_its_manifest_after_its_wal_is_archived_and_resto
     )
     store = LocalObjectStore(tmp_path / "store")
     stem = report.key.removesuffix(".tar.zst")
-    assert report.key.startswith("prod/imagemanager/base/") and report.manifest_key == base_manifest_key(stem)
+    assert report.key.startswith("prod/imagemanager/base/")
+    assert report.manifest_key == base_manifest_key(stem)
     manifest = BaseBackupManifest.from_json(store.get_bytes(report.manifest_key))
-    assert manifest.wal_archived and not manifest.wal_included and manifest.verified
-    assert manifest.verification.method == "full" and "sha256 re-checked" in manifest.verification.detail
-    assert manifest.label.startswith("dbops-imagemanager-") and manifest.wal_segment_size == MiB
-    assert manifest.sha256 == report.sha256 and store.head(report.key).size == manifest.bytes  # type: ignore[union-attr]
+    assert manifest.wal_archived
+    assert not manifest.wal_included
+    assert manifest.verified
+    assert manifest.verification.method == "full"
+    assert "sha256 re-checked" in manifest.verification.detail
+    assert manifest.label.startswith("dbops-imagemanager-")
+    assert manifest.wal_segment_size == MiB
+    assert manifest.sha256 == report.sha256
+    assert store.head(report.key).size == manifest.bytes
     system = pg.sql("SELECT system_identifier::text FROM pg_control_system()")[0][0]
-    assert manifest.system_identifier == system and manifest.server_version_num >= 150000
+    assert manifest.system_identifier == system
+    assert manifest.server_version_num >= 150000
     # every segment from start to stop is in the archive directory (and was, before the manifest)
     first, last = int(manifest.start_wal[8:], 16), int(manifest.stop_wal[8:], 16)
     assert first <= last
@@ -208,8 +215,12 @@ def test_include_wal_to_s3_is_self_contained_and_reaches_consistency_without_the
     manifest = BaseBackupManifest.from_json(store.get_bytes(report.manifest_key))
     assert (
         manifest.wal_included
-        and manifest.verified
-        and "WAL file(s) in pg_wal" in manifest.verification.detail
+    )
+    assert (
+        manifest.verified
+    )
+    assert (
+        "WAL file(s) in pg_wal" in manifest.verification.detail
     )
     assert store.list_incomplete_uploads() == []
     target = PgCluster(base_dir=server_dir() / "restored", port=free_port(), password=pg.password)
@@ -237,9 +248,11 @@ def test_wal_that_never_reaches_the_archive_fails_naming_the_segment_and_leaves_
         message = failure_message(state)
     finally:
         pg.set(archive_command=f"cp %p {archive}/%f")
-    assert "did not reach" in message and "archive_command" in message
+    assert "did not reach" in message
+    assert "archive_command" in message
     missing = message.split("WAL segment ", 1)[1].split(" ", 1)[0]
-    assert len(missing) == 24 and not (archive / missing).exists()
+    assert len(missing) == 24
+    assert not (archive / missing).exists()
     store = LocalObjectStore(tmp_path / "store")
     assert [i.key for i in store.list("")] == []  # no tar, no manifest
 
@@ -260,7 +273,8 @@ def test_archive_location_that_never_gets_the_wal_fails_after_the_timeout_and_re
         return_state=True,
     )
     message = failure_message(state)
-    assert f"did not reach file://{elsewhere}" in message and "no manifest written" in message
+    assert f"did not reach file://{elsewhere}" in message
+    assert "no manifest written" in message
     segment = message.split("WAL segment ", 1)[1].split(" ", 1)[0]
     assert len(segment) == 24
     assert [i.key for i in LocalObjectStore(tmp_path / "store").list("")] == []
@@ -298,13 +312,18 @@ def test_killed_pg_basebackup_aborts_the_multipart_upload_stores_nothing_and_nev
             progress=progress,
             on_start=started.append,
         )
-    assert killed and started[0].returncode == -signal.SIGKILL
+    assert killed
+    assert started[0].returncode == -signal.SIGKILL
     # the password reached pg_basebackup through a passfile, never argv or the environment
-    assert pg.password not in " ".join(map(str, started[0].args)) and pg.password.encode() not in environ[0]
-    assert b"PGPASSFILE=" in environ[0] and b"PGPASSWORD=" not in environ[0]
-    assert "SIGKILL" in str(info.value) and "upload was aborted (nothing stored)" in str(info.value)
+    assert pg.password not in " ".join(map(str, started[0].args))
+    assert pg.password.encode() not in environ[0]
+    assert b"PGPASSFILE=" in environ[0]
+    assert b"PGPASSWORD=" not in environ[0]
+    assert "SIGKILL" in str(info.value)
+    assert "upload was aborted (nothing stored)" in str(info.value)
     assert is_transient(info.value)
-    assert list(store.list("")) == [] and store.list_incomplete_uploads() == []
+    assert list(store.list("")) == []
+    assert store.list_incomplete_uploads() == []
 
 
 def test_s3_endpoint_dying_mid_stream_is_transient_and_stops_pg_basebackup_and_its_walsender(
@@ -340,7 +359,8 @@ def test_s3_endpoint_dying_mid_stream_is_transient_and_stops_pg_basebackup_and_i
                 on_start=started.append,
             )
     assert killed
-    assert isinstance(info.value, StorageUnavailable) and is_transient(info.value), repr(info.value)
+    assert isinstance(info.value, StorageUnavailable), repr(info.value)
+    assert is_transient(info.value), repr(info.value)
     assert started[0].poll() is not None, "pg_basebackup was left running"
     wait_until(
         lambda: pg.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'") == [(0,)],
@@ -364,7 +384,8 @@ def test_role_without_replication_is_refused_with_the_alter_role_fix(
         return_state=True,
     )
     message = failure_message(state)
-    assert f"role {role} lacks REPLICATION" in message and f"ALTER ROLE {role} REPLICATION" in message
+    assert f"role {role} lacks REPLICATION" in message
+    assert f"ALTER ROLE {role} REPLICATION" in message
     assert password not in message
 
 
@@ -409,7 +430,8 @@ def test_extra_tablespace_is_refused_with_a_sentence(
         message = failure_message(state)
     finally:
         pg.sql(f"DROP TABLESPACE ts_{unique}")
-    assert f"extra tablespace(s) (ts_{unique})" in message and "cannot carry" in message
+    assert f"extra tablespace(s) (ts_{unique})" in message
+    assert "cannot carry" in message
     assert list(LocalObjectStore(tmp_path / "store").list("prod")) == []
 
 
@@ -423,7 +445,8 @@ def test_archiving_off_without_include_wal_is_refused(pg: PgCluster, tmp_path: P
         return_state=True,
     )
     message = failure_message(state)
-    assert "archive_mode is off" in message and "include_wal=true" in message
+    assert "archive_mode is off" in message
+    assert "include_wal=true" in message
 
 
 def test_archive_defaults_to_the_prefect_variable_of_the_wal_check(
@@ -520,23 +543,28 @@ def test_retention_expires_old_base_backups_manifest_first_but_keeps_a_leased_on
         dry_run=True,
         options=fast(),
     )
-    assert dry.retention.startswith("dry run") and store.head(second.key) is not None
+    assert dry.retention.startswith("dry run")
+    assert store.head(second.key) is not None
     assert dry.wal_expiry.startswith(f"planned: would remove {len(older)} segment(s)"), dry.wal_expiry
     assert set(older) <= set(segments())  # a dry run removes nothing
     third = base_backup(
         database=db, storage=storage, archive=location, retention=policy, wal_keep_days=0, options=fast()
     )
     keys = {i.key for i in store.list(base_prefix("", "imagemanager"))}
-    assert third.key in keys and third.manifest_key in keys
+    assert third.key in keys
+    assert third.manifest_key in keys
     assert not any(k.startswith(stem2) for k in keys)  # expired: tar, backup_manifest, manifest all gone
-    assert first.key in keys and first.manifest_key in keys  # a recovery reads it: kept, reported in use
-    assert stem1 in third.in_use and stem2 in third.deleted
+    assert first.key in keys
+    assert first.manifest_key in keys
+    assert stem1 in third.in_use
+    assert stem2 in third.deleted
     # WAL expiry: exactly what is older than the oldest kept base backup (the leased first) is gone
     left = segments()
     assert third.wal_expiry.startswith("deleted: removed"), third.wal_expiry
     assert not set(older) & set(left)
     assert all(name[8:] >= first.start_wal[8:] for name in left)
-    assert first.start_wal in left and third.stop_wal in left
+    assert first.start_wal in left
+    assert third.stop_wal in left
 
 
 # -- the tar reader ------------------------------------------------------------------------------------------
@@ -578,7 +606,9 @@ def test_tar_scanner_reads_members_in_any_chunking_and_name_format(fmt: int, chu
     for i in range(0, len(stream), chunk):
         scanner.feed(stream[i : i + chunk])
     facts = facts_from(scanner)
-    assert scanner.ended and scanner.has_pg_control and scanner.members == 5
+    assert scanner.ended
+    assert scanner.has_pg_control
+    assert scanner.members == 5
     assert scanner.wal_files == ["000000010000000000000002"]
     # End-LSN exactly on a segment boundary: the stop segment is the one before it
     assert facts.start_wal == facts.stop_wal == "000000010000000000000002"

@@ -45,12 +45,15 @@ def test_a_healthy_database_has_no_warning_and_says_how_to_enable_top_queries(pg
     assert [c for c in report.checks if c.status in ("warning", "critical")] == []
     assert report.status == "ok"
     found = checks(report)
-    assert found[f"size {db}"].status == "ok" and "growth not known yet" in found[f"size {db}"].figure
-    assert report.database_bytes and report.database_bytes > 1_000_000
+    assert found[f"size {db}"].status == "ok"
+    assert "growth not known yet" in found[f"size {db}"].figure
+    assert report.database_bytes
+    assert report.database_bytes > 1_000_000
     assert "public.items" in [n for n, _ in report.largest_tables]
     assert found["disk of the data directory"].status == "ok"  # the test runs on the database host
     top = found["top queries"]
-    assert top.status == "skipped" and top.figure == "pg_stat_statements is not installed"
+    assert top.status == "skipped"
+    assert top.figure == "pg_stat_statements is not installed"
     assert top.action == ENABLE
     text = render(report)
     assert text.splitlines()[0].startswith(f"**{db}: OK**")
@@ -65,7 +68,13 @@ def test_pg_stat_statements_created_but_not_preloaded_is_one_skipped_line(pg: Pg
     pg.sql("CREATE EXTENSION pg_stat_statements", db)
     top = checks(inspect(pg, db))["top queries"]
     assert (
-        top.status == "skipped" and top.figure == "pg_stat_statements is not loaded" and top.action == ENABLE
+        top.status == "skipped"
+    )
+    assert (
+        top.figure == "pg_stat_statements is not loaded"
+    )
+    assert (
+        top.action == ENABLE
     )
 
 
@@ -87,11 +96,17 @@ def test_a_session_idle_in_transaction_and_the_oldest_transaction_are_reported(
     idle_check = found["idle in transaction"]
     assert idle_check.status == "warning"
     assert (
-        f"pid {pid} postgres (forgetful)" in idle_check.message and "hold back vacuum" in idle_check.message
+        f"pid {pid} postgres (forgetful)" in idle_check.message
+    )
+    assert (
+        "hold back vacuum" in idle_check.message
     )
     assert f"pg_terminate_backend({pid})" in idle_check.action
     assert (
-        found["oldest transaction"].status == "warning" and f"pid {pid}" in found["oldest transaction"].figure
+        found["oldest transaction"].status == "warning"
+    )
+    assert (
+        f"pid {pid}" in found["oldest transaction"].figure
     )
 
 
@@ -127,12 +142,14 @@ def test_a_blocked_lock_names_its_blocker_and_a_query_hitting_statement_timeout_
     found = checks(report)
     blocked = found["blocked sessions"]
     assert blocked.status == "warning"
-    assert "waits" in blocked.figure and f"for pid {blocker}" in blocked.figure
+    assert "waits" in blocked.figure
+    assert f"for pid {blocker}" in blocked.figure
     assert f"blocked by pid {blocker} (idle in transaction" in blocked.message
     assert f"pg_terminate_backend({blocker})" in blocked.action
     # the size query reads every table's size, so it waits on the same lock: cancelled, its own failure
     size = found["size"]
-    assert size.status == "critical" and "did not finish within 1 s" in size.message
+    assert size.status == "critical"
+    assert "did not finish within 1 s" in size.message
     assert report.first_critical() == size
     # ... and every other group still ran
     for name in (
@@ -204,7 +221,8 @@ def test_unused_and_duplicate_indexes_and_a_missing_prescribed_index(pg: PgClust
     t = HealthThresholds(min_unused_index_bytes=0)
     found = checks(inspect(pg, db, thresholds=t, prescribed=list(SEED_PRESCRIBED)))
     unused = found["unused indexes"]
-    assert unused.status == "warning" and "public.by_project on public.data_instances" in unused.figure
+    assert unused.status == "warning"
+    assert "public.by_project on public.data_instances" in unused.figure
     assert "public.data_instances_pkey" not in unused.figure  # a constraint's index is not "unused"
     dup = found["duplicate indexes"]
     assert dup.status == "warning"
@@ -259,7 +277,8 @@ def test_a_role_without_pg_monitor_gets_skipped_checks_with_the_grant_not_a_cras
     role = f"watcher_{unique}"
     pg.create_role(role, "pw-watch")
     report = inspect(pg, db, user=role, password="pw-watch")
-    assert report.has_monitor is False and report.role == role
+    assert report.has_monitor is False
+    assert report.role == role
     found = checks(report)
     for name in (
         "long-running queries",
@@ -268,15 +287,19 @@ def test_a_role_without_pg_monitor_gets_skipped_checks_with_the_grant_not_a_cras
         "blocked sessions",
         "standby lag",
     ):
-        assert found[name].status == "skipped" and found[name].action == f"GRANT pg_monitor TO {role}", name
+        assert found[name].status == "skipped", name
+        assert found[name].action == f"GRANT pg_monitor TO {role}", name
     hidden = found["sequences not readable"]
     assert (
         hidden.status == "skipped"
-        and hidden.action == f"GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"
+    )
+    assert (
+        hidden.action == f"GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"
     )
     assert found["disk of the data directory"].status == "skipped"
     assert "needs pg_monitor" in found["disk of the data directory"].figure
-    assert found[f"size {db}"].status == "ok" and found["connections"].status == "ok"
+    assert found[f"size {db}"].status == "ok"
+    assert found["connections"].status == "ok"
     pg.sql(f"GRANT pg_monitor TO {role}")
     assert checks(inspect(pg, db, user=role, password="pw-watch"))["idle in transaction"].status == "ok"
 
@@ -308,7 +331,8 @@ def test_top_queries_from_pg_stat_statements_when_it_is_loaded(unique: str) -> N
             own.sql("SELECT count(*) FROM generate_series(1, 20000)", "stats")
         report = inspect(own, "stats")
     top = checks(report)["top queries"]
-    assert top.status == "ok" and " calls (mean " in top.figure
+    assert top.status == "ok"
+    assert " calls (mean " in top.figure
     assert len(report.top_queries) == 10 or len(report.top_queries) >= 2
     assert any("generate_series" in str(q["query"]) and q["calls"] == 3 for q in report.top_queries)
 
@@ -337,7 +361,9 @@ def test_a_long_running_query_is_reported_with_its_pid(pg: PgCluster, db: str) -
         thread.join(timeout=30)
         sleeper.close()
     long = found["long-running queries"]
-    assert long.status == "warning" and f"pid {pid}" in long.message and "SELECT pg_sleep(60)" in long.figure
+    assert long.status == "warning"
+    assert f"pid {pid}" in long.message
+    assert "SELECT pg_sleep(60)" in long.figure
     assert long.action.endswith(f"SELECT pg_cancel_backend({pid})")
     assert len(errors) == 1
 
@@ -378,11 +404,13 @@ def test_the_judges_of_connections_disk_standbys_cache_and_autovacuum_workers() 
     assert "fills in about 5 days" in check_disk(disk, 60 * GIB, t).message
     assert check_disk(DiskFigures("/data", 1000 * GIB, 40 * GIB), None, t).status == "critical"  # 4 % free
     unreadable = check_disk(DiskFigures("/data", unreadable="dbops runs on another host"), 1.0, t)
-    assert unreadable.status == "skipped" and "another host" in unreadable.figure
+    assert unreadable.status == "skipped"
+    assert "another host" in unreadable.figure
 
     assert check_standbys([Standby("replica1", "10.0.0.2", "streaming", 0.5)], t).status == "ok"
     lagging = check_standbys([Standby("replica1", "10.0.0.2", "streaming", 120.0)], t)
-    assert lagging.status == "warning" and lagging.message == "standby replica1 replays 120 s behind"
+    assert lagging.status == "warning"
+    assert lagging.message == "standby replica1 replays 120 s behind"
     assert check_standbys([Standby("", "10.0.0.2", "streaming", 1000.0)], t).status == "critical"
 
     cold = CacheFigures([DatabaseIo("imagemanager", 900_000, 100_000, 10, 50 * GIB, 86400.0)], [])
@@ -396,7 +424,10 @@ def test_the_judges_of_connections_disk_standbys_cache_and_autovacuum_workers() 
     busy = VacuumFigures([], {"autovacuum": "on", "autovacuum_max_workers": "3"}, 3)
     assert (
         check_workers(busy).status == "warning"
-        and "all 3 autovacuum workers are busy" in check_workers(busy).message
+    )
+    assert (
+        "all 3 autovacuum workers are busy" in check_workers(busy).message
     )
     off = VacuumFigures([], {"autovacuum": "off", "autovacuum_max_workers": "3"}, 0)
-    assert check_workers(off).status == "warning" and "autovacuum is off" in check_workers(off).message
+    assert check_workers(off).status == "warning"
+    assert "autovacuum is off" in check_workers(off).message

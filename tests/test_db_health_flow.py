@@ -32,7 +32,8 @@ def db(pg: PgCluster, unique: str) -> str:
 
 def artifact_text(db: str) -> tuple[str, str]:
     artifact = Artifact.get(f"db-health-{db.replace('_', '-')}")
-    assert artifact is not None and not isinstance(artifact, Coroutine)  # the sync client's answer
+    assert artifact is not None
+    assert not isinstance(artifact, Coroutine)
     return str(artifact.data), artifact.description or ""
 
 
@@ -41,9 +42,11 @@ def test_a_healthy_database_completes_with_no_warning_and_keeps_todays_size(pg: 
     state = db_health(database=block, prescribed_indexes=[], return_state=True)
     assert state.is_completed()
     report = state.result()
-    assert report.status == "ok" and report.problems == []
+    assert report.status == "ok"
+    assert report.problems == []
     text, description = artifact_text(db)
-    assert text.splitlines()[0].startswith(f"**{db}: OK**") and "Nothing to do" in text
+    assert text.splitlines()[0].startswith(f"**{db}: OK**")
+    assert "Nothing to do" in text
     assert "Size, last 14 days: `             ▁`" in text  # one day kept: the rightmost point
     assert description.startswith(f"**{db}: OK**")
     history = SizeHistory.from_value(Variable.get(f"dbops_health_size_{_sysid(pg)}_{db}"))
@@ -67,7 +70,8 @@ def test_dead_rows_fail_the_run_and_vacuum_true_cleans_exactly_that_table(pg: Pg
     text, description = artifact_text(db)
     assert description.startswith(f"**Failed**: {message}")
     assert text.startswith(f"**Failed**: {message}")
-    assert "### What to do" in text and "**CRITICAL dead rows**" in text
+    assert "### What to do" in text
+    assert "**CRITICAL dead rows**" in text
 
     report = db_health(database=block, prescribed_indexes=[], vacuum=True)
     assert report.vacuumed == {"public.churn": None}
@@ -109,7 +113,9 @@ def test_a_server_that_goes_away_mid_run_fails_with_one_sentence(unique: str) ->
             holder.close()
     assert state.is_failed()
     message = failure_message(state)
-    assert "\n" not in message and own.host in message and str(own.port) in message
+    assert "\n" not in message
+    assert own.host in message
+    assert str(own.port) in message
     assert "lost the connection" in message or "cannot reach" in message.lower() or "refused" in message
 
 

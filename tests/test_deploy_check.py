@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -24,8 +25,8 @@ def write_yaml(tmp_path: Path, deployments: list[dict]) -> Path:
     return path
 
 
-def dump_deployment(unique: str, **overrides: object) -> dict:
-    spec = {
+def dump_deployment(unique: str, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
         "name": f"nightly-{unique}",
         "entrypoint": "flows/nightly_dump.py:nightly_dump",
         "work_pool": {"name": f"pool-{unique}"},
@@ -52,7 +53,8 @@ def test_unknown_block_is_named_with_the_fix(tmp_path: Path, configured: str) ->
     spec = dump_deployment(configured, parameters={"database": "nope", "storage": "s3-bucket/nope-too"})
     problems = check_deployments(write_yaml(tmp_path, [spec]))
     assert len(problems) == 2
-    assert "parameter database" in problems[0] and "'postgres-database/nope' does not exist" in problems[0]
+    assert "parameter database" in problems[0]
+    assert "'postgres-database/nope' does not exist" in problems[0]
     assert "dbops setup" in problems[0]
     assert "'s3-bucket/nope-too' does not exist" in problems[1]
 
@@ -64,7 +66,8 @@ def test_cron_that_does_not_parse_and_a_bad_time_zone_are_refused(tmp_path: Path
     )
     problems = check_deployments(write_yaml(tmp_path, [spec]))
     assert len(problems) == 2
-    assert "'0 25 * * *'" in problems[0] and "does not parse" in problems[0]
+    assert "'0 25 * * *'" in problems[0]
+    assert "does not parse" in problems[0]
     assert "'Mars/Base'" in problems[1]
 
 
@@ -80,7 +83,8 @@ def test_variables_are_resolved_and_an_unset_one_is_named(tmp_path: Path, config
     spec = dump_deployment(configured, parameters={"database": f"db-{configured}", "storage": templated})
     path = write_yaml(tmp_path, [spec])
     [problem] = check_deployments(path)
-    assert f"Prefect Variable 'storage_{configured}'" in problem and "[variables]" in problem
+    assert f"Prefect Variable 'storage_{configured}'" in problem
+    assert "[variables]" in problem
     set_variables({f"storage_{configured}": f"local-file-system/store-{configured}"})
     assert check_deployments(path) == []
 

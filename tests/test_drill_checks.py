@@ -17,33 +17,19 @@ from flows.core.drill import (
 from flows.core.listing import is_stale, staleness_hours
 from flows.core.manifest import Manifest
 from flows.core.tablenames import TableName, legacy_readings, parse_table_key, resolve_key, table_key
+from tests.harness.factories import make_manifest
 from tests.harness.pg import PgCluster
 
 
 def manifest(estimates: dict[str, int], revision: str | None = "0004") -> Manifest:
-    now = datetime.now(UTC)
-    return Manifest(
-        database="d",
-        server="h:1",
-        server_version="15",
-        pg_dump_version="15",
-        started_at=now,
-        ended_at=now,
-        dump_key="k",
-        bytes=1,
-        raw_bytes=1,
-        sha256="0",
-        compression="zstd",
-        compression_level=3,
-        dump_options=[],
-        alembic_revision=revision,
-        row_estimates=estimates,
-    )
+    return make_manifest(alembic_revision=revision, row_estimates=estimates)
 
 
 def test_row_counts_are_exact_for_small_tables_and_within_tolerance_for_large() -> None:
-    assert row_count_ok(10, 10, 0.1, 1000) and not row_count_ok(10, 11, 0.1, 1000)
-    assert row_count_ok(100_000, 109_000, 0.1, 1000) and not row_count_ok(100_000, 111_000, 0.1, 1000)
+    assert row_count_ok(10, 10, 0.1, 1000)
+    assert not row_count_ok(10, 11, 0.1, 1000)
+    assert row_count_ok(100_000, 109_000, 0.1, 1000)
+    assert not row_count_ok(100_000, 111_000, 0.1, 1000)
 
 
 def test_scratch_name_is_derived_from_the_run_and_leaves_room_for_the_temporary_suffix() -> None:
@@ -62,18 +48,23 @@ def test_checks_on_a_real_database_name_the_table_and_revision_at_fault(pg: PgCl
     with pg.connect(db) as conn:
         tables = restored_tables(conn)
         good = manifest({"public.t": 50, "public.alembic_version": 1})
-        assert check_tables(good, tables).ok and check_row_counts(conn, good, tables).ok
+        assert check_tables(good, tables).ok
+        assert check_row_counts(conn, good, tables).ok
         assert check_alembic(conn, good).ok
         bad = manifest({"public.t": 49, "public.ghost": 3, "public.never": -1}, revision="0003")
         assert "public.ghost" in check_tables(bad, tables).detail
         counts = check_row_counts(conn, bad, tables)
-        assert not counts.ok and "public.t: 50 rows, manifest estimated 49" in counts.detail
-        assert "0003" in check_alembic(conn, bad).detail and not check_alembic(conn, bad).ok
+        assert not counts.ok
+        assert "public.t: 50 rows, manifest estimated 49" in counts.detail
+        assert "0003" in check_alembic(conn, bad).detail
+        assert not check_alembic(conn, bad).ok
 
 
 def test_staleness_is_hours_since_the_newest_backup_ended() -> None:
-    assert staleness_hours(Catalog([], [])) is None and is_stale(None, 26)
-    assert not is_stale(25.9, 26) and is_stale(26.1, 26)
+    assert staleness_hours(Catalog([], [])) is None
+    assert is_stale(None, 26)
+    assert not is_stale(25.9, 26)
+    assert is_stale(26.1, 26)
 
 
 def test_drill_record_round_trips_and_describes_itself() -> None:
@@ -133,7 +124,8 @@ def test_old_manifest_key_with_several_dots_is_read_the_way_the_restored_catalog
     assert resolve_key("my.schema.t", catalog) == TableName("my.schema", "t")
     assert resolve_key('"my.schema".t', catalog) == TableName("my.schema", "t")
     assert resolve_key("public.a", catalog) == TableName("public", "a")
-    assert resolve_key("my.schema.u", catalog) is None and resolve_key('"my.schema"."t.x"', catalog) is None
+    assert resolve_key("my.schema.u", catalog) is None
+    assert resolve_key('"my.schema"."t.x"', catalog) is None
 
 
 def test_drill_checks_count_tables_with_dots_in_their_names_new_and_old_manifests(
@@ -148,7 +140,9 @@ def test_drill_checks_count_tables_with_dots_in_their_names_new_and_old_manifest
         assert tables[TableName("my.schema", "t.x")] == "r"
         for key in ('"my.schema"."t.x"', "my.schema.t.x"):  # this dbops's key, and an older dbops's
             m = manifest({key: 5}, revision=None)
-            assert check_tables(m, tables).ok and check_row_counts(conn, m, tables).ok, key
+            assert check_tables(m, tables).ok, key
+            assert check_row_counts(conn, m, tables).ok, key
             m = m.model_copy(update={"exact_row_counts": {key: 4}})
             counts = check_row_counts(conn, m, tables)
-            assert not counts.ok and f"{key}: 5 rows, the dump's snapshot had 4" in counts.detail
+            assert not counts.ok
+            assert f"{key}: 5 rows, the dump's snapshot had 4" in counts.detail

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from flows.core.drill import DrillRecord
 from flows.core.manifest import Manifest
+from flows.core.postgres import one_row
 from flows.nightly_dump import nightly_dump
 from flows.restore_drill import restore_drill
 from tests.conftest import make_database_block, make_s3_block
+from tests.harness.factories import databases, rewrite, sample_database
 from tests.harness.pg import PgCluster, wait_until
+from tests.harness.runs import artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
-from tests.test_nightly_dump_flow import failure_message, sample_database
-from tests.test_restore_flow import databases, rewrite
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -36,12 +38,8 @@ def drill_record(s3: S3Endpoint, bucket: str, manifest_key: str) -> DrillRecord:
     return DrillRecord.from_json(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def artifact_values(name: str) -> dict[str, object]:
-    from prefect.artifacts import Artifact
-
-    artifact = Artifact.get(f"restore-drill-{name.replace('_', '-')}")
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return {row["item"]: row["value"] for row in table}
+def artifact_values(name: str) -> dict[str, Any]:
+    return {row["item"]: row["value"] for row in artifact_table(f"restore-drill-{name.replace('_', '-')}")}
 
 
 def test_drill_passes_on_a_good_backup_drops_the_scratch_database_and_records_the_rto(
@@ -50,7 +48,9 @@ def test_drill_passes_on_a_good_backup_drops_the_scratch_database_and_records_th
     block, name = source
     dumped = nightly_dump(database=block, storage=storage, prefix="prod")
     report = restore_drill(storage=storage, source_database=name, scratch=block, prefix="prod")
-    assert report.passed and report.key == dumped.key and report.rto_seconds > 0
+    assert report.passed
+    assert report.key == dumped.key
+    assert (report.rto_seconds or 0) > 0
     assert {c["check"]: c["result"] for c in report.checks} == {
         "tables": "ok",
         "row counts": "ok",
@@ -59,12 +59,16 @@ def test_drill_passes_on_a_good_backup_drops_the_scratch_database_and_records_th
     }
     assert databases(pg, f"drill_{name}_%") == []  # the scratch database is gone
     record = drill_record(s3, bucket, dumped.manifest_key)
-    assert record.passed and record.rto_seconds == report.rto_seconds and record.dump_key == dumped.key
-    assert record.scratch_database == report.scratch_database and record.describe().startswith(
+    assert record.passed
+    assert record.rto_seconds == report.rto_seconds
+    assert record.dump_key == dumped.key
+    assert record.scratch_database == report.scratch_database
+    assert record.describe().startswith(
         "restored and checked at"
     )
     values = artifact_values(name)
-    assert 0 <= float(values["backup staleness (hours)"]) < 1 and values["result"] == "passed"
+    assert 0 <= float(values["backup staleness (hours)"]) < 1
+    assert values["result"] == "passed"
 
 
 def test_drill_fails_when_the_manifest_claims_a_table_the_dump_lacks(
@@ -83,10 +87,13 @@ def test_drill_fails_when_the_manifest_claims_a_table_the_dump_lacks(
         storage=storage, source_database=name, scratch=block, amcheck=False, return_state=True
     )
     message = failure_message(state)
-    assert "restore drill of" in message and "public.ghost" in message and "tables" in message
+    assert "restore drill of" in message
+    assert "public.ghost" in message
+    assert "tables" in message
     assert databases(pg, f"drill_{name}_%") == []  # dropped although a check failed
     record = drill_record(s3, bucket, dumped.manifest_key)
-    assert not record.passed and "public.ghost" in record.summary
+    assert not record.passed
+    assert "public.ghost" in record.summary
     assert artifact_values(name)["result"] == "FAILED"
 
 
@@ -106,7 +113,8 @@ def test_drill_fails_loudly_when_the_newest_backup_is_older_than_the_threshold(
         storage=storage, source_database=name, scratch=block, amcheck=False, return_state=True
     )
     message = failure_message(state)
-    assert "newest backup of" in message and "h old (threshold 26 h)" in message
+    assert "newest backup of" in message
+    assert "h old (threshold 26 h)" in message
     values = artifact_values(name)
     assert 29.9 < float(values["backup staleness (hours)"]) < 30.5
     assert values["result"] == "passed"  # the backup itself restores fine: staleness alone fails the run
@@ -165,7 +173,7 @@ def test_large_table_that_grew_since_analyze_is_compared_with_the_live_tuple_cou
     def counters() -> tuple[int, int]:
         with pg.connect(name) as conn:
             query = "SELECT n_live_tup, n_tup_ins FROM pg_stat_user_tables WHERE relname = 'big'"
-            live, inserted = conn.execute(query).fetchone()
+            live, inserted = one_row(conn, query)
             return int(live), int(inserted)
 
     def insert_and_flush(first: int, last: int) -> None:
@@ -185,7 +193,8 @@ def test_large_table_that_grew_since_analyze_is_compared_with_the_live_tuple_cou
     assert reltuples == 100_000
     dumped = nightly_dump(database=block, storage=storage, prefix="prod")
     report = restore_drill(storage=storage, source_database=name, scratch=block, prefix="prod", amcheck=False)
-    assert report.passed and report.key == dumped.key, report.checks
+    assert report.passed, report.checks
+    assert report.key == dumped.key, report.checks
 
 
 def test_drill_passes_with_a_dot_in_a_schema_name_and_in_a_table_name(
@@ -210,4 +219,5 @@ def test_drill_passes_with_a_dot_in_a_schema_name_and_in_a_table_name(
     )
     assert manifest.exact_row_counts['"my.schema"."t.x"'] == 7  # quoted like SQL identifiers: unambiguous
     assert manifest.exact_row_counts['my."schema.t"'] == 2
-    assert manifest.exact_row_counts['"my.schema".plain'] == 3 and "public.images" in manifest.row_estimates
+    assert manifest.exact_row_counts['"my.schema".plain'] == 3
+    assert "public.images" in manifest.row_estimates

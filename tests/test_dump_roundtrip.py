@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from psycopg import sql
@@ -22,8 +23,9 @@ from flows.core.dump import stream_dump, verify_stored_dump
 from flows.core.localstore import LocalObjectStore
 from flows.core.objectstore import MiB, ObjectStore
 from flows.core.pgtools import PgTool, find_tool
-from flows.core.postgres import ConnParams, connect, dumpable_tables, server_version_num
+from flows.core.postgres import connect, dumpable_tables, server_version_num
 from flows.core.s3store import S3ObjectStore
+from tests.harness.factories import conn_params
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import S3Endpoint
 
@@ -147,10 +149,6 @@ def zstd_cli() -> str:
     return path
 
 
-def params_for(pg: PgCluster, dbname: str) -> ConnParams:
-    return ConnParams(host=pg.host, port=pg.port, database=dbname, user=pg.superuser, password=pg.password)
-
-
 def tools(pg: PgCluster) -> tuple[PgTool, PgTool]:
     with pg.connect() as conn:
         version = server_version_num(conn)
@@ -160,10 +158,10 @@ def tools(pg: PgCluster) -> tuple[PgTool, PgTool]:
 # -- what "identical contents" means -------------------------------------------------------------------------
 
 
-def snapshot(pg: PgCluster, dbname: str) -> dict[str, object]:
+def snapshot(pg: PgCluster, dbname: str) -> dict[str, Any]:
     """Checksums of everything a restore must bring back, keyed by what they describe."""
-    out: dict[str, object] = {}
-    with connect(params_for(pg, dbname)) as conn:
+    out: dict[str, Any] = {}
+    with connect(conn_params(pg, dbname)) as conn:
         relations = conn.execute(
             """
             SELECT n.nspname, c.relname, c.relkind
@@ -195,7 +193,7 @@ def snapshot(pg: PgCluster, dbname: str) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def source_snapshot(pg: PgCluster, source_db: str) -> dict[str, object]:
+def source_snapshot(pg: PgCluster, source_db: str) -> dict[str, Any]:
     snap = snapshot(pg, source_db)
     # The fixture must contain what the test claims to cover, or equality proves nothing.
     for table in ("sales.customers", "sales.events_2025", "sales.events_other", "public.sparse"):
@@ -235,7 +233,7 @@ def pg_restore(pg: PgCluster, tool: PgTool, archive: Path, dbname: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def assert_same_contents(before: dict[str, object], after: dict[str, object]) -> None:
+def assert_same_contents(before: dict[str, Any], after: dict[str, Any]) -> None:
     assert sorted(after) == sorted(before)
     different = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert different == {}
@@ -264,7 +262,7 @@ def dump_verify_and_restore(
     zstd_cli: str,
 ) -> None:
     pg_dump, pg_restore_tool = tools(pg)
-    params = params_for(pg, source_db)
+    params = conn_params(pg, source_db)
     level = {Compression.zstd: 3, Compression.gzip: 6, Compression.none: 0}[compression]
 
     result = stream_dump(
@@ -276,15 +274,20 @@ def dump_verify_and_restore(
     assert stored.stat().st_size == result.bytes
     assert sha256_file(stored) == result.sha256
     if compression is Compression.zstd:  # zstd here over pg_dump -Z0
-        assert "--compress=0" in result.argv and result.bytes < result.raw_bytes / 2
+        assert "--compress=0" in result.argv
+        assert result.bytes < result.raw_bytes / 2
     elif compression is Compression.gzip:  # pg_dump's own zlib inside the archive
-        assert "--compress=6" in result.argv and result.bytes == result.raw_bytes
+        assert "--compress=6" in result.argv
+        assert result.bytes == result.raw_bytes
     else:
-        assert "--compress=0" in result.argv and result.bytes == result.raw_bytes and result.parts >= 2
+        assert "--compress=0" in result.argv
+        assert result.bytes == result.raw_bytes
+        assert result.parts >= 2
 
     with connect(params) as conn:
         expected_tables = dumpable_tables(conn)
-    assert "Audit Log.Entry Log" in expected_tables and "sales.events_2026" in expected_tables
+    assert "Audit Log.Entry Log" in expected_tables
+    assert "sales.events_2026" in expected_tables
     verification = verify_stored_dump(
         store,
         key,
@@ -311,7 +314,7 @@ def test_s3_dump_restored_with_stock_pg_restore_has_identical_contents(
     s3: S3Endpoint,
     bucket: str,
     source_db: str,
-    source_snapshot: dict[str, object],
+    source_snapshot: dict[str, Any],
     restore_db: str,
     tmp_path: Path,
     zstd_cli: str,
@@ -333,7 +336,7 @@ def test_s3_dump_restored_with_stock_pg_restore_has_identical_contents(
 def test_local_directory_dump_restored_with_stock_pg_restore_has_identical_contents(
     pg: PgCluster,
     source_db: str,
-    source_snapshot: dict[str, object],
+    source_snapshot: dict[str, Any],
     restore_db: str,
     tmp_path: Path,
     zstd_cli: str,

@@ -122,11 +122,16 @@ def test_every_dbops_error_takes_its_fields_and_renders_one_line_without_a_passw
     for name, value in fields.items():
         assert getattr(exc, name) == value, f"{_name(cls)}.{name} not kept"
     text = str(exc)
-    assert "\n" not in text and text.startswith("pg_dump of imagemanager failed: connection to postgresql://")
-    assert "Hunter2" not in text and "Hunter2" not in failure_sentence(exc)
-    assert isinstance(exc.transient, bool) and exc.transient == cls.transient
+    assert "\n" not in text
+    assert text.startswith("pg_dump of imagemanager failed: connection to postgresql://")
+    assert "Hunter2" not in text
+    assert "Hunter2" not in failure_sentence(exc)
+    assert isinstance(exc.transient, bool)
+    assert exc.transient == cls.transient
     again = pickle.loads(pickle.dumps(exc))  # a failed state may carry it across a process boundary
-    assert type(again) is cls and str(again) == text and vars(again) == vars(exc)
+    assert type(again) is cls
+    assert str(again) == text
+    assert vars(again) == vars(exc)
 
 
 def test_migration_errors_carry_their_context_and_progress_as_declared_fields() -> None:
@@ -135,11 +140,14 @@ def test_migration_errors_carry_their_context_and_progress_as_declared_fields() 
     result = RunResult(start=["0001"], target="0003", steps=[StepResult("0002", "upgrade", 0.25)])
     exc = LockTimeout("revision 0003 waited", revision="0003", result=result, log_tail="tail", seconds=2.0)
     assert (exc.revision, exc.result, exc.log_tail, exc.seconds) == ("0003", result, "tail", 2.0)
-    assert exc.transient and exc.applied_seconds is None
+    assert exc.transient
+    assert exc.applied_seconds is None
     exc.record_progress({"0002": 0.25}, {"0003": 3})
     assert (exc.applied_seconds, exc.applied_attempts) == ({"0002": 0.25}, {"0003": 3})
     lost = errors.MigrationConnectionLost("cannot reach PostgreSQL", transient=True, revision="0002")
-    assert isinstance(lost, MigrationError) and lost.transient and not MigrationError("x").transient
+    assert isinstance(lost, MigrationError)
+    assert lost.transient
+    assert not MigrationError("x").transient
 
 
 def test_no_source_sets_attributes_on_an_error_after_creating_it() -> None:
@@ -168,7 +176,7 @@ def test_local_store_faults_are_storage_errors(tmp_path: Path) -> None:
     with pytest.raises(errors.StorageError, match="is a file, not a directory"):
         LocalObjectStore(tmp_path / "a-file").put_bytes("k", b"x")
     store = LocalObjectStore(tmp_path)
-    with pytest.raises(errors.StorageError, match="a file in .* stands where a directory must be"):
+    with pytest.raises(errors.StorageError, match=r"a file in .* stands where a directory must be"):
         store.put_bytes("a-file/below", b"x")
     (tmp_path / "dir").mkdir()
     with pytest.raises(errors.StorageError, match="cannot read"):
@@ -209,7 +217,8 @@ def test_dump_into_a_prefix_taken_by_a_file_ends_with_a_storage_sentence(
     state = nightly_dump(database=block, storage=storage, prefix="prod", return_state=True)
     assert state.is_failed()
     exc = _final_exception(state)
-    assert isinstance(exc, errors.StorageError) and not exc.transient
+    assert isinstance(exc, errors.StorageError)
+    assert not exc.transient
     assert state.message == str(exc)
     assert "stands where a directory must be" in (state.message or "")
     assert not (state.message or "").startswith(("FileExistsError", "NotADirectoryError"))
@@ -234,7 +243,8 @@ def test_reindex_with_a_baseline_variable_that_is_not_json_ends_with_a_sentence_
     state = weekly_reindex(database=block, dry_run=True, min_index_size=8192, return_state=True)
     assert state.is_failed()
     exc = _final_exception(state)
-    assert isinstance(exc, errors.UnreadableDocument) and exc.source == variable
+    assert isinstance(exc, errors.UnreadableDocument)
+    assert exc.source == variable
     assert state.message == str(exc)
     assert (state.message or "").startswith(f"Prefect Variable {variable} (index size baselines) is not")
     assert Variable.get(variable) == "{not json"  # left for a person to look at, not overwritten
@@ -259,7 +269,8 @@ def test_a_stored_block_that_no_longer_validates_is_named_invalid_not_missing(un
     with pytest.raises(errors.ConfigurationError) as caught:
         load_block(f"postgres-database/{name}", PostgresDatabase)
     assert str(caught.value).startswith(f"block 'postgres-database/{name}' is not valid (port: ")
-    assert "does not exist" not in str(caught.value) and "Hunter2" not in str(caught.value)
+    assert "does not exist" not in str(caught.value)
+    assert "Hunter2" not in str(caught.value)
 
 
 def test_a_cut_short_answer_of_the_alembic_driver_is_an_alembic_error(tmp_path: Path) -> None:
@@ -299,10 +310,12 @@ def test_restore_with_globals_of_a_backup_without_roles_file_ends_with_the_sente
     )
     assert state.is_failed()
     exc = _final_exception(state)
-    assert isinstance(exc, errors.RolesFileMissing) and isinstance(exc, errors.ConfigurationError)
+    assert isinstance(exc, errors.RolesFileMissing)
+    assert isinstance(exc, errors.ConfigurationError)
     assert state.message == str(exc)
     message = state.message or ""
-    assert message.startswith("backup ") and not message.startswith("FileNotFoundError")
+    assert message.startswith("backup ")
+    assert not message.startswith("FileNotFoundError")
     assert "has no roles file; run without globals" in (state.message or "")
     assert (state.message or "").split()[1] in dumped.key  # names the backup it chose
     assert not pg.sql("SELECT 1 FROM pg_database WHERE datname = %s", params=(target_db,))  # nothing created

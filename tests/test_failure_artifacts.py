@@ -9,18 +9,16 @@ from flows.nightly_dump import nightly_dump
 from flows.restore import list_backups, restore
 from flows.tasks.common import artifact_key, failure_sentence
 from tests.conftest import make_s3_block
+from tests.harness.factories import sample_database
 from tests.harness.pg import PgCluster, free_port
+from tests.harness.runs import artifact, artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
-from tests.test_nightly_dump_flow import failure_message, sample_database
 
 
 def latest_artifact(key: str) -> str:
-    from prefect.artifacts import Artifact
-
-    artifact = Artifact.get(key)
-    assert artifact is not None, f"no artifact {key}"
-    assert isinstance(artifact.data, str)
-    return artifact.data
+    data = artifact(key).data
+    assert isinstance(data, str)
+    return data
 
 
 def test_unexpected_error_is_type_and_first_line_without_the_password() -> None:
@@ -48,7 +46,8 @@ def test_wrong_password_dump_publishes_the_sentence_first_and_ends_with_it(
     assert state.message == sentence  # no "Flow run encountered an exception: AuthenticationFailed:"
     markdown = latest_artifact(artifact_key("nightly-dump", name))  # the success artifact's key
     assert markdown.splitlines()[0] == f"**Failed**: {sentence}"
-    assert secret not in markdown and secret not in (state.message or "")
+    assert secret not in markdown
+    assert secret not in (state.message or "")
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -63,13 +62,15 @@ def test_refused_restore_and_listing_publish_their_refusal(unique: str, s3: S3En
     state = restore(
         storage=storage, source_database=target_db, target=f"prot-{unique}", mode="replace", return_state=True
     )
-    assert state.is_failed() and "is protected" in (state.message or "")
+    assert state.is_failed()
+    assert "is protected" in (state.message or "")
     assert state.message == failure_message(state)
     markdown = latest_artifact(artifact_key("restore", target_db))
     assert markdown.splitlines()[0] == f"**Failed**: {state.message}"
 
     listed = list_backups(storage=storage, database=f"db_{unique}", prefix="../x", return_state=True)
-    assert listed.is_failed() and listed.message == failure_message(listed)
+    assert listed.is_failed()
+    assert listed.message == failure_message(listed)
     assert latest_artifact(artifact_key("backups", f"db_{unique}")).startswith(
         f"**Failed**: {listed.message}"
     )
@@ -79,9 +80,7 @@ def test_refused_restore_and_listing_publish_their_refusal(unique: str, s3: S3En
 def test_judged_failure_keeps_its_table_and_ends_with_the_sentence(
     unique: str, s3: S3Endpoint, bucket: str
 ) -> None:
-    import json
 
-    from prefect.artifacts import Artifact
 
     from flows.restore_drill import restore_drill
 
@@ -89,11 +88,10 @@ def test_judged_failure_keeps_its_table_and_ends_with_the_sentence(
     state = restore_drill(
         storage=storage, source_database=f"none_{unique}", scratch="unused", return_state=True
     )
-    assert state.is_failed() and state.message == failure_message(state)
+    assert state.is_failed()
+    assert state.message == failure_message(state)
     assert not state.message.startswith("Flow run encountered")
-    artifact = Artifact.get(artifact_key("restore-drill", f"none_{unique}"))
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    table = artifact_table(artifact_key("restore-drill", f"none_{unique}"))
     assert {row["item"]: row["value"] for row in table}["result"] == "FAILED"
     # the latest version of the table says why on top: the Artifacts list shows it without opening rows
     assert artifact.description is not None

@@ -4,7 +4,6 @@ against real PostgreSQL B-trees, the size rule in the plan, and the baselines th
 from __future__ import annotations
 
 import pytest
-from psycopg import sql
 
 from flows.core.bloat import IndexRow, plan_reindex, read_indexes
 from flows.core.index_baseline import (
@@ -12,6 +11,7 @@ from flows.core.index_baseline import (
     BaselineState,
     IndexShape,
     SizeJudgement,
+    Source,
     apply_size_rule,
     dedup_applies,
     fresh_btree_bytes_per_tuple,
@@ -24,47 +24,9 @@ from flows.core.index_baseline import (
     state_variable_name,
 )
 from flows.core.postgres import server_version_num
+from tests.harness.factories import churn, low_cardinality_table
 from tests.harness.pg import PgCluster
-
-ROWS, PROJECTS = 150_000, 200
-
-
-def low_cardinality_table(pg: PgCluster, dbname: str, table: str = "images") -> None:
-    """The seed's shape: `idx_<table>_deleted ON <table>(project_id) WHERE deleted_at IS NULL`, built fresh
-    over 150,000 rows in 200 projects (posting lists of ~130 TIDs)."""
-    t, idx = sql.Identifier(table), sql.Identifier(f"idx_{table}_deleted")
-    with pg.connect(dbname) as conn:
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE {} (id bigint PRIMARY KEY, project_id bigint NOT NULL, deleted_at timestamptz, "
-                "note text) WITH (autovacuum_enabled = off)"
-            ).format(t)
-        )
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {} SELECT g, (hashint4(g::int) & 2147483647) %% %s, NULL, 'n' "
-                "FROM generate_series(1, %s) g"
-            ).format(t),
-            (PROJECTS, ROWS),
-        )
-        conn.execute(sql.SQL("CREATE INDEX {} ON {} (project_id) WHERE deleted_at IS NULL").format(idx, t))
-        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(t))
-
-
-def churn(pg: PgCluster, dbname: str, table: str = "images") -> None:
-    """Ordinary churn: every image moves to the next project (new index entries arrive one at a time and
-    are deduplicated only lazily), then VACUUM and ANALYZE."""
-    t = sql.Identifier(table)
-    with pg.connect(dbname) as conn:
-        conn.execute(sql.SQL("UPDATE {} SET project_id = (project_id + 1) %% %s").format(t), (PROJECTS,))
-        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(t))
-
-
-def judgements(pg: PgCluster, dbname: str, state: BaselineState | None = None) -> dict[str, SizeJudgement]:
-    with pg.connect(dbname) as conn:
-        rows = read_indexes(conn)
-        shapes = read_index_shapes(conn, [r.oid for r in rows], server_version_num(conn))
-        return judge_sizes(rows, shapes, state or BaselineState(), 8192)
+from tests.harness.reindex import judgements
 
 
 def test_fresh_low_cardinality_index_is_at_its_estimate_and_churned_one_is_over_twice_it(
@@ -75,7 +37,8 @@ def test_fresh_low_cardinality_index_is_at_its_estimate_and_churned_one_is_over_
     low_cardinality_table(pg, dbname)
 
     fresh = judgements(pg, dbname)["public.idx_images_deleted"]
-    assert fresh.source == "estimate" and 0.8 <= fresh.ratio <= 1.25, fresh
+    assert fresh.source == "estimate", fresh
+    assert 0.8 <= fresh.ratio <= 1.25, fresh
 
     churn(pg, dbname)
     churned = judgements(pg, dbname)["public.idx_images_deleted"]
@@ -83,7 +46,8 @@ def test_fresh_low_cardinality_index_is_at_its_estimate_and_churned_one_is_over_
     with pg.connect(dbname) as conn:
         [row] = [r for r in read_indexes(conn) if r.name == "idx_images_deleted"]
     # the density estimate cannot see it: it expects one tuple per row, larger than the churned index
-    assert row.estimated_bloat is not None and row.estimated_bloat < 0.3
+    assert row.estimated_bloat is not None
+    assert row.estimated_bloat < 0.3
 
 
 def test_unique_and_include_indexes_are_estimated_without_deduplication(pg: PgCluster, unique: str) -> None:
@@ -98,8 +62,10 @@ def test_unique_and_include_indexes_are_estimated_without_deduplication(pg: PgCl
     with pg.connect(dbname) as conn:
         rows = {r.name: r for r in read_indexes(conn)}
         shapes = read_index_shapes(conn, [r.oid for r in rows.values()], server_version_num(conn))
-    assert not shapes[rows["t_pkey"].oid].dedup and not shapes[rows["t_k_incl"].oid].dedup
-    assert not shapes[rows["t_k_nodedup"].oid].dedup and shapes[rows["t_k"].oid].dedup
+    assert not shapes[rows["t_pkey"].oid].dedup
+    assert not shapes[rows["t_k_incl"].oid].dedup
+    assert not shapes[rows["t_k_nodedup"].oid].dedup
+    assert shapes[rows["t_k"].oid].dedup
     assert shapes[rows["t_k"].oid].distinct == pytest.approx(100, rel=0.1)
     for name in ("t_pkey", "t_k_incl", "t_k", "t_k_nodedup"):  # every fresh build sits near its estimate
         j = judgements(pg, dbname)[f"public.{name}"]
@@ -149,7 +115,8 @@ def test_freshly_built_low_cardinality_index_is_left_alone_on_the_first_run() ->
     judged = judge_sizes([row], SHAPE, BaselineState(), 8192)
     assert judged["public.idx_images_deleted"].source == "estimate"
     plan = apply_size_rule(plan_reindex([row], bloat_threshold=0.3, min_index_size=MB), judged, 2.0)
-    assert not plan.candidates and [r.name for r in plan.healthy] == ["idx_images_deleted"]
+    assert not plan.candidates
+    assert [r.name for r in plan.healthy] == ["idx_images_deleted"]
 
 
 def test_churned_index_never_rebuilt_is_chosen_on_the_first_run_by_the_estimate() -> None:
@@ -164,7 +131,8 @@ def test_under_min_index_size_the_size_rule_does_not_apply() -> None:
     row = issue_row(int(12.0 * MB))
     judged = judge_sizes([row], SHAPE, BaselineState(), 8192)
     plan = apply_size_rule(plan_reindex([row], bloat_threshold=0.3, min_index_size=20 * MB), judged, 2.0)
-    assert not plan.candidates and plan.skipped[0].reason == "under the minimum size"
+    assert not plan.candidates
+    assert plan.skipped[0].reason == "under the minimum size"
 
 
 def test_a_changed_definition_resets_the_kept_baseline() -> None:
@@ -182,8 +150,10 @@ def test_density_choice_also_shows_the_size_figures() -> None:
 
 
 def test_learning_keeps_honest_measurements_lowers_kept_ones_and_forgets_dropped_indexes() -> None:
-    def judgement(name: str, current: float, baseline: float, source: str, estimate: float) -> SizeJudgement:
-        return SizeJudgement(name, "abc", current, baseline, source, estimate)  # type: ignore[arg-type]
+    def judgement(
+        name: str, current: float, baseline: float, source: Source, estimate: float
+    ) -> SizeJudgement:
+        return SizeJudgement(name, "abc", current, baseline, source, estimate)
 
     state = BaselineState(
         indexes={
@@ -226,7 +196,8 @@ def test_state_is_split_under_prefects_value_limit_and_read_back_whole() -> None
     import json
 
     values = state_to_values(state)
-    assert len(values) > 1 and values[0]["parts"] == len(values)
+    assert len(values) > 1
+    assert values[0]["parts"] == len(values)
     assert all(len(json.dumps(v, separators=(",", ":"))) < 5000 for v in values)
     assert state_from_values(values) == state
     assert state_from_values([{"version": 99, "indexes": {}}, "{}"]) == BaselineState()
@@ -237,7 +208,8 @@ def test_state_variable_is_named_after_the_database_identity() -> None:
         "dbops_reindex_baseline_7713526889172156228_imagemanager"
     )
     odd = state_variable_name(1, "Image.Manager")
-    assert odd.startswith("dbops_reindex_baseline_1_image_manager_") and odd != state_variable_name(
+    assert odd.startswith("dbops_reindex_baseline_1_image_manager_")
+    assert odd != state_variable_name(
         1, "image_manager"
     )
 
@@ -256,7 +228,8 @@ def test_estimate_of_a_fresh_build() -> None:
     assert fresh_btree_bytes_per_tuple(1_000_000, 8, None, False, 90, 8192) == pytest.approx(22.4, rel=0.02)
     # 500 projects over 600,000 rows: posting lists, ~7 B per row (the issue's 4.1 MB fresh build)
     dedup = fresh_btree_bytes_per_tuple(600_000, 8, 500, True, 90, 8192)
-    assert dedup is not None and 6.0 < dedup < 7.5
+    assert dedup is not None
+    assert 6.0 < dedup < 7.5
     # the 6-byte TIDs dominate: a tenfold underestimated n_distinct moves the estimate by a few per cent
     assert fresh_btree_bytes_per_tuple(600_000, 8, 50, True, 90, 8192) == pytest.approx(dedup, rel=0.05)
     assert fresh_btree_bytes_per_tuple(0, 8, 1, True, 90, 8192) is None

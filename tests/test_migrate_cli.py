@@ -4,22 +4,23 @@ deployment, whose runs a small in-process worker (below) executes with Prefect's
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
-from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+from prefect.deployments.runner import RunnerDeployment
 from prefect.flow_engine import run_flow
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments.migrate_cli import register
 from flows.migrate import migrate
+from tests.harness.migrate_env import MIGRATE_APP, Env, env_fixture  # noqa: F401 - the env fixture
 from tests.harness.pg import free_port, wait_until
-from tests.test_migrate_flow import MIGRATE_APP, Env, env  # noqa: F401 - the env fixture
+from tests.harness.runs import artifact_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +38,11 @@ def run_cli(*argv: str) -> int:
 
 def test_arguments_and_defaults() -> None:
     args = parse("--param", "dry_run=true", "--param", "target=0002_x", "--wait", "--timeout", "60")
-    assert args.deployment == "migrate/migrate" and args.wait and args.timeout == 60.0
-    assert args.param == ["dry_run=true", "target=0002_x"] and args.tag == []
+    assert args.deployment == "migrate/migrate"
+    assert args.wait
+    assert args.timeout == 60.0
+    assert args.param == ["dry_run=true", "target=0002_x"]
+    assert args.tag == []
 
 
 def test_bad_param_starts_nothing_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,6 +62,15 @@ def test_missing_deployment_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert "does not exist" in capsys.readouterr().out
 
 
+def deploy(name: str) -> UUID:
+    """The migrate flow as deployment `name` of this API; its id."""
+    deployment = migrate.to_deployment(name=name)
+    assert isinstance(deployment, RunnerDeployment)  # to_deployment is sync outside an event loop
+    deployment_id = deployment.apply()
+    assert isinstance(deployment_id, UUID)
+    return deployment_id
+
+
 def _worker(deployment_id: Any, box: dict[str, Any]) -> threading.Thread:
     """Run the deployment's next flow run in this process, as a worker would (Scheduled → Running → ...)."""
 
@@ -70,7 +83,12 @@ def _worker(deployment_id: Any, box: dict[str, Any]) -> threading.Thread:
 
     def work() -> None:
         found: list = []
-        wait_until(lambda: bool(found.extend(scheduled()) or found), timeout=60, what="a flow run to pick up")
+
+        def picked_one() -> bool:
+            found.extend(scheduled())
+            return bool(found)
+
+        wait_until(picked_one, timeout=60, what="a flow run to pick up")
         flow_run = found[0]
         box["state"] = run_flow(
             migrate, flow_run=flow_run, parameters=flow_run.parameters, return_type="state"
@@ -84,14 +102,15 @@ def _worker(deployment_id: Any, box: dict[str, Any]) -> threading.Thread:
 @pytest.mark.usefixtures("prefect_api")
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
 def test_exit_code_follows_the_final_state_of_the_run(
-    env: Env,  # noqa: F811
+    env: Env,
     unique: str,
     outcome: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     name = f"migrate-{outcome}-{unique}"
-    deployment_id = migrate.to_deployment(name=name).apply()
-    worker = _worker(deployment_id, box := {})
+    deployment_id = deploy(name)
+    box: dict[str, Any] = {}
+    worker = _worker(deployment_id, box)
     target = "head" if outcome == "completed" else "0099_not_in_the_tree"
     params = [
         f"database={env.prod_block}",
@@ -108,22 +127,23 @@ def test_exit_code_follows_the_final_state_of_the_run(
     if outcome == "completed":
         assert code == 0, out
         assert "ended Completed: dry run: would apply 0002_nickname, 0003_email_unique" in out
-        artifact = Artifact.get(f"migrate-{env.prod}".replace("_", "-"))
-        table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+        table = artifact_table(f"migrate-{env.prod}".replace("_", "-"))
         assert {r["item"]: r["value"] for r in table}["trigger"] == "api"  # the tag dbops migrate sets
     else:
         assert code == 1, out
-        assert "ended Failed" in out and "0099_not_in_the_tree" in out
+        assert "ended Failed" in out
+        assert "0099_not_in_the_tree" in out
         # The run's sentence, its page and the exit code; the traceback only with --verbose.
         assert "Traceback" not in out, out
-        assert "/runs/flow-run/" in out and out.rstrip().endswith("exit code 1 (the run did not complete)")
+        assert "/runs/flow-run/" in out
+        assert out.rstrip().endswith("exit code 1 (the run did not complete)")
     assert box["state"].is_completed() == (outcome == "completed")
 
 
 @pytest.mark.usefixtures("prefect_api")
 def test_timeout_exits_2_and_leaves_the_run_alone(unique: str, capsys: pytest.CaptureFixture[str]) -> None:
     name = f"migrate-nobody-runs-it-{unique}"
-    migrate.to_deployment(name=name).apply()  # no worker: the run stays Scheduled
+    deploy(name)  # no worker: the run stays Scheduled
     argv = ["--deployment", f"migrate/{name}", "--wait", "--timeout", "0.5", "--poll-interval", "0.1"]
     # the server checks the parameters against the flow's schema: nothing starts without the required ones
     assert run_cli(*argv) == 1
@@ -132,4 +152,5 @@ def test_timeout_exits_2_and_leaves_the_run_alone(unique: str, capsys: pytest.Ca
     required = ["database=prod", "staging_database=staging", "storage=local-file-system/x"]
     code = run_cli(*argv, *[a for p in required for a in ("--param", p)])
     out = capsys.readouterr().out
-    assert code == 2 and "it was not cancelled" in out, out
+    assert code == 2, out
+    assert "it was not cancelled" in out, out

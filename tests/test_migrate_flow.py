@@ -1,9 +1,9 @@
 """The migrate flow end to end: real PostgreSQL databases for production and staging, local storage and
 the moto S3 server for the pre-backup, the application's Alembic in subprocesses, a real Prefect API.
 
-Production starts at 0001_base of tests/fixtures/migrate_app with 2,000 accounts; 0003 builds a unique
-index CONCURRENTLY, which fails when production holds duplicate e-mails. Every upgrade() and
-downgrade() of that app writes a row into migration_log, so the tests can count how often each ran.
+Production starts at 0001_base of tests/fixtures/migrate_app with 2,000 accounts (see
+tests/harness/migrate_env.py); 0003 builds a unique index CONCURRENTLY, which fails when production holds
+duplicate e-mails.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import json
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
 from prefect import tags
-from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -32,105 +30,26 @@ from prefect.flow_runs import resume_flow_run
 from prefect.input.actions import read_flow_run_input
 
 from flows.core.alembic_runner import AlembicApp
-from flows.core.postgres import ConnParams
-from flows.migrate import MigrateOptions, MigrateReport, migrate
-from tests.conftest import make_database_block, make_local_block, make_s3_block
+from flows.migrate import MigrateReport
+from tests.conftest import make_s3_block
+from tests.harness.factories import conn_params
+from tests.harness.migrate_env import (
+    HEAD,
+    LINT_APP,
+    MIGRATE_APP,
+    Env,
+    backups_in,
+    env_fixture,  # noqa: F401 - the env fixture
+    has_column,
+    log_counts,
+    report_table,
+    revision,
+)
 from tests.harness.pg import PgCluster, wait_until
+from tests.harness.runs import artifact, failure_message, run_logs
 from tests.harness.s3 import S3Endpoint
-from tests.test_nightly_dump_flow import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MIGRATE_APP = REPO_ROOT / "tests" / "fixtures" / "migrate_app"
-LINT_APP = REPO_ROOT / "tests" / "fixtures" / "lint_app" / "alembic.ini"
-HEAD = "0003_email_unique"
-FAST = MigrateOptions(approval_poll_seconds=1, retry_first_delay_s=0.2, lock_wait_hours=0.05)
-
-
-@dataclass
-class Env:
-    prod: str  # database names
-    staging: str
-    prod_block: str
-    staging_block: str
-    storage: str
-    backups: Path
-
-    def run(self, **kw: Any):
-        params: dict[str, Any] = dict(
-            database=self.prod_block,
-            staging_database=self.staging_block,
-            storage=self.storage,
-            prefix="prod",
-            alembic=str(MIGRATE_APP),  # the folder: alembic.ini is found inside it
-            lock_timeout="2s",
-            retry_budget=0,
-            options=FAST,
-        )
-        params.update(kw)
-        return migrate(**params, return_state=True)
-
-
-def conn_params(pg: PgCluster, database: str) -> ConnParams:
-    return ConnParams(host=pg.host, port=pg.port, database=database, user=pg.superuser, password=pg.password)
-
-
-def revision(pg: PgCluster, database: str) -> str | None:
-    exists = pg.sql("SELECT to_regclass('alembic_version') IS NOT NULL", database)[0][0]
-    if not exists:
-        return None
-    rows = pg.sql("SELECT version_num FROM alembic_version", database)
-    return ",".join(r[0] for r in rows) or None
-
-
-def log_counts(pg: PgCluster, database: str) -> dict[str, int]:
-    """{"0002_nickname up": 1, ...}: how often each upgrade()/downgrade() of the app ran there."""
-    rows = pg.sql("SELECT revision || ' ' || direction, count(*) FROM migration_log GROUP BY 1", database)
-    return {k: int(n) for k, n in rows}
-
-
-def has_column(pg: PgCluster, database: str, table: str, column: str) -> bool:
-    return bool(
-        pg.sql(
-            "SELECT 1 FROM information_schema.columns WHERE table_name = %s AND column_name = %s",
-            database,
-            (table, column),
-        )
-    )
-
-
-def report_table(database: str) -> dict[str, str]:
-    artifact = Artifact.get(f"migrate-{database}".replace("_", "-"))
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return {row["item"]: row["value"] for row in table}
-
-
-def backups_in(path: Path) -> list[Path]:
-    return sorted(path.rglob("*.manifest.json")) if path.exists() else []
-
-
-@pytest.fixture
-def env(pg: PgCluster, unique: str, tmp_path: Path) -> Env:
-    prod, staging = f"prod_{unique}", f"stg_{unique}"
-    pg.create_database(prod)
-    pg.create_database(staging)
-    AlembicApp(MIGRATE_APP / "alembic.ini").upgrade(conn_params(pg, prod), "0001_base")
-    pg.sql(
-        "INSERT INTO accounts (email) SELECT 'user' || g || '@example.org' FROM generate_series(1, 2000) g",
-        prod,
-    )
-    pg.sql("CREATE TABLE stale_marker (id int)", staging)  # whatever staging held before: refresh drops it
-    return Env(
-        prod=prod,
-        staging=staging,
-        prod_block=make_database_block(pg, f"prod-{unique}", prod),
-        staging_block=make_database_block(pg, f"stg-{unique}", staging),
-        storage=make_local_block(f"bk-{unique}", tmp_path / "backups"),
-        backups=tmp_path / "backups",
-    )
-
 
 def test_happy_path_from_old_revision_to_head_on_staging_then_production(env: Env, pg: PgCluster) -> None:
     state = env.run()
@@ -157,26 +76,36 @@ def test_happy_path_from_old_revision_to_head_on_staging_then_production(env: En
     manifests = backups_in(env.backups)
     assert len(manifests) == 1
     manifest = json.loads(manifests[0].read_text())
-    assert manifest["alembic_revision"] == "0001_base" and manifest["verified"]
-    assert report.backup_key == manifest["dump_key"] and report.backup_revision == "0001_base"
+    assert manifest["alembic_revision"] == "0001_base"
+    assert manifest["verified"]
+    assert report.backup_key == manifest["dump_key"]
+    assert report.backup_revision == "0001_base"
     assert [t.revision for t in report.timings] == ["0002_nickname", HEAD]
     for t in report.timings:
-        assert t.staging_s and t.staging_again_s and t.production_s and t.attempts == 1
+        assert t.staging_s
+        assert t.staging_again_s
+        assert t.production_s
+        assert t.attempts == 1
 
     values = report_table(env.prod)
-    assert values["outcome"] == state.message and values["trigger"] == "python (direct flow call)"
-    assert values["revisions"] == f"0001_base → {HEAD}" and values["production now at"] == HEAD
+    assert values["outcome"] == state.message
+    assert values["trigger"] == "python (direct flow call)"
+    assert values["revisions"] == f"0001_base → {HEAD}"
+    assert values["production now at"] == HEAD
     assert values["backup key (rollback point)"] == report.backup_key
-    assert len(values["SQL sha256"]) == 64 and values["SQL sha256"] == report.sql_sha256
-    assert values["lint findings"] == "none" and values["approver"] == "-"
+    assert len(values["SQL sha256"]) == 64
+    assert values["SQL sha256"] == report.sql_sha256
+    assert values["lint findings"] == "none"
+    assert values["approver"] == "-"
     assert "production" in values[f"revision {HEAD}"]
     assert pg.password not in json.dumps(values)
-    sql = Artifact.get(f"migrate-sql-{env.prod}".replace("_", "-"))
-    assert sql is not None and "CREATE UNIQUE INDEX CONCURRENTLY accounts_email_key" in str(sql.data)
+    sql = artifact(f"migrate-sql-{env.prod}".replace("_", "-"))
+    assert "CREATE UNIQUE INDEX CONCURRENTLY accounts_email_key" in str(sql.data)
 
     # a second run has nothing to do: Completed "already at", no new backup
     again = env.run()
-    assert again.is_completed() and again.message == f"already at {HEAD}"
+    assert again.is_completed()
+    assert again.message == f"already at {HEAD}"
     assert len(backups_in(env.backups)) == 1
     assert log_counts(pg, env.prod) == {"0002_nickname up": 1, "0003_email_unique up": 1}
 
@@ -188,7 +117,8 @@ def test_revision_failing_on_production_data_fails_on_staging_and_production_sta
     state = env.run()
     message = failure_message(state)
     assert "failed the rehearsal, so production was not touched" in message
-    assert "0003_email_unique" in message and "could not create unique index" in message
+    assert "0003_email_unique" in message
+    assert "could not create unique index" in message
     # production: still at the old revision, nothing of 0002 or 0003 applied
     assert revision(pg, env.prod) == "0001_base"
     assert log_counts(pg, env.prod) == {}
@@ -196,12 +126,16 @@ def test_revision_failing_on_production_data_fails_on_staging_and_production_sta
     # staging met production's data: 0002 went through, 0003 failed there
     assert revision(pg, env.staging) == "0002_nickname"
     values = report_table(env.prod)
-    assert values["outcome"].startswith("failed: ") and values["backup key (rollback point)"].endswith(
+    assert values["outcome"].startswith("failed: ")
+    assert values["backup key (rollback point)"].endswith(
         ".dump.zst"
     )
     assert values["production now at"] == "unchanged"
+    from prefect.artifacts import Artifact
+
     latest = Artifact.get(f"migrate-{env.prod}".replace("_", "-"))
-    assert latest is not None and (latest.description or "").startswith(f"**Failed**: {message}")
+    assert latest is not None
+    assert (latest.description or "").startswith(f"**Failed**: {message}")
 
 
 def test_failing_pre_backup_stops_everything(env: Env, pg: PgCluster, s3: S3Endpoint, unique: str) -> None:
@@ -209,7 +143,8 @@ def test_failing_pre_backup_stops_everything(env: Env, pg: PgCluster, s3: S3Endp
     state = env.run(storage=missing)
     message = failure_message(state)
     assert message.startswith(f"the pre-backup of '{env.prod_block}' failed, so nothing was migrated")
-    assert revision(pg, env.prod) == "0001_base" and log_counts(pg, env.prod) == {}
+    assert revision(pg, env.prod) == "0001_base"
+    assert log_counts(pg, env.prod) == {}
     # staging was never refreshed nor migrated
     assert pg.sql("SELECT to_regclass('stale_marker') IS NOT NULL", env.staging)[0][0]
     assert revision(pg, env.staging) is None
@@ -265,14 +200,20 @@ def test_approval_pause_and_resume_while_a_second_run_fails_fast(
     second = env.run()
     message = failure_message(second)
     assert time.monotonic() - t0 < 20
-    assert "holds the migration lock" in message and "pid " in message and "dbops-migrate " in message
+    assert "holds the migration lock" in message
+    assert "pid " in message
+    assert "dbops-migrate " in message
     assert revision(pg, env.prod) == "0001_base"
 
     # the form shows the backup key, staging timings and the lint result
     with get_client(sync_client=True) as client:
-        keyset = client.read_flow_run(run_id).state.state_details.run_input_keyset
-    description = read_flow_run_input(keyset["description"], flow_run_id=run_id)
-    assert "Rollback point (pre-backup): `prod/" in description and "| 0002_nickname |" in description
+        paused = client.read_flow_run(run_id).state
+    assert paused is not None
+    keyset = paused.state_details.run_input_keyset
+    assert keyset is not None
+    description = str(read_flow_run_input(keyset["description"], flow_run_id=run_id))
+    assert "Rollback point (pre-backup): `prod/" in description
+    assert "| 0002_nickname |" in description
     assert "Lint: 0 finding(s), none" in description
 
     resume_flow_run(run_id, run_input={"approve": True, "approver": "alice@example.org", "comment": "CHG-42"})
@@ -290,7 +231,8 @@ def test_rejected_approval_leaves_production_alone(env: Env, pg: PgCluster, uniq
     resume_flow_run(run_id, run_input={"approve": False, "approver": "bob"})
     thread.join(timeout=60)
     assert failure_message(box["state"]) == "bob rejected the migration, so production was not touched"
-    assert revision(pg, env.prod) == "0001_base" and log_counts(pg, env.prod) == {}
+    assert revision(pg, env.prod) == "0001_base"
+    assert log_counts(pg, env.prod) == {}
     assert report_table(env.prod)["approver"] == "rejected by bob"
     # refresh_staging=false: staging kept its old content and was migrated from base
     assert revision(pg, env.staging) == HEAD
@@ -311,11 +253,14 @@ def test_table_locked_by_another_session_makes_production_retry_then_fail_cleanl
     finally:
         blocker.rollback()
         blocker.close()
-    assert "revision 0002_nickname" in message and "waited longer than lock_timeout (300 ms)" in message
-    assert "within retry_budget" in message and "the database is at 0001_base" in message
+    assert "revision 0002_nickname" in message
+    assert "waited longer than lock_timeout (300 ms)" in message
+    assert "within retry_budget" in message
+    assert "the database is at 0001_base" in message
     attempts = int(message.split("(300 ms) ")[1].split(" time")[0])
     assert attempts >= 2  # retried at least once
-    assert revision(pg, env.prod) == "0001_base" and log_counts(pg, env.prod) == {}
+    assert revision(pg, env.prod) == "0001_base"
+    assert log_counts(pg, env.prod) == {}
     assert not has_column(pg, env.prod, "accounts", "nickname")
     assert revision(pg, env.staging) == HEAD  # the rehearsal itself passed
     values = report_table(env.prod)
@@ -326,8 +271,10 @@ def test_table_locked_by_another_session_makes_production_retry_then_fail_cleanl
 def test_dry_run_plans_lints_and_changes_nothing(env: Env, pg: PgCluster) -> None:
     state = env.run(dry_run=True)
     assert state.is_completed(), failure_message(state)
-    assert state.message.startswith(f"dry run: would apply 0002_nickname, {HEAD} (0001_base → {HEAD})")
-    assert revision(pg, env.prod) == "0001_base" and log_counts(pg, env.prod) == {}
+    planned = f"dry run: would apply 0002_nickname, {HEAD} (0001_base → {HEAD})"
+    assert (state.message or "").startswith(planned)
+    assert revision(pg, env.prod) == "0001_base"
+    assert log_counts(pg, env.prod) == {}
     assert revision(pg, env.staging) is None
     assert pg.sql("SELECT to_regclass('stale_marker') IS NOT NULL", env.staging)[0][0]
     assert backups_in(env.backups) == []
@@ -351,13 +298,13 @@ def test_lint_blocks_and_waivers_let_it_through(lint_env: Env, pg: PgCluster) ->
     assert "0002_create_index:create-index-not-concurrently" in message
     assert "0003_drop_index:drop-index-not-concurrently" in message
     assert "waivers=['create-index-not-concurrently@0002_create_index']" in message
-    assert (
-        backups_in(env.backups) == [] and revision(pg, env.prod) == "0001_base"
-    )  # stopped before the backup
+    assert backups_in(env.backups) == []  # stopped before the backup
+    assert revision(pg, env.prod) == "0001_base"
 
     one = env.run(alembic=str(LINT_APP), target="0003_drop_index", waivers=["create-index-not-concurrently"])
     message = failure_message(one)
-    assert "found 1 blocking" in message and "0003_drop_index:drop-index-not-concurrently" in message
+    assert "found 1 blocking" in message
+    assert "0003_drop_index:drop-index-not-concurrently" in message
 
     both = env.run(
         alembic=str(LINT_APP),
@@ -410,14 +357,20 @@ def test_plan_refuses_with_what_to_do(env: Env, pg: PgCluster, tmp_path: Path, c
     message = failure_message(env.run(**kw))
     for text in expected:
         assert text in message
-    assert backups_in(env.backups) == [] and pg.password not in message
+    assert backups_in(env.backups) == []
+    assert pg.password not in message
 
 
 def test_approval_nobody_gives_times_out_and_leaves_production_alone(env: Env, pg: PgCluster) -> None:
     state = env.run(require_approval=True, approval_timeout=2, refresh_staging=False)
     assert state.is_failed()
     # Once the pause deadline has passed, Prefect's server replaces the flow's own final message with its
-    # own; the flow's sentence ("nobody approved ... within 2 s") is in the run's log.
-    assert "never resumed" in (state.message or "")
-    assert revision(pg, env.prod) == "0001_base" and log_counts(pg, env.prod) == {}
+    # own; dbops's sentence is in the run's log.
+    sentence = (
+        "nobody approved the migration within 2 s, so production was not touched; start it again when "
+        "someone can approve"
+    )
+    wait_until(lambda: sentence in run_logs(state), timeout=30, what="dbops's sentence in the run's log")
+    assert revision(pg, env.prod) == "0001_base"
+    assert log_counts(pg, env.prod) == {}
     assert not has_column(pg, env.prod, "accounts", "nickname")

@@ -15,10 +15,18 @@ import pytest
 
 from flows.core.alembic_runner import AlembicApp
 from flows.migrate import MigrateReport
-from tests.conftest import make_database_block, make_local_block
+from tests.harness.factories import conn_params
+from tests.harness.migrate_env import (
+    FAST,
+    Env,
+    backups_in,
+    env_with_blocks,
+    has_column,
+    report_table,
+    revision,
+)
 from tests.harness.pg import PgCluster
-from tests.test_migrate_flow import FAST, Env, backups_in, conn_params, has_column, report_table, revision
-from tests.test_nightly_dump_flow import failure_message
+from tests.harness.runs import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -34,14 +42,7 @@ def empty_env(pg: PgCluster, unique: str, tmp_path: Path) -> Env:
     prod, staging = f"new_{unique}", f"newstg_{unique}"
     pg.create_database(prod)
     pg.create_database(staging)
-    return Env(
-        prod=prod,
-        staging=staging,
-        prod_block=make_database_block(pg, f"new-{unique}", prod),
-        staging_block=make_database_block(pg, f"newstg-{unique}", staging),
-        storage=make_local_block(f"newbk-{unique}", tmp_path / "backups"),
-        backups=tmp_path / "backups",
-    )
+    return env_with_blocks(pg, prod, staging, tmp_path / "backups")
 
 
 def test_first_migration_of_a_new_empty_database_completes_after_a_verified_pre_backup(
@@ -51,11 +52,14 @@ def test_first_migration_of_a_new_empty_database_completes_after_a_verified_pre_
     state = env.run()
     assert state.is_completed(), failure_message(state)
     report: MigrateReport = state.result()
-    assert report.from_revision == "base" and revision(pg, env.prod) == "0003_email_unique"
+    assert report.from_revision == "base"
+    assert revision(pg, env.prod) == "0003_email_unique"
     manifests = backups_in(env.backups)
-    assert len(manifests) == 1 and report.backup_key
+    assert len(manifests) == 1
+    assert report.backup_key
     manifest = json.loads(manifests[0].read_text())
-    assert manifest["verified"] is True and manifest["alembic_revision"] is None
+    assert manifest["verified"] is True
+    assert manifest["alembic_revision"] is None
     assert "no tables" in manifest["verification"]["detail"]
 
 
@@ -76,14 +80,7 @@ def async_env(pg: PgCluster, unique: str, tmp_path: Path) -> Env:
     app = AlembicApp(ASYNC_APP / "alembic.ini", driver="postgresql+asyncpg")
     app.upgrade(conn_params(pg, prod), "0001_items", start=[])
     pg.sql("INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 100) g", prod)
-    return Env(
-        prod=prod,
-        staging=staging,
-        prod_block=make_database_block(pg, f"aprod-{unique}", prod),
-        staging_block=make_database_block(pg, f"astg-{unique}", staging),
-        storage=make_local_block(f"abk-{unique}", tmp_path / "backups"),
-        backups=tmp_path / "backups",
-    )
+    return env_with_blocks(pg, prod, staging, tmp_path / "backups")
 
 
 READS_DATA = '''"""Reads data through the connection: offline (--sql) it cannot be rendered."""
@@ -114,7 +111,8 @@ def test_revision_whose_sql_cannot_be_rendered_blocks_before_production_unless_w
     assert "0003_reads_data:offline-sql-not-rendered" in message
     assert "revision 0003_reads_data: Its offline SQL could not be rendered (" in message
     assert "waivers=['offline-sql-not-rendered@0003_reads_data']" in message
-    assert revision(pg, env.prod) == "0001_items" and not has_column(pg, env.prod, "items", "note")
+    assert revision(pg, env.prod) == "0001_items"
+    assert not has_column(pg, env.prod, "items", "note")
     assert backups_in(env.backups) == [], "blocked before the pre-backup"
     # 0002's SQL rendered although env.py reads os.environ["DATABASE_URL"]: only 0003 is named
     assert "0002_items_note:offline-sql-not-rendered" not in message
@@ -142,9 +140,12 @@ def test_asyncpg_application_behind_a_held_lock_retries_then_fails_within_the_bu
     finally:
         blocker.rollback()
         blocker.close()
-    assert "revision 0002_items_note" in message and "waited longer than lock_timeout (1000 ms)" in message
-    assert "within retry_budget 6 s" in message and "the database is at 0001_items" in message
+    assert "revision 0002_items_note" in message
+    assert "waited longer than lock_timeout (1000 ms)" in message
+    assert "within retry_budget 6 s" in message
+    assert "the database is at 0001_items" in message
     assert int(message.split("(1000 ms) ")[1].split(" time")[0]) >= 2, "retried at least once"
-    assert revision(pg, env.prod) == "0001_items" and not has_column(pg, env.prod, "items", "note")
+    assert revision(pg, env.prod) == "0001_items"
+    assert not has_column(pg, env.prod, "items", "note")
     assert revision(pg, env.staging) == "0002_items_note", "the rehearsal on staging passed"
     assert elapsed < 120, f"{elapsed:.0f} s"

@@ -10,6 +10,7 @@ import pytest
 from flows.core.errors import is_transient
 from flows.core.migration_lock import MigrationLockHeld, lock_key, migration_lock
 from flows.core.postgres import ConnParams
+from tests.harness.factories import conn_params
 from tests.harness.pg import PgCluster
 
 
@@ -17,7 +18,7 @@ from tests.harness.pg import PgCluster
 def params(pg: PgCluster, unique: str) -> ConnParams:
     name = f"lock_{unique}"
     pg.create_database(name)
-    return ConnParams(host=pg.host, port=pg.port, database=name, user=pg.superuser, password=pg.password)
+    return conn_params(pg, name)
 
 
 def test_lock_key_is_stable_and_per_database() -> None:
@@ -36,15 +37,17 @@ def test_second_acquirer_fails_fast_naming_the_holder(params: ConnParams) -> Non
     with migration_lock(first) as lock:
         assert lock.still_held()
         t0 = time.monotonic()
-        with pytest.raises(MigrationLockHeld) as caught:
-            with migration_lock(second):
-                pytest.fail("two migrations held the lock at once")
+        with pytest.raises(MigrationLockHeld) as caught, migration_lock(second):
+            pytest.fail("two migrations held the lock at once")
         assert time.monotonic() - t0 < 5
         assert caught.value.pid == lock.pid
         assert caught.value.application_name == "dbops-migrate-first"
         message = str(caught.value)
-        assert f"pid {lock.pid}" in message and "dbops-migrate-first" in message
-        assert params.database in message and params.password not in message  # type: ignore[operator]
+        assert f"pid {lock.pid}" in message
+        assert "dbops-migrate-first" in message
+        assert params.database in message
+        assert params.password
+        assert params.password not in message
         assert not is_transient(caught.value)
     with migration_lock(second) as again:  # released on exit
         assert again.still_held()

@@ -3,62 +3,37 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from uuid import UUID
 
 import pytest
+from prefect import State
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
-    LogFilter,
-    LogFilterFlowRunId,
     TaskRunFilter,  # noqa: F401 - used through the client API
 )
 
+from flows.core.compression import Compression
 from flows.core.layout import DUMP_RE
 from flows.core.manifest import Manifest
 from flows.core.retention import RetentionPolicy
 from flows.nightly_dump import DumpOptions, nightly_dump
 from tests.conftest import make_database_block, make_local_block, make_s3_block
-from tests.harness.pg import PgCluster, wait_until
+from tests.harness.factories import sample_database
+from tests.harness.pg import PgCluster
+from tests.harness.runs import artifact_table, failure_message, run_logs, saved_database
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
-def sample_database(pg: PgCluster, name: str, rows: int = 20_000) -> str:
-    pg.create_database(name)
-    pg.sql("CREATE TABLE images (id bigserial PRIMARY KEY, name text NOT NULL, body bytea, meta jsonb)", name)
-    pg.sql(
-        "INSERT INTO images (name, body, meta) SELECT 'img-' || g, decode(md5(g::text), 'hex'),"
-        " jsonb_build_object('n', g) FROM generate_series(1, %s) g",
-        name,
-        (rows,),
-    )
-    pg.sql("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)", name)
-    pg.sql("INSERT INTO alembic_version VALUES ('0004_classifications_image_index')", name)
-    with pg.connect(name) as conn:
-        # The inserting sessions have ended, but their statistics may still be on the way; ANALYZE sets the
-        # live-tuple count, and a late flush would add the rows a second time. Wait until they arrived.
-        wait_until(
-            lambda: (
-                conn.execute(
-                    "SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables WHERE relname = 'images'"
-                ).fetchone()[0]
-                == rows
-            ),
-            what="the inserts into images to reach the statistics",
-        )
-        conn.execute("ANALYZE")
-    return name
-
-
-def task_runs(flow_run_id: UUID) -> dict[str, int]:
-    """How many times each task ran in a flow run (run_count counts retries)."""
+def task_runs(state: State) -> dict[str, int]:
+    """How many times each task ran in the flow run that ended in `state` (run_count counts retries)."""
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     counts: dict[str, int] = {}
@@ -66,20 +41,6 @@ def task_runs(flow_run_id: UUID) -> dict[str, int]:
         name = run.name.rsplit("-", 1)[0]
         counts[name] = max(counts.get(name, 0), run.run_count)
     return counts
-
-
-def run_logs(flow_run_id: UUID) -> str:
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(log.message for log in logs)
-
-
-def failure_message(state) -> str:
-    try:
-        state.result()
-    except Exception as exc:  # the exception the flow ended with
-        return str(exc)
-    raise AssertionError(f"expected a failed run, got {state.type}")
 
 
 @pytest.fixture
@@ -97,7 +58,8 @@ def test_dump_lands_in_s3_with_manifest_written_last_and_matching_sha256(
     db: str, s3_storage: str, s3: S3Endpoint, bucket: str, pg: PgCluster
 ) -> None:
     report = nightly_dump(database=db, storage=s3_storage, prefix="prod")
-    assert DUMP_RE.match(report.key) and report.key.endswith(".dump.zst")
+    assert DUMP_RE.match(report.key)
+    assert report.key.endswith(".dump.zst")
     client = s3.client()
     objects = {o["Key"]: o for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
     dump = client.get_object(Bucket=bucket, Key=f"dbops/{report.key}")
@@ -107,11 +69,13 @@ def test_dump_lands_in_s3_with_manifest_written_last_and_matching_sha256(
     )
     assert manifest.sha256 == hashlib.sha256(body).hexdigest() == report.sha256
     assert manifest.bytes == len(body)
-    assert manifest.verified and manifest.verification.method == "list"
+    assert manifest.verified
+    assert manifest.verification.method == "list"
     assert manifest.alembic_revision == "0004_classifications_image_index"
     assert manifest.row_estimates["public.images"] == 20_000
     assert manifest.flow_run_id
-    assert manifest.server_version.startswith("15") and manifest.pg_dump_version.startswith("15")
+    assert manifest.server_version.startswith("15")
+    assert manifest.pg_dump_version.startswith("15")
     # written last: the manifest is never older than the dump it describes
     assert (
         objects[f"dbops/{report.manifest_key}"]["LastModified"]
@@ -126,23 +90,23 @@ def test_dump_lands_in_s3_with_manifest_written_last_and_matching_sha256(
 
 def test_dump_to_local_storage_with_globals(db: str, tmp_path: Path, unique: str) -> None:
     storage = make_local_block(f"local-{unique}", tmp_path / "backups")
-    report = nightly_dump(database=db, storage=storage, globals=True, compression="gzip")
-    assert (tmp_path / "backups" / report.key).is_file() and report.key.endswith(".dump")
+    report = nightly_dump(database=db, storage=storage, globals=True, compression=Compression.gzip)
+    assert (tmp_path / "backups" / report.key).is_file()
+    assert report.key.endswith(".dump")
     manifest = Manifest.from_json((tmp_path / "backups" / report.manifest_key).read_bytes())
-    assert manifest.compression == "gzip" and manifest.globals_key
+    assert manifest.compression == "gzip"
+    assert manifest.globals_key
     roles = (tmp_path / "backups" / manifest.globals_key).read_text()
-    assert "CREATE ROLE postgres" in roles and "SCRAM-SHA-256" not in roles  # --no-role-passwords
+    assert "CREATE ROLE postgres" in roles
+    assert "SCRAM-SHA-256" not in roles  # --no-role-passwords
 
 
 def test_artifact_reports_key_sha_and_retention(db: str, s3_storage: str) -> None:
-    from prefect.artifacts import Artifact
-
     report = nightly_dump(database=db, storage=s3_storage, retention=RetentionPolicy(keep_last=3))
-    artifact = Artifact.get(f"nightly-dump-{report.database.replace('_', '-')}")
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    table = artifact_table(f"nightly-dump-{report.database.replace('_', '-')}")
     values = {row["item"]: row["value"] for row in table}
-    assert values["key"] == report.key and values["sha256"] == report.sha256
+    assert values["key"] == report.key
+    assert values["sha256"] == report.sha256
     assert values["retention"].startswith("keep 1 of 1")
 
 
@@ -159,11 +123,13 @@ def test_wrong_password_fails_on_first_try_and_is_not_logged(
     state = nightly_dump(database=f"bad-{unique}", storage=s3_storage, return_state=True)
     assert state.is_failed()
     message = failure_message(state)
-    assert "rejected the password" in message and "fix the password" in message
+    assert "rejected the password" in message
+    assert "fix the password" in message
     # the first connection identifies the database for its db:<...> limit; permanent: no retry
-    assert task_runs(state.state_details.flow_run_id)["identify_target"] == 1
-    logs = run_logs(state.state_details.flow_run_id)
-    assert secret not in logs and secret not in message
+    assert task_runs(state)["identify_target"] == 1
+    logs = run_logs(state)
+    assert secret not in logs
+    assert secret not in message
 
 
 def test_unreachable_database_is_retried_then_fails_clearly(unique: str, s3_storage: str) -> None:
@@ -177,7 +143,7 @@ def test_unreachable_database_is_retried_then_fails_clearly(unique: str, s3_stor
     assert state.is_failed()
     assert "cannot reach PostgreSQL" in failure_message(state)
     # the first connection identifies the database for its db:<...> limit: retried, then one sentence
-    assert task_runs(state.state_details.flow_run_id)["identify_target"] == 1 + int(
+    assert task_runs(state)["identify_target"] == 1 + int(
         os.environ["DBOPS_TASK_RETRIES"]
     )
 
@@ -186,26 +152,29 @@ def test_missing_database_fails_fast(pg: PgCluster, unique: str, s3_storage: str
     make_database_block(pg, f"nodb-{unique}", f"does_not_exist_{unique}")
     state = nightly_dump(database=f"nodb-{unique}", storage=s3_storage, return_state=True)
     assert "does not exist" in failure_message(state)
-    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1
+    assert task_runs(state)["check_database"] == 1
 
 
 def test_missing_bucket_fails_fast_naming_it(db: str, s3: S3Endpoint, unique: str) -> None:
     storage = make_s3_block(s3, f"nobucket-{unique}", f"no-such-bucket-{unique}")
     state = nightly_dump(database=db, storage=storage, return_state=True)
     message = failure_message(state)
-    assert f"no-such-bucket-{unique}" in message and "does not exist" in message
-    assert task_runs(state.state_details.flow_run_id)["check_storage"] == 1
+    assert f"no-such-bucket-{unique}" in message
+    assert "does not exist" in message
+    assert task_runs(state)["check_storage"] == 1
 
 
 def test_unknown_block_is_one_sentence(s3_storage: str) -> None:
     state = nightly_dump(database="no-such-block", storage=s3_storage, return_state=True)
     message = failure_message(state)
-    assert "postgres-database/no-such-block" in message and "does not exist" in message
+    assert "postgres-database/no-such-block" in message
+    assert "does not exist" in message
 
 
 def test_negative_retention_is_refused_before_any_work(db: str, s3_storage: str) -> None:
     with pytest.raises(Exception, match="keep_daily must be 0 or more"):
-        nightly_dump(database=db, storage=s3_storage, retention={"keep_daily": -1})
+        # what a deployment sends: JSON, which Prefect validates into the parameter's model
+        nightly_dump(database=db, storage=s3_storage, retention={"keep_daily": -1})  # type: ignore[call-overload]
 
 
 def test_out_of_range_compression_level_is_refused(db: str, s3_storage: str) -> None:
@@ -244,12 +213,17 @@ def test_retention_expires_old_backups_keeps_newest_and_removes_stale_orphans(
         retention=RetentionPolicy(max_age_days=7),
         retention_dry_run=True,
     )
-    assert dry.deleted == [first.key.rsplit(".dump", 1)[0]] and manifest_path.exists() and orphan.exists()
+    assert dry.deleted == [first.key.rsplit(".dump", 1)[0]]
+    assert manifest_path.exists()
+    assert orphan.exists()
 
     report = nightly_dump(database=db, storage=storage, prefix="p", retention=RetentionPolicy(max_age_days=7))
-    assert not manifest_path.exists() and not (root / first.key).exists()
-    assert not orphan.exists() and fresh_orphan.exists()
-    assert (root / report.key).exists() and (root / dry.key).exists()
+    assert not manifest_path.exists()
+    assert not (root / first.key).exists()
+    assert not orphan.exists()
+    assert fresh_orphan.exists()
+    assert (root / report.key).exists()
+    assert (root / dry.key).exists()
 
 
 def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
@@ -261,7 +235,7 @@ def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
     before = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
     # A role that may connect but not read the table: pg_dump fails with "permission denied".
     pg.create_role(f"weak_{unique}", "weakpw")
-    dbname = PostgresDatabase.load(db).database
+    dbname = saved_database(db).database
     PostgresDatabase(
         host=pg.host, port=pg.port, database=dbname, user=f"weak_{unique}", password="weakpw"
     ).save(f"weak-{unique}")
@@ -272,8 +246,9 @@ def test_dump_role_without_select_fails_in_preflight_and_changes_nothing(
         return_state=True,
     )
     message = failure_message(state)
-    assert "cannot read 3 tables or sequences" in message and "grant it pg_read_all_data" in message
-    assert task_runs(state.state_details.flow_run_id)["check_database"] == 1
+    assert "cannot read 3 tables or sequences" in message
+    assert "grant it pg_read_all_data" in message
+    assert task_runs(state)["check_database"] == 1
     after = sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"])
     assert after == before
     assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
@@ -284,14 +259,15 @@ def test_unverified_dump_does_not_run_retention(db: str, s3_storage: str) -> Non
     report = nightly_dump(
         database=db, storage=s3_storage, verify="none", retention=RetentionPolicy(keep_last=1)
     )
-    assert not report.verified and report.retention.startswith("skipped") and report.deleted == []
+    assert not report.verified
+    assert report.retention.startswith("skipped")
+    assert report.deleted == []
 
 
 def test_implausibly_small_dump_is_discarded(pg: PgCluster, db: str, s3_storage: str) -> None:
-    from blocks import PostgresDatabase
 
     first = nightly_dump(database=db, storage=s3_storage)
-    pg.sql("TRUNCATE images", dbname=PostgresDatabase.load(db).database)
+    pg.sql("TRUNCATE images", dbname=saved_database(db).database)
     state = nightly_dump(
         database=db,
         storage=s3_storage,
@@ -320,7 +296,7 @@ def test_dump_waits_for_the_database_lock_and_gives_up_clearly(db: str, s3_stora
             database=db, storage=s3_storage, options=DumpOptions(lock_wait_hours=0.0005), return_state=True
         )
     assert f"held {name} ({db})" in failure_message(state)
-    assert "upload_dump" not in task_runs(state.state_details.flow_run_id)
+    assert "upload_dump" not in task_runs(state)
 
 
 def test_unreachable_s3_endpoint_is_retried_then_fails_clearly(db: str, unique: str) -> None:
@@ -341,7 +317,7 @@ def test_unreachable_s3_endpoint_is_retried_then_fails_clearly(db: str, unique: 
     state = nightly_dump(database=db, storage=f"s3-bucket/s3down-{unique}", return_state=True)
     assert "cannot reach the S3 endpoint" in failure_message(state)
     retries = int(os.environ["DBOPS_TASK_RETRIES"])
-    assert task_runs(state.state_details.flow_run_id)["check_storage"] == 1 + retries
+    assert task_runs(state)["check_storage"] == 1 + retries
 
 
 def test_an_unreadable_manifest_and_foreign_objects_are_left_alone_while_dump_and_retention_run(
@@ -349,7 +325,7 @@ def test_an_unreadable_manifest_and_foreign_objects_are_left_alone_while_dump_an
 ) -> None:
     """One manifest without time zones (an older tool) once made every dump fail with a TypeError."""
     from flows.core.s3store import S3ObjectStore
-    from tests.test_backup_safety import write_backup
+    from tests.harness.factories import write_backup
 
     name = f"im_{unique}"  # the database the `db` block names
     store = S3ObjectStore(s3.client(), bucket, "dbops")
@@ -377,4 +353,5 @@ def test_prefix_that_leaves_the_storage_folder_is_refused_before_any_work(
     storage = make_local_block(f"local-{unique}", root)
     state = nightly_dump(database=db, storage=storage, prefix="../outside", return_state=True)
     assert "prefix '../outside' contains a '..' segment" in failure_message(state)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups"] and list(root.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backups"]
+    assert list(root.iterdir()) == []

@@ -61,12 +61,16 @@ def test_multipart_put_stream_round_trips_bytes_exactly_in_five_mib_parts(s3: S3
     )
 
     assert result.bytes == len(data)
-    assert result.parts == 3 and len(uploads) == 3
-    assert seen[-1] == len(data) and seen == sorted(seen)
+    assert result.parts == 3
+    assert len(uploads) == 3
+    assert seen[-1] == len(data)
+    assert seen == sorted(seen)
     assert store.get_bytes("dumps/a.dump") == data
     raw = client.get_object(Bucket=bucket, Key="prod/db/dumps/a.dump")["Body"].read()
     assert hashlib.sha256(raw).digest() == hashlib.sha256(data).digest()
-    assert store.head("dumps/a.dump").size == len(data)
+    head = store.head("dumps/a.dump")
+    assert head is not None
+    assert head.size == len(data)
     assert store.list_incomplete_uploads() == []
 
 
@@ -139,8 +143,10 @@ def test_missing_bucket_is_a_permanent_storage_error_in_one_sentence(s3: S3Endpo
         with pytest.raises(StorageError) as info:
             attempt()
         message = str(info.value)
-        assert name in message and "does not exist" in message, (what, message)
-        assert "\n" not in message and not is_transient(info.value), (what, message)
+        assert name in message, (what, message)
+        assert "does not exist" in message, (what, message)
+        assert "\n" not in message, (what, message)
+        assert not is_transient(info.value), (what, message)
 
 
 def test_check_writable_succeeds_and_leaves_nothing_behind(s3: S3Endpoint, bucket: str):
@@ -160,7 +166,8 @@ def test_s3_endpoint_dying_while_an_object_is_read_back_is_storage_unavailable(u
         with pytest.raises(StorageUnavailable) as info:
             for _ in chunks:
                 pass
-    assert is_transient(info.value) and "during get" in str(info.value)
+    assert is_transient(info.value)
+    assert "during get" in str(info.value)
 
 
 def test_s3_endpoint_not_accepting_connections_is_storage_unavailable():
@@ -189,7 +196,8 @@ def test_s3_endpoint_not_accepting_connections_is_storage_unavailable():
         finally:
             for client in queued:
                 client.close()
-    assert is_transient(info.value) and "cannot reach the S3 endpoint" in str(info.value)
+    assert is_transient(info.value)
+    assert "cannot reach the S3 endpoint" in str(info.value)
 
 
 # -- part sizes (pure arithmetic) ----------------------------------------------------------------------------
@@ -283,7 +291,8 @@ def test_local_delete_removes_emptied_directories_but_not_the_root(tmp_path: Pat
     assert not (root / "x" / "y").exists()
     assert (root / "x" / "keep").is_file()
     assert store.delete(["x/keep"]) == 1
-    assert root.is_dir() and list(root.iterdir()) == []
+    assert root.is_dir()
+    assert list(root.iterdir()) == []
 
 
 @pytest.mark.parametrize("key", ["../escape", "a/../../escape", "/../escape"])

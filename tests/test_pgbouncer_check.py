@@ -3,14 +3,12 @@ only server connection in a transaction makes a second client wait, and the chec
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from prefect.artifacts import Artifact
 
 from blocks import PostgresDatabase
 from flows.core.health.pooler import PoolerThresholds, connect_console, judge, read_pgbouncer
@@ -18,7 +16,7 @@ from flows.pgbouncer_check import pgbouncer_check
 from tests.conftest import make_database_block
 from tests.harness.pg import PgCluster, wait_until
 from tests.harness.pgbouncer import PgBouncer, pgbouncer
-from tests.test_nightly_dump_flow import failure_message
+from tests.harness.runs import artifact_table, failure_message, saved_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -69,14 +67,11 @@ class WaitingClient:
 
 
 def waiting_clients(bouncer: PgBouncer, database: str) -> int:
-    return sum(int(p["cl_waiting"]) for p in bouncer.admin("SHOW POOLS") if p["database"] == database)
+    return sum(int(str(p["cl_waiting"])) for p in bouncer.admin("SHOW POOLS") if p["database"] == database)
 
 
 def artifact_rows(block: str) -> dict[str, dict[str, str]]:
-    artifact = Artifact.get(f"pgbouncer-check-{block}")
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return {row["check"]: row for row in table}
+    return {row["check"]: row for row in artifact_table(f"pgbouncer-check-{block}")}
 
 
 def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
@@ -91,13 +86,14 @@ def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
     with waiter, holder:  # on the way out: the holder lets go (rollback, close), then the waiter is joined
         wait_until(lambda: waiting_clients(bouncer, database) == 1, what="a client waiting in PgBouncer")
 
-        with connect_console(PostgresDatabase.load(block).params()) as console:
+        with connect_console(saved_database(block).params()) as console:
             checks = {c.name: c for c in judge(read_pgbouncer(console), None, PoolerThresholds())}
         pool = f"{database}/{pg.superuser}"
         waiting = checks[f"waiting clients {pool}"]
         assert waiting.status in ("warning", "critical")
         assert waiting.figure.startswith("1 waiting, 1 active clients; oldest waiting ")
-        assert "wait for a server connection" in waiting.message and "pool_size" in waiting.action
+        assert "wait for a server connection" in waiting.message
+        assert "pool_size" in waiting.action
         saturation = checks[f"pool saturation {pool}"]
         assert saturation.status == "critical"
         assert saturation.figure.startswith("1 of 1 server connections busy (pool_size 1 + reserve_pool 0)")
@@ -108,8 +104,11 @@ def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
         message = failure_message(state)
         assert message.startswith(f"PgBouncer {block}: pool {pool} has 1 of its 1 server connections busy")
         assert "1 clients waiting" in message
+        from prefect.artifacts import Artifact
+
         latest = Artifact.get(f"pgbouncer-check-{block}")
-        assert latest is not None and (latest.description or "").startswith(f"**Failed**: {message}")
+        assert latest is not None
+        assert (latest.description or "").startswith(f"**Failed**: {message}")
         rows = artifact_rows(block)
         assert rows[f"waiting clients {pool}"]["status"] in ("warning", "critical")
         assert rows[f"pool saturation {pool}"]["status"] == "critical"
@@ -117,7 +116,8 @@ def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
         assert "PgBouncer holds 1 server connections" in rows["server connections"]["figure"]
         assert f"of {60 - 3} connections in use" in rows["server connections"]["figure"]
         assert waiter.result is None  # still waiting: the check did not disturb it
-    assert waiter.error is None and waiter.result == (42,)
+    assert waiter.error is None
+    assert waiter.result == (42,)
 
 
 def test_a_quiet_pool_is_ok(pg: PgCluster, small_pool: tuple[PgBouncer, str], unique: str) -> None:
@@ -126,7 +126,8 @@ def test_a_quiet_pool_is_ok(pg: PgCluster, small_pool: tuple[PgBouncer, str], un
         conn.execute("SELECT 1")
     block = admin_block(bouncer)
     report = pgbouncer_check(pgbouncer=block, database=make_database_block(pg, f"direct-{unique}", database))
-    assert report.status == "ok" and report.pool_mode == "transaction"
+    assert report.status == "ok"
+    assert report.pool_mode == "transaction"
     assert report.version == "PgBouncer 1.18.0"
     assert {c.status for c in report.checks} == {"ok"}
 
@@ -166,4 +167,5 @@ def test_server_connections_are_judged_against_postgresqls_max_connections() -> 
     assert too_small.status == "warning"
     assert too_small.message == "PgBouncer's pools may open 60 server connections, PostgreSQL allows 47"
     full = check_server_connections(snap, ServerLimits(100, 3, 95, "db1:5432"), t)
-    assert full.status == "critical" and "95 of 97 connections in use" in full.message
+    assert full.status == "critical"
+    assert "95 of 97 connections in use" in full.message

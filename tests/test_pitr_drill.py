@@ -105,7 +105,8 @@ def test_the_drill_without_a_base_backup_is_refused_before_writing_to_production
         options=PitrDrillOptions(scratch_root=str(production.scratch_root)),
         return_state=True,
     )
-    assert state.is_failed() and "no base backup" in (state.message or "")
+    assert state.is_failed()
+    assert "no base backup" in (state.message or "")
     assert production.cluster.sql("SELECT to_regclass('dbops.pitr_canary')", "shop") == [(None,)]
     assert list(production.scratch_root.iterdir()) == []
 
@@ -114,12 +115,16 @@ def test_the_drill_passes_on_a_healthy_chain_and_records_rpo_and_rto(production:
     state = _run(production)
     assert state.is_completed(), state.message
     record = _sidecar(production)
-    assert record.passed and record.message == ""
+    assert record.passed
+    assert record.message == ""
     assert {c.name for c in record.checks} == {"canary", "tables", "amcheck", "position"}
     assert all(c.ok for c in record.checks)
     assert "all 1 table(s) of the latest dump exist" in {c.detail for c in record.checks}
-    assert record.rpo_seconds is not None and record.rto_seconds and record.rto_seconds > 0
-    assert record.wal_segments_replayed and record.wal_segments_replayed >= 3
+    assert record.rpo_seconds is not None
+    assert record.rto_seconds
+    assert record.rto_seconds > 0
+    assert record.wal_segments_replayed
+    assert record.wal_segments_replayed >= 3
     assert record.timeline == 2  # promoted onto a new timeline, as the position check expects
     tokens = production.cluster.sql("SELECT count(*) FROM dbops.pitr_canary", "shop")
     assert tokens == [(1,)]
@@ -142,7 +147,9 @@ def test_the_drill_fails_naming_a_segment_deleted_after_the_base_backup(producti
     assert victim in (state.message or "")
     assert production.cluster.sql("SELECT count(*) FROM dbops.pitr_canary", "shop") == [(1,)]
     record = _sidecar(production)
-    assert not record.passed and record.missing_segment == victim and victim in record.message
+    assert not record.passed
+    assert record.missing_segment == victim
+    assert victim in record.message
     from flows.core.listing import list_backups
 
     assert "last PITR drill FAILED" in list_backups(production.store, "prod", "shop").describe()

@@ -147,9 +147,12 @@ def test_recovery_to_a_time_between_two_commits_has_the_first_and_not_the_second
     target = parse_target(time=source.between_time.isoformat())
     report, server = _recover(source, target, scratch, servers)
     assert _events(server) == {"before-backup", "a"}
-    assert report.reached_timestamp is not None and report.reached_timestamp <= source.between_time
-    assert report.stopped_by and "before commit" in report.stopped_by
-    assert report.segments_replayed >= 1 and report.bytes_downloaded > source.manifest.bytes
+    assert report.reached_timestamp is not None
+    assert report.reached_timestamp <= source.between_time
+    assert report.stopped_by
+    assert "before commit" in report.stopped_by
+    assert report.segments_replayed >= 1
+    assert report.bytes_downloaded > source.manifest.bytes
     assert "pg_verifybackup" in report.verified
     st = (scratch / "data").stat()
     assert st.st_mode & 0o777 == 0o700
@@ -164,7 +167,8 @@ def test_recovery_to_a_restore_point_has_what_came_before_it(
 ) -> None:
     report, server = _recover(source, parse_target(restore_point="dbops-test-rp"), scratch, servers)
     assert _events(server) == {"before-backup", "a", "b", "c"}
-    assert report.stopped_by and "dbops-test-rp" in report.stopped_by
+    assert report.stopped_by
+    assert "dbops-test-rp" in report.stopped_by
 
 
 def test_recovery_to_an_lsn_has_what_came_before_it(
@@ -177,7 +181,8 @@ def test_recovery_to_an_lsn_has_what_came_before_it(
     assert _events(server) == {"before-backup", "a", "b", "c", "d", "e"}
     assert report.reached_lsn is not None
     # progress reports (every 10 s in a flow; every poll here) carry segments, LSN, bytes and an ETA
-    assert progress and progress[-1].bytes_downloaded >= source.manifest.bytes
+    assert progress
+    assert progress[-1].bytes_downloaded >= source.manifest.bytes
     assert any(p.lsn is not None and p.segments_replayed >= 1 and p.eta_seconds is not None for p in progress)
 
 
@@ -197,7 +202,7 @@ def test_latest_reaches_the_last_archived_transaction_from_s3(
     for key in (source.manifest.tar_key,):
         store.put_bytes(key, source.store.get_bytes(key))
     archive = WalArchive(S3ObjectStore(client, bucket, ""), "pg/wals")
-    report, server = _recover(
+    _report, server = _recover(
         source, parse_target(latest=True), scratch, servers, archive=archive, store=store
     )
     assert _events(server) == {"before-backup", "a", "b", "c", "d", "e", "f", "g"}
@@ -220,7 +225,8 @@ def test_a_target_beyond_the_archive_is_refused_before_anything_is_downloaded(
     with pytest.raises(RecoveryRefused) as err:
         choose_base_backup(catalog_of(source.manifest), target, archive)
     message = str(err.value)
-    assert "recoverable from" in message and "after the last archived segment" in message
+    assert "recoverable from" in message
+    assert "after the last archived segment" in message
     assert source.last_segment in message
     assert not (scratch / "data").exists()
 
@@ -236,7 +242,8 @@ def test_a_target_in_the_future_and_a_naive_time_are_refused() -> None:
 
 def test_no_base_backup_is_refused(source: Source) -> None:
     catalog = read_base_catalog(source.store, "prod", "other")
-    assert catalog.backups == [] and catalog.unreadable == []
+    assert catalog.backups == []
+    assert catalog.unreadable == []
     with pytest.raises(RecoveryRefused, match="no base backup"):
         choose_base_backup(
             catalog, parse_target(latest=True), WalArchive(LocalObjectStore(source.archive_dir))
@@ -262,7 +269,8 @@ def test_a_missing_segment_is_named_as_the_reason_recovery_stopped(
     with pytest.raises(RecoveryFailed) as err:
         _recover(source, parse_target(restore_point="dbops-test-rp"), scratch, servers, archive=archive)
     assert err.value.missing_segment == victim
-    assert "recovery ended before the target" in str(err.value) and victim in str(err.value)
+    assert "recovery ended before the target" in str(err.value)
+    assert victim in str(err.value)
     assert "last replayed LSN" in str(err.value)
 
 
@@ -288,7 +296,7 @@ def test_no_credential_in_the_recovered_directory_or_in_ps_during_recovery(
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        report, server = _recover(source, parse_target(latest=True), scratch, servers)
+        _report, _server = _recover(source, parse_target(latest=True), scratch, servers)
     finally:
         stop.set()
         sampler.join()
@@ -306,7 +314,8 @@ def test_no_credential_in_the_recovered_directory_or_in_ps_during_recovery(
                 leaked += [f"{path}" for s in secrets_ if s.encode() in data]
     assert leaked == []
     auto = (scratch / "data" / "postgresql.auto.conf").read_text()
-    assert "primary_conninfo = ''" in auto and "archive_mode = off" in auto
+    assert "primary_conninfo = ''" in auto
+    assert "archive_mode = off" in auto
 
 
 def test_a_damaged_base_backup_stops_extraction_and_leaves_nothing(source: Source, scratch: Path) -> None:
@@ -348,7 +357,8 @@ def test_a_tar_member_outside_the_data_directory_is_refused(source: Source, scra
     )
     with pytest.raises(ExtractionFailed, match="unsafe member"):
         extract_base_backup(store, manifest, scratch / "data", server_user())
-    assert not (scratch / "data").exists() and not (scratch / "escaped").exists()
+    assert not (scratch / "data").exists()
+    assert not (scratch / "escaped").exists()
 
 
 def test_the_server_log_says_why_recovery_ended() -> None:
@@ -379,11 +389,16 @@ def test_recovery_settings_drop_production_connection_and_archiving(scratch: Pat
     (data / "standby.signal").write_text("")
     write_recovery_config(data, {"archive_mode": "off", "restore_command": "/x/restore_wal.sh %f %p"})
     auto = (data / "postgresql.auto.conf").read_text()
-    assert "password=x" not in auto and "aws s3" not in auto and "work_mem = '8MB'" in auto
-    assert "restore_command = '/x/restore_wal.sh %f %p'" in auto and "archive_mode = off" in auto
+    assert "password=x" not in auto
+    assert "aws s3" not in auto
+    assert "work_mem = '8MB'" in auto
+    assert "restore_command = '/x/restore_wal.sh %f %p'" in auto
+    assert "archive_mode = off" in auto
     conf = (data / "postgresql.conf").read_text()
-    assert "archive_mode = on" not in conf and "shared_buffers = 128MB" in conf
-    assert (data / "recovery.signal").exists() and not (data / "standby.signal").exists()
+    assert "archive_mode = on" not in conf
+    assert "shared_buffers = 128MB" in conf
+    assert (data / "recovery.signal").exists()
+    assert not (data / "standby.signal").exists()
     assert list((data / "pg_replslot").iterdir()) == []
 
 
@@ -442,7 +457,8 @@ def test_pitr_restore_flow_pauses_at_a_time_and_leaves_the_server_running(
     pg_ctl = find_tool("pg_ctl", source.manifest.server_version_num).path
     server = PgServer(scratch / "data", pg_ctl, work / "server.log", work / "sock", port, server_user())
     servers.append(server)
-    assert report.running and "pg_ctl" in report.stop
+    assert report.running
+    assert "pg_ctl" in report.stop
     conninfo = f"host=localhost port={port} dbname=app user=app_owner password={APP_PASSWORD}"
     with psycopg.connect(conninfo, autocommit=True) as conn:  # production's own role and password
         assert {r[0] for r in conn.execute("SELECT name FROM events")} == {"before-backup", "a"}
@@ -450,7 +466,8 @@ def test_pitr_restore_flow_pauses_at_a_time_and_leaves_the_server_running(
     subprocess.run(report.stop.split(), check=True, capture_output=True)  # the command the report gives
     assert not server.running()
     artifact = Artifact.get("pitr-app")
-    assert artifact is not None and "RTO" in str(getattr(artifact, "data", ""))
+    assert artifact is not None
+    assert "RTO" in str(getattr(artifact, "data", ""))
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -521,17 +538,21 @@ def test_the_spool_keeps_a_bounded_window_and_the_script_never_leaves_a_partial_
     ok = subprocess.run(
         ["sh", str(spool.script), str(spool.dir), wanted, str(dest), "5"], capture_output=True
     )
-    assert ok.returncode == 0 and dest.read_bytes() == (source.archive_dir / wanted).read_bytes()
+    assert ok.returncode == 0
+    assert dest.read_bytes() == (source.archive_dir / wanted).read_bytes()
     (spool.dir / ".want").write_text(scan.name(first + 5) + "\n")
     spool.step()  # the server moved on: what it consumed is removed (the one before the wanted one stays)
     held = sorted(p.name for p in spool.dir.iterdir() if len(p.name) == 24)
-    assert held and min(held) >= scan.name(first + 4)
+    assert held
+    assert min(held) >= scan.name(first + 4)
     beyond = scan.name((scan.last or first) + 1)
     (spool.dir / ".want").write_text(beyond + "\n")
     spool.step()  # the fetcher answers: not in the archive
-    assert (spool.dir / f"{beyond}.absent").exists() and spool.missing is None  # the end, not a hole
+    assert (spool.dir / f"{beyond}.absent").exists()
+    assert spool.missing is None
     missing = subprocess.run(
         ["sh", str(spool.script), str(spool.dir), beyond, str(scratch / "OTHER"), "5"], capture_output=True
     )
-    assert missing.returncode == 1 and not (scratch / "OTHER").exists()
+    assert missing.returncode == 1
+    assert not (scratch / "OTHER").exists()
     assert not list(scratch.glob("*.dbops-partial"))

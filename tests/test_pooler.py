@@ -23,10 +23,11 @@ from flows.core.errors import ConfigurationError, ConnectionPoolerInTheWay
 from flows.core.pooler import ServerView, connect_direct, route_signals
 from flows.core.postgres import ConnParams, connect
 from tests.conftest import make_local_block
+from tests.harness.factories import sample_database
 from tests.harness.forward import tcp_forward
 from tests.harness.pg import PgCluster
 from tests.harness.pgbouncer import PgBouncer, pgbouncer
-from tests.test_nightly_dump_flow import failure_message, sample_database
+from tests.harness.runs import failure_message, saved_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -263,12 +264,14 @@ def test_preflights_pass_on_the_direct_port_and_through_a_plain_tcp_forward(
 
 def test_a_tcp_forward_is_recognised_and_said_not_refused(setup: Setup) -> None:
     with tcp_forward(setup.pg.host, setup.pg.port) as port:
-        params = PostgresDatabase.load(setup.block(setup.database, port)).params()
+        params = saved_database(setup.block(setup.database, port)).params()
         conn, route = connect_direct(params, block="forwarded")
         conn.close()
-    assert route.kind == "tcp forward" and route.server_port == setup.pg.port and route.block_port == port
+    assert route.kind == "tcp forward"
+    assert route.server_port == setup.pg.port
+    assert route.block_port == port
     assert "PostgreSQL itself answered the pooler probe" in route.detail
-    conn, route = connect_direct(PostgresDatabase.load(setup.block(setup.database)).params(), block="direct")
+    conn, route = connect_direct(saved_database(setup.block(setup.database)).params(), block="direct")
     conn.close()
     assert route.kind == "direct"
 
@@ -337,7 +340,7 @@ def test_a_login_pgbouncer_refuses_says_pooler_not_server_down(setup: Setup) -> 
 def test_allow_pooler_does_not_let_transaction_pooling_through(setup: Setup) -> None:
     block = setup.pooled(setup.database, allow_pooler=True)
     with pytest.raises(ConnectionPoolerInTheWay) as caught:
-        PostgresDatabase.load(block).connect_direct()
+        saved_database(block).connect_direct()
     assert "allow_pooler=true does not help" in str(caught.value)
     assert "a second connection was handed the same backend" in str(caught.value)
     assert advisory_locks(setup.pg) == []  # the probe's lock was released
@@ -355,7 +358,7 @@ def test_allow_pooler_accepts_session_pooling_with_a_dedicated_server_session(se
                 password=setup.pg.password,
                 allow_pooler=allow,
             ).save(name, overwrite=True)
-            block = PostgresDatabase.load(name)
+            block = saved_database(name)
             if not allow:
                 with pytest.raises(ConnectionPoolerInTheWay, match="through a connection pooler at"):
                     block.connect_direct()
@@ -363,7 +366,8 @@ def test_allow_pooler_accepts_session_pooling_with_a_dedicated_server_session(se
             conn, route = block.connect_direct()
             with conn:
                 assert conn.execute("SELECT count(*) FROM images").fetchone() == (500,)
-    assert route.kind == "session pooler (allowed)" and "PgBouncer 1.18.0" in route.detail
+    assert route.kind == "session pooler (allowed)"
+    assert "PgBouncer 1.18.0" in route.detail
 
 
 # -- dbops setup: the application's URL is refused, PostgreSQL's own is asked for ----------------------------
@@ -386,7 +390,7 @@ def test_dbops_setup_refuses_the_applications_pgbouncer_url(setup: Setup, where:
         assert message.startswith(sentence(name, setup.bouncer))
     else:
         assert message.startswith(f"database {name}: port 6432 is PgBouncer's")
-    with pytest.raises(ValueError):  # nothing was created
+    with pytest.raises(ValueError, match="Unable to find block document"):  # nothing was created
         PostgresDatabase.load(name)
 
 

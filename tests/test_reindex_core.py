@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from flows.core.bloat import (
     IndexRow,
@@ -20,97 +20,10 @@ from flows.core.bloat import (
     read_indexes,
 )
 from flows.core.errors import VersionMismatch
-from flows.core.postgres import ConnParams
 from flows.core.reindex import ReindexBusy, leftovers_of, rebuild_index, reindex_advisory_lock
+from tests.harness.factories import bloated_database, conn_params
 from tests.harness.pg import PgCluster, wait_until
-
-# -- shared helpers (imported by the flow tests) ----------------------------------------------------------
-
-
-def bloated_database(pg: PgCluster, name: str, rows: int = 40_000, pgstattuple: bool = True) -> str:
-    """`items` with two indexes left ~90 % empty by a mass delete + VACUUM, `healthy` freshly loaded."""
-    pg.create_database(name)
-    statements = [
-        "CREATE TABLE items (id bigint PRIMARY KEY, code int NOT NULL, note text)",
-        "CREATE INDEX items_code_idx ON items (code)",
-        "INSERT INTO items SELECT g, g * 7 %% %(rows)s, 'n' || g FROM generate_series(1, %(rows)s) g",
-        "UPDATE items SET code = code + 1 WHERE id % 10 <> 0",  # new index entries for 90 % of rows
-        "DELETE FROM items WHERE id % 10 <> 0",
-        "VACUUM ANALYZE items",
-        "CREATE TABLE healthy (id bigint PRIMARY KEY, v int)",
-        "INSERT INTO healthy SELECT g, g FROM generate_series(1, %(rows)s) g",
-        "VACUUM ANALYZE healthy",
-    ]
-    if pgstattuple:
-        statements.insert(0, "CREATE EXTENSION pgstattuple")
-    for statement in statements:
-        pg.sql(statement, name, {"rows": rows} if "%(rows)s" in statement else None)
-    return name
-
-
-def params_for(pg: PgCluster, dbname: str) -> ConnParams:
-    return ConnParams(host=pg.host, port=pg.port, database=dbname, user=pg.superuser, password=pg.password)
-
-
-def index_size(pg: PgCluster, dbname: str, index: str) -> int:
-    return int(pg.sql("SELECT pg_relation_size(%s::regclass)", dbname, (index,))[0][0])
-
-
-def cancel_while_waiting_for_a_writer(
-    pg: PgCluster, dbname: str, table: str, statement: sql.Composable
-) -> None:
-    """Run a concurrent index build that waits for an open writer once its index is in the catalog, then
-    pg_cancel_backend it: the real way an INVALID index is born."""
-    writer = pg.connect(dbname, autocommit=False)
-    writer.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(sql.Identifier(table)))
-    failure: list[BaseException] = []
-
-    def build() -> None:
-        with psycopg.connect(pg.conninfo(dbname), autocommit=True, application_name="doomed-build") as c:
-            try:
-                c.execute(statement)
-            except psycopg.Error as exc:
-                failure.append(exc)
-
-    def invalid_index_exists() -> bool:
-        return bool(
-            pg.sql(
-                "SELECT count(*) FROM pg_index WHERE NOT indisvalid AND indrelid = %s::regclass",
-                dbname,
-                (table,),
-            )[0][0]
-        )
-
-    thread = threading.Thread(target=build)
-    thread.start()
-    try:
-        wait_until(
-            lambda: (
-                pg.sql(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'doomed-build' "
-                    "AND wait_event_type = 'Lock'",
-                    dbname,
-                )[0][0]
-                == 1
-                and invalid_index_exists()
-            ),
-            what="the concurrent build waiting for the open writer after creating its index",
-        )
-        pg.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'doomed-build'")
-        thread.join(30)
-    finally:
-        writer.rollback()
-        writer.close()
-    assert failure and isinstance(failure[0], psycopg.errors.QueryCanceled)
-
-
-def make_ccnew_leftover(pg: PgCluster, dbname: str, table: str, index: str) -> str:
-    """A real failed REINDEX CONCURRENTLY: it waits for an open writer, gets cancelled, leaves `_ccnew`."""
-    statement = sql.SQL("REINDEX INDEX CONCURRENTLY {}").format(sql.Identifier(index))
-    cancel_while_waiting_for_a_writer(pg, dbname, table, statement)
-    names = [n for _, n in leftovers_of(pg.connect(dbname), "public", table)]
-    assert names == [f"{index}_ccnew"]
-    return names[0]
+from tests.harness.reindex import bloat_of, index_size, make_ccnew_leftover
 
 
 @pytest.fixture
@@ -121,12 +34,13 @@ def bloated(pg: PgCluster, unique: str) -> str:
 # -- pure planning ----------------------------------------------------------------------------------------
 
 
-def row(name: str, **kw: object) -> IndexRow:
-    fields: dict[str, object] = dict(
-        oid=1, schema="public", table="t", name=name, am="btree", size_bytes=10 << 20, valid=True
-    )
+def row(name: str, **kw: Any) -> IndexRow:
+    fields: dict[str, Any] = {
+        "oid": 1, "schema": "public", "table": "t", "name": name, "am": "btree", "size_bytes": 10 << 20,
+        "valid": True,
+    }
     fields.update(kw)
-    return IndexRow(**fields)  # type: ignore[arg-type]
+    return IndexRow(**fields)
 
 
 def test_plan_drops_leftovers_first_then_rebuilds_largest_waste_first_and_says_why_others_are_skipped() -> (
@@ -160,9 +74,13 @@ def test_plan_drops_leftovers_first_then_rebuilds_largest_waste_first_and_says_w
     assert [c.action for c in plan.candidates] == ["drop_leftover", "rebuild", "rebuild", "rebuild"]
     reasons = {s.index.name: s.reason for s in plan.skipped}
     assert reasons["small_bloated"] == "under the minimum size"
-    assert "exclusion" in reasons["excl"] and "BRIN" in reasons["brin_idx"] and "gin" in reasons["gin_idx"]
-    assert reasons["pg_class_oid_index"] == "system catalog" and reasons["tmp_idx"] == "temporary table"
-    assert "ANALYZE" in reasons["nostats"] and reasons["other_schema"] == "not selected"
+    assert "exclusion" in reasons["excl"]
+    assert "BRIN" in reasons["brin_idx"]
+    assert "gin" in reasons["gin_idx"]
+    assert reasons["pg_class_oid_index"] == "system catalog"
+    assert reasons["tmp_idx"] == "temporary table"
+    assert "ANALYZE" in reasons["nostats"]
+    assert reasons["other_schema"] == "not selected"
     assert [r.name for r in plan.healthy] == ["healthy"]
 
 
@@ -184,7 +102,7 @@ def test_catalog_estimate_arithmetic_flags_a_sparse_btree_and_not_a_packed_one()
 
 @pytest.mark.parametrize("version", [140000, 140003, 110020])
 def test_postgresql_14_0_to_14_3_and_pre_12_are_refused(version: int) -> None:
-    with pytest.raises(VersionMismatch, match="14.4|12 or newer"):
+    with pytest.raises(VersionMismatch, match=r"14\.4|12 or newer"):
         check_server_version(version)
     check_server_version(140004)
     check_server_version(150007)
@@ -199,11 +117,14 @@ def test_mass_deleted_index_is_flagged_by_estimate_and_pgstatindex_while_fresh_o
     with pg.connect(bloated) as conn:
         rows = [r for r in read_indexes(conn) if r.schema == "public"]
         by_name = {r.name: r for r in rows}
-        assert by_name["items_pkey"].estimated_bloat > 0.6 and by_name["items_pkey"].method == "estimate"
-        assert by_name["healthy_pkey"].estimated_bloat < 0.15
+        assert bloat_of(by_name["items_pkey"]) > 0.6
+        assert by_name["items_pkey"].method == "estimate"
+        assert bloat_of(by_name["healthy_pkey"]) < 0.15
         exact = {r.name: r for r in measure(conn, rows, 0.3, pgstattuple_schema(conn))}
-    assert exact["items_pkey"].method == "pgstatindex" and exact["items_pkey"].estimated_bloat > 0.6
-    assert exact["items_code_idx"].method == "pgstatindex" and exact["items_code_idx"].estimated_bloat > 0.6
+    assert exact["items_pkey"].method == "pgstatindex"
+    assert bloat_of(exact["items_pkey"]) > 0.6
+    assert exact["items_code_idx"].method == "pgstatindex"
+    assert bloat_of(exact["items_code_idx"]) > 0.6
     assert exact["healthy_pkey"].method == "estimate"  # the estimate cleared it: pgstatindex not needed
     plan = plan_reindex(exact.values(), bloat_threshold=0.3, min_index_size=64 << 10)
     assert {c.index.name for c in plan.rebuilds} == {"items_pkey", "items_code_idx"}
@@ -227,7 +148,7 @@ def test_open_transaction_stalls_the_rebuild_which_times_out_drops_its_ccnew_ret
     said: list[str] = []
     try:
         result = rebuild_index(
-            params_for(pg, bloated),
+            conn_params(pg, bloated),
             "public",
             "items_pkey",
             lock_timeout_s=1.0,
@@ -239,13 +160,18 @@ def test_open_transaction_stalls_the_rebuild_which_times_out_drops_its_ccnew_ret
         )
     finally:
         blocker.close()
-    assert result.status == "rebuilt" and result.attempts == 2 and released == [1]
+    assert result.status == "rebuilt"
+    assert result.attempts == 2
+    assert released == [1]
     # While stalled, the progress lines say which phase it is in and whom it waits for.
     assert any(line.startswith("waiting for writers") and str(blocker_pid) in line for line in said), said
-    assert result.leftovers_dropped == ["items_pkey_ccnew"] and not result.leftovers_remaining
+    assert result.leftovers_dropped == ["items_pkey_ccnew"]
+    assert not result.leftovers_remaining
     [who] = result.blockers
-    assert who.pid == blocker_pid and who.application_name == "long-writer"
-    assert who.state == "idle in transaction" and who.xact_start.endswith("Z")
+    assert who.pid == blocker_pid
+    assert who.application_name == "long-writer"
+    assert who.state == "idle in transaction"
+    assert who.xact_start.endswith("Z")
     assert not leftovers_of(pg.connect(bloated), "public", "items")
     assert index_size(pg, bloated, "items_pkey") < before / 3
 
@@ -256,10 +182,16 @@ def test_index_locked_for_longer_than_all_retries_fails_without_leaving_an_inval
     with psycopg.connect(pg.conninfo(bloated), autocommit=False, application_name="ddl-session") as holder:
         holder.execute("LOCK TABLE items IN SHARE UPDATE EXCLUSIVE MODE")
         result = rebuild_index(
-            params_for(pg, bloated), "public", "items_code_idx", lock_timeout_s=1.0, retries=1, backoff_s=0.01
+            conn_params(pg, bloated),
+            "public",
+            "items_code_idx",
+            lock_timeout_s=1.0,
+            retries=1,
+            backoff_s=0.01,
         )
         holder.rollback()
-    assert result.status == "failed" and result.attempts == 2
+    assert result.status == "failed"
+    assert result.attempts == 2
     assert "lock timeout" in (result.error or "")
     assert [b.application_name for b in result.blockers] == ["ddl-session"]
     assert "lock on the table" in result.blockers[0].waiting_for
@@ -278,11 +210,13 @@ def test_cancelled_concurrent_rebuild_leaves_an_invalid_ccnew_that_the_plan_drop
 def test_second_reindexer_is_refused_by_the_advisory_lock_naming_the_holder(
     pg: PgCluster, bloated: str
 ) -> None:
-    params = params_for(pg, bloated)
-    with reindex_advisory_lock(params) as first:
-        with pytest.raises(ReindexBusy, match=f"pid {first.info.backend_pid}, application dbops-reindex"):
-            with reindex_advisory_lock(params):
-                pass
+    params = conn_params(pg, bloated)
+    with (
+        reindex_advisory_lock(params) as first,
+        pytest.raises(ReindexBusy, match=f"pid {first.info.backend_pid}, application dbops-reindex"),
+        reindex_advisory_lock(params),
+    ):
+        pass
     with reindex_advisory_lock(params):  # released with the run
         pass
 
@@ -328,12 +262,13 @@ def test_rebuild_whose_session_is_terminated_still_drops_its_ccnew(pg: PgCluster
     killer.start()
     try:
         result = rebuild_index(
-            params_for(pg, bloated), "public", "items_pkey", lock_timeout_s=30, retries=3, backoff_s=0.2
+            conn_params(pg, bloated), "public", "items_pkey", lock_timeout_s=30, retries=3, backoff_s=0.2
         )
     finally:
         killer.join(30)
         writer.close()
-    assert result.status == "failed" and result.attempts == 1
+    assert result.status == "failed"
+    assert result.attempts == 1
     assert "lost the connection" in (result.error or "")
     assert result.leftovers_dropped == ["items_pkey_ccnew"]
     assert not leftovers_of(pg.connect(bloated), "public", "items")

@@ -7,42 +7,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from flows.core.compression import Compression
 from flows.core.manifest import Manifest
 from flows.nightly_dump import nightly_dump
 from flows.restore import RestoreOptions, restore
 from tests.conftest import make_database_block, make_s3_block
+from tests.harness.factories import content, databases, flip_one_byte_of_row_data, rewrite, sample_database
 from tests.harness.pg import PgCluster, free_port
+from tests.harness.runs import artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
-from tests.test_nightly_dump_flow import failure_message, sample_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def content(pg: PgCluster, dbname: str) -> tuple[int, str, str]:
-    """Row count, an md5 over every row, and the Alembic revision: equal means the same data."""
-    count, digest = pg.sql(
-        "SELECT count(*), md5(coalesce(string_agg(i::text, '|' ORDER BY id), '')) FROM images i", dbname
-    )[0]
-    revision = pg.sql("SELECT string_agg(version_num, ',') FROM alembic_version", dbname)[0][0]
-    return count, digest, revision
-
-
-def databases(pg: PgCluster, pattern: str) -> list[str]:
-    return [r[0] for r in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", params=(pattern,))]
-
-
-def rewrite(s3: S3Endpoint, bucket: str, key: str, change) -> None:
-    """Rewrite one object in the bucket through `change(bytes) -> bytes`."""
-    client = s3.client()
-    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    client.put_object(Bucket=bucket, Key=key, Body=change(body))
-
-
-def flip_one_byte_of_row_data(body: bytes) -> bytes:
-    """Change one character of a row (`img-10000` → `img-1000X`): still valid COPY data, so pg_restore
-    alone would load and commit it; only the sha256 comparison can stop it."""
-    at = body.index(b"\timg-10000\t") + len(b"\timg-1000")
-    return body[:at] + b"X" + body[at + 1 :]
 
 
 @pytest.fixture
@@ -60,7 +35,6 @@ def storage(s3: S3Endpoint, bucket: str, unique: str) -> str:
 def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
     pg: PgCluster, source: tuple[str, str], storage: str, unique: str
 ) -> None:
-    from prefect.artifacts import Artifact
 
     block, name = source
     dumped = nightly_dump(database=block, storage=storage, prefix="prod", globals=True)
@@ -74,23 +48,29 @@ def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
         globals=True,
         confirm=f"restored_{unique}",
     )
-    assert report.key == dumped.key and report.sha256 == dumped.sha256 and report.method == "stream"
+    assert report.key == dumped.key
+    assert report.sha256 == dumped.sha256
+    assert report.method == "stream"
     assert content(pg, f"restored_{unique}") == content(pg, name)
     assert (
-        report.globals.startswith("roles file: created 0 role(s); ") and "already present" in report.globals
+        report.globals.startswith("roles file: created 0 role(s); ")
+    )
+    assert (
+        "already present" in report.globals
     )
     assert databases(pg, "%_restoring_%") == []
-    artifact = Artifact.get(f"restore-restored-{unique}")
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    table = artifact_table(f"restore-restored-{unique}")
     values = {row["item"]: row["value"] for row in table}
-    assert values["duration (RTO)"].endswith(" s") and values["backup"] == dumped.key
+    assert values["duration (RTO)"].endswith(" s")
+    assert values["backup"] == dumped.key
     assert pg.password not in json.dumps(table)
 
     # create never overwrites: the database now exists, a second create is refused and changes nothing
     pg.sql("INSERT INTO images (name) VALUES ('added after the restore')", f"restored_{unique}")
     after = content(pg, f"restored_{unique}")
     state = restore(storage=storage, source_database=name, target=target, prefix="prod", return_state=True)
-    assert "already exists" in failure_message(state) and "mode=replace" in failure_message(state)
+    assert "already exists" in failure_message(state)
+    assert "mode=replace" in failure_message(state)
     assert content(pg, f"restored_{unique}") == after
     # replace overwrites what is there now (a person's work in the restored copy): only with confirm
     state = restore(
@@ -98,7 +78,8 @@ def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
     )
     message = failure_message(state)
     assert "mode=replace overwrites everything now in database" in message
-    assert f"confirm='restored_{unique}'" in message and "nothing was touched" in message
+    assert f"confirm='restored_{unique}'" in message
+    assert "nothing was touched" in message
     assert content(pg, f"restored_{unique}") == after
     restore(
         storage=storage,
@@ -126,7 +107,8 @@ def test_jobs_2_downloads_the_archive_first_then_restores_in_parallel(
         return_state=True,
     )
     report = state.result()
-    assert report.method == "file" and report.jobs == 2
+    assert report.method == "file"
+    assert report.jobs == 2
     assert content(pg, f"parallel_{unique}") == content(pg, name)
     assert "jobs=2 needs a seekable archive: downloading" in caplog.text  # the run's log says so
     # replace is one transaction; pg_restore cannot combine that with --jobs, so it is refused
@@ -156,9 +138,11 @@ def test_replace_mode_puts_back_the_backed_up_rows_into_a_protected_database_onl
     state = restore(
         storage=storage, source_database=name, target=protected, mode="replace", return_state=True
     )
-    assert "is protected" in failure_message(state) and content(pg, name) == changed
+    assert "is protected" in failure_message(state)
+    assert content(pg, name) == changed
     report = restore(storage=storage, source_database=name, target=protected, mode="replace", confirm=name)
-    assert report.mode == "replace" and content(pg, name) == backed_up
+    assert report.mode == "replace"
+    assert content(pg, name) == backed_up
 
 
 @pytest.mark.parametrize("mode", ["replace", "create"])
@@ -167,7 +151,7 @@ def test_object_with_one_flipped_byte_is_refused_and_the_target_is_untouched(
 ) -> None:
     block, name = source
     # Uncompressed, so the changed byte reaches pg_restore as row data instead of failing zstd.
-    dumped = nightly_dump(database=block, storage=storage, compression="none")
+    dumped = nightly_dump(database=block, storage=storage, compression=Compression.none)
     rewrite(s3, bucket, f"dbops/{dumped.key}", flip_one_byte_of_row_data)
     pg.sql("INSERT INTO images (name) VALUES ('written after the backup')", name)
     before = content(pg, name)
@@ -177,7 +161,8 @@ def test_object_with_one_flipped_byte_is_refused_and_the_target_is_untouched(
         storage=storage, source_database=name, target=target, mode=mode, confirm=confirm, return_state=True
     )
     message = failure_message(state)
-    assert "does not match its manifest" in message and "before it committed anything" in message
+    assert "does not match its manifest" in message
+    assert "before it committed anything" in message
     assert content(pg, name) == before  # replace: rolled back; create: never touched
     assert databases(pg, f"restored_{unique}%") == []  # create: no target, no temporary database
 
@@ -201,7 +186,8 @@ def test_protected_target_without_confirm_is_refused_before_any_connection(
         return_state=True,
     )
     message = failure_message(state)
-    assert "is protected" in message and "confirm='imagemanager'" in message
+    assert "is protected" in message
+    assert "confirm='imagemanager'" in message
     assert "cannot reach" not in message
 
 
@@ -226,7 +212,8 @@ def test_latest_before_picks_the_newest_backup_started_before_that_time(
     cutoff = (now - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     before = make_database_block(pg, f"b-{unique}", f"before_{unique}")
     report = restore(storage=storage, source_database=name, target=before, backup=f"latest before {cutoff}")
-    assert report.key == old.key and content(pg, f"before_{unique}") == old_content
+    assert report.key == old.key
+    assert content(pg, f"before_{unique}") == old_content
     assert new_content != old_content
 
 
@@ -275,13 +262,17 @@ def test_globals_create_missing_roles_and_leave_existing_ones_exactly_as_they_ar
         storage=storage, source_database=name, target=target, globals=True, confirm=f"withroles_{unique}"
     )
     assert f"created 1 role(s) ({gone})" in report.globals, report.globals
-    assert "already present, left unchanged" in report.globals and keep in report.globals
+    assert "already present, left unchanged" in report.globals
+    assert keep in report.globals
     # the missing role is back, with its attributes, membership and comment
     assert role(pg, gone) == (True, False, 3, f"{{{keep}}}")
     assert pg.sql(f"SELECT shobj_description('\"{gone}\"'::regrole, 'pg_authid')")[0][0] == "was here; before"
     # the existing role was not ALTERed: still CREATEDB, still the new password
-    assert role(pg, keep) == kept_before and kept_before[1] is True
-    assert can_log_in(pg, keep, "new-password") and not can_log_in(pg, keep, "old-password")
+    assert role(pg, keep) == kept_before
+    assert kept_before is not None
+    assert kept_before[1] is True
+    assert can_log_in(pg, keep, "new-password")
+    assert not can_log_in(pg, keep, "old-password")
     assert content(pg, f"withroles_{unique}") == content(pg, name)
 
 
@@ -298,7 +289,8 @@ def test_globals_without_confirm_is_refused_before_any_connection_even_when_unpr
         storage=storage, source_database=name, target=f"scratch-{unique}", globals=True, return_state=True
     )
     message = failure_message(state)
-    assert "globals=true creates roles" in message and "confirm='scratch'" in message
+    assert "globals=true creates roles" in message
+    assert "confirm='scratch'" in message
     assert "cannot reach" not in message
 
 
@@ -337,5 +329,6 @@ def test_failing_statement_in_the_roles_file_fails_the_run_naming_its_object(
         return_state=True,
     )
     message = failure_message(state)
-    assert "applying the roles file" in message and named.format(u=unique) in message, message
+    assert "applying the roles file" in message, message
+    assert named.format(u=unique) in message, message
     assert databases(pg, f"failing_{unique}%") == []  # the database was not restored after it

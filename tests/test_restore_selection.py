@@ -10,37 +10,29 @@ from flows.core.catalog import Backup, Catalog
 from flows.core.database_admin import temporary_name
 from flows.core.errors import ConfigurationError
 from flows.core.layout import backup_stem, dump_key
-from flows.core.manifest import Manifest
 from flows.core.pg_restore import NotEnoughSpace, check_disk_space
+from flows.core.restore import RestoreRefused
 from flows.core.restore_choice import (
     BackupNotFound,
-    RestoreRefused,
     Selector,
     parse_selector,
     parse_timestamp,
     require_confirmation,
     select_backup,
 )
+from tests.harness.factories import make_manifest
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 
 
 def backup(started: datetime, minutes: int = 10) -> Backup:
     stem = backup_stem("prod", "imagemanager", started)
-    manifest = Manifest(
-        database="imagemanager",
-        server="db:5432",
-        server_version="15.18",
-        pg_dump_version="15.18",
+    manifest = make_manifest(
         started_at=started,
         ended_at=started + timedelta(minutes=minutes),
         dump_key=dump_key(stem, ".zst"),
         bytes=10,
         raw_bytes=20,
-        sha256="0" * 64,
-        compression="zstd",
-        compression_level=3,
-        dump_options=[],
     )
     return Backup(stem, manifest, [manifest.dump_key, stem + ".manifest.json"])
 
@@ -105,7 +97,8 @@ def test_protected_database_needs_its_exact_name_as_confirm() -> None:
 def test_temporary_name_fits_postgres_identifier_limit() -> None:
     assert temporary_name("imagemanager", "ab12cd34") == "imagemanager_restoring_ab12cd34"
     long = temporary_name("x" * 80, "ab12cd34")
-    assert len(long.encode()) <= 63 and long.endswith("_restoring_ab12cd34")
+    assert len(long.encode()) <= 63
+    assert long.endswith("_restoring_ab12cd34")
     assert len(temporary_name("ü" * 40, "ab12cd34").encode()) <= 63
 
 

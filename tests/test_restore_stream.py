@@ -5,25 +5,28 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from flows.core.catalog import Backup
 from flows.core.compression import Compression
-from flows.core.dump import stream_dump
+from flows.core.dump import DumpResult, stream_dump
 from flows.core.layout import LEASE_MARK, manifest_key
 from flows.core.localstore import LocalObjectStore
 from flows.core.manifest import Manifest
 from flows.core.objectstore import MiB
 from flows.core.pg_restore import ChecksumMismatch
 from flows.core.pgtools import find_tool
-from flows.core.postgres import ConnParams
 from flows.core.restore import RestoreRequest, restore_backup
+from tests.harness.factories import (
+    conn_params,
+    content,
+    flip_one_byte_of_row_data,
+    make_manifest,
+    sample_database,
+)
 from tests.harness.pg import PgCluster
-from tests.test_nightly_dump_flow import sample_database
-from tests.test_restore_flow import content, flip_one_byte_of_row_data
 
 
 class StoreThatLingersAtTheEnd(LocalObjectStore):
@@ -46,8 +49,17 @@ class StoreThatLingersAtTheEnd(LocalObjectStore):
                 pass
 
 
-def params(pg: PgCluster, database: str) -> ConnParams:
-    return ConnParams(host=pg.host, port=pg.port, database=database, user=pg.superuser, password=pg.password)
+def manifest_of(dumped: DumpResult, database: str, compression: Compression) -> Manifest:
+    """The manifest of a dump stream_dump just wrote."""
+    return make_manifest(
+        database=database,
+        dump_key=dumped.key,
+        bytes=dumped.bytes,
+        raw_bytes=dumped.raw_bytes,
+        sha256=dumped.sha256,
+        compression=compression,
+        compression_level=0,
+    )
 
 
 @pytest.mark.parametrize("compression", [Compression.none, Compression.zstd])
@@ -60,24 +72,9 @@ def test_changed_byte_found_at_end_of_stream_kills_pg_restore_before_it_commits(
     key = f"x/{name}/dumps/2026/01/01/{name}-20260101T000000Z.dump" + (
         ".zst" if compression.value == "zstd" else ""
     )
-    dumped = stream_dump(
-        params(pg, name), store, key, tool=find_tool("pg_dump", version), compression=compression, level=0
-    )
-    manifest = Manifest(
-        database=name,
-        server="x",
-        server_version="15",
-        pg_dump_version="15",
-        started_at=datetime.now(UTC),
-        ended_at=datetime.now(UTC),
-        dump_key=key,
-        bytes=dumped.bytes,
-        raw_bytes=dumped.raw_bytes,
-        sha256=dumped.sha256,
-        compression=compression,
-        compression_level=0,
-        dump_options=[],
-    )
+    pg_dump = find_tool("pg_dump", version)
+    dumped = stream_dump(conn_params(pg, name), store, key, tool=pg_dump, compression=compression, level=0)
+    manifest = manifest_of(dumped, name, compression)
     stem = key.split(".dump", 1)[0]
     store.put_bytes(manifest_key(stem), manifest.to_json())  # a backup has one (the restore leases it)
     if compression is Compression.none:
@@ -93,7 +90,7 @@ def test_changed_byte_found_at_end_of_stream_kills_pg_restore_before_it_commits(
     request = RestoreRequest(
         store=store,
         backup=Backup(stem, manifest, [key]),
-        target=params(pg, name),
+        target=conn_params(pg, name),
         tool=find_tool("pg_restore", version),
         mode="replace",
     )
@@ -112,28 +109,14 @@ def test_restore_holds_a_read_lease_while_pg_restore_runs_and_removes_it_after(
     store = LocalObjectStore(tmp_path)
     stem = f"x/{name}/dumps/2026/01/01/{name}-20260101T000000Z"
     dumped = stream_dump(
-        params(pg, name),
+        conn_params(pg, name),
         store,
         stem + ".dump",
         tool=find_tool("pg_dump", version),
         compression=Compression.none,
         level=0,
     )
-    manifest = Manifest(
-        database=name,
-        server="x",
-        server_version="15",
-        pg_dump_version="15",
-        started_at=datetime.now(UTC),
-        ended_at=datetime.now(UTC),
-        dump_key=dumped.key,
-        bytes=dumped.bytes,
-        raw_bytes=dumped.raw_bytes,
-        sha256=dumped.sha256,
-        compression=Compression.none,
-        compression_level=0,
-        dump_options=[],
-    )
+    manifest = manifest_of(dumped, name, Compression.none)
     store.put_bytes(manifest_key(stem), manifest.to_json())
     seen: list[list[str]] = []
 
@@ -143,11 +126,13 @@ def test_restore_holds_a_read_lease_while_pg_restore_runs_and_removes_it_after(
     request = RestoreRequest(
         store=store,
         backup=Backup(stem, manifest, [dumped.key, manifest_key(stem)]),
-        target=params(pg, f"{name}_copy"),
+        target=conn_params(pg, f"{name}_copy"),
         tool=find_tool("pg_restore", version),
         run_id="r1",
     )
     restore_backup(request, on_start=leases_now, log=lambda _: None)
-    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith(stem + ".reading-r1-")
+    assert len(seen) == 1
+    assert len(seen[0]) == 1
+    assert seen[0][0].startswith(stem + ".reading-r1-")
     assert [o.key for o in store.list(stem) if LEASE_MARK in o.key] == []
     assert pg.sql("SELECT count(*) FROM images", f"{name}_copy")[0][0] == 500

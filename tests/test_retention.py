@@ -261,7 +261,8 @@ def test_backups_dated_after_now_are_kept_and_do_not_take_keep_last_slots() -> N
 def test_empty_history_gives_an_empty_plan() -> None:
     plan = plan_retention([], RetentionPolicy(keep_last=3), NOW)
 
-    assert plan.keep == [] and plan.delete == []
+    assert plan.keep == []
+    assert plan.delete == []
     assert plan.summary() == "keep 0 of 0 backups, delete 0"
 
 
@@ -366,7 +367,7 @@ def test_policy_errors_are_value_errors() -> None:
 
 def test_misspelled_policy_fields_are_rejected_rather_than_ignored() -> None:
     with pytest.raises(ValidationError, match="keep_dayly"):
-        RetentionPolicy(keep_last=1, keep_dayly=7)  # type: ignore[call-arg]
+        RetentionPolicy(keep_last=1, keep_dayly=7)  # type: ignore[call-arg]  # the misspelling under test
 
 
 def test_every_policy_field_is_described_for_the_prefect_form() -> None:

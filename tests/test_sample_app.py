@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -99,7 +100,7 @@ def alembic(
     return result
 
 
-def _scalar(conn: psycopg.Connection, query: str) -> object:
+def _scalar(conn: psycopg.Connection, query: str) -> Any:
     row = conn.execute(query).fetchone()
     assert row is not None
     return row[0]
@@ -246,7 +247,8 @@ def test_generator_is_deterministic_and_realistic(imgmgr_cluster: Cluster, head_
 
     with psycopg.connect(imgmgr_cluster.conninfo(dbs[0])) as conn:
         deleted = _scalar(conn, "SELECT count(*) FROM data_instances WHERE deleted_at IS NOT NULL")
-        assert isinstance(deleted, int) and 40 <= deleted <= 200  # ~5% of 2000
+        assert isinstance(deleted, int)
+        assert 40 <= deleted <= 200  # ~5% of 2000
         per_image = conn.execute(
             "SELECT min(n), max(n), bool_and(n = d) FROM (SELECT i.id, count(c.id) AS n, "
             "count(DISTINCT c.label) AS d FROM data_instances i "
@@ -282,7 +284,8 @@ def test_generator_target_bytes(imgmgr_cluster: Cluster, head_template: str) -> 
             "SELECT sum(pg_total_relation_size(c))::bigint FROM unnest(ARRAY['meta_groups', 'projects', "
             "'data_instances', 'image_classifications']::regclass[]) c",
         )
-    assert isinstance(size, int) and 0.75 * target <= size <= 1.25 * target
+    assert isinstance(size, int)
+    assert 0.75 * target <= size <= 1.25 * target
 
 
 def test_generator_cli_accepts_sqlalchemy_url(imgmgr_cluster: Cluster, head_template: str) -> None:
@@ -310,12 +313,12 @@ def test_parse_size(text: str, expected: int) -> None:
 
 
 def test_parse_size_rejects_garbage() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid size 'lots'"):
         gen.parse_size("lots")
 
 
 def test_generate_needs_exactly_one_amount() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one of images= or target_bytes="):
         gen.generate("", images=1, target_bytes=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one of images= or target_bytes="):
         gen.generate("")

@@ -92,7 +92,8 @@ def test_passfile_directory_of_a_reused_pid_or_another_naming_is_judged_safely()
     try:
         with passfile(params()) as path:
             assert not reused.exists()
-            assert legacy.exists() and elsewhere.exists()
+            assert legacy.exists()
+            assert elsewhere.exists()
             assert Path(path).parent.exists()  # our own, started now: alive
     finally:
         for d in (reused, legacy, elsewhere):
@@ -127,21 +128,9 @@ def test_child_environment_keeps_what_tools_need_and_drops_credentials() -> None
         "PGOPTIONS": "-c x=y",
     }
     env = child_environment({"PGHOST": "db1", "PGOPTIONS": "-c lock_timeout=1000"}, environ=worker)
-    assert env == {
-        "PATH": "/usr/bin",
-        "HOME": "/home/w",
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "TZ": "UTC",
-        "TMPDIR": "/tmp/w",
-        "PGSSLROOTCERT": "/etc/root.crt",
-        "PGSSLCERT": "/etc/client.crt",
-        "PGSSLKEY": "/etc/client.key",
-        "PGCLIENTENCODING": "UTF8",
-        "KRB5CCNAME": "FILE:/tmp/krb",
-        "PGHOST": "db1",
-        "PGOPTIONS": "-c lock_timeout=1000",
-    }
+    kept = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"]
+    kept += ["PGCLIENTENCODING", "KRB5CCNAME"]
+    assert env == {**{k: worker[k] for k in kept}, "PGHOST": "db1", "PGOPTIONS": "-c lock_timeout=1000"}
 
 
 @pytest.mark.parametrize(
@@ -161,7 +150,8 @@ def test_child_environment_keeps_what_tools_need_and_drops_credentials() -> None
 )
 def test_secret_values_in_archive_command_are_redacted(command: str, secret: str) -> None:
     redacted = redact_secrets(command)
-    assert secret not in redacted and REDACTED in redacted
+    assert secret not in redacted
+    assert REDACTED in redacted
     assert "%p" in redacted
 
 

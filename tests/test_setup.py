@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect.automations import EventTrigger
 from prefect.client.orchestration import get_client
 
 from deployments.setup import AUTOMATION_NAME, load_config, run_setup
 from flows.core.errors import ConfigurationError
 from tests.harness.pg import PgCluster
+from tests.harness.runs import saved_database
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -55,7 +57,6 @@ def env_for(pg: PgCluster, unique: str) -> dict[str, str]:
 def test_setup_twice_creates_then_reports_everything_existing(
     tmp_path: Path, pg: PgCluster, s3: S3Endpoint, unique: str
 ) -> None:
-    from blocks import PostgresDatabase
 
     config = load_config(write_config(tmp_path, pg, s3, unique), environ={})
     first = run_setup(config, environ=env_for(pg, unique))
@@ -74,8 +75,10 @@ def test_setup_twice_creates_then_reports_everything_existing(
     assert limits & {(limit, "created"), (limit, "exists")}
     second = run_setup(config, environ=env_for(pg, unique))
     assert not second.changed, second.render()
-    block = PostgresDatabase.load(f"prod-{unique}")
-    assert block.protected and block.password.get_secret_value() == pg.password
+    block = saved_database(f"prod-{unique}")
+    assert block.protected
+    assert block.password is not None
+    assert block.password.get_secret_value() == pg.password
     assert pg.password not in first.render() + second.render()
     with get_client(sync_client=True) as client:
         assert client.read_work_pool(f"dbops-{unique}").type == "process"
@@ -120,6 +123,7 @@ def test_notification_automation_is_created_once(
         automations = client.read_automations_by_name(AUTOMATION_NAME)
     assert len(automations) == 1
     trigger = automations[0].trigger
+    assert isinstance(trigger, EventTrigger)
     assert trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
 
 
@@ -131,7 +135,8 @@ def test_a_database_setup_cannot_reach_gets_no_limit_and_the_report_says_why(uni
     )
     report = run_setup(config, environ={})
     (item,) = [(name, status) for kind, name, status in report.items if kind == "concurrency limit"]
-    assert item[1] == "not created" and item[0].startswith(f"for gone-{unique} (cannot connect")
+    assert item[1] == "not created"
+    assert item[0].startswith(f"for gone-{unique} (cannot connect")
     assert "p@" not in report.render()
 
 
@@ -144,7 +149,8 @@ def test_environment_urls_become_blocks(unique: str) -> None:
         },
     )
     assert config.databases[f"staging-{unique}"].url.endswith("@db2/imagemanager")
-    assert config.storage["nightly"].bucket == "bucket" and config.storage["nightly"].folder == "folder"
+    assert config.storage["nightly"].bucket == "bucket"
+    assert config.storage["nightly"].folder == "folder"
 
 
 def test_invalid_toml_is_one_sentence(tmp_path: Path) -> None:
@@ -182,8 +188,10 @@ def test_malformed_database_url_fails_naming_the_field_never_the_password(url: s
     with pytest.raises(ConfigurationError) as info:
         run_setup(config, environ={})
     message = str(info.value)
-    assert message.startswith("database prod: ") and PASSWORD not in message, message
-    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained libpq/pydantic text
+    assert message.startswith("database prod: "), message
+    assert PASSWORD not in message, message
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__  # no chained libpq/pydantic text
     with pytest.raises(ConfigurationError) as direct:
         PostgresDatabase.from_url(url)
     assert PASSWORD not in str(direct.value)
@@ -197,6 +205,7 @@ def test_bad_port_names_the_port_and_bad_sslmode_names_sslmode() -> None:
     with pytest.raises(ConfigurationError, match="sslmode: Input should be 'disable'"):
         PostgresDatabase.from_url(f"postgresql://u:{PASSWORD}@h/db?sslmode=bogus")
     block = PostgresDatabase.from_url(f"postgresql://u:{PASSWORD}@h:6543/db?sslmode=verify-full")
+    assert block.password is not None
     assert (block.port, block.sslmode, block.password.get_secret_value()) == (6543, "verify-full", PASSWORD)
 
 
@@ -205,13 +214,15 @@ def test_database_url_written_where_a_table_belongs_is_refused_without_echoing_i
     cfg.write_text(f'[databases]\nprod = "postgresql://u:{PASSWORD}@h/db"\n')
     with pytest.raises(ConfigurationError) as info:
         load_config(cfg, environ={})
-    assert "databases.prod" in str(info.value) and PASSWORD not in str(info.value)
+    assert "databases.prod" in str(info.value)
+    assert PASSWORD not in str(info.value)
 
 
 def test_storage_url_with_a_credential_is_refused_without_echoing_it() -> None:
     with pytest.raises(ConfigurationError) as info:
         load_config(None, environ={"DBOPS_STORAGE_NIGHTLY": f"https://key:{PASSWORD}@minio/bucket"})
-    assert "DBOPS_STORAGE_NIGHTLY" in str(info.value) and PASSWORD not in str(info.value)
+    assert "DBOPS_STORAGE_NIGHTLY" in str(info.value)
+    assert PASSWORD not in str(info.value)
 
 
 @pytest.mark.parametrize("url", [MALFORMED_URLS[0], MALFORMED_URLS[1], MALFORMED_URLS[3]])

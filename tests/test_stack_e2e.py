@@ -163,22 +163,27 @@ def test_first_dump_and_wal_check_completed_and_the_backup_is_where_it_says(stac
     match = re.search(r"latest backup\s+file://(\S+)", out)
     assert match, out[-4000:]
     dump = Path(match.group(1))
-    assert dump.is_file() and dump.stat().st_size > 10_000
+    assert dump.is_file()
+    assert dump.stat().st_size > 10_000
     assert dump.is_relative_to(stack.state / "backups")
     # and the first base backup, manifest written last, beside the dumps
     base = [p for p in (stack.state / "backups").rglob("*.manifest.json") if "/base/" in str(p)]
-    assert len(base) == 1 and base[0].with_name(base[0].name.replace(".manifest.json", ".tar.zst")).is_file()
+    assert len(base) == 1
+    assert base[0].with_name(base[0].name.replace(".manifest.json", ".tar.zst")).is_file()
 
 
 def test_the_server_holds_every_deployment_with_the_schedules_of_prefect_yaml(api: str) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.schedules import CronSchedule
 
     with get_client(sync_client=True) as client:
         for spec in deployments_in_yaml():
             deployment = client.read_deployment_by_name(f"{flow_name(spec['entrypoint'])}/{spec['name']}")
             assert deployment.work_pool_name == "dbops"
             assert set(spec["tags"]) <= set(deployment.tags)
-            stored = sorted((s.schedule.cron, s.schedule.timezone) for s in deployment.schedules)
+            crons = [s.schedule for s in deployment.schedules]
+            assert all(isinstance(c, CronSchedule) for c in crons), crons
+            stored = sorted((c.cron, c.timezone) for c in crons if isinstance(c, CronSchedule))
             wanted = sorted((s["cron"], s["timezone"]) for s in spec.get("schedules") or [])
             assert stored == wanted, spec["name"]
             # every schedule active, except those prefect.yaml pauses (pgbouncer-check)
@@ -187,8 +192,9 @@ def test_the_server_holds_every_deployment_with_the_schedules_of_prefect_yaml(ap
             ), spec["name"]
             # Variables were resolved at deploy time: no empty or templated block names reached the server.
             for key, value in deployment.parameters.items():
-                assert value not in ("", None) and "{{" not in str(value), (spec["name"], key)
-    assert not [s for s in deployments_in_yaml() if s["name"] in ("migrate", "restore")][0].get("schedules")
+                assert value not in ("", None), (spec["name"], key)
+                assert "{{" not in str(value), (spec["name"], key)
+    assert not next(s for s in deployments_in_yaml() if s["name"] in ("migrate", "restore")).get("schedules")
 
 
 def test_each_other_deployment_completes_when_triggered_with_its_defaults(
@@ -209,15 +215,18 @@ def test_each_other_deployment_completes_when_triggered_with_its_defaults(
 
     others = [f"{flow_name(s['entrypoint'])}/{s['name']}" for s in specs if not paused(s)]
     optional = [f"{flow_name(s['entrypoint'])}/{s['name']}" for s in specs if paused(s)]
-    assert "restore/restore" in others and len(others) >= 5
+    assert "restore/restore" in others
+    assert len(others) >= 5
     assert optional == ["pgbouncer-check/pgbouncer-check"]
     with get_client(sync_client=True) as client:
         runs = {name: start(client, name) for name in others + optional}
         final = wait_final(client, runs)
-        assert {name: final[name][0] for name in others} == {name: "COMPLETED" for name in others}, final
+        assert {name: final[name][0] for name in others} == dict.fromkeys(others, "COMPLETED"), final
         again = wait_final(client, {"restore/restore": start(client, "restore/restore")})
     kind, message = again["restore/restore"]
-    assert kind == "FAILED" and "already exists" in message and "mode=replace" in message, message
+    assert kind == "FAILED", message
+    assert "already exists" in message, message
+    assert "mode=replace" in message, message
     wait_until(
         lambda: "== alert: dbops: restore/restore Failed (imagemanager)" in stack.output,
         timeout=120,
@@ -228,7 +237,9 @@ def test_each_other_deployment_completes_when_triggered_with_its_defaults(
     assert "alerts         printed here as they arrive (local receiver http://127.0.0.1:" in stack.output
     # the paused one, triggered anyway, says which block is missing and how to make it
     kind, message = final["pgbouncer-check/pgbouncer-check"]
-    assert kind == "FAILED" and "imagemanager-pgbouncer" in message and "dbops setup" in message, message
+    assert kind == "FAILED", message
+    assert "imagemanager-pgbouncer" in message, message
+    assert "dbops setup" in message, message
 
 
 def start(client: Any, name: str) -> Any:
@@ -280,7 +291,8 @@ def test_the_banners_commands_work_in_a_second_shell(stack: RunningStack) -> Non
     assert f"Prefect server {stack.api_url} (the local stack in {stack.state})" in listed.stderr
     assert re.search(r"imagemanager: \d+ backup\(s\)", listed.stdout), listed.stdout
     dump = second_shell(stack, commands[1])
-    assert dump.returncode == 0 and "exit code 0" in dump.stdout, dump.stdout + dump.stderr
+    assert dump.returncode == 0, dump.stdout + dump.stderr
+    assert "exit code 0" in dump.stdout, dump.stdout + dump.stderr
     for done in (listed, dump):
         assert "Still processing items" not in done.stderr, done.stderr
 
@@ -323,12 +335,15 @@ def test_a_second_make_run_on_a_served_state_is_refused(stack: RunningStack) -> 
     )
     assert second.returncode == 1
     pid = stack.pid
-    assert pid is not None and f"another `make run` (pid {pid}) is serving {stack.state}" in second.stderr
-    assert stack.proc.poll() is None and stack.pid == pid
+    assert pid is not None
+    assert f"another `make run` (pid {pid}) is serving {stack.state}" in second.stderr
+    assert stack.proc.poll() is None
+    assert stack.pid == pid
 
 
-def started_pids(state: Path) -> dict[str, int]:
-    pids = {name: stackstate.live_pid(state, name) for name in ("stack", "prefect-server", "prefect-worker")}
+def started_pids(state: Path) -> dict[str, int | None]:
+    names = ("stack", "prefect-server", "prefect-worker")
+    pids: dict[str, int | None] = {name: stackstate.live_pid(state, name) for name in names}
     postmaster = state / "pg" / "cluster" / "data" / "postmaster.pid"
     pids["postgres"] = int(postmaster.read_text().split()[0]) if postmaster.exists() else None
     return pids
@@ -340,7 +355,7 @@ def log_size(state: Path) -> int:
 
 def assert_all_stopped(state: Path, pids: dict[str, int | None], since: int = 0) -> None:
     assert all(pids.values()), pids
-    assert [name for name, pid in pids.items() if stackstate.alive(pid)] == [], pids
+    assert [name for name, pid in pids.items() if pid is not None and stackstate.alive(pid)] == [], pids
     assert not (state / "pg" / "cluster" / "data" / "postmaster.pid").exists()
     said = (state / "logs" / "stack.log").read_text()[since:]
     for line in ("stopped prefect worker", "stopped prefect server", "stopped the sandbox PostgreSQL"):
@@ -378,7 +393,8 @@ def test_a_killed_run_leaves_orphans_the_next_run_adopts_on_the_same_port(stack:
     reached = threading.Event()
     reader = threading.Thread(target=follow, args=(killed, lines, "== dbops setup", reached))
     reader.start()
-    assert reached.wait(STARTUP_TIMEOUT) and killed.poll() is None, "".join(lines)[-4000:]
+    assert reached.wait(STARTUP_TIMEOUT), "".join(lines)[-4000:]
+    assert killed.poll() is None, "".join(lines)[-4000:]
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     reader.join(timeout=30)

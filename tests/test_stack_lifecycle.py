@@ -59,7 +59,8 @@ def test_shutdown_completes_and_is_logged_when_stdout_is_a_dead_pipe(tmp_path: P
     pid_file = tmp_path / "child.pid"
     wait_until(pid_file.exists, timeout=60, what="the stack's child process")
     server = int(pid_file.read_text())
-    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout is not None
+    assert child.stdin is not None
     child.stdout.close()  # what `tee` dying with the Ctrl-C does to the pipe
     child.stdin.write("go\n")
     child.stdin.close()
@@ -123,11 +124,15 @@ def test_dbops_without_a_server_says_so_instead_of_block_does_not_exist(
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(argv) == 3
         err = capsys.readouterr().err
-        assert "no Prefect server to talk to" in err and "make run" in err and "does not exist" not in err
+        assert "no Prefect server to talk to" in err
+        assert "make run" in err
+        assert "does not exist" not in err
         stackstate.write_api_url(tmp_path, f"http://127.0.0.1:{free_port()}/api")  # a stack that stopped
         assert main(argv) == 3
         err = capsys.readouterr().err
-        assert "does not answer" in err and "the local stack in" in err and "does not exist" not in err
+        assert "does not answer" in err
+        assert "the local stack in" in err
+        assert "does not exist" not in err
 
 
 @pytest.mark.usefixtures("prefect_api")

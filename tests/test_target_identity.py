@@ -25,9 +25,10 @@ from flows.tasks.identity import identify_target
 from flows.tasks.migrate import refresh_staging
 from flows.tasks.restore import drop_scratch_database
 from tests.conftest import make_database_block, make_local_block
+from tests.harness.factories import conn_params, sample_database
+from tests.harness.migrate_env import FAST, MIGRATE_APP, revision
 from tests.harness.pg import PgCluster
-from tests.test_migrate_flow import FAST, MIGRATE_APP, conn_params, revision
-from tests.test_nightly_dump_flow import failure_message, sample_database
+from tests.harness.runs import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -110,8 +111,10 @@ def test_refresh_into_a_database_a_protected_block_names_is_refused_before_the_b
 
     message = failure_message(run_migrate(prod_block, staging_block, tmp_path, unique))
 
-    assert "refused to refresh staging" in message and f"protected block 'guarded-{unique}'" in message
-    assert has_table(pg, other, "keep_me") and revision(pg, prod) is None
+    assert "refused to refresh staging" in message
+    assert f"protected block 'guarded-{unique}'" in message
+    assert has_table(pg, other, "keep_me")
+    assert revision(pg, prod) is None
     assert not (tmp_path / "backups").exists() or not list((tmp_path / "backups").rglob("*.manifest.json"))
 
 
@@ -163,11 +166,13 @@ def test_restore_into_a_protected_database_through_an_unprotected_alias_needs_co
 
     state = restore(storage=storage, source_database=source, target=alias, mode="replace", return_state=True)
     message = failure_message(state)
-    assert f"protected block 'guarded-{unique}'" in message and f"confirm={source!r}" in message
+    assert f"protected block 'guarded-{unique}'" in message
+    assert f"confirm={source!r}" in message
     assert pg.sql("SELECT count(*) FROM images", source)[0][0] == 501  # untouched
 
     report = restore(storage=storage, source_database=source, target=alias, mode="replace", confirm=source)
-    assert report.mode == "replace" and pg.sql("SELECT count(*) FROM images", source)[0][0] == 500
+    assert report.mode == "replace"
+    assert pg.sql("SELECT count(*) FROM images", source)[0][0] == 500
 
 
 def test_create_restore_into_the_missing_database_of_a_protected_block_needs_confirm(
@@ -221,9 +226,11 @@ def test_a_server_that_will_not_say_who_it_is_fails_closed(pg: PgCluster, unique
     pg.create_database(name)
     pg.create_role(role, "pw")
     pg.sql("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC", name)  # in this database only
-    with connect(ConnParams(pg.host, pg.port, name, role, "pw")) as conn:
-        with pytest.raises(IdentityUnknown, match="GRANT EXECUTE ON FUNCTION pg_control_system"):
-            identify(conn)
+    with (
+        connect(ConnParams(pg.host, pg.port, name, role, "pw")) as conn,
+        pytest.raises(IdentityUnknown, match="GRANT EXECUTE ON FUNCTION pg_control_system"),
+    ):
+        identify(conn)
 
 
 # -- one concurrency limit per database --------------------------------------------------------------------
@@ -241,7 +248,8 @@ def test_every_spelling_and_alias_of_one_database_takes_one_limit(pg: PgCluster,
         }
     assert names == {f"db:{identity_of(pg, name).system_identifier}:{name}"}
     odd = DatabaseIdentity(1, "we/ird%name")
-    assert limit_name(odd).startswith("db:1:we_ird_name~") and limit_name(odd) != limit_name(
+    assert limit_name(odd).startswith("db:1:we_ird_name~")
+    assert limit_name(odd) != limit_name(
         DatabaseIdentity(1, "we_ird_name")
     )
 

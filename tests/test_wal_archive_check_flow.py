@@ -15,15 +15,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from psycopg import sql
 
+from flows.core.postgres import scalar
 from flows.core.wal_archive import ArchiveLocation
 from flows.core.wal_server_checks import Thresholds
 from flows.wal_archive_check import CheckOptions, wal_archive_check
 from tests.conftest import make_s3_block
 from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until
+from tests.harness.runs import artifact, artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -78,14 +81,16 @@ def archiver(cluster: PgCluster) -> dict:
     with cluster.connect() as conn:
         cur = conn.execute("SELECT * FROM pg_stat_archiver")
         row = cur.fetchone()
-        return dict(zip([c.name for c in cur.description], row, strict=True))  # type: ignore[union-attr]
+        assert row is not None
+        assert cur.description is not None
+        return dict(zip([c.name for c in cur.description], row, strict=True))
 
 
 def switch_wal(cluster: PgCluster) -> str:
     """Write a WAL record, close the segment; returns the closed segment's name."""
     with cluster.connect() as conn:
         conn.execute("SELECT pg_logical_emit_message(false, 'dbops-test', 'x')")
-        return conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # type: ignore[index]
+        return str(scalar(conn, "SELECT pg_walfile_name(pg_switch_wal())"))
 
 
 def switch_and_wait_archived(cluster: PgCluster, count: int = 1) -> list[str]:
@@ -99,27 +104,14 @@ def switch_and_wait_archived(cluster: PgCluster, count: int = 1) -> list[str]:
     return names
 
 
-def failure_message(state) -> str:
-    try:
-        state.result()
-    except Exception as exc:
-        return str(exc)
-    raise AssertionError(f"expected a failed run, got {state.type}")
-
-
 def artifact_rows(database: str) -> dict[str, dict]:
-    from prefect.artifacts import Artifact
-
     from flows.tasks.common import artifact_key
 
-    artifact = Artifact.get(artifact_key("wal-archive-check", database))
-    assert artifact is not None
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    return {row["check"]: row for row in table}
+    return {row["check"]: row for row in artifact_table(artifact_key("wal-archive-check", database))}
 
 
-def options(unique: str, **kw: object) -> CheckOptions:
-    return CheckOptions(state_variable=f"wal-test-{unique}", **kw)  # type: ignore[arg-type]
+def options(unique: str, **kw: Any) -> CheckOptions:
+    return CheckOptions(state_variable=f"wal-test-{unique}", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +139,17 @@ def test_healthy_archiving_completes_with_every_check_ok(healthy, unique: str) -
     )
     assert report.status == "ok", [c for c in report.checks if c.status != "ok"]
     assert report.segment_size == 1024 * 1024
-    assert report.last_archived_wal == last and report.verified_through == last
+    assert report.last_archived_wal == last
+    assert report.verified_through == last
     checks = {c.name: c for c in report.checks}
-    assert checks["archive_mode"].figure == "on" and "cp %p" in checks["archive_command"].figure
+    assert checks["archive_mode"].figure == "on"
+    assert "cp %p" in checks["archive_command"].figure
     assert checks["pending segments"].figure.startswith("0 segment(s)")
     assert checks["backlog"].figure.startswith("0 .ready")
     assert checks["standbys"].figure == "none connected"
     rows = artifact_rows(db)
-    assert rows["gaps"]["status"] == "ok" and "all present" in rows["gaps"]["figure"]
+    assert rows["gaps"]["status"] == "ok"
+    assert "all present" in rows["gaps"]["figure"]
 
 
 def test_next_run_lists_only_the_log_of_new_segments(healthy, unique: str) -> None:
@@ -164,10 +159,12 @@ def test_next_run_lists_only_the_log_of_new_segments(healthy, unique: str) -> No
     first = wal_archive_check(database=db, archive=location, options=options(unique))
     new = switch_and_wait_archived(cluster, 2)
     second = wal_archive_check(database=db, archive=location, options=options(unique))
-    assert second.status == "ok" and second.verified_through == new[-1]
+    assert second.status == "ok"
+    assert second.verified_through == new[-1]
     gaps = next(c for c in second.checks if c.name == "gaps")
     assert gaps.figure.startswith("2 segment(s)"), gaps.figure  # only the two new ones were checked
-    assert second.list_requests == 1 and first.list_requests == 1  # one log id: one listing
+    assert second.list_requests == 1
+    assert first.list_requests == 1  # one log id: one listing
 
 
 def test_active_probe_sees_the_switched_segment_in_the_archive(healthy, unique: str) -> None:
@@ -178,7 +175,8 @@ def test_active_probe_sees_the_switched_segment_in_the_archive(healthy, unique: 
         database=db, archive=ArchiveLocation(directory=str(archive)), active=True, options=options(unique)
     )
     probe = next(c for c in report.checks if c.name == "probe")
-    assert probe.status == "ok" and "archived in" in probe.figure
+    assert probe.status == "ok"
+    assert "archived in" in probe.figure
     assert archiver(cluster)["archived_count"] > before
     walfile = probe.figure.split()[0]
     assert (archive / walfile).is_file()
@@ -199,7 +197,8 @@ def test_deleted_segment_is_reported_as_a_gap_with_its_name(healthy, unique: str
         state = wal_archive_check(database=db, archive=location, options=options(unique), return_state=True)
         assert state.is_failed()
         message = failure_message(state)
-        assert names[1] in message and "1 WAL segment(s) are missing" in message
+        assert names[1] in message
+        assert "1 WAL segment(s) are missing" in message
         assert "new base backup" in message
         rows = artifact_rows(db)
         assert rows["gaps"]["status"] == "critical"
@@ -208,7 +207,8 @@ def test_deleted_segment_is_reported_as_a_gap_with_its_name(healthy, unique: str
         from flows.tasks.common import artifact_key
 
         latest = Artifact.get(artifact_key("wal-archive-check", db))
-        assert latest is not None and (latest.description or "").startswith(f"**Failed**: {message}")
+        assert latest is not None
+        assert (latest.description or "").startswith(f"**Failed**: {message}")
         # the next run still looks from before the gap: the gap is not forgotten
         assert wal_archive_check(
             database=db, archive=location, options=options(unique), return_state=True
@@ -216,7 +216,8 @@ def test_deleted_segment_is_reported_as_a_gap_with_its_name(healthy, unique: str
     finally:
         kept.rename(victim)
     report = wal_archive_check(database=db, archive=location, options=options(unique))
-    assert report.status == "ok" and report.verified_through == names[-1]
+    assert report.status == "ok"
+    assert report.verified_through == names[-1]
 
 
 def test_segment_deleted_behind_the_watermark_is_found_by_the_daily_or_asked_for_full_verify(
@@ -229,21 +230,24 @@ def test_segment_deleted_behind_the_watermark_is_found_by_the_daily_or_asked_for
     location = ArchiveLocation(directory=str(archive))
     names = switch_and_wait_archived(cluster, 3)
     first = wal_archive_check(database=db, archive=location, options=options(unique))
-    assert first.full_verify and artifact_rows(db)["listing"]["figure"].startswith("full re-verify")
+    assert first.full_verify
+    assert artifact_rows(db)["listing"]["figure"].startswith("full re-verify")
     assert wal_archive_check(database=db, archive=location, options=options(unique)).status == "ok"
     victim = archive / names[1]  # verified by both runs: behind the watermark
     kept = victim.with_name(victim.name + ".aside")
     victim.rename(kept)
     try:
         report = wal_archive_check(database=db, archive=location, options=options(unique))
-        assert report.status == "ok" and not report.full_verify  # incremental: it looks past the watermark
+        assert report.status == "ok"
+        assert not report.full_verify  # incremental: it looks past the watermark
         assert artifact_rows(db)["listing"]["figure"].startswith("incremental (last full verification 0.0 h")
-        remembered = json.loads(Variable.get(f"wal-test-{unique}"))
+        remembered = json.loads(str(Variable.get(f"wal-test-{unique}")))
 
         state = wal_archive_check(
             database=db, archive=location, full_verify="always", options=options(unique), return_state=True
         )
-        assert state.is_failed() and names[1] in failure_message(state)
+        assert state.is_failed()
+        assert names[1] in failure_message(state)
         listing = artifact_rows(db)["listing"]["figure"]
         assert listing.startswith("full re-verify (asked for (full_verify=always)): ")
         assert "list request(s)" in listing
@@ -252,17 +256,18 @@ def test_segment_deleted_behind_the_watermark_is_found_by_the_daily_or_asked_for
         remembered["full_verified_at"] = (datetime.now(UTC) - timedelta(hours=25)).isoformat()
         Variable.set(f"wal-test-{unique}", json.dumps(remembered), overwrite=True)
         state = wal_archive_check(database=db, archive=location, options=options(unique), return_state=True)
-        assert state.is_failed() and names[1] in failure_message(state)
+        assert state.is_failed()
+        assert names[1] in failure_message(state)
         listing = artifact_rows(db)["listing"]["figure"]
         assert listing.startswith("full re-verify (last full verification 25 h")
     finally:
         kept.rename(victim)
     report = wal_archive_check(database=db, archive=location, options=options(unique))
-    assert report.status == "ok" and report.verified_through is not None
+    assert report.status == "ok"
+    assert report.verified_through is not None
 
 
 def test_secret_in_archive_command_never_reaches_the_report_or_the_artifact(healthy, unique: str) -> None:
-    from prefect.artifacts import Artifact
 
     from flows.tasks.common import artifact_key
 
@@ -271,7 +276,7 @@ def test_secret_in_archive_command_never_reaches_the_report_or_the_artifact(heal
 
     def archive_command_is(value: str) -> bool:
         with cluster.connect() as conn:
-            return conn.execute("SELECT current_setting('archive_command')").fetchone()[0] == value  # type: ignore[index]
+            return scalar(conn, "SELECT current_setting('archive_command')") == value
 
     def set_archive_command(value: str) -> None:
         with cluster.connect() as conn:
@@ -288,9 +293,10 @@ def test_secret_in_archive_command_never_reaches_the_report_or_the_artifact(heal
         assert report.status == "ok"  # the command still archives: only what is shown changed
         figure = next(c for c in report.checks if c.name == "archive_command").figure
         assert figure == f"AWS_SECRET_ACCESS_KEY=******** cp %p {archive}/%f"
-        artifact = Artifact.get(artifact_key("wal-archive-check", db))
-        assert artifact is not None and "AWS_SECRET_ACCESS_KEY=********" in json.dumps(artifact.data)
-        assert "abcd1234" not in json.dumps(artifact.data) and "abcd1234" not in report.model_dump_json()
+        shown = json.dumps(artifact(artifact_key("wal-archive-check", db)).data)
+        assert "AWS_SECRET_ACCESS_KEY=********" in shown
+        assert "abcd1234" not in shown
+        assert "abcd1234" not in report.model_dump_json()
     finally:
         set_archive_command(f"cp %p {archive}/%f")
 
@@ -307,7 +313,8 @@ def test_role_with_only_pg_monitor_can_run_the_check(healthy, unique: str) -> No
     )
     checks = {c.name: c for c in report.checks}
     assert report.status == "ok"
-    assert checks["backlog"].status == "ok" and checks["gaps"].status == "ok"
+    assert checks["backlog"].status == "ok"
+    assert checks["gaps"].status == "ok"
 
 
 def test_role_without_pg_monitor_is_told_which_role_to_grant(healthy, unique: str) -> None:
@@ -319,7 +326,8 @@ def test_role_without_pg_monitor_is_told_which_role_to_grant(healthy, unique: st
         database=db, archive=ArchiveLocation(directory=str(archive)), options=options(unique)
     )
     backlog = next(c for c in report.checks if c.name == "backlog")
-    assert backlog.status == "warning" and f"GRANT pg_monitor TO {role}" in backlog.message
+    assert backlog.status == "warning"
+    assert f"GRANT pg_monitor TO {role}" in backlog.message
     assert report.status == "warning"  # a warning leaves the run Completed
     state = wal_archive_check(
         database=db,
@@ -328,7 +336,8 @@ def test_role_without_pg_monitor_is_told_which_role_to_grant(healthy, unique: st
         options=options(unique),
         return_state=True,
     )
-    assert state.is_failed() and "GRANT EXECUTE ON FUNCTION pg_switch_wal()" in failure_message(state)
+    assert state.is_failed()
+    assert "GRANT EXECUTE ON FUNCTION pg_switch_wal()" in failure_message(state)
 
 
 def test_s3_archive_in_pgbackrest_layout_with_gzip(healthy, s3: S3Endpoint, bucket: str, unique: str) -> None:
@@ -343,7 +352,7 @@ def test_s3_archive_in_pgbackrest_layout_with_gzip(healthy, s3: S3Endpoint, buck
         if path.name.endswith(".aside"):
             continue
         data = path.read_bytes()
-        key = f"pg/{prefix}/{path.name[:16]}/{path.name}-{hashlib.sha1(data).hexdigest()}.gz"  # noqa: S324
+        key = f"pg/{prefix}/{path.name[:16]}/{path.name}-{hashlib.sha1(data).hexdigest()}.gz"
         client.put_object(Bucket=bucket, Key=key, Body=gzip.compress(data, compresslevel=1))
         uploaded.append(key)
     storage = make_s3_block(s3, f"s3-{unique}", bucket, folder="pg")
@@ -355,7 +364,8 @@ def test_s3_archive_in_pgbackrest_layout_with_gzip(healthy, s3: S3Endpoint, buck
     state = wal_archive_check(
         database=db, archive=location, options=options(f"{unique}-2"), return_state=True
     )
-    assert state.is_failed() and uploaded[-2].rsplit("/", 1)[-1][:24] in failure_message(state)
+    assert state.is_failed()
+    assert uploaded[-2].rsplit("/", 1)[-1][:24] in failure_message(state)
 
 
 def test_archive_directory_missing_on_the_worker_fails_with_what_to_fix(
@@ -371,7 +381,8 @@ def test_archive_directory_missing_on_the_worker_fails_with_what_to_fix(
         return_state=True,
     )
     message = failure_message(state)
-    assert str(missing) in message and "does not exist or is not readable" in message
+    assert str(missing) in message
+    assert "does not exist or is not readable" in message
 
 
 # -- broken archiving ----------------------------------------------------------------------------------------
@@ -391,7 +402,8 @@ def test_failing_archive_command_fails_naming_failed_count_and_last_failed_wal(b
     assert state.is_failed()
     message = failure_message(state)
     stats = archiver(cluster)
-    assert "archive_command is failing" in message and "failed_count=" in message
+    assert "archive_command is failing" in message
+    assert "failed_count=" in message
     assert f"last_failed_wal={stats['last_failed_wal']}" in message
     assert stats["last_failed_wal"] <= name  # the oldest waiting segment is retried first
 
@@ -408,8 +420,10 @@ def test_active_probe_times_out_clearly_when_archiving_is_broken(broken, unique:
     )
     assert state.is_failed()
     probe = artifact_rows(db)["probe"]
-    assert probe["status"] == "critical" and "not archived after 2 s" in probe["figure"]
-    assert "did not reach" in probe["what to do"] and "within 2 s" in probe["what to do"]
+    assert probe["status"] == "critical"
+    assert "not archived after 2 s" in probe["figure"]
+    assert "did not reach" in probe["what to do"]
+    assert "within 2 s" in probe["what to do"]
 
 
 def test_read_only_archive_directory_fails_the_run(broken, tmp_path: Path, unique: str) -> None:
@@ -435,7 +449,9 @@ def test_read_only_archive_directory_fails_the_run(broken, tmp_path: Path, uniqu
         message = failure_message(state)
         assert (
             "failed_count=" in message
-            and f"last_failed_wal={archiver(cluster)['last_failed_wal']}" in message
+        )
+        assert (
+            f"last_failed_wal={archiver(cluster)['last_failed_wal']}" in message
         )
         assert not list(readonly.iterdir())
     finally:
@@ -456,12 +472,14 @@ def test_stalled_archiver_without_failures_is_critical_on_the_second_run(broken,
         t = Thresholds(stall_after_seconds=0, max_archive_age_seconds=3600)
         first = wal_archive_check(database=db, archive=location, thresholds=t, options=options(unique))
         stall = next(c for c in first.checks if c.name == "stall")
-        assert stall.status == "ok" and "new since the last run" in stall.figure
+        assert stall.status == "ok"
+        assert "new since the last run" in stall.figure
         state = wal_archive_check(
             database=db, archive=location, thresholds=t, options=options(unique), return_state=True
         )
         message = failure_message(state)
-        assert "has waited to be archived" in message and "no newer failure" in message
+        assert "has waited to be archived" in message
+        assert "no newer failure" in message
         assert archiver(cluster)["failed_count"] == 0
     finally:
         _server_owned(gate)  # let the hung command finish
@@ -474,7 +492,8 @@ def test_archive_mode_off_fails_saying_it_needs_a_restart(unique: str) -> None:
         location = ArchiveLocation(directory=str(archive))
         state = wal_archive_check(database=db, archive=location, options=options(unique), return_state=True)
         message = failure_message(state)
-        assert "archive_mode is off" in message and "restart" in message
+        assert "archive_mode is off" in message
+        assert "restart" in message
         cluster.set(archive_mode="on")  # set but not applied until a restart
         state = wal_archive_check(database=db, archive=location, options=options(unique), return_state=True)
         assert "set to on but the server was not restarted" in failure_message(state)
@@ -532,14 +551,16 @@ def test_standby_and_promotion_to_a_new_timeline(unique: str) -> None:
                 database=database_block(primary, f"wal-p-{unique}"), archive=location, options=options(unique)
             )
             standbys = next(c for c in on_primary.checks if c.name == "standbys")
-            assert "streaming" in standbys.figure and "replay lag" in standbys.figure
+            assert "streaming" in standbys.figure
+            assert "replay lag" in standbys.figure
 
             sdb = database_block(standby, f"wal-s-{unique}")
             on_standby = wal_archive_check(
                 database=sdb, archive=location, active=True, options=options(f"{unique}-s")
             )
             probe = next(c for c in on_standby.checks if c.name == "probe")
-            assert probe.status == "skipped" and "standby" in probe.message
+            assert probe.status == "skipped"
+            assert "standby" in probe.message
 
             switch_and_wait_archived(primary)
             primary.stop()  # a clean failover: the old primary is gone
@@ -547,13 +568,19 @@ def test_standby_and_promotion_to_a_new_timeline(unique: str) -> None:
             switch_and_wait_archived(standby, 2)
             assert (archive / "00000002.history").is_file()
             report = wal_archive_check(database=sdb, archive=location, options=options(f"{unique}-t"))
-            assert report.timeline == 2 and report.status == "ok", [
+            assert report.timeline == 2, [
                 c for c in report.checks if c.status != "ok"
             ]
-            assert report.verified_through and report.verified_through.startswith("00000002")
+            assert report.status == "ok", [
+                c for c in report.checks if c.status != "ok"
+            ]
+            assert report.verified_through
+            assert report.verified_through.startswith("00000002")
             gaps = next(c for c in report.checks if c.name == "gaps")
             window = gaps.figure.split()[2]  # first..last: it starts on timeline 1 and ends on timeline 2
-            assert gaps.status == "ok" and window.startswith("00000001") and "..00000002" in window
+            assert gaps.status == "ok"
+            assert window.startswith("00000001")
+            assert "..00000002" in window
             assert next(c for c in report.checks if c.name == "timeline history").status == "ok"
         finally:
             standby.stop("immediate")
@@ -567,7 +594,7 @@ def test_full_verify_finds_a_segment_deleted_behind_the_watermark_in_s3_pgbackre
     from flows.core.wal import segment_name
     from flows.core.wal_archive import WalArchive, check_contents
     from flows.core.wal_server import CheckState
-    from tests.test_wal_arithmetic import MiB, snapshot_at
+    from tests.harness.factories import MiB, snapshot_at
 
     client = s3.client()
     prefix = "archive/main/15-1"
@@ -578,9 +605,12 @@ def test_full_verify_finds_a_segment_deleted_behind_the_watermark_in_s3_pgbackre
         client.put_object(Bucket=bucket, Key=keys[segno], Body=gzip.compress(b"wal"))
     archive = WalArchive(S3ObjectStore(client, bucket, "pg"), prefix)
     first = check_contents(archive, snapshot_at(4109), CheckState(), 4096)
-    assert first.full and first.missing == [] and first.list_requests == 2  # one listing per log id
+    assert first.full
+    assert first.missing == []
+    assert first.list_requests == 2  # one listing per log id
     state = CheckState(segment_size=MiB, verified_through=4109, verified_from=first.window_first)
     client.delete_object(Bucket=bucket, Key=keys[4095])
     assert check_contents(archive, snapshot_at(4109), state, 4096).missing == []
     full = check_contents(archive, snapshot_at(4109), state, 4096, full=True)
-    assert full.missing == [segment_name(1, 4095, MiB)] and full.list_requests == 2
+    assert full.missing == [segment_name(1, 4095, MiB)]
+    assert full.list_requests == 2

@@ -37,8 +37,7 @@ from flows.core.wal_server_checks import (
     judge_probe,
     standby_probe,
 )
-
-MiB = 1024 * 1024
+from tests.harness.factories import MiB, archive_settings, snapshot_at
 
 
 def test_segment_names_depend_on_wal_segment_size() -> None:
@@ -162,7 +161,8 @@ def test_noop_archive_command_is_critical(command: str) -> None:
         server="db:5432",
     )
     check = next(c for c in check_settings(settings) if c.name == "archive_command")
-    assert check.status == "critical" and "stores nothing" in check.message
+    assert check.status == "critical"
+    assert "stores nothing" in check.message
 
 
 def test_same_oldest_waiting_segment_after_the_stall_time_is_critical() -> None:
@@ -174,30 +174,19 @@ def test_same_oldest_waiting_segment_after_the_stall_time_is_critical() -> None:
     assert check_stall(name, "000000010000000000000008", now - timedelta(hours=1), now, t).status == "ok"
 
 
-def _settings(**kw: object) -> ArchiveSettings:
-    base: dict[str, object] = dict(
-        wal_level="replica",
-        archive_mode="on",
-        archive_command="cp %p /wal/%f",
-        segment_size=16 * MiB,
-        in_recovery=False,
-        server="db:5432",
-    )
-    return ArchiveSettings(**{**base, **kw})  # type: ignore[arg-type]
-
-
 def test_wal_level_minimal_is_critical_and_archive_library_counts_as_a_command() -> None:
-    checks = {c.name: c for c in check_settings(_settings(wal_level="minimal"))}
-    assert checks["wal_level"].status == "critical" and "wal_level = replica" in checks["wal_level"].message
-    checks = {
-        c.name: c for c in check_settings(_settings(archive_command="", archive_library="basic_archive"))
-    }
-    assert checks["archive_command"].status == "ok" and "basic_archive" in checks["archive_command"].figure
+    checks = {c.name: c for c in check_settings(archive_settings(wal_level="minimal"))}
+    assert checks["wal_level"].status == "critical"
+    assert "wal_level = replica" in checks["wal_level"].message
+    library = archive_settings(archive_command="", archive_library="basic_archive")
+    checks = {c.name: c for c in check_settings(library)}
+    assert checks["archive_command"].status == "ok"
+    assert "basic_archive" in checks["archive_command"].figure
     assert checks["archive_timeout"].figure.startswith("0 ")
 
 
 def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
-    from flows.core.wal_server import Backlog, ServerSnapshot, WalPositionNow
+    from flows.core.wal_server import ServerSnapshot, WalPositionNow
     from flows.core.wal_server_checks import check_lag
 
     now = datetime(2026, 1, 1, 12, tzinfo=UTC)
@@ -205,7 +194,7 @@ def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
     def snap(archived_segno: int, current_segno: int, archived_at: datetime) -> ServerSnapshot:
         size = 16 * MiB
         return ServerSnapshot(
-            settings=_settings(),
+            settings=archive_settings(),
             archiver=ArchiverStats(
                 archived_count=1,
                 last_archived_wal=segment_name(1, archived_segno, size),
@@ -224,38 +213,20 @@ def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
 
     t = Thresholds(max_pending_segments=16, warn_pending_segments=4, max_archive_age_seconds=900)
     idle = {c.name: c for c in check_lag(snap(9, 10, now - timedelta(days=2)), t, now)}
-    assert idle["pending segments"].status == "ok" and idle["archive age"].status == "ok"  # nothing waits
+    assert idle["pending segments"].status == "ok"
+    assert idle["archive age"].status == "ok"  # nothing waits
     behind = {c.name: c for c in check_lag(snap(9, 30, now - timedelta(hours=1)), t, now)}
     assert (
         behind["pending segments"].status == "critical"
-        and "20 complete WAL segments" in behind["pending segments"].message
+    )
+    assert (
+        "20 complete WAL segments" in behind["pending segments"].message
     )
     assert behind["archive age"].status == "critical"
     assert behind["pending segments"].figure.startswith(f"20 segment(s), {20 * 16 * MiB + 42} bytes")
 
 
 # -- full re-verification: a hole behind the watermark -------------------------------------------------------
-
-
-def snapshot_at(last_segno: int, size: int = MiB) -> ServerSnapshot:
-    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-    return ServerSnapshot(
-        settings=_settings(segment_size=size),
-        archiver=ArchiverStats(
-            archived_count=last_segno,
-            last_archived_wal=segment_name(1, last_segno, size),
-            last_archived_time=now,
-            failed_count=0,
-            last_failed_wal=None,
-            last_failed_time=None,
-            stats_reset=None,
-        ),
-        position=None,
-        backlog=Backlog(ready=0),
-        standbys=[],
-        user="test",
-        taken_at=now,
-    )
 
 
 def _archive_dir(tmp_path, segnos: range) -> WalArchive:
@@ -282,7 +253,8 @@ def test_full_verify_is_due_once_a_day_on_demand_and_on_the_first_run() -> None:
     assert full_verify_due("auto", fresh, now) == (False, "last full verification 23.0 h ago")
     assert full_verify_due("auto", stale, now) == (True, "last full verification 25 h ago")
     assert full_verify_due("auto", CheckState(verified_through=10), now)[0]  # state from before this check
-    assert full_verify_due("always", fresh, now)[0] and not full_verify_due("never", stale, now)[0]
+    assert full_verify_due("always", fresh, now)[0]
+    assert not full_verify_due("never", stale, now)[0]
     assert full_verify_due("never", CheckState(), now)[0]  # nothing remembered: the first run lists all
 
 
@@ -290,22 +262,27 @@ def test_segment_deleted_behind_the_watermark_is_found_only_by_a_full_verify(tmp
     archive = _archive_dir(tmp_path, range(100, 201))
     t0 = datetime(2026, 11, 29, tzinfo=UTC)
     first = check_contents(archive, snapshot_at(200), CheckState(), 4096)
-    assert first.full and first.window_first == 100 and first.verified_through == 200
+    assert first.full
+    assert first.window_first == 100
+    assert first.verified_through == 200
     state = _next(CheckState(), first, t0)
     (tmp_path / segment_name(1, 150, MiB)).unlink()
     (tmp_path / segment_name(1, 100, MiB)).unlink()  # the oldest one: a hole, not where archiving began
     for s in range(201, 206):
         (tmp_path / segment_name(1, s, MiB)).write_bytes(b"")
     incremental = check_contents(archive, snapshot_at(205), state, 4096)
-    assert not incremental.full and incremental.checks[-2].status == "ok"  # [-1] is the listing row
+    assert not incremental.full
+    assert incremental.checks[-2].status == "ok"  # [-1] is the listing row
     assert incremental.checks[-1].figure.startswith("incremental")
     state = _next(state, incremental, t0)
     full = check_contents(archive, snapshot_at(205), state, 4096, full=True, why="asked for")
-    assert full.full and full.missing == [segment_name(1, 100, MiB), segment_name(1, 150, MiB)]
+    assert full.full
+    assert full.missing == [segment_name(1, 100, MiB), segment_name(1, 150, MiB)]
     assert full.checks[-1].figure.startswith("full re-verify (asked for): ")
     assert full.verified_through == 99  # the watermark goes back to the hole: later runs keep reporting it
     again = check_contents(archive, snapshot_at(205), _next(state, full, t0), 4096)
-    assert not again.full and again.missing_count == 2
+    assert not again.full
+    assert again.missing_count == 2
 
 
 def test_full_verify_window_is_window_segments_back_or_from_the_oldest_needed_segment(tmp_path) -> None:
@@ -313,19 +290,24 @@ def test_full_verify_window_is_window_segments_back_or_from_the_oldest_needed_se
     (tmp_path / segment_name(1, 20, MiB)).unlink()
     state = CheckState(segment_size=MiB, verified_through=300)
     windowed = check_contents(archive, snapshot_at(300), state, 100, full=True)
-    assert windowed.first == 201 and windowed.missing == []  # 100 back: the old hole is not ours
+    assert windowed.first == 201
+    assert windowed.missing == []  # 100 back: the old hole is not ours
     needed = check_contents(
         archive, snapshot_at(300), state, 100, full=True, oldest_needed_segment=segment_name(1, 10, MiB)
     )
-    assert needed.first == 10 and needed.missing == [segment_name(1, 20, MiB)]
-    assert needed.list_requests == 1 and needed.total_list_requests >= needed.list_requests
+    assert needed.first == 10
+    assert needed.missing == [segment_name(1, 20, MiB)]
+    assert needed.list_requests == 1
+    assert needed.total_list_requests >= needed.list_requests
 
 
 def test_active_probe_is_critical_when_the_switched_segment_never_reaches_the_archive() -> None:
     start = ProbeStart(restore_point="dbops-wal-check-x", lsn=0x3000000, walfile="000000010000000000000003")
     missing = judge_probe(start, None, 30.2, 30, "s3://bucket/wal")
-    assert missing.status == "critical" and missing.figure == f"{start.walfile} not archived after 30 s"
-    assert "dbops-wal-check-x" in (missing.message or "") and "s3://bucket/wal" in (missing.message or "")
+    assert missing.status == "critical"
+    assert missing.figure == f"{start.walfile} not archived after 30 s"
+    assert "dbops-wal-check-x" in (missing.message or "")
+    assert "s3://bucket/wal" in (missing.message or "")
     found = judge_probe(start, "wal/000000010000000000000003.gz", 1.25, 30, "s3://bucket/wal")
     assert found.status == "ok"
     assert found.figure == f"{start.walfile} archived in 1.2 s (wal/000000010000000000000003.gz)"

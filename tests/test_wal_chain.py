@@ -131,7 +131,8 @@ def test_expiry_removes_exactly_the_wal_older_than_the_oldest_kept_base_backup(
     before = sorted(p.name for p in copy.iterdir())
     cut = chain.b2.start_wal  # retention kept only the newer base backup
     expected_gone = [s for s in segments(copy) if segno(s) < segno(cut)]
-    assert chain.b1.start_wal in expected_gone and len(expected_gone) >= 6
+    assert chain.b1.start_wal in expected_gone
+    assert len(expected_gone) >= 6
 
     report = expire_wal(
         archive=ArchiveLocation(directory=str(copy)),
@@ -141,8 +142,10 @@ def test_expiry_removes_exactly_the_wal_older_than_the_oldest_kept_base_backup(
         dry_run=False,
     )
 
-    assert report.status == "deleted" and report.method == "pg_archivecleanup", report.reason
-    assert report.cut == cut and report.oldest_kept_start == cut
+    assert report.status == "deleted", report.reason
+    assert report.method == "pg_archivecleanup", report.reason
+    assert report.cut == cut
+    assert report.oldest_kept_start == cut
     assert report.deleted == report.count == len(expected_gone)
     assert (report.first, report.last) == (expected_gone[0], expected_gone[-1])
     after = sorted(p.name for p in copy.iterdir())
@@ -169,9 +172,12 @@ def test_dry_run_returns_the_plan_and_deletes_nothing(chain: Chain, tmp_path: Pa
         dry_run=True,
     )
 
-    assert report.status == "planned" and report.dry_run and report.deleted == 0
+    assert report.status == "planned"
+    assert report.dry_run
+    assert report.deleted == 0
     assert report.cut == chain.b1.start_wal
-    assert report.count == len(expected) and (report.first, report.last) == (expected[0], expected[-1])
+    assert report.count == len(expected)
+    assert (report.first, report.last) == (expected[0], expected[-1])
     assert report.bytes == sum(before[n] for n in expected)
     assert "older than" in report.reason
     assert {p.name: p.stat().st_size for p in copy.iterdir()} == before
@@ -194,7 +200,8 @@ def test_wal_keep_days_keeps_segments_younger_than_the_minimum_age(chain: Chain,
     )
 
     assert report.status == "deleted", report.reason
-    assert report.cut == young and report.youngest_allowed == young
+    assert report.cut == young
+    assert report.youngest_allowed == young
     assert "younger than 2 day(s)" in report.reason
     left = segments(copy)
     assert [s for s in below if s not in left] == below[:2]
@@ -216,8 +223,11 @@ def test_expiry_with_a_listing_that_fails_half_way_deletes_nothing(chain: Chain,
         dry_run=False,
     )
 
-    assert report.status == "blocked" and report.deleted == 0 and report.count == 0
-    assert "listing the WAL archive" in report.reason and "nothing removed" in report.reason
+    assert report.status == "blocked"
+    assert report.deleted == 0
+    assert report.count == 0
+    assert "listing the WAL archive" in report.reason
+    assert "nothing removed" in report.reason
     assert sorted(p.name for p in copy.iterdir()) == before
 
 
@@ -230,12 +240,14 @@ def test_with_only_dumps_nothing_is_deleted_unless_wal_max_age_days(chain: Chain
     location = ArchiveLocation(directory=str(copy))
 
     report = expire_wal(archive=location, kept=[], wal_keep_days=2, wal_max_age_days=None, dry_run=False)
-    assert report.status == "nothing" and "only dumps" in report.reason
+    assert report.status == "nothing"
+    assert "only dumps" in report.reason
     assert sorted(p.name for p in copy.iterdir()) == before
 
     report = expire_wal(archive=location, kept=[], wal_keep_days=2, wal_max_age_days=5, dry_run=False)
     assert report.status == "deleted", report.reason
-    assert segments(copy) == names[5:] and report.cut == names[5]
+    assert segments(copy) == names[5:]
+    assert report.cut == names[5]
 
 
 # -- WAL expiry on the S3 archive (batched deletes) ---------------------------------------------------------
@@ -279,11 +291,15 @@ def test_s3_archive_expiry_deletes_in_batches_exactly_what_no_kept_base_backup_n
         dry_run=False,
     )
 
-    assert report.status == "deleted" and report.method == "batched delete", report.reason
-    assert report.cut == cut and report.deleted == len(expected_gone)
+    assert report.status == "deleted", report.reason
+    assert report.method == "batched delete", report.reason
+    assert report.cut == cut
+    assert report.deleted == len(expected_gone)
     left = s3_names(s3, chain.bucket, prefix)
     assert sorted((set(names) | {"00000002.history"}) - set(left)) == expected_gone
-    assert "00000002.history" in left and chain.b2.start_wal in left and chain.b2.stop_wal in left
+    assert "00000002.history" in left
+    assert chain.b2.start_wal in left
+    assert chain.b2.stop_wal in left
 
 
 def test_s3_archive_of_another_tool_is_refused(chain: Chain, s3: S3Endpoint, unique: str) -> None:
@@ -302,7 +318,8 @@ def test_s3_archive_of_another_tool_is_refused(chain: Chain, s3: S3Endpoint, uni
         dry_run=False,
     )
 
-    assert report.status == "blocked" and "pgBackRest" in report.reason
+    assert report.status == "blocked"
+    assert "pgBackRest" in report.reason
     assert "pgbackrest expire" in report.reason
     assert len(client.list_objects_v2(Bucket=chain.bucket, Prefix=prefix)["Contents"]) == 4
 
@@ -347,9 +364,13 @@ def test_s3_listing_that_fails_half_way_deletes_nothing(chain: Chain) -> None:
         plan = plan_expiry(archive, [chain.b2], datetime.now(UTC), wal_keep_days=0)
         done = expire_store(plan, archive)
 
-    assert plan.status == "blocked" and plan.count == 0 and plan.doomed_keys == []
-    assert "failed after 3 object(s)" in plan.reason and "nothing removed" in plan.reason
-    assert done.status == "blocked" and store.deletes == 0
+    assert plan.status == "blocked"
+    assert plan.count == 0
+    assert plan.doomed_keys == []
+    assert "failed after 3 object(s)" in plan.reason
+    assert "nothing removed" in plan.reason
+    assert done.status == "blocked"
+    assert store.deletes == 0
 
 
 # -- the recoverable window ---------------------------------------------------------------------------------
@@ -369,7 +390,9 @@ def test_listing_prints_the_recoverable_window(
     end = utc((copy / last).stat().st_mtime)  # the last archived segment's mtime
     expected = f"{DB}: recoverable to any moment from {t(chain.b1.ended_at)} to {end}"
     assert expected in out.splitlines()
-    assert "base backups:" in out and chain.b1.start_wal in out and chain.b2.tar_key in out
+    assert "base backups:" in out
+    assert chain.b1.start_wal in out
+    assert chain.b2.tar_key in out
     assert out.count(" archived ") >= 2  # the WAL column of both base backups
 
     assert main(args) == 0
@@ -387,7 +410,8 @@ def test_listing_prints_the_recoverable_window(
     from flows.tasks.common import artifact_key
 
     artifact = Artifact.get(artifact_key("backups", DB))
-    assert artifact is not None and expected in (getattr(artifact, "description", None) or "")
+    assert artifact is not None
+    assert expected in (getattr(artifact, "description", None) or "")
 
 
 def test_listing_names_the_hole_that_breaks_the_window(
@@ -474,7 +498,8 @@ def test_wal_check_full_verification_starts_at_the_oldest_base_backup(
         backups_prefix=PREFIX,
     )
     gaps = next(c for c in report.checks if c.name == "gaps")
-    assert report.status == "ok" and gaps.figure.endswith("all present")
+    assert report.status == "ok"
+    assert gaps.figure.endswith("all present")
     assert f" {chain.b1.start_wal}.." in gaps.figure
     base = next(c for c in report.checks if c.name == "base backups")
     assert base.figure.endswith("the oldest starts at " + chain.b1.start_wal)
@@ -491,7 +516,8 @@ def test_wal_check_full_verification_starts_at_the_oldest_base_backup(
         backups_prefix=PREFIX,
         return_state=True,
     )
-    assert state.is_failed() and needed in failure_message(state)
+    assert state.is_failed()
+    assert needed in failure_message(state)
 
     # without the base backups the narrow window does not reach it
     report = wal_archive_check(
@@ -547,13 +573,16 @@ def test_pg_archivecleanup_matches_the_plan_across_timelines(tmp_path: Path, suf
     wal = WalArchive(LocalObjectStore(archive))
     plan = plan_expiry(wal, [base], datetime.now(UTC))
     expected = sorted(n for n in names if len(n) >= 24 and n[:24].isalnum() and n[8:24] < "0000000000000007")
-    assert plan.status == "planned" and sorted(_names(plan.doomed_keys)) == expected
+    assert plan.status == "planned"
+    assert sorted(_names(plan.doomed_keys)) == expected
 
     done = expire_directory(plan, archive, 150000)
 
-    assert done.status == "deleted" and done.method == "pg_archivecleanup", done.reason
+    assert done.status == "deleted", done.reason
+    assert done.method == "pg_archivecleanup", done.reason
     assert sorted(p.name for p in archive.iterdir()) == sorted(set(names) - set(expected))
-    assert "00000002.history" in names and (archive / "00000002.history").exists()
+    assert "00000002.history" in names
+    assert (archive / "00000002.history").exists()
     assert (archive / f"00000001000000000000000{8}{suffix}").exists()  # abandoned timeline 1, above the cut
 
 
@@ -580,4 +609,6 @@ def test_wal_check_fails_closed_when_the_base_backups_cannot_be_listed(
         return_state=True,
     )
     message = failure_message(state)
-    assert state.is_failed() and "base backups of postgres" in message and "cannot be listed" in message
+    assert state.is_failed()
+    assert "base backups of postgres" in message
+    assert "cannot be listed" in message

@@ -74,7 +74,7 @@ CAMERAS: tuple[str, ...] = (
     "Canon EOS 5D Mark IV",
     "Nikon Z7 II",
     "Nikon D850",
-    "Sony α7 IV",
+    "Sony α7 IV",  # noqa: RUF001 - the camera's real name
     "Fujifilm X-T4",
     "Apple iPhone 14 Pro",
     "Google Pixel 8",

@@ -19,6 +19,7 @@ SQLAlchemy when a command runs): it runs in the application's environment, not t
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import io
 import json
@@ -89,9 +90,7 @@ def has_downgrade(module: Any) -> bool:
             continue
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
             continue  # docstring or ...
-        if isinstance(stmt, ast.Raise):
-            return False
-        return True
+        return not isinstance(stmt, ast.Raise)
     return False
 
 
@@ -195,10 +194,8 @@ class Driver:
                 break
             res["steps"].append({"rev": rev, "seconds": time.monotonic() - t0})
             self.out(res)  # progress survives a kill
-        try:
+        with contextlib.suppress(Exception):  # the end revision is a courtesy; the steps are the answer
             res["end"] = self.read_current()
-        except Exception:  # the end revision is a courtesy; the steps above are the answer
-            pass
         self.out(res)
 
     def offline(self, pairs: Sequence[str]) -> None:

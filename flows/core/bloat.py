@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from flows.core.errors import VersionMismatch
+from flows.core.postgres import one_row, scalar
 
 #: Page layout constants of a B-tree page (src/include/storage/bufpage.h, access/nbtree.h).
 PAGE_HEADER = 24  # SizeOfPageHeaderData
@@ -290,7 +291,7 @@ ORDER BY idx.schema_name, idx.table_name, idx.index_name
 
 
 def block_size(conn: psycopg.Connection) -> int:
-    return int(conn.execute("SHOW block_size").fetchone()[0])  # type: ignore[index]
+    return int(scalar(conn, "SHOW block_size"))
 
 
 def read_indexes(
@@ -339,7 +340,7 @@ def measure_with_pgstatindex(conn: psycopg.Connection, schema: str, row: IndexRo
         "SELECT index_size, leaf_pages, internal_pages, avg_leaf_density "
         "FROM {}.pgstatindex(%s::oid::regclass)"
     ).format(sql.Identifier(schema))
-    size, leaf, internal, density = conn.execute(query, (row.oid,)).fetchone()  # type: ignore[misc]
+    size, leaf, internal, density = one_row(conn, query, (row.oid,))
     bloat = pgstatindex_bloat(
         int(size), int(leaf), int(internal), float(density), row.fillfactor, block_size(conn)
     )

@@ -236,9 +236,9 @@ def _lint_action(
 ) -> None:
     a = flatten(action)
     bare = bare_name(table)
-    if m := re.match(rf"(?is)^ADD\s+(?:COLUMN\s+)?(?:IF\s+NOT\s+EXISTS\s+)?({IDENT})\s+(.*)$", a):
-        if re.match(r"(?i)(CONSTRAINT|PRIMARY|UNIQUE|CHECK|FOREIGN|EXCLUDE)$", m.group(1)):
-            m = None  # ADD CONSTRAINT ..., handled below
+    m = re.match(rf"(?is)^ADD\s+(?:COLUMN\s+)?(?:IF\s+NOT\s+EXISTS\s+)?({IDENT})\s+(.*)$", a)
+    if m and re.match(r"(?i)(CONSTRAINT|PRIMARY|UNIQUE|CHECK|FOREIGN|EXCLUDE)$", m.group(1)):
+        m = None  # ADD CONSTRAINT ..., handled below
     if m:
         column, definition = norm_name(m.group(1)), m.group(2)
         state.col_types[(bare, column)] = _column_type(definition)

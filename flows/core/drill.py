@@ -18,7 +18,7 @@ from pydantic import AwareDatetime, BaseModel, Field
 
 from flows.core.manifest import Manifest
 from flows.core.pgtools import MAX_IDENTIFIER, PgTool, error_summary
-from flows.core.postgres import ConnParams, alembic_revision, libpq_environment, scrub
+from flows.core.postgres import ConnParams, alembic_revision, libpq_environment, scalar, scrub
 from flows.core.tablenames import TableName, resolve_key
 
 DRILL_FORMAT_VERSION = 1
@@ -108,7 +108,7 @@ def count_rows(conn: psycopg.Connection, table: TableName) -> int:
     query = psycopg.sql.SQL("SELECT count(*) FROM {}.{}").format(
         psycopg.sql.Identifier(table.schema), psycopg.sql.Identifier(table.table)
     )
-    return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
+    return int(scalar(conn, query))
 
 
 def row_count_ok(estimate: int, actual: int, tolerance: float, exact_below: int) -> bool:

@@ -8,6 +8,7 @@ connection or a failed upload leaves no object (and no manifest) behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import subprocess
@@ -186,10 +187,10 @@ def _table_data_names(rests: list[str], expected: Iterable[str]) -> set[str]:
     explained: set[str] = set()
     for name in expected:
         for i, ch in enumerate(name):
-            rest = by_prefix.get(f"{name[:i]} {name[i + 1 :]}") if ch == "." else None
-            if rest is not None:
+            dotted = by_prefix.get(f"{name[:i]} {name[i + 1 :]}") if ch == "." else None
+            if dotted is not None:
                 names.add(name)
-                explained.add(rest)
+                explained.add(dotted)
                 break
     for rest in rests:
         if rest not in explained:
@@ -225,8 +226,11 @@ def verify_stored_dump(
         stderr=subprocess.PIPE,
         env=child_environment(),
     )
+    assert proc.stdout is not None
+    assert proc.stdin is not None  # both PIPE above
+    stdout = proc.stdout
     out_chunks: list[bytes] = []
-    reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: out_chunks.append(stdout.read()), daemon=True)
     reader.start()
     err_reader = StderrCollector(proc.stderr)
     err_reader.start()
@@ -238,16 +242,14 @@ def verify_stored_dump(
         for chunk in decompress_stream(compression, hashed):
             if feeding:
                 try:
-                    proc.stdin.write(chunk)  # type: ignore[union-attr]
+                    proc.stdin.write(chunk)
                 except BrokenPipeError:
                     feeding = False  # pg_restore has read its TOC and left
             if not feeding and not full:
                 break
         if proc.stdin:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
-            except BrokenPipeError:
-                pass
         rc = proc.wait(timeout=600)
     finally:
         if proc.poll() is None:

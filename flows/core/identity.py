@@ -24,7 +24,7 @@ from flows.core.errors import (
     SameDatabase,
     TargetIdentityMismatch,
 )
-from flows.core.postgres import ConnParams, connect
+from flows.core.postgres import ConnParams, connect, scalar
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def identify_database(conn: psycopg.Connection, name: str) -> DatabaseIdentity:
 def identify(conn: psycopg.Connection) -> DatabaseIdentity:
     """The identity of the database `conn` is connected to."""
     try:
-        name = str(conn.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
+        name = str(scalar(conn, "SELECT current_database()"))
     except psycopg.Error as exc:  # e.g. PgBouncer's console, which speaks only SHOW
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise IdentityUnknown(

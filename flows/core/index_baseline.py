@@ -247,6 +247,7 @@ def judge_sizes(
             row.index_tuples, row.data_width, shape.distinct, shape.dedup, row.fillfactor, block_size
         )
         kept = state.indexes.get(row.qualified)
+        source: Source
         if kept is not None and kept.definition_hash == shape.definition_hash and kept.bytes_per_tuple > 0:
             baseline, source = kept.bytes_per_tuple, kept.source
         elif estimate is not None:
@@ -259,7 +260,7 @@ def judge_sizes(
             current,
             baseline,
             source,
-            estimate,  # type: ignore[arg-type]
+            estimate,
         )
     return out
 

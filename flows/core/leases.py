@@ -41,7 +41,7 @@ class Lease(BaseModel):
         return cls.model_validate(json.loads(data))
 
 
-def read_lease(store: ObjectStore, key: str) -> Lease | None | str:
+def read_lease(store: ObjectStore, key: str) -> Lease | str | None:
     """The lease, None when it vanished (released meanwhile), or why it cannot be read."""
     try:
         return Lease.from_json(store.get_bytes(key))

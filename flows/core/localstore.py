@@ -4,6 +4,7 @@ only when complete, so a failed writer leaves no object behind.
 
 from __future__ import annotations
 
+import builtins  # the stores' method `list` shadows the type inside their classes
 import errno
 import os
 import secrets
@@ -149,7 +150,7 @@ class LocalObjectStore(ObjectStore):
     def get_stream(self, key: str, chunk_size: int = MiB) -> Iterator[bytes]:
         path = self._path(key)
         try:
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 - opened outside `with` so only the open maps to ObjectNotFound
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"{self.url}/{key} does not exist") from exc
         except OSError as exc:  # a directory at the key, a file where a directory should be, permissions
@@ -185,14 +186,14 @@ class LocalObjectStore(ObjectStore):
                 parent = parent.parent
         return deleted
 
-    def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
+    def incomplete_writes(self, prefix: str) -> builtins.list[IncompleteWrite]:
         """`.<name>.partial-<token>` files under `prefix`: a writer that died before its rename."""
         self._ensure_root()
         prefix = prefix.lstrip("/")
         start = self._walk_start(prefix)
         if not start.is_dir():
             return []
-        found: list[IncompleteWrite] = []
+        found: builtins.list[IncompleteWrite] = []
         for dirpath, _dirnames, filenames in os.walk(start):
             for name in filenames:
                 if not name.startswith(".") or ".partial-" not in name:

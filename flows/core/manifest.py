@@ -6,6 +6,7 @@ It never contains a password: connection details are reduced to host, port and d
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import TYPE_CHECKING, Literal
 
@@ -63,11 +64,11 @@ class Manifest(BaseModel):
     verification: Verification = Field(default_factory=lambda: Verification(method="none"))
     dbops_version: str = ""
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:  # builtins: the field `bytes` shadows the type in this class
         return (self.model_dump_json(indent=2) + "\n").encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
+    def from_json(cls, data: builtins.bytes) -> Manifest:
         return cls.model_validate(json.loads(data))
 
 

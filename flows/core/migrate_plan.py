@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import psycopg
 
@@ -50,12 +51,12 @@ def duration_ms(value: str | float | int, what: str = "duration") -> int:
     if isinstance(value, int | float):
         if value < 0:
             raise ConfigurationError(f"{what} {value!r} is negative; use 0 for no limit")
-        return int(round(float(value) * 1000))
+        return round(float(value) * 1000)
     m = _DURATION_RE.match(str(value))
     if not m:
         raise ConfigurationError(f"{what} {value!r} is not a duration; use e.g. 5s, 500ms or 2min")
     number, unit = float(m.group(1)), (m.group(2) or "s").lower()
-    return int(round(number * _UNITS_MS[unit]))
+    return round(number * _UNITS_MS[unit])
 
 
 def normalise_waivers(waivers: Iterable[str]) -> list[str]:
@@ -225,10 +226,17 @@ def trigger_of(
     return "python (direct flow call)"
 
 
-def timings(steps: Iterable[object]) -> dict[str, float]:
+class TimedStep(Protocol):
+    """What `timings` reads of a step (alembic_runner.StepResult); its `direction` defaults to upgrade."""
+
+    revision: str
+    seconds: float
+
+
+def timings(steps: Iterable[TimedStep]) -> dict[str, float]:
     """{revision: seconds} of a RunResult's upgrade steps (a retried revision keeps its last time)."""
     out: dict[str, float] = {}
     for step in steps:
         if getattr(step, "direction", "upgrade") == "upgrade":
-            out[step.revision] = round(float(step.seconds), 3)  # type: ignore[attr-defined]
+            out[step.revision] = round(float(step.seconds), 3)
     return out

@@ -7,6 +7,7 @@ Prefect's `db:<name>` concurrency limit, whose lease renewals have failed in som
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import psycopg
 
 from flows.core.errors import MigrationLockHeld, MigrationLockLost
-from flows.core.postgres import ConnParams, connect
+from flows.core.postgres import ConnParams, connect, scalar
 
 LOCK_NAMESPACE = "dbops-migrate"
 
@@ -116,15 +117,13 @@ def migration_lock(params: ConnParams) -> Iterator[MigrationLock]:
                 f"another session held the migration lock of database {params.database!r} a moment ago; "
                 "retry once it has finished"
             )
-        pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+        pid = int(scalar(conn, "SELECT pg_backend_pid()"))
         lock = MigrationLock(params.database, key, conn, pid)
         try:
             yield lock
         finally:
             if not conn.closed:
-                try:
+                with contextlib.suppress(psycopg.Error):  # the session is gone, and the lock with it
                     conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-                except psycopg.Error:
-                    pass  # the session is gone, and the lock with it
     finally:
         conn.close()

@@ -10,6 +10,7 @@ The implementations are `flows.core.s3store.S3ObjectStore` and `flows.core.local
 
 from __future__ import annotations
 
+import builtins  # the stores' method `list` shadows the type inside their classes
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -116,7 +117,7 @@ class ObjectStore(ABC):
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.get_stream(key))
 
-    def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
+    def incomplete_writes(self, prefix: str) -> builtins.list[IncompleteWrite]:
         """Writes under `prefix` that were started and never finished (none by default)."""
         return []
 

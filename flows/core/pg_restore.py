@@ -8,6 +8,7 @@ temporary file whose sha256 is compared before `pg_restore --jobs` starts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -216,10 +217,8 @@ def stream_restore(
                     fed += len(pending)
                 except BrokenPipeError:
                     pass
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
-            except BrokenPipeError:
-                pass
             rc = proc.wait(timeout=timeout_s)
         finally:
             if proc.poll() is None:

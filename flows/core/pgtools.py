@@ -9,6 +9,7 @@ failures are worth a retry. The callers decide what a failure means for their ow
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -20,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from flows.core.childenv import child_environment
 from flows.core.errors import (
@@ -187,14 +189,16 @@ def classify_pg_failure(tool: str, returncode: int, stderr: str, params: ConnPar
 class StderrCollector(threading.Thread):
     """Drains stderr so the tool never blocks on a full pipe; keeps the tail for the error message."""
 
-    def __init__(self, stream: object) -> None:
+    def __init__(self, stream: IO[bytes] | None) -> None:
         super().__init__(daemon=True, name="pg-stderr")
         self.stream = stream
         self.buf: deque[bytes] = deque()
         self.size = 0
 
     def run(self) -> None:
-        for line in iter(self.stream.readline, b""):  # type: ignore[attr-defined]
+        if self.stream is None:  # stderr not piped: nothing to collect
+            return
+        for line in iter(self.stream.readline, b""):
             self.buf.append(line)
             self.size += len(line)
             while self.size > STDERR_TAIL and len(self.buf) > 1:
@@ -221,10 +225,9 @@ class ToolRun:
         self.proc = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self.env
         )
-        try:
-            fcntl.fcntl(self.proc.stdout.fileno(), F_SETPIPE_SZ, READ_SIZE)  # type: ignore[union-attr]
-        except OSError:
-            pass
+        assert self.proc.stdout is not None  # PIPE above
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.proc.stdout.fileno(), F_SETPIPE_SZ, READ_SIZE)
         self.stderr = StderrCollector(self.proc.stderr)
         self.stderr.start()
         if self.on_start:
@@ -232,7 +235,8 @@ class ToolRun:
 
     def chunks(self) -> Iterator[bytes]:
         """pg_dump's output; at end of stream, raise unless it exited 0 (before the upload completes)."""
-        assert self.proc and self.proc.stdout
+        assert self.proc
+        assert self.proc.stdout
         fd = self.proc.stdout.fileno()
         while True:
             chunk = os.read(fd, READ_SIZE)

@@ -30,6 +30,7 @@ then.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -40,7 +41,7 @@ import psycopg
 
 from flows.core.errors import ConnectionPoolerInTheWay, ConnectionRouteUnknown
 from flows.core.pooler_refusal import fatal_line, is_pgbouncer_refusal, refusal
-from flows.core.postgres import ConnParams, connect
+from flows.core.postgres import ConnParams, connect, scalar
 
 #: PgBouncer's default listen_port: a URL with it is an application's URL until proven otherwise
 PGBOUNCER_DEFAULT_PORT = 6432
@@ -142,7 +143,7 @@ def probe_admin_console(params: ConnParams) -> Fingerprint:
         return Fingerprint("unknown", fatal_line(text))
     try:
         with conn:
-            version = str(conn.execute("SHOW VERSION").fetchone()[0])  # type: ignore[index]
+            version = str(scalar(conn, "SHOW VERSION"))
     except psycopg.Error as exc:  # PostgreSQL with a real database called pgbouncer: no such setting
         if "unrecognized configuration parameter" in str(exc):
             return Fingerprint("postgresql", "a database named pgbouncer on PostgreSQL")
@@ -156,9 +157,9 @@ def backends_shared(params: ConnParams) -> tuple[int, int]:
     """pg_backend_pid() of two client connections opened one after the other (the first stays open,
     idle): equal pids mean a pooler hands one server session to several clients."""
     with connect(params) as first:
-        a = int(first.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+        a = int(scalar(first, "SELECT pg_backend_pid()"))
         with connect(params) as second:
-            b = int(second.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+            b = int(scalar(second, "SELECT pg_backend_pid()"))
     return a, b
 
 
@@ -190,15 +191,13 @@ def dedicated_session_problem(params: ConnParams) -> str | None:
                         f"(backend {row[0]})"
                     )
             with connect(params) as other:
-                other_pid = int(other.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+                other_pid = int(scalar(other, "SELECT pg_backend_pid()"))
             if other_pid == pid:
                 return f"a second connection was handed the same backend {pid}"
             return None
         finally:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            except psycopg.Error:
-                pass
 
 
 # -- the check ---------------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Params
 
 from flows.core.childenv import child_environment
 from flows.core.errors import (
@@ -116,13 +118,13 @@ def classify_connect_error(exc: psycopg.Error, params: ConnParams) -> DbopsError
     )
 
 
-def connect(params: ConnParams, *, autocommit: bool = True, **kwargs: object) -> psycopg.Connection:
+def connect(params: ConnParams, *, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection:
     try:
         return psycopg.connect(
             params.conninfo(),
             password=params.password or None,
             autocommit=autocommit,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
     except psycopg.OperationalError as exc:
         raise classify_connect_error(exc, params) from None
@@ -256,8 +258,26 @@ def libpq_environment(params: ConnParams) -> Iterator[dict[str, str]]:
         yield child_environment(extra)
 
 
+def one_row(
+    conn: psycopg.Connection, query: str | sql.SQL | sql.Composed, params: Params | None = None
+) -> tuple[Any, ...]:
+    """The row of a query that always returns exactly one (SHOW, SELECT f(), count(*)): psycopg types
+    `fetchone()` as optional, so the "no row" case is named here once instead of at every call."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise DbopsError(f"PostgreSQL returned no row for {query!r}, which always returns one; report it")
+    return row
+
+
+def scalar(
+    conn: psycopg.Connection, query: str | sql.SQL | sql.Composed, params: Params | None = None
+) -> Any:
+    """The first column of `one_row`."""
+    return one_row(conn, query, params)[0]
+
+
 def server_version_num(conn: psycopg.Connection) -> int:
-    return int(conn.execute("SHOW server_version_num").fetchone()[0])  # type: ignore[index]
+    return int(scalar(conn, "SHOW server_version_num"))
 
 
 def version_text(version_num: int) -> str:
@@ -346,7 +366,7 @@ def unreadable_tables(conn: psycopg.Connection) -> list[str]:
 
 
 def database_size(conn: psycopg.Connection) -> int:
-    return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])  # type: ignore[index]
+    return int(scalar(conn, "SELECT pg_database_size(current_database())"))
 
 
 def quote_ident(name: str) -> sql.Identifier:
@@ -382,7 +402,7 @@ class ExportedSnapshot:
         self.conn = connect(params, autocommit=False)
         try:
             self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            snapshot = str(self.conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+            snapshot = str(scalar(self.conn, "SELECT pg_export_snapshot()"))
             small = self.conn.execute(
                 """
                 SELECT n.nspname, c.relname
@@ -401,7 +421,7 @@ class ExportedSnapshot:
                 query = sql.SQL("SELECT count(*) FROM {}.{}").format(
                     sql.Identifier(schema), sql.Identifier(table)
                 )
-                counts[table_key(schema, table)] = int(self.conn.execute(query).fetchone()[0])  # type: ignore[index]
+                counts[table_key(schema, table)] = int(scalar(self.conn, query))
             self.facts = SnapshotFacts(
                 snapshot, counts, alembic_revision(self.conn), tables=dumpable_tables(self.conn)
             )

@@ -58,7 +58,8 @@ def libpq_parse_problem(message: str) -> str:
     up to the first quoted excerpt longer than one character (`"]"` and `"="` name syntax, not input).
     """
     line = message.strip().splitlines()[0] if message.strip() else ""
-    head = re.match(r'(?:[^"]|"[^"]")*', line).group(0)  # type: ignore[union-attr]
+    kept = re.match(r'(?:[^"]|"[^"]")*', line)  # `*`: always matches, maybe empty
+    head = kept.group(0) if kept else ""
     head = re.sub(r"(?:\s*(?::|\bafter\b|\bin\b))+\s*$", "", head).strip()
     return head or "libpq could not read it"
 

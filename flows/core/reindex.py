@@ -27,7 +27,7 @@ from flows.core.errors import (
     ReindexBusy,
     ReindexFailed,  # noqa: F401 - defined in flows.core.errors, importable here
 )
-from flows.core.postgres import ConnParams, connect
+from flows.core.postgres import ConnParams, connect, scalar
 
 REINDEX_APPLICATION = "dbops-reindex"
 ADVISORY_LOCK_NAME = "dbops:reindex"
@@ -96,9 +96,7 @@ def reindex_advisory_lock(params: ConnParams) -> Iterator[psycopg.Connection]:
     """Hold a session-level advisory lock on a dedicated connection for the whole run."""
     conn = connect(reindex_params(params), autocommit=True)
     try:
-        got = conn.execute(
-            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (ADVISORY_LOCK_NAME,)
-        ).fetchone()[0]  # type: ignore[index]
+        got = scalar(conn, "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (ADVISORY_LOCK_NAME,))
         if not got:
             holder = advisory_lock_holder(conn)
             raise ReindexBusy(

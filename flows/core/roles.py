@@ -217,12 +217,12 @@ def apply_globals(text: str, params: ConnParams) -> GlobalsResult:
                 if name in roles:
                     _note(result.present_roles, name)
                     continue
-                query: sql.Composable = sql.SQL("CREATE ROLE {}").format(sql.Identifier(name))
+                query: sql.SQL | sql.Composed = sql.SQL("CREATE ROLE {}").format(sql.Identifier(name))
             elif st.kind == "create_tablespace":
                 if name in spaces:
                     _note(result.present_tablespaces, name)
                     continue
-                query = sql.SQL(st.text)  # type: ignore[arg-type]  # OWNER and LOCATION as pg_dumpall wrote them
+                query = sql.SQL(st.text)  # OWNER and LOCATION as pg_dumpall wrote them
             elif st.kind == "role" and name not in new_roles:
                 result.skipped += 1  # an existing role is never altered
                 continue
@@ -233,7 +233,7 @@ def apply_globals(text: str, params: ConnParams) -> GlobalsResult:
                 result.skipped += 1  # an existing role gets no new membership or privilege
                 continue
             else:
-                query = sql.SQL(st.text)  # type: ignore[arg-type]
+                query = sql.SQL(st.text)
             try:
                 conn.execute(query)
             except psycopg.errors.DuplicateObject:

@@ -4,6 +4,8 @@ when the writer fails; conditional puts; batched deletes; S3 errors translated i
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -227,10 +229,8 @@ class S3ObjectStore(ObjectStore):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             if not completed:
-                try:
+                with contextlib.suppress(Exception):
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
-                except Exception:  # noqa: S110 - the original error matters more; orphan check reports it
-                    pass
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
@@ -314,7 +314,7 @@ class S3ObjectStore(ObjectStore):
         flush()
         return deleted
 
-    def list_incomplete_uploads(self, prefix: str = "") -> list[str]:
+    def list_incomplete_uploads(self, prefix: str = "") -> builtins.list[str]:
         """Keys with multipart uploads still open: orphan parts that cost money and hold no backup."""
         resp = self._call(
             "list multipart uploads",

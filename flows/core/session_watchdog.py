@@ -133,7 +133,7 @@ class SessionWatchdog:
                     "WHERE application_name = %s AND pid <> pg_backend_pid()",
                     (self.application_name,),
                 ).fetchall()
-        except Exception:  # noqa: BLE001 - nothing more can be done from here
+        except Exception:  # nothing more can be done from here
             return 0
         return sum(1 for (ended,) in rows if ended)
 
@@ -154,7 +154,7 @@ class SessionWatchdog:
                     self._conn = self._connect()
                 self._poll(self._conn)
                 blind_since = None
-            except Exception:  # noqa: BLE001 - any failure to look is "blind"; counted below
+            except Exception:  # any failure to look is "blind"; counted below
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None

@@ -241,7 +241,8 @@ def scan_keys(
     other = 0
     hex24 = _HEX24.fullmatch
     simple = _SIMPLE_EXT
-    last16, found, base_segno, tli = "", set(), 0, 0  # keys come sorted: reuse the timeline/log decode
+    found: set[int] = set()
+    last16, base_segno, tli = "", 0, 0  # keys come sorted: reuse the timeline/log decode
     for key in keys:
         base = key[key.rfind("/") + 1 :]
         if (len(base) == 24 or base[24:] in simple) and hex24(base, 0, 24):
@@ -252,26 +253,23 @@ def scan_keys(
             if base[:16] != last16:
                 last16 = base[:16]
                 tli, base_segno = int(base[:8], 16), int(base[8:16], 16) * per_log
-                found = segments.get(tli)
-                if found is None:
-                    found = segments[tli] = set()
+                found = segments.setdefault(tli, set())
             found.add(base_segno + seg)
             if keep_keys:
                 names[base[:24]] = key
             continue
-        else:
-            m = WAL_FILE_RE.match(base)
-            if not m:
-                h = HISTORY_RE.match(base)
-                if h:
-                    histories[int(h["tli"], 16)] = key
-                else:
-                    other += 1
-                continue
-            kind = m["kind"]
-            if kind and kind != ".partial":  # a .backup label is not a segment
-                continue
-            tli, log, seg, name = int(m["tli"], 16), int(m["log"], 16), int(m["seg"], 16), m["name"]
+        m = WAL_FILE_RE.match(base)
+        if not m:
+            h = HISTORY_RE.match(base)
+            if h:
+                histories[int(h["tli"], 16)] = key
+            else:
+                other += 1
+            continue
+        kind = m["kind"]
+        if kind and kind != ".partial":  # a .backup label is not a segment
+            continue
+        tli, log, seg, name = int(m["tli"], 16), int(m["log"], 16), int(m["seg"], 16), m["name"]
         if seg >= per_log:
             other += 1
             continue

@@ -300,12 +300,12 @@ def _check_contents(
     size = snap.settings.segment_size
     last_name = snap.archiver.last_archived_wal
     archived = wal_position(last_name, size)
-    if archived is None:
+    if archived is None or last_name is None:
         return ContentsResult(
             checks=[Check(name="contents", status="ok", figure="nothing archived yet")],
         )
     checks: list[Check] = []
-    key = archive.find(last_name)  # type: ignore[arg-type]
+    key = archive.find(last_name)
     if key is None:
         checks.append(
             Check(
@@ -338,8 +338,9 @@ def _check_contents(
         checks.append(Check(name="gaps", status="ok", figure="no complete segment archived yet"))
         return ContentsResult(checks=checks, tli=tli)
     same_size = state.segment_size == size
-    resumed = not full and state.verified_through is not None and same_size and state.verified_through <= end
-    start = state.verified_through + 1 if resumed else max(end - window_segments + 1, 1)  # type: ignore[operator]
+    through = state.verified_through
+    resumed = not full and through is not None and same_size and through <= end
+    start = through + 1 if resumed and through is not None else max(end - window_segments + 1, 1)
     # where the archive began, as a previous full pass found it: a hole there is a hole, not the beginning
     known_from = state.verified_from if same_size else None
     if known_from is not None and known_from > end:  # a new cluster: forget the old one's archive start

@@ -13,6 +13,7 @@ import psycopg
 from pydantic import BaseModel
 
 from flows.core.errors import WalArchiveError
+from flows.core.postgres import one_row, scalar
 from flows.core.redact import redact_secrets
 from flows.core.wal import (
     BadWalName,
@@ -115,7 +116,7 @@ def read_settings(conn: psycopg.Connection) -> ArchiveSettings:
             else None
         )
         pending_mode = row[0] if row else "(changed)"
-    in_recovery = bool(conn.execute("SELECT pg_is_in_recovery()").fetchone()[0])  # type: ignore[index]
+    in_recovery = bool(scalar(conn, "SELECT pg_is_in_recovery()"))
     info = conn.info
     return ArchiveSettings(
         wal_level=s["wal_level"][0],
@@ -157,9 +158,9 @@ def read_position(conn: psycopg.Connection, settings: ArchiveSettings) -> WalPos
     """The WAL file being written now (on a primary); None on a standby."""
     if settings.in_recovery:
         return None
-    lsn_text, walfile = conn.execute(
-        "SELECT pg_current_wal_lsn()::text, pg_walfile_name(pg_current_wal_lsn())"
-    ).fetchone()  # type: ignore[misc]
+    lsn_text, walfile = one_row(
+        conn, "SELECT pg_current_wal_lsn()::text, pg_walfile_name(pg_current_wal_lsn())"
+    )
     lsn = parse_lsn(lsn_text)
     tli = int(walfile[:8], 16)
     # pg_walfile_name puts a boundary LSN in the previous file; the file being written is the LSN's own
@@ -210,7 +211,7 @@ def read_standbys(conn: psycopg.Connection) -> list[Standby] | None:
 
 def snapshot(conn: psycopg.Connection) -> ServerSnapshot:
     """Everything the checks need from the server, read in one go."""
-    user = str(conn.execute("SELECT current_user").fetchone()[0])  # type: ignore[index]
+    user = str(scalar(conn, "SELECT current_user"))
     settings = read_settings(conn)
     return ServerSnapshot(
         settings=settings,
@@ -247,9 +248,7 @@ def switch_wal(conn: psycopg.Connection, label: str, user: str) -> ProbeStart:
     try:
         with conn.transaction():
             conn.execute("SELECT pg_create_restore_point(%s)", (label,))
-            lsn_text, walfile = conn.execute(
-                "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() AS s"
-            ).fetchone()  # type: ignore[misc]
+            lsn_text, walfile = one_row(conn, "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() AS s")
     except psycopg.errors.InsufficientPrivilege:
         raise WalArchiveBroken(
             f"role {user!r} may not switch WAL for the active probe; GRANT EXECUTE ON FUNCTION "

@@ -30,6 +30,7 @@ from flows.core.postgres import (
     alembic_revision,
     database_size,
     dumpable_tables,
+    scalar,
     server_version_num,
     table_row_estimates,
     unreadable_tables,
@@ -79,7 +80,7 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
                 f"{denied[0]}); grant it pg_read_all_data or SELECT on them, or use another role"
             )
         version_num = server_version_num(conn)
-        version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        version = str(scalar(conn, "SHOW server_version"))
         size = database_size(conn)
         revision = alembic_revision(conn)
         estimates, planner = table_row_estimates(conn)

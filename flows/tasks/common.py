@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, ParamSpec, TypeVar
 
-from prefect import State, Task, get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.states import Failed
+from prefect.states import Completed, Failed
 from prefect.tasks import exponential_backoff
 
 from blocks.postgres import load_database
@@ -158,7 +158,7 @@ def database_name_of(block: str) -> str:
         return block.rsplit("/", 1)[-1]
 
 
-def publish_failure(key: str, title: str, exc: BaseException, details: list[str] | None = None) -> State:
+def publish_failure(key: str, title: str, exc: BaseException, details: list[str] | None = None) -> Any:
     """Report a failed run where people look: the flow's artifact and its final state.
 
     The artifact uses the key of the flow's success artifact, so its latest version says why the last
@@ -166,6 +166,7 @@ def publish_failure(key: str, title: str, exc: BaseException, details: list[str]
     Failed state (the flow returns it) carries the same sentence as its message, without Prefect's
     "Flow run encountered an exception" prefix, and the exception as its data: `state.result()` and a
     direct call still raise the original error. The traceback goes to the log for unexpected errors.
+    Typed `Any` like `failed_state`.
     """
     sentence = failure_sentence(exc)
     logger = get_run_logger()
@@ -191,12 +192,23 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     return [" · ".join(f"{k}: {v}" for k, v in row.items() if v not in ("", None)) for row in rows]
 
 
-def failed_state(exc: BaseException) -> State:
+def failed_state(exc: BaseException) -> Any:
     """The Failed state a flow returns for `exc`: the sentence as its message, the error as its data (a
-    direct call and `state.result()` raise it), the traceback in the log for unexpected errors only."""
+    direct call and `state.result()` raise it), the traceback in the log for unexpected errors only.
+
+    Typed `Any` on purpose: the flow returns this State in place of its report and Prefect makes it the
+    run's outcome, so a caller gets the report or the error, never the State; the flow's declared return
+    type (its report) stays what callers see, which Prefect's typing cannot say.
+    """
     sentence = failure_sentence(exc)
     get_run_logger().error("%s", sentence, exc_info=None if isinstance(exc, DbopsError) else exc)
     return Failed(message=sentence, data=exc)
+
+
+def completed_state(message: str, report: object) -> Any:
+    """A Completed state whose message is the run's one line and whose data is its report; typed `Any`
+    for the reason `failed_state` gives (a caller gets the report)."""
+    return Completed(message=message, data=report)
 
 
 class Progress:

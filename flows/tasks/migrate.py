@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from uuid import UUID
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -88,7 +89,7 @@ def run_origin() -> tuple[list[str], bool, object | None, str | None]:
     if not run_id:
         return [], False, None, None
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)  # type: ignore[arg-type]
+        run = client.read_flow_run(UUID(run_id))
     created_by = run.created_by.display_value if run.created_by else None
     return list(run.tags or []), bool(run.auto_scheduled), run.deployment_id, created_by
 

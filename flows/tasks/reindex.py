@@ -40,7 +40,7 @@ from flows.core.index_baseline import (
     state_to_values,
     state_variable_name,
 )
-from flows.core.postgres import server_version_num
+from flows.core.postgres import scalar, server_version_num
 from flows.core.reindex import (
     RebuildResult,
     analyze_tables,
@@ -107,7 +107,7 @@ def find_bloated_indexes(
     with block.connect() as conn:
         set_session_timeouts(conn, lock_timeout)  # pgstatindex must not queue behind DDL
         version_num = server_version_num(conn)
-        version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        version = str(scalar(conn, "SHOW server_version"))
         check_server_version(version_num)
         schema = pgstattuple_schema(conn)
         rows = measure(conn, read_indexes(conn), bloat_threshold, schema)

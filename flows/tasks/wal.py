@@ -12,6 +12,7 @@ from blocks.postgres import load_database
 from blocks.storage import load_store, open_archive
 from flows.core.errors import DbopsError
 from flows.core.health import Check
+from flows.core.postgres import scalar
 from flows.core.wal_archive import ArchiveLocation, ContentsResult, check_contents, wait_for
 from flows.core.wal_server import CheckState, ServerSnapshot, snapshot, switch_wal
 from flows.core.wal_server_checks import judge_probe, standby_probe
@@ -82,7 +83,7 @@ def switch_wal_and_wait_for_archive(
     """Like `pgbackrest check`: restore point, pg_switch_wal(), then wait for that segment in the archive."""
     block = load_database(database)
     with block.connect() as conn:
-        if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
+        if scalar(conn, "SELECT pg_is_in_recovery()"):
             return standby_probe()
         label = f"dbops-wal-check-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
         start = switch_wal(conn, label, block.user)

@@ -129,7 +129,8 @@ def take_base_backup(
     raw = run.stdout
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
         label_file, manifest_file = tar.extractfile("backup_label"), tar.extractfile("backup_manifest")
-        assert label_file is not None and manifest_file is not None  # both are regular files in the tar
+        assert label_file is not None
+        assert manifest_file is not None
         backup_label = label_file.read().decode()
         pg_manifest = manifest_file.read()
     m = re.search(r"START WAL LOCATION: (\S+) \(file (\w+)\)", backup_label)

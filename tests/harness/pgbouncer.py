@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -61,8 +62,8 @@ class PgBouncer:
             connect_timeout=10,
         )
 
-    def connect(self, dbname: str, autocommit: bool = True, **kw: object) -> psycopg.Connection:
-        return psycopg.connect(self.conninfo(dbname), autocommit=autocommit, **kw)  # type: ignore[arg-type]
+    def connect(self, dbname: str, autocommit: bool = True, **kw: Any) -> psycopg.Connection:
+        return psycopg.connect(self.conninfo(dbname), autocommit=autocommit, **kw)
 
     def admin(self, command: str) -> list[dict[str, object]]:
         """A console command (SHOW POOLS, RELOAD...) as rows of dicts."""

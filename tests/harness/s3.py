@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -33,14 +34,14 @@ class S3Endpoint:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def client(self, **config: object):
+    def client(self, **config: Any) -> Any:  # boto3's S3 client (its stubs are not installed)
         return boto3.client(
             "s3",
             endpoint_url=self.url,
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
             region_name=REGION,
-            config=Config(retries={"max_attempts": 2, "mode": "standard"}, **config),  # type: ignore[arg-type]
+            config=Config(retries={"max_attempts": 2, "mode": "standard"}, **config),
         )
 
     def create_bucket(self, name: str) -> str:

@@ -99,7 +99,8 @@ def write_canary(conn: psycopg.Connection, restore_point: str, run_id: str, writ
     with conn.transaction():  # first the restore point, then the switch that closes its segment
         point = conn.execute("SELECT pg_create_restore_point(%s)::text", (restore_point,)).fetchone()
         switched = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
-    assert point is not None and switched is not None  # a SELECT without FROM returns one row
+    assert point is not None
+    assert switched is not None
     rp_lsn, walfile = point[0], switched[0]
     return Canary(token, restore_point, str(rp_lsn), str(walfile), int(str(walfile)[:8], 16))
 
