@@ -59,7 +59,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError
@@ -345,7 +345,6 @@ def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | 
     """The alerts of deployments/alerts.py, sent to the notification block: one automation for any Failed
     or Crashed dbops run, and per dbops deployment on the server a "nothing ran" one (periodic jobs) and a
     "resolved" one. Deployments deployed after this ran get theirs from the next `dbops setup`."""
-    from prefect.blocks.core import Block
 
     from blocks.storage import load_sync
     from deployments.alerts import (
@@ -362,7 +361,7 @@ def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | 
         raise ConfigurationError(
             f"notification block {notify!r} does not exist; create it in the Prefect UI or fix `notify`"
         ) from None
-    block_id = cast(Block, block)._block_document_id
+    block_id = block._block_document_id
     if block_id is None:  # a saved block always has one; say so rather than send alerts nowhere
         raise ConfigurationError(f"notification block {notify!r} has no document id; save it again")
     watched = watched_deployments(alerts or AlertConfig())  # config errors before anything changes

@@ -229,7 +229,7 @@ def base_backup(
         return report
     except Exception as exc:
         key = artifact_key("base-backup", database_name_of(database))
-        return publish_failure(key, f"Base backup of {database} into {storage}", exc)  # type: ignore[return-value]
+        return publish_failure(key, f"Base backup of {database} into {storage}", exc)
 
 
 def _retention(

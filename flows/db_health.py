@@ -84,8 +84,8 @@ def db_health(
     except Exception as exc:
         if published and report is not None:
             _publish(report, failure_sentence(exc))  # the sentence on top of the report it judged
-            return failed_state(exc)  # type: ignore[return-value]
-        return publish_failure(  # type: ignore[return-value]
+            return failed_state(exc)
+        return publish_failure(
             artifact_key("db-health", database_name_of(database)), f"Health of {database}", exc
         )
 

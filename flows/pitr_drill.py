@@ -161,7 +161,7 @@ def pitr_drill(
             except Exception as rec_exc:  # the drill's own failure matters more
                 logger.warning("could not record the failed drill: %s", failure_sentence(rec_exc))
         # the Failed state is the flow's result on failure (Prefect's convention), not a report
-        return publish_failure(  # type: ignore[return-value]
+        return publish_failure(
             artifact_key("pitr-drill", name), f"PITR drill of {name} to {restore_point}", exc
         )
     finally:

@@ -193,7 +193,7 @@ def pitr_restore(
                     f"{plan.data_directory}.dbops-pitr/server.log); remove both before running again"
                 )
         # the Failed state is the flow's result on failure (Prefect's convention), not a report
-        return publish_failure(  # type: ignore[return-value]
+        return publish_failure(
             artifact_key("pitr", plan.database if plan else database_name_of(database)),
             f"Point-in-time recovery of {database}",
             exc,

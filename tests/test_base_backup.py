@@ -109,7 +109,7 @@ def failure_message(state) -> str:
 
 
 def fast(**kw: object) -> BaseBackupOptions:
-    return BaseBackupOptions(**{"wal_timeout_seconds": 20, **kw})  # type: ignore[arg-type]
+    return BaseBackupOptions(**{"wal_timeout_seconds": 20, **kw})
 
 
 def extract(store, key: str, into: Path) -> list[str]:
@@ -179,7 +179,9 @@ def test_base_backup_lands_with_its_manifest_after_its_wal_is_archived_and_resto
     assert manifest.label.startswith("dbops-imagemanager-")
     assert manifest.wal_segment_size == MiB
     assert manifest.sha256 == report.sha256
-    assert store.head(report.key).size == manifest.bytes
+    stored = store.head(report.key)
+    assert stored is not None
+    assert stored.size == manifest.bytes
     system = pg.sql("SELECT system_identifier::text FROM pg_control_system()")[0][0]
     assert manifest.system_identifier == system
     assert manifest.server_version_num >= 150000
@@ -315,7 +317,7 @@ def test_killed_pg_basebackup_aborts_the_multipart_upload_stores_nothing_and_nev
     assert killed
     assert started[0].returncode == -signal.SIGKILL
     # the password reached pg_basebackup through a passfile, never argv or the environment
-    assert pg.password not in " ".join(map(str, started[0].args))
+    assert pg.password not in str(started[0].args)
     assert pg.password.encode() not in environ[0]
     assert b"PGPASSFILE=" in environ[0]
     assert b"PGPASSWORD=" not in environ[0]

@@ -94,5 +94,6 @@ def test_judged_failure_keeps_its_table_and_ends_with_the_sentence(
     table = artifact_table(artifact_key("restore-drill", f"none_{unique}"))
     assert {row["item"]: row["value"] for row in table}["result"] == "FAILED"
     # the latest version of the table says why on top: the Artifacts list shows it without opening rows
-    assert artifact.description is not None
-    assert artifact.description.startswith(f"**Failed**: {state.message}")
+    latest = artifact(artifact_key("restore-drill", f"none_{unique}"))
+    assert latest.description is not None
+    assert latest.description.startswith(f"**Failed**: {state.message}")

@@ -131,10 +131,7 @@ def test_revision_failing_on_production_data_fails_on_staging_and_production_sta
         ".dump.zst"
     )
     assert values["production now at"] == "unchanged"
-    from prefect.artifacts import Artifact
-
-    latest = Artifact.get(f"migrate-{env.prod}".replace("_", "-"))
-    assert latest is not None
+    latest = artifact(f"migrate-{env.prod}".replace("_", "-"))
     assert (latest.description or "").startswith(f"**Failed**: {message}")
 
 

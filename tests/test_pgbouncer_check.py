@@ -104,10 +104,9 @@ def test_a_pool_with_waiting_clients_is_reported_with_figures_and_fails_the_run(
         message = failure_message(state)
         assert message.startswith(f"PgBouncer {block}: pool {pool} has 1 of its 1 server connections busy")
         assert "1 clients waiting" in message
-        from prefect.artifacts import Artifact
+        from tests.harness.runs import artifact
 
-        latest = Artifact.get(f"pgbouncer-check-{block}")
-        assert latest is not None
+        latest = artifact(f"pgbouncer-check-{block}")
         assert (latest.description or "").startswith(f"**Failed**: {message}")
         rows = artifact_rows(block)
         assert rows[f"waiting clients {pool}"]["status"] in ("warning", "critical")

@@ -202,12 +202,10 @@ def test_deleted_segment_is_reported_as_a_gap_with_its_name(healthy, unique: str
         assert "new base backup" in message
         rows = artifact_rows(db)
         assert rows["gaps"]["status"] == "critical"
-        from prefect.artifacts import Artifact
-
         from flows.tasks.common import artifact_key
+        from tests.harness.runs import artifact
 
-        latest = Artifact.get(artifact_key("wal-archive-check", db))
-        assert latest is not None
+        latest = artifact(artifact_key("wal-archive-check", db))
         assert (latest.description or "").startswith(f"**Failed**: {message}")
         # the next run still looks from before the gap: the gap is not forgotten
         assert wal_archive_check(

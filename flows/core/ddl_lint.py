@@ -283,9 +283,9 @@ def _lint_action(
                 validated_checks.add(target)
         return
     if m := re.match(rf"(?is)^VALIDATE\s+CONSTRAINT\s+({IDENT})", a):
-        target = not_valid_checks.get((bare, norm_name(m.group(1))))
-        if target:
-            validated_checks.add(target)
+        proven = not_valid_checks.get((bare, norm_name(m.group(1))))
+        if proven:
+            validated_checks.add(proven)
         return
     if m := re.match(rf"(?is)^DROP\s+(?:COLUMN\s+)?(?:IF\s+EXISTS\s+)?({IDENT})", a):
         if re.match(r"(?i)^(CONSTRAINT)$", m.group(1)):

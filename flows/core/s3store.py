@@ -324,7 +324,7 @@ class S3ObjectStore(ObjectStore):
         )
         return [self._rel(u["Key"]) for u in resp.get("Uploads", [])]
 
-    def incomplete_writes(self, prefix: str) -> list[IncompleteWrite]:
+    def incomplete_writes(self, prefix: str) -> builtins.list[IncompleteWrite]:
         """Open multipart uploads under `prefix`, every page (a dead upload keeps its parts, and its cost)."""
         found: list[IncompleteWrite] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.bucket_key(prefix)}
