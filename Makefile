@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: setup run test lint typecheck bench bench-all clean
+.PHONY: setup run test lint fmt typecheck bench bench-all clean
 
 setup:
 	@bash .ci/install-deps
@@ -18,6 +18,11 @@ test: setup
 
 lint:
 	uv run ruff check .
+	uv run ruff format --check .
+
+fmt:
+	uv run ruff format .
+	uv run ruff check --fix .
 
 typecheck:
 	uv run mypy

@@ -235,8 +235,12 @@ def save_blocks(cluster: Any, s3_url: str) -> tuple[str, str]:
     from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY
 
     PostgresDatabase(
-        host=cluster.host, port=cluster.port, database=DBNAME, user=cluster.superuser,
-        password=cluster.password, application_name="dbops-bench",
+        host=cluster.host,
+        port=cluster.port,
+        database=DBNAME,
+        user=cluster.superuser,
+        password=cluster.password,
+        application_name="dbops-bench",
     ).save(DB_BLOCK, overwrite=True)
     creds = AwsCredentials(
         aws_access_key_id=ACCESS_KEY,
@@ -480,12 +484,27 @@ def fmt(value: float | None, spec: str) -> str:
 
 def print_table(rows: list[Row], floor: float, fc: float, shell: float) -> None:
     cols = [
-        ("wall s", 7), ("x floor", 7), ("x -Fc", 6), ("shell/", 6), ("CPU s", 6), ("pg CPU", 6),
-        ("S3+API", 6), ("others", 6), ("output bytes", 13), ("peak RSS MB", 11),
+        ("wall s", 7),
+        ("x floor", 7),
+        ("x -Fc", 6),
+        ("shell/", 6),
+        ("CPU s", 6),
+        ("pg CPU", 6),
+        ("S3+API", 6),
+        ("others", 6),
+        ("output bytes", 13),
+        ("peak RSS MB", 11),
     ]
     print(f"{'':50} " + " ".join(f"{name:>{w}}" for name, w in cols))
-    print(f"{'':50} " + " ".join(f"{sub:>{w}}" for sub, (_, w) in zip(
-        ["", "", "", "this", "own", "server", "CPU s", "CPU s", "", ""], cols, strict=True)))
+    print(
+        f"{'':50} "
+        + " ".join(
+            f"{sub:>{w}}"
+            for sub, (_, w) in zip(
+                ["", "", "", "this", "own", "server", "CPU s", "CPU s", "", ""], cols, strict=True
+            )
+        )
+    )
     print("-" * (51 + sum(w + 1 for _, w in cols)))
     for r in rows:
         main = not r.label.startswith("   ")
@@ -559,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== imagemanager database, ~{args.size} (Alembic head + generate.py, then VACUUM FREEZE)")
         db = build_database(cluster, workdir, target)
         print(
-            "   " + ("reused from an earlier run; " if db["reused"] else "")
+            "   "
+            + ("reused from an earlier run; " if db["reused"] else "")
             + f"{db['database_bytes'] / MiB:.0f} MiB on disk, rows: {db['rows']}"
         )
         results = run_all(cluster, workdir, db, args.level)
@@ -592,8 +612,12 @@ def run_all(cluster: Any, workdir: Path, db: dict[str, Any], level: int | None) 
     server_version = cluster.sql("SHOW server_version")[0][0]
     pg_dump = find_tool("pg_dump", version_num).path
     params = ConnParams(
-        host=cluster.host, port=cluster.port, database=DBNAME, user=cluster.superuser,
-        password=cluster.password, application_name="bench",
+        host=cluster.host,
+        port=cluster.port,
+        database=DBNAME,
+        user=cluster.superuser,
+        password=cluster.password,
+        application_name="bench",
     )
     print("== moto S3 server and Prefect API")
     with (
@@ -651,8 +675,17 @@ def run_all(cluster: Any, workdir: Path, db: dict[str, Any], level: int | None) 
     rows = [fc, floor, shell]
     for name, step in shell.steps.items():
         rows.append(
-            Row(f"   c: {name}", step["wall"], step["cpu"], step["server_cpu"], step["s3_api_cpu"],
-                step["other_cpu"], step["bytes"], step["maxrss_kb"] / 1024, step["what"])
+            Row(
+                f"   c: {name}",
+                step["wall"],
+                step["cpu"],
+                step["server_cpu"],
+                step["s3_api_cpu"],
+                step["other_cpu"],
+                step["bytes"],
+                step["maxrss_kb"] / 1024,
+                step["what"],
+            )
         )
     rows.append(flow)
     rows.append(Row.of("   d: whole process (interpreter, imports, flow)", proc, rss_note="incl. children"))
@@ -704,7 +737,8 @@ def run_all(cluster: Any, workdir: Path, db: dict[str, Any], level: int | None) 
     busy = [r for r in rows if r.other_cpu is not None and r.other_cpu > 0.1 * r.wall]
     if busy:
         print(
-            "note: other processes used CPU during " + ", ".join(r.label.strip()[:2] for r in busy)
+            "note: other processes used CPU during "
+            + ", ".join(r.label.strip()[:2] for r in busy)
             + "; those rows are slower than on an idle machine"
         )
     return {

@@ -215,15 +215,9 @@ def test_include_wal_to_s3_is_self_contained_and_reaches_consistency_without_the
     )
     store = S3ObjectStore(s3.client(), bucket)
     manifest = BaseBackupManifest.from_json(store.get_bytes(report.manifest_key))
-    assert (
-        manifest.wal_included
-    )
-    assert (
-        manifest.verified
-    )
-    assert (
-        "WAL file(s) in pg_wal" in manifest.verification.detail
-    )
+    assert manifest.wal_included
+    assert manifest.verified
+    assert "WAL file(s) in pg_wal" in manifest.verification.detail
     assert store.list_incomplete_uploads() == []
     target = PgCluster(base_dir=server_dir() / "restored", port=free_port(), password=pg.password)
     names = extract(store, report.key, target.data_dir)
@@ -531,6 +525,7 @@ def test_retention_expires_old_base_backups_manifest_first_but_keeps_a_leased_on
     stem1, stem2 = (r.key.removesuffix(".tar.zst") for r in (first, second))
     take_lease(store, stem1, "pitr-run", "point-in-time recovery", ttl=timedelta(hours=1))
     policy = RetentionPolicy(keep_last=1)
+
     def segments() -> list[str]:
         return sorted(p.name for p in archive.iterdir() if len(p.name) == 24 and p.name.isalnum())
 

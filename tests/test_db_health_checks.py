@@ -67,15 +67,9 @@ def test_a_healthy_database_has_no_warning_and_says_how_to_enable_top_queries(pg
 def test_pg_stat_statements_created_but_not_preloaded_is_one_skipped_line(pg: PgCluster, db: str) -> None:
     pg.sql("CREATE EXTENSION pg_stat_statements", db)
     top = checks(inspect(pg, db))["top queries"]
-    assert (
-        top.status == "skipped"
-    )
-    assert (
-        top.figure == "pg_stat_statements is not loaded"
-    )
-    assert (
-        top.action == ENABLE
-    )
+    assert top.status == "skipped"
+    assert top.figure == "pg_stat_statements is not loaded"
+    assert top.action == ENABLE
 
 
 def test_a_session_idle_in_transaction_and_the_oldest_transaction_are_reported(
@@ -95,19 +89,11 @@ def test_a_session_idle_in_transaction_and_the_oldest_transaction_are_reported(
         found = checks(inspect(pg, db, thresholds=t))
     idle_check = found["idle in transaction"]
     assert idle_check.status == "warning"
-    assert (
-        f"pid {pid} postgres (forgetful)" in idle_check.message
-    )
-    assert (
-        "hold back vacuum" in idle_check.message
-    )
+    assert f"pid {pid} postgres (forgetful)" in idle_check.message
+    assert "hold back vacuum" in idle_check.message
     assert f"pg_terminate_backend({pid})" in idle_check.action
-    assert (
-        found["oldest transaction"].status == "warning"
-    )
-    assert (
-        f"pid {pid}" in found["oldest transaction"].figure
-    )
+    assert found["oldest transaction"].status == "warning"
+    assert f"pid {pid}" in found["oldest transaction"].figure
 
 
 def test_a_blocked_lock_names_its_blocker_and_a_query_hitting_statement_timeout_fails_only_its_check(
@@ -290,12 +276,8 @@ def test_a_role_without_pg_monitor_gets_skipped_checks_with_the_grant_not_a_cras
         assert found[name].status == "skipped", name
         assert found[name].action == f"GRANT pg_monitor TO {role}", name
     hidden = found["sequences not readable"]
-    assert (
-        hidden.status == "skipped"
-    )
-    assert (
-        hidden.action == f"GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"
-    )
+    assert hidden.status == "skipped"
+    assert hidden.action == f"GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"
     assert found["disk of the data directory"].status == "skipped"
     assert "needs pg_monitor" in found["disk of the data directory"].figure
     assert found[f"size {db}"].status == "ok"
@@ -422,12 +404,8 @@ def test_the_judges_of_connections_disk_standbys_cache_and_autovacuum_workers() 
     assert check_temp_files(cold, t, "imagemanager").status == "warning"  # 50 GiB in one day
 
     busy = VacuumFigures([], {"autovacuum": "on", "autovacuum_max_workers": "3"}, 3)
-    assert (
-        check_workers(busy).status == "warning"
-    )
-    assert (
-        "all 3 autovacuum workers are busy" in check_workers(busy).message
-    )
+    assert check_workers(busy).status == "warning"
+    assert "all 3 autovacuum workers are busy" in check_workers(busy).message
     off = VacuumFigures([], {"autovacuum": "off", "autovacuum_max_workers": "3"}, 0)
     assert check_workers(off).status == "warning"
     assert "autovacuum is off" in check_workers(off).message

@@ -103,9 +103,10 @@ def test_a_large_table_passes_when_either_estimate_agrees_and_fails_when_neither
         assert not counted(live=40_000, planner=14_000)  # rows lost: neither agrees
         m = manifest({"public.big": 40_000})
         m.planner_estimates = {"public.big": 14_000}
-        assert "public.big: 20000 rows, manifest estimated 40000 or 14000" in check_row_counts(
-            conn, m, tables
-        ).detail
+        assert (
+            "public.big: 20000 rows, manifest estimated 40000 or 14000"
+            in check_row_counts(conn, m, tables).detail
+        )
 
 
 def test_table_keys_with_dots_or_quotes_read_back_as_the_same_pair() -> None:

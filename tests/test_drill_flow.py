@@ -63,9 +63,7 @@ def test_drill_passes_on_a_good_backup_drops_the_scratch_database_and_records_th
     assert record.rto_seconds == report.rto_seconds
     assert record.dump_key == dumped.key
     assert record.scratch_database == report.scratch_database
-    assert record.describe().startswith(
-        "restored and checked at"
-    )
+    assert record.describe().startswith("restored and checked at")
     values = artifact_values(name)
     assert 0 <= float(values["backup staleness (hours)"]) < 1
     assert values["result"] == "passed"

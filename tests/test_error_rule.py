@@ -156,7 +156,8 @@ def test_no_source_sets_attributes_on_an_error_after_creating_it() -> None:
         for folder in ("flows", "blocks", "deployments")
         for path in (ROOT / folder).rglob("*.py")
         for n, line in enumerate(path.read_text().splitlines(), start=1)
-        if line.lstrip().startswith(("exc.", "err.", "error.")) and "=" in line.split("(")[0]
+        if line.lstrip().startswith(("exc.", "err.", "error."))
+        and "=" in line.split("(")[0]
         and "==" not in line
     ]
     assert offenders == []

@@ -81,7 +81,6 @@ def test_judged_failure_keeps_its_table_and_ends_with_the_sentence(
     unique: str, s3: S3Endpoint, bucket: str
 ) -> None:
 
-
     from flows.restore_drill import restore_drill
 
     storage = make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")

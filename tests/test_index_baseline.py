@@ -209,9 +209,7 @@ def test_state_variable_is_named_after_the_database_identity() -> None:
     )
     odd = state_variable_name(1, "Image.Manager")
     assert odd.startswith("dbops_reindex_baseline_1_image_manager_")
-    assert odd != state_variable_name(
-        1, "image_manager"
-    )
+    assert odd != state_variable_name(1, "image_manager")
 
 
 def test_deduplication_rules_follow_nbtree() -> None:

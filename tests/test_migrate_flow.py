@@ -51,6 +51,7 @@ from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
+
 def test_happy_path_from_old_revision_to_head_on_staging_then_production(env: Env, pg: PgCluster) -> None:
     state = env.run()
     assert state.is_completed(), failure_message(state)
@@ -127,9 +128,7 @@ def test_revision_failing_on_production_data_fails_on_staging_and_production_sta
     assert revision(pg, env.staging) == "0002_nickname"
     values = report_table(env.prod)
     assert values["outcome"].startswith("failed: ")
-    assert values["backup key (rollback point)"].endswith(
-        ".dump.zst"
-    )
+    assert values["backup key (rollback point)"].endswith(".dump.zst")
     assert values["production now at"] == "unchanged"
     latest = artifact(f"migrate-{env.prod}".replace("_", "-"))
     assert (latest.description or "").startswith(f"**Failed**: {message}")

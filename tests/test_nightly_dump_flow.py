@@ -143,9 +143,7 @@ def test_unreachable_database_is_retried_then_fails_clearly(unique: str, s3_stor
     assert state.is_failed()
     assert "cannot reach PostgreSQL" in failure_message(state)
     # the first connection identifies the database for its db:<...> limit: retried, then one sentence
-    assert task_runs(state)["identify_target"] == 1 + int(
-        os.environ["DBOPS_TASK_RETRIES"]
-    )
+    assert task_runs(state)["identify_target"] == 1 + int(os.environ["DBOPS_TASK_RETRIES"])
 
 
 def test_missing_database_fails_fast(pg: PgCluster, unique: str, s3_storage: str) -> None:

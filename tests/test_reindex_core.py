@@ -36,7 +36,12 @@ def bloated(pg: PgCluster, unique: str) -> str:
 
 def row(name: str, **kw: Any) -> IndexRow:
     fields: dict[str, Any] = {
-        "oid": 1, "schema": "public", "table": "t", "name": name, "am": "btree", "size_bytes": 10 << 20,
+        "oid": 1,
+        "schema": "public",
+        "table": "t",
+        "name": name,
+        "am": "btree",
+        "size_bytes": 10 << 20,
         "valid": True,
     }
     fields.update(kw)

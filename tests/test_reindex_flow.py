@@ -200,12 +200,8 @@ def test_lock_held_by_another_session_makes_one_index_time_out_retry_and_fail_th
     rows, description = artifact_rows(dbname)
     assert description.startswith(f"**Failed**: {message}")  # the why on top of the table
     by_index = {r["index"]: r for r in rows}
-    assert (
-        by_index["public.orders_pkey"]["action"] == "failed"
-    )
-    assert (
-        by_index["public.orders_pkey"]["attempts"] == 2
-    )
+    assert by_index["public.orders_pkey"]["action"] == "failed"
+    assert by_index["public.orders_pkey"]["attempts"] == 2
     # the other indexes went on
     assert by_index["public.items_pkey"]["action"] == "rebuilt"
     assert by_index["public.items_code_idx"]["action"] == "rebuilt"
@@ -298,23 +294,13 @@ def test_dense_low_cardinality_index_churned_past_twice_its_size_is_rebuilt_and_
     assert line.index == "public.idx_images_deleted"
     assert line.reason.startswith("size: ")
     assert "x its baseline" in line.reason
-    assert (
-        "estimate of a fresh build" in line.reason
-    )
-    assert (
-        "density: " in line.reason
-    )
-    assert (
-        "wasted" in line.reason
-    )
+    assert "estimate of a fresh build" in line.reason
+    assert "density: " in line.reason
+    assert "wasted" in line.reason
     assert line.size_before == churned_size
     assert line.size_after is not None
-    assert (
-        line.size_after <= 0.5 * churned_size
-    )
-    assert (
-        index_size(pg, dbname, "idx_images_deleted") <= 0.5 * churned_size
-    )
+    assert line.size_after <= 0.5 * churned_size
+    assert index_size(pg, dbname, "idx_images_deleted") <= 0.5 * churned_size
     assert line.ratio_before is not None
     assert line.ratio_before >= 2.0
     assert line.ratio_after is not None
@@ -332,9 +318,7 @@ def test_dense_low_cardinality_index_churned_past_twice_its_size_is_rebuilt_and_
     kept = state_from_values([Variable.get(state_variable_name(sysid, dbname))])
     baseline = kept.indexes["public.idx_images_deleted"]
     assert baseline.source == "rebuilt"
-    assert baseline.bytes_per_tuple == pytest.approx(
-        line.per_tuple_after, rel=0.01
-    )
+    assert baseline.bytes_per_tuple == pytest.approx(line.per_tuple_after, rel=0.01)
 
     again = weekly_reindex(database=block, include_indexes=["idx_*"], **FAST)
     assert not again.with_action("rebuilt")

@@ -52,12 +52,8 @@ def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
     assert report.sha256 == dumped.sha256
     assert report.method == "stream"
     assert content(pg, f"restored_{unique}") == content(pg, name)
-    assert (
-        report.globals.startswith("roles file: created 0 role(s); ")
-    )
-    assert (
-        "already present" in report.globals
-    )
+    assert report.globals.startswith("roles file: created 0 role(s); ")
+    assert "already present" in report.globals
     assert databases(pg, "%_restoring_%") == []
     table = artifact_table(f"restore-restored-{unique}")
     values = {row["item"]: row["value"] for row in table}

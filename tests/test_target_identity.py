@@ -249,9 +249,7 @@ def test_every_spelling_and_alias_of_one_database_takes_one_limit(pg: PgCluster,
     assert names == {f"db:{identity_of(pg, name).system_identifier}:{name}"}
     odd = DatabaseIdentity(1, "we/ird%name")
     assert limit_name(odd).startswith("db:1:we_ird_name~")
-    assert limit_name(odd) != limit_name(
-        DatabaseIdentity(1, "we_ird_name")
-    )
+    assert limit_name(odd) != limit_name(DatabaseIdentity(1, "we_ird_name"))
 
 
 def test_a_dump_through_an_alias_block_waits_for_the_limit_held_for_the_same_database(

@@ -445,12 +445,8 @@ def test_read_only_archive_directory_fails_the_run(broken, tmp_path: Path, uniqu
             return_state=True,
         )
         message = failure_message(state)
-        assert (
-            "failed_count=" in message
-        )
-        assert (
-            f"last_failed_wal={archiver(cluster)['last_failed_wal']}" in message
-        )
+        assert "failed_count=" in message
+        assert f"last_failed_wal={archiver(cluster)['last_failed_wal']}" in message
         assert not list(readonly.iterdir())
     finally:
         cluster.set(archive_command="false")
@@ -566,12 +562,8 @@ def test_standby_and_promotion_to_a_new_timeline(unique: str) -> None:
             switch_and_wait_archived(standby, 2)
             assert (archive / "00000002.history").is_file()
             report = wal_archive_check(database=sdb, archive=location, options=options(f"{unique}-t"))
-            assert report.timeline == 2, [
-                c for c in report.checks if c.status != "ok"
-            ]
-            assert report.status == "ok", [
-                c for c in report.checks if c.status != "ok"
-            ]
+            assert report.timeline == 2, [c for c in report.checks if c.status != "ok"]
+            assert report.status == "ok", [c for c in report.checks if c.status != "ok"]
             assert report.verified_through
             assert report.verified_through.startswith("00000002")
             gaps = next(c for c in report.checks if c.name == "gaps")

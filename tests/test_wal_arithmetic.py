@@ -216,12 +216,8 @@ def test_pending_segments_and_age_are_critical_only_while_wal_waits() -> None:
     assert idle["pending segments"].status == "ok"
     assert idle["archive age"].status == "ok"  # nothing waits
     behind = {c.name: c for c in check_lag(snap(9, 30, now - timedelta(hours=1)), t, now)}
-    assert (
-        behind["pending segments"].status == "critical"
-    )
-    assert (
-        "20 complete WAL segments" in behind["pending segments"].message
-    )
+    assert behind["pending segments"].status == "critical"
+    assert "20 complete WAL segments" in behind["pending segments"].message
     assert behind["archive age"].status == "critical"
     assert behind["pending segments"].figure.startswith(f"20 segment(s), {20 * 16 * MiB + 42} bytes")
 

@@ -99,7 +99,6 @@ class SessionGuard:
         return f"-c lock_timeout={lock} -c statement_timeout={statement}"
 
 
-
 @contextmanager
 def driver_passfile(params: ConnParams | None) -> Iterator[str | None]:
     """A 0600 passfile in a private directory, removed afterwards (the same writer as pg_dump's)."""
@@ -108,7 +107,6 @@ def driver_passfile(params: ConnParams | None) -> Iterator[str | None]:
         return
     with libpq_environment(params) as env:
         yield env["PGPASSFILE"]
-
 
 
 def driver_pythonpath(existing: str | None = None) -> str:

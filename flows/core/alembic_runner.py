@@ -69,7 +69,6 @@ class OfflineSql(dict[str, str]):
         return dict(self)
 
 
-
 @dataclass
 class AlembicApp:
     """An application's Alembic tree, driven in subprocesses.
@@ -112,7 +111,6 @@ class AlembicApp:
             self.driver, username=params.user, host=params.host, port=params.port, database=params.database
         )
         return url.render_as_string(hide_password=False)
-
 
     def _run(
         self,
@@ -358,5 +356,3 @@ class AlembicApp:
             log_tail=tail,
             seconds=seconds,
         )
-
-

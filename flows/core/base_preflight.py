@@ -22,7 +22,6 @@ MAX_CAPTURE = 256 * 1024 * 1024
 WAITING_NOTICE = "waiting for required WAL segments to be archived"
 
 
-
 # -- preflight ---------------------------------------------------------------------------------------------
 
 

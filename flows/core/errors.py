@@ -22,6 +22,7 @@ from flows.core.redact import redact_passwords
 if TYPE_CHECKING:
     from flows.core.alembic_result import RunResult
 
+
 def one_line(text: str) -> str:
     """The sentence on one line (a quoted stderr tail may bring newlines) and without passwords
     (`password=...`, URL credentials); failure_sentence redacts every secret-looking word on top."""

@@ -144,10 +144,11 @@ class BackupListing:
 
     @property
     def window_line(self) -> str:
-        """"recoverable to any moment from .. to ..", the hole that breaks it, or why it is unknown."""
+        """ "recoverable to any moment from .. to ..", the hole that breaks it, or why it is unknown."""
         if self.window is None:
             return f"{self.database}: recoverable window unknown"
         return self.window.describe()
+
     pitr_drill: str = ""  # the last PITR drill (beside the base backups), when there was one
 
     def describe(self) -> str:

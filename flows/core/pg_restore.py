@@ -47,8 +47,6 @@ class ChecksumMismatch(RestoreFailed, BackupIntegrityError):
     """The stored object is not the one the manifest describes."""
 
 
-
-
 class NotEnoughSpace(RestoreError):
     pass
 

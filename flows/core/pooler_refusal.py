@@ -23,7 +23,6 @@ def is_pgbouncer_refusal(text: str) -> bool:
     return bool(match and PGBOUNCER_LOGIN_ERRORS.match(match.group(1).strip()))
 
 
-
 WHY = "dbops needs a real session for pg_dump's snapshot, the migration lock and lock_timeout"
 
 

@@ -26,7 +26,6 @@ class RestoreRefused(RestoreError, ConfigurationError):
     """Protected target without the matching confirm, or a target that must (not) exist."""
 
 
-
 @dataclass(frozen=True)
 class Selector:
     kind: Literal["latest", "before", "key"]

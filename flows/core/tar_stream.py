@@ -15,7 +15,6 @@ MAX_CAPTURE = 256 * 1024 * 1024
 WAITING_NOTICE = "waiting for required WAL segments to be archived"
 
 
-
 # -- reading the tar stream as it passes -------------------------------------------------------------------
 
 

@@ -233,7 +233,6 @@ def wal_position(name: str | None, segment_size: int) -> WalPosition | None:
         return None
 
 
-
 # -- the active probe --------------------------------------------------------------------------------------
 
 
@@ -270,4 +269,3 @@ class CheckState(BaseModel):
     failed_count: int | None = None
     failed_count_at_success: int | None = None
     checked_at: datetime | None = None
-

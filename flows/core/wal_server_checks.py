@@ -32,8 +32,6 @@ from flows.core.wal_server import (
 NOOP_COMMANDS = {"", "(disabled)", "true", "/bin/true", "/usr/bin/true", ":", "exit 0", "/bin/true %p"}
 
 
-
-
 class Thresholds(BaseModel):
     """When a figure turns into a warning or a failed run."""
 

@@ -339,4 +339,3 @@ def plan_backup_cleanup(
 def delete_expired_backups(storage: str, cleanup: Cleanup, prefix: str, database: str) -> Cleanup:
     """Delete what the cleanup plan found: manifests first, leases looked for again, then the rest."""
     return carry_out(load_store(storage), cleanup, prefix, database)
-

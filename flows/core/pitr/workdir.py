@@ -84,7 +84,6 @@ def prepare_work_directory(data_directory: Path, user: str | None) -> Path:
     return work
 
 
-
 def free_local_port() -> int:
     """A port nothing listens on now (the drill's scratch server takes it right after)."""
     with socket.socket() as s:
