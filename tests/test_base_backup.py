@@ -14,7 +14,7 @@ import signal
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -277,12 +277,35 @@ def test_archive_location_that_never_gets_the_wal_fails_after_the_timeout_and_re
     assert [i.key for i in LocalObjectStore(tmp_path / "store").list("")] == []
 
 
+def _stream_in_small_pieces(
+    pg: PgCluster,
+    store: S3ObjectStore,
+    label: str,
+    progress: Callable[[int, int], None],
+    on_start: Callable[[subprocess.Popen[bytes]], None],
+) -> None:
+    """Stream a base backup of the module cluster in 1 MiB segments and 5 MiB parts, so that a fault
+    injected from `progress` lands mid-stream, with pg_basebackup still running and the upload open."""
+    version = int(pg.sql("SHOW server_version_num")[0][0])
+    stream_base_backup(
+        ConnParams(pg.host, pg.port, "imagemanager", pg.superuser, pg.password),
+        store,
+        "prod/imagemanager/base/x.tar.zst",
+        tool=find_tool("pg_basebackup", version),
+        label=label,
+        include_wal=False,
+        segment_size=MiB,
+        part_size=5 * MiB,
+        progress=progress,
+        on_start=on_start,
+    )
+
+
 def test_killed_pg_basebackup_aborts_the_multipart_upload_stores_nothing_and_never_saw_the_password(
     cluster: tuple[PgCluster, Path], s3: S3Endpoint, bucket: str
 ) -> None:
     pg, _archive = cluster
     store = S3ObjectStore(s3.client(), bucket)
-    version = int(pg.sql("SHOW server_version_num")[0][0])
     started: list[subprocess.Popen[bytes]] = []
     killed: list[int] = []
 
@@ -295,20 +318,8 @@ def test_killed_pg_basebackup_aborts_the_multipart_upload_stores_nothing_and_nev
             started[0].send_signal(signal.SIGKILL)
             killed.append(raw)
 
-    params = ConnParams(pg.host, pg.port, "imagemanager", pg.superuser, pg.password)
     with pytest.raises(DbopsError) as info:
-        stream_base_backup(
-            params,
-            store,
-            "prod/imagemanager/base/x.tar.zst",
-            tool=find_tool("pg_basebackup", version),
-            label="dbops-test-kill",
-            include_wal=False,
-            segment_size=MiB,
-            part_size=5 * MiB,
-            progress=progress,
-            on_start=started.append,
-        )
+        _stream_in_small_pieces(pg, store, "dbops-test-kill", progress, started.append)
     assert killed
     assert started[0].returncode == -signal.SIGKILL
     # the password reached pg_basebackup through a passfile, never argv or the environment
@@ -330,7 +341,6 @@ def test_s3_endpoint_dying_mid_stream_is_transient_and_stops_pg_basebackup_and_i
     from tests.harness.s3 import s3_endpoint
 
     pg, _archive = cluster
-    version = int(pg.sql("SHOW server_version_num")[0][0])
     started: list[subprocess.Popen[bytes]] = []
     with s3_endpoint() as doomed:
         store = S3ObjectStore(doomed.client(), doomed.create_bucket(f"doomed-{unique}"))
@@ -343,18 +353,7 @@ def test_s3_endpoint_dying_mid_stream_is_transient_and_stops_pg_basebackup_and_i
                 killed.append(raw)
 
         with pytest.raises(DbopsError) as info:
-            stream_base_backup(
-                ConnParams(pg.host, pg.port, "imagemanager", pg.superuser, pg.password),
-                store,
-                "prod/imagemanager/base/x.tar.zst",
-                tool=find_tool("pg_basebackup", version),
-                label="dbops-test-s3-dies",
-                include_wal=False,
-                segment_size=MiB,
-                part_size=5 * MiB,
-                progress=progress,
-                on_start=started.append,
-            )
+            _stream_in_small_pieces(pg, store, "dbops-test-s3-dies", progress, started.append)
     assert killed
     assert isinstance(info.value, StorageUnavailable), repr(info.value)
     assert is_transient(info.value), repr(info.value)
