@@ -33,7 +33,7 @@ from flows.core.objectstore import ObjectInfo
 from flows.core.s3store import S3ObjectStore
 from flows.core.wal import parse_wal_name
 from flows.core.wal_archive import ArchiveLocation, WalArchive
-from flows.core.wal_expiry import expire_directory, expire_store, plan_expiry
+from flows.core.wal_expiry import WalExpiryReport, expire_directory, expire_store, plan_expiry
 from flows.restore import list_backups
 from flows.tasks.wal_expiry import expire_wal
 from flows.wal_archive_check import CheckOptions, wal_archive_check
@@ -107,6 +107,17 @@ def copy_archive(chain: Chain, tmp_path: Path, age_days: float = 10) -> Path:
     return copy
 
 
+def expire_copy(copy: Path, kept: list[BaseBackupManifest], *, dry_run: bool = False) -> WalExpiryReport:
+    """WAL expiry on a private copy of the directory archive, with the 2-day minimum age and no maximum."""
+    return expire_wal(
+        archive=ArchiveLocation(directory=str(copy)),
+        kept=kept,
+        wal_keep_days=2,
+        wal_max_age_days=None,
+        dry_run=dry_run,
+    )
+
+
 def make_young(path: Path) -> None:
     now = time.time()
     os.utime(path, (now, now))
@@ -134,13 +145,7 @@ def test_expiry_removes_exactly_the_wal_older_than_the_oldest_kept_base_backup(
     assert chain.b1.start_wal in expected_gone
     assert len(expected_gone) >= 6
 
-    report = expire_wal(
-        archive=ArchiveLocation(directory=str(copy)),
-        kept=[chain.b2],
-        wal_keep_days=2,
-        wal_max_age_days=None,
-        dry_run=False,
-    )
+    report = expire_copy(copy, [chain.b2])
 
     assert report.status == "deleted", report.reason
     assert report.method == "pg_archivecleanup", report.reason
@@ -164,13 +169,7 @@ def test_dry_run_returns_the_plan_and_deletes_nothing(chain: Chain, tmp_path: Pa
     before = {p.name: p.stat().st_size for p in copy.iterdir()}
     expected = [s for s in segments(copy) if segno(s) < segno(chain.b1.start_wal)]
 
-    report = expire_wal(
-        archive=ArchiveLocation(directory=str(copy)),
-        kept=[chain.b1, chain.b2],
-        wal_keep_days=2,
-        wal_max_age_days=None,
-        dry_run=True,
-    )
+    report = expire_copy(copy, [chain.b1, chain.b2], dry_run=True)
 
     assert report.status == "planned"
     assert report.dry_run
@@ -191,13 +190,7 @@ def test_wal_keep_days_keeps_segments_younger_than_the_minimum_age(chain: Chain,
     for name in below[2:]:
         make_young(copy / name)
 
-    report = expire_wal(
-        archive=ArchiveLocation(directory=str(copy)),
-        kept=[chain.b2],
-        wal_keep_days=2,
-        wal_max_age_days=None,
-        dry_run=False,
-    )
+    report = expire_copy(copy, [chain.b2])
 
     assert report.status == "deleted", report.reason
     assert report.cut == young
@@ -215,13 +208,7 @@ def test_expiry_with_a_listing_that_fails_half_way_deletes_nothing(chain: Chain,
     os.symlink(copy / "gone-meanwhile", copy / f"{middle}.gz")
     before = sorted(p.name for p in copy.iterdir())
 
-    report = expire_wal(
-        archive=ArchiveLocation(directory=str(copy)),
-        kept=[chain.b2],
-        wal_keep_days=2,
-        wal_max_age_days=None,
-        dry_run=False,
-    )
+    report = expire_copy(copy, [chain.b2])
 
     assert report.status == "blocked"
     assert report.deleted == 0
