@@ -63,6 +63,21 @@ def bucket(s3: S3Endpoint, unique: str) -> str:
     return s3.create_bucket(f"backups-{unique}")
 
 
+@pytest.fixture
+def source(pg: PgCluster, unique: str) -> tuple[str, str]:
+    """(block name, database name) of a sample database to back up (the dump, restore and drill flows)."""
+    from tests.harness.factories import sample_database
+
+    name = sample_database(pg, f"src_{unique}")
+    return make_database_block(pg, f"src-{unique}", name), name
+
+
+@pytest.fixture
+def storage(s3: S3Endpoint, bucket: str, unique: str) -> str:
+    """The S3 storage block the dumps go to: a fresh bucket, under the folder dbops/."""
+    return make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")
+
+
 def make_database_block(pg: PgCluster, name: str, dbname: str, **fields: object) -> str:
     from blocks import PostgresDatabase
 

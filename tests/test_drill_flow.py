@@ -13,24 +13,12 @@ from flows.core.manifest import Manifest
 from flows.core.postgres import one_row
 from flows.nightly_dump import nightly_dump
 from flows.restore_drill import restore_drill
-from tests.conftest import make_database_block, make_s3_block
-from tests.harness.factories import databases, rewrite, sample_database
+from tests.harness.factories import databases, rewrite
 from tests.harness.pg import PgCluster, wait_until
 from tests.harness.runs import artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-@pytest.fixture
-def source(pg: PgCluster, unique: str) -> tuple[str, str]:
-    name = sample_database(pg, f"src_{unique}")
-    return make_database_block(pg, f"src-{unique}", name), name
-
-
-@pytest.fixture
-def storage(s3: S3Endpoint, bucket: str, unique: str) -> str:
-    return make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")
 
 
 def drill_record(s3: S3Endpoint, bucket: str, manifest_key: str) -> DrillRecord:

@@ -11,25 +11,13 @@ from flows.core.compression import Compression
 from flows.core.manifest import Manifest
 from flows.nightly_dump import nightly_dump
 from flows.restore import RestoreOptions, restore
-from tests.conftest import make_database_block, make_s3_block
-from tests.harness.factories import content, databases, flip_one_byte_of_row_data, rewrite, sample_database
+from tests.conftest import make_database_block
+from tests.harness.factories import content, databases, flip_one_byte_of_row_data, rewrite
 from tests.harness.pg import PgCluster, free_port
 from tests.harness.runs import artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-@pytest.fixture
-def source(pg: PgCluster, unique: str) -> tuple[str, str]:
-    """(block name, database name) of a sample database to back up."""
-    name = sample_database(pg, f"src_{unique}")
-    return make_database_block(pg, f"src-{unique}", name), name
-
-
-@pytest.fixture
-def storage(s3: S3Endpoint, bucket: str, unique: str) -> str:
-    return make_s3_block(s3, f"s3-{unique}", bucket, folder="dbops")
 
 
 def test_create_mode_restores_every_row_into_a_new_database_and_reports_the_rto(
