@@ -197,22 +197,14 @@ def run_all(cluster: Any, workdir: Path) -> dict[str, Any]:
     from blocks import PostgresDatabase
     from flows.core.pgtools import find_tool
     from flows.core.postgres import ConnParams, libpq_environment
+    from tests.harness.basebackup import tar_to_stdout_argv
 
     version = int(cluster.sql("SHOW server_version_num")[0][0])
     pg_basebackup = find_tool("pg_basebackup", version).path
     params = ConnParams(cluster.host, cluster.port, DBNAME, cluster.superuser, cluster.password)
     rows: dict[str, dict[str, Any]] = {}
     with libpq_environment(params) as env:
-        floor_argv = [
-            str(pg_basebackup),
-            "-D",
-            "-",
-            "-Ft",
-            "-X",
-            "none",
-            "--checkpoint=fast",
-            "--no-password",
-        ]
+        floor_argv = tar_to_stdout_argv(pg_basebackup, "--no-password")
         print("== warm-up pg_basebackup > /dev/null (not measured)")
         run_measured(floor_argv, env=env)
         print("== a. pg_basebackup -D - -Ft > /dev/null")

@@ -37,21 +37,15 @@ def main() -> int:
     from flows.core.pitr.selection import choose_base_backup
     from flows.core.pitr.targets import parse_target
     from flows.core.pitr.workdir import free_local_port
-    from flows.core.postgres import ConnParams, libpq_environment
+    from flows.core.postgres import libpq_environment
     from flows.core.wal_archive import WalArchive
     from tests.harness.basebackup import archiving_cluster, catalog_of, switch_and_archive, take_base_backup
+    from tests.harness.factories import conn_params
 
     with archiving_cluster() as (cluster, archive_dir):
         version = int(cluster.sql("SHOW server_version_num")[0][0])
         pgbench = str(find_tool("pgbench", version).path)
-        params = ConnParams(
-            host=cluster.host,
-            port=cluster.port,
-            database="postgres",
-            user=cluster.superuser,
-            password=cluster.password,
-        )
-        with libpq_environment(params) as env:
+        with libpq_environment(conn_params(cluster, "postgres")) as env:
             subprocess.run(
                 [pgbench, "-i", "-q", "-s", str(args.scale)], env=env, check=True, capture_output=True
             )

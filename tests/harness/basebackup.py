@@ -32,9 +32,10 @@ from flows.core.base_layout import (
 )
 from flows.core.objectstore import ObjectStore
 from flows.core.pgtools import find_tool
-from flows.core.postgres import ConnParams, libpq_environment
+from flows.core.postgres import libpq_environment
 from flows.core.streams import hashing, zstd_compress
 from flows.core.wal import parse_lsn, walfile_of_lsn
+from tests.harness.factories import conn_params
 from tests.harness.pg import PgCluster, pg_cluster, wait_until
 
 SMALL_SEGMENTS = ["--wal-segsize=1"]
@@ -83,6 +84,12 @@ def switch_and_archive(cluster: PgCluster) -> str:
     return str(name)
 
 
+def tar_to_stdout_argv(pg_basebackup: Path, *extra: str) -> list[str]:
+    """pg_basebackup writing one tar to stdout (PostgreSQL puts backup_manifest in it), no WAL in it (the
+    archive has it), after a fast checkpoint: how the tests, the bench floor and the flow take one."""
+    return [str(pg_basebackup), "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast", *extra]
+
+
 def take_base_backup(
     cluster: PgCluster,
     store: ObjectStore,
@@ -98,29 +105,12 @@ def take_base_backup(
     With `archive_dir`, waits until the stop segment is there; `wal_archived=False` files a manifest that
     does not promise its WAL (what the chain must not trust)."""
     started = datetime.now(UTC)
-    params = ConnParams(
-        host=cluster.host,
-        port=cluster.port,
-        database="postgres",
-        user=cluster.superuser,
-        password=cluster.password,
-    )
     label = label or f"dbops-{database}-{started:%Y%m%dT%H%M%SZ}"
     version_num = int(cluster.sql("SHOW server_version_num")[0][0])
     pg_basebackup = find_tool("pg_basebackup", version_num).path
-    with libpq_environment(params) as env:
+    with libpq_environment(conn_params(cluster, "postgres")) as env:
         run = subprocess.run(
-            [
-                str(pg_basebackup),
-                "-D",
-                "-",
-                "-Ft",
-                "-X",
-                "none",
-                "--checkpoint=fast",
-                "-l",
-                label,
-            ],
+            tar_to_stdout_argv(pg_basebackup, "-l", label),
             capture_output=True,
             env=env,
             timeout=300,
