@@ -35,6 +35,7 @@ from bench.bench_dump import (
     kb,
     proc_status,
     run_measured,
+    save_database_block,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,7 +195,6 @@ def run_all(cluster: Any, workdir: Path) -> dict[str, Any]:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from blocks import PostgresDatabase
     from flows.core.pgtools import find_tool
     from flows.core.postgres import ConnParams, libpq_environment
     from tests.harness.basebackup import tar_to_stdout_argv
@@ -231,13 +231,7 @@ def run_all(cluster: Any, workdir: Path) -> dict[str, Any]:
     shutil.rmtree(store_dir, ignore_errors=True)
     store_dir.mkdir()
     with prefect_test_harness(server_startup_timeout=120):
-        PostgresDatabase(
-            host=cluster.host,
-            port=cluster.port,
-            database=DBNAME,
-            user=cluster.superuser,
-            password=cluster.password,
-        ).save(DB_BLOCK, overwrite=True)
+        save_database_block(cluster, DB_BLOCK, DBNAME)
         LocalFileSystem(basepath=str(store_dir)).save(STORE_BLOCK, overwrite=True)
         env = {
             **os.environ,

@@ -226,22 +226,29 @@ def build_database(cluster: Any, workdir: Path, target_bytes: int) -> dict[str, 
     return info
 
 
+def save_database_block(cluster: Any, block: str, dbname: str, **fields: Any) -> None:
+    """The PostgresDatabase block a flow takes: the bench cluster's superuser on `dbname` (every bench
+    makes it this way; `fields` adds the others, such as application_name)."""
+    from blocks import PostgresDatabase
+
+    PostgresDatabase(
+        host=cluster.host,
+        port=cluster.port,
+        database=dbname,
+        user=cluster.superuser,
+        password=cluster.password,
+        **fields,
+    ).save(block, overwrite=True)
+
+
 def save_blocks(cluster: Any, s3_url: str) -> tuple[str, str]:
     """The two blocks the flow takes, as tests/conftest.py makes them."""
     from prefect_aws import AwsCredentials, S3Bucket
     from prefect_aws.client_parameters import AwsClientParameters
 
-    from blocks import PostgresDatabase
     from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY
 
-    PostgresDatabase(
-        host=cluster.host,
-        port=cluster.port,
-        database=DBNAME,
-        user=cluster.superuser,
-        password=cluster.password,
-        application_name="dbops-bench",
-    ).save(DB_BLOCK, overwrite=True)
+    save_database_block(cluster, DB_BLOCK, DBNAME, application_name="dbops-bench")
     creds = AwsCredentials(
         aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,

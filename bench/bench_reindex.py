@@ -32,11 +32,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.bench_dump import OUT_DIR, save_database_block
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = ROOT / "bench" / "out"
 DBNAME = "reindexbench"
 DB_BLOCK = "bench-reindex"
 
@@ -164,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from blocks import PostgresDatabase
     from deployments.sandbox import pg_cluster, wait_until
     from flows.weekly_reindex import weekly_reindex
 
@@ -174,13 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         build_database(cluster, args.rows)
         print(f"built {args.rows} rows (75 % deleted) in {time.monotonic() - t0:.1f} s")
         before = index_sizes(cluster)
-        PostgresDatabase(
-            host=cluster.host,
-            port=cluster.port,
-            database=DBNAME,
-            user=cluster.superuser,
-            password=cluster.password,
-        ).save(DB_BLOCK, overwrite=True)
+        save_database_block(cluster, DB_BLOCK, DBNAME)
 
         conninfo = f"host={cluster.host} port={cluster.port} dbname={DBNAME} user={cluster.superuser}"
         records_file = OUT_DIR / "bench_reindex_writes.json"
