@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -32,7 +31,7 @@ from deployments.alerts import AlertConfig
 from deployments.deploy import prefect_bin
 from deployments.sandbox import free_port
 from deployments.setup import SetupConfig, SetupReport, ensure_work_pool, run_setup
-from deployments.stack import prefect_server_argv, prefect_server_env, wait_http
+from deployments.stack import prefect_server_argv, prefect_server_env, stop_process_group, wait_http
 from tests.conftest import make_local_block
 from tests.harness.pg import PgCluster
 
@@ -61,16 +60,6 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         return subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _create_deployment(
@@ -193,7 +182,7 @@ def alerts(pg: PgCluster) -> Iterator[AlertStack]:
             )
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process_group(proc)
         receiver.stop()
         # what arrived, for a failing test's report (and `pytest -s`: the README's examples come from here)
         print("\n".join(format_alert(alert) for alert in receiver.alerts))

@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from deployments import stackstate
+from deployments.stack import stop_process_group
 from tests.harness.pg import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,13 +115,7 @@ def stack() -> Iterator[RunningStack]:
         running.api_url = match.group(1)
         yield running
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc, timeout=120)
         reader.join(timeout=30)
         for name in ("stack", "prefect-worker", "prefect-server"):  # whatever a failed test left running
             pid = stackstate.live_pid(state, name)
