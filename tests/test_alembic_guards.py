@@ -25,6 +25,7 @@ from flows.core.ddl_lint import lint
 from flows.core.ddl_rules import blocking
 from flows.core.postgres import ConnParams
 from tests.harness.factories import conn_params
+from tests.harness.migrate_env import READS_DATA_REVISION
 from tests.harness.pg import PgCluster, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -361,28 +362,11 @@ def test_alembic_sees_an_allowlisted_environment_and_the_password_only_in_a_priv
 
 # -- item 13: offline SQL with the application's DATABASE_URL convention -----------------------------------
 
-READS_DATA = '''"""Reads data through the connection: offline (--sql) it cannot be rendered."""
-from alembic import op
-import sqlalchemy as sa
-
-revision = "0003_reads_data"
-down_revision = "0002_items_note"
-
-
-def upgrade():
-    n = op.get_bind().execute(sa.text("SELECT count(*) FROM items")).scalar_one()
-    op.execute(f"COMMENT ON TABLE items IS 'had {n} rows'")
-
-
-def downgrade():
-    pass
-'''
-
 
 def test_offline_sql_renders_an_env_py_that_reads_os_environ_database_url(
     tmp_path: Path, params: ConnParams
 ) -> None:
-    app = app_copy(tmp_path, ASYNCPG, {"0003_reads_data.py": READS_DATA})
+    app = app_copy(tmp_path, ASYNCPG, {"0003_reads_data.py": READS_DATA_REVISION})
     offline = app.offline_sql(None, "head", params)
     assert list(offline) == [ASYNCPG.base, ASYNCPG.alter]
     assert "ADD COLUMN note TEXT" in offline[ASYNCPG.alter]

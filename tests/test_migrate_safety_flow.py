@@ -18,6 +18,7 @@ from flows.migrate import MigrateReport
 from tests.harness.factories import conn_params
 from tests.harness.migrate_env import (
     FAST,
+    READS_DATA_REVISION,
     Env,
     backups_in,
     env_with_blocks,
@@ -83,29 +84,11 @@ def async_env(pg: PgCluster, unique: str, tmp_path: Path) -> Env:
     return env_with_blocks(pg, prod, staging, tmp_path / "backups")
 
 
-READS_DATA = '''"""Reads data through the connection: offline (--sql) it cannot be rendered."""
-import sqlalchemy as sa
-from alembic import op
-
-revision = "0003_reads_data"
-down_revision = "0002_items_note"
-
-
-def upgrade():
-    n = op.get_bind().execute(sa.text("SELECT count(*) FROM items")).scalar_one()
-    op.execute(f"COMMENT ON TABLE items IS 'had {n} rows'")
-
-
-def downgrade():
-    op.execute("COMMENT ON TABLE items IS NULL")
-'''
-
-
 def test_revision_whose_sql_cannot_be_rendered_blocks_before_production_unless_waived(
     async_env: Env, pg: PgCluster, tmp_path: Path
 ) -> None:
     env = async_env
-    app = async_app_copy(tmp_path, {"0003_reads_data.py": READS_DATA})
+    app = async_app_copy(tmp_path, {"0003_reads_data.py": READS_DATA_REVISION})
     state = env.run(alembic=str(app), options=ASYNC)
     message = failure_message(state)
     assert "0003_reads_data:offline-sql-not-rendered" in message

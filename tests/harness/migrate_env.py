@@ -28,6 +28,26 @@ HEAD = "0003_email_unique"
 FAST = MigrateOptions(approval_poll_seconds=1, retry_first_delay_s=0.2, lock_wait_hours=0.05)
 
 
+#: a revision of the async-template app (tests/fixtures/async_app) that reads data through the connection:
+#: offline (--sql) it cannot be rendered, so the lint must block it unless waived
+READS_DATA_REVISION = '''"""Reads data through the connection: offline (--sql) it cannot be rendered."""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003_reads_data"
+down_revision = "0002_items_note"
+
+
+def upgrade():
+    n = op.get_bind().execute(sa.text("SELECT count(*) FROM items")).scalar_one()
+    op.execute(f"COMMENT ON TABLE items IS 'had {n} rows'")
+
+
+def downgrade():
+    op.execute("COMMENT ON TABLE items IS NULL")
+'''
+
+
 @dataclass
 class Env:
     prod: str  # database names
