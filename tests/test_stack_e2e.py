@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,21 @@ def stack_env() -> dict[str, str]:
     return env
 
 
+def start_piped(argv: list[str], preexec_fn: Callable[[], object] | None = None) -> subprocess.Popen[str]:
+    """Start `argv` from the repository root with the stack's environment, in a session of its own (so a
+    test can signal its whole process group), its output and errors as text on one pipe."""
+    return subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=stack_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=preexec_fn,
+    )
+
+
 def follow(proc: subprocess.Popen[str], lines: list[str], marker: str, seen: threading.Event) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -91,14 +106,8 @@ def stack() -> Iterator[RunningStack]:
         f"--state {shlex.quote(str(state))} 2>&1 "
         f"| tee {shlex.quote(str(state / 'run.log'))}; exit ${{PIPESTATUS[0]}}"
     )
-    proc = subprocess.Popen(
+    proc = start_piped(
         ["bash", "-c", pipeline],
-        cwd=ROOT,
-        env=stack_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
         # A shell started with SIGINT ignored (a CI job, `cmd &`) passes that on to bash and tee, and a
         # non-interactive bash cannot undo it: reset it, as a terminal's shell has it.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -375,15 +384,7 @@ def test_a_killed_run_leaves_orphans_the_next_run_adopts_on_the_same_port(stack:
     assert stack.proc.poll() is not None  # the Ctrl-C test stopped the first run
     # A run killed with SIGKILL (OOM killer, `kill -9`) once its server and cluster are up. Its server
     # binds the first run's port although that run's connections are still in TIME-WAIT.
-    killed = subprocess.Popen(
-        [sys.executable, "-m", "deployments.stack", "--state", str(stack.state)],
-        cwd=ROOT,
-        env=stack_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    killed = start_piped([sys.executable, "-m", "deployments.stack", "--state", str(stack.state)])
     lines: list[str] = []
     reached = threading.Event()
     reader = threading.Thread(target=follow, args=(killed, lines, "== dbops setup", reached))
