@@ -126,25 +126,33 @@ def hold_lock(pg: PgCluster, database: str, table: str) -> psycopg.Connection:
 # -- item 16: lock_timeout and statement_timeout, whatever the driver ------------------------------------
 
 
-@BOTH
-def test_held_lock_fails_the_revision_within_lock_timeout(
-    sample: Sample, tmp_path: Path, params: ConnParams, pg: PgCluster
-) -> None:
-    app = app_copy(tmp_path, sample)
+def upgrade_while_the_table_is_locked(
+    app: AlembicApp, sample: Sample, params: ConnParams, pg: PgCluster, target: str
+) -> tuple[LockTimeout, float]:
+    """Upgrade from the sample's base to `target` (lock_timeout 1 s) while another session holds a lock on
+    the sample's table; returns the LockTimeout it must raise and the seconds it took. The blocking
+    transaction must come through unaffected."""
     app.upgrade(params, sample.base, lock_timeout_ms=1000, statement_timeout_ms=0, start=[])
     blocker = hold_lock(pg, params.database, sample.table)
     try:
         t0 = time.monotonic()
         with pytest.raises(LockTimeout) as caught:
-            app.upgrade(
-                params, sample.alter, lock_timeout_ms=1000, statement_timeout_ms=0, start=[sample.base]
-            )
+            app.upgrade(params, target, lock_timeout_ms=1000, statement_timeout_ms=0, start=[sample.base])
         elapsed = time.monotonic() - t0
         assert blocker.execute("SELECT 1").fetchone() == (1,), "the held transaction is unaffected"
     finally:
         blocker.rollback()
         blocker.close()
-    assert caught.value.revision == sample.alter
+    return caught.value, elapsed
+
+
+@BOTH
+def test_held_lock_fails_the_revision_within_lock_timeout(
+    sample: Sample, tmp_path: Path, params: ConnParams, pg: PgCluster
+) -> None:
+    app = app_copy(tmp_path, sample)
+    caught, elapsed = upgrade_while_the_table_is_locked(app, sample, params, pg, sample.alter)
+    assert caught.revision == sample.alter
     assert "waited longer than lock_timeout" in str(caught.value)
     assert elapsed < 15, f"{elapsed:.1f} s: the ALTER waited far past lock_timeout (1 s)"
     assert not has_column(pg, params.database, sample.table, sample.column)
@@ -178,20 +186,8 @@ def test_watchdog_cancels_a_lock_wait_even_when_the_revision_turns_lock_timeout_
     (app.ini_path.parent / "alembic" / "versions" / f"{sample.alter}.py").unlink()
     if sample is PSYCOPG:
         (app.ini_path.parent / "alembic" / "versions" / "0003_email_unique.py").unlink()
-    app.upgrade(params, sample.base, lock_timeout_ms=1000, statement_timeout_ms=0, start=[])
-    blocker = hold_lock(pg, params.database, sample.table)
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(LockTimeout) as caught:
-            app.upgrade(
-                params, "0009_guard_off", lock_timeout_ms=1000, statement_timeout_ms=0, start=[sample.base]
-            )
-        elapsed = time.monotonic() - t0
-        assert blocker.execute("SELECT 1").fetchone() == (1,)
-    finally:
-        blocker.rollback()
-        blocker.close()
-    assert caught.value.revision == "0009_guard_off"
+    caught, elapsed = upgrade_while_the_table_is_locked(app, sample, params, pg, "0009_guard_off")
+    assert caught.revision == "0009_guard_off"
     assert elapsed < 15, f"{elapsed:.1f} s: nothing cancelled the wait"
     assert not has_column(pg, params.database, sample.table, "guard_off")
     assert stamped(pg, params.database) == [sample.base]
