@@ -38,39 +38,23 @@ from flows.core.s3store import S3ObjectStore
 from flows.core.tar_stream import TarScanner
 from flows.core.wal_archive import ArchiveLocation
 from tests.conftest import make_local_block, make_s3_block
-from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until
+from tests.harness.basebackup import archiving_cluster, server_owned
+from tests.harness.pg import PgCluster, free_port, wait_until
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-#: 1 MiB WAL segments: switches and archiving are fast, and it is not the 16 MiB default
-SMALL_SEGMENTS = ["--wal-segsize=1"]
-
-
-def _server_owned(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        shutil.chown(path, "postgres")
-    return path
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[PgCluster, Path]]:
     """One archiving cluster for the whole module (the seed's `cp %p DIR/%f`), with data in imagemanager."""
-    tmp = Path(tempfile.mkdtemp(prefix="dbops-base-"))
-    os.chmod(tmp, 0o755)
-    archive = _server_owned(tmp / "wal_archive")
-    conf = {"wal_level": "replica", "archive_mode": "on", "archive_command": f"'cp %p {archive}/%f'"}
-    try:
-        with pg_cluster(conf, base_dir=tmp, initdb_args=SMALL_SEGMENTS) as pg:
-            pg.create_database("imagemanager")
-            pg.sql(
-                "CREATE TABLE images AS SELECT g AS id, md5(g::text) AS sha FROM generate_series(1, 5000) g",
-                "imagemanager",
-            )
-            yield pg, archive
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with archiving_cluster() as (pg, archive):
+        pg.create_database("imagemanager")
+        pg.sql(
+            "CREATE TABLE images AS SELECT g AS id, md5(g::text) AS sha FROM generate_series(1, 5000) g",
+            "imagemanager",
+        )
+        yield pg, archive
 
 
 def block(
@@ -414,7 +398,7 @@ def test_extra_tablespace_is_refused_with_a_sentence(
     cluster: tuple[PgCluster, Path], tmp_path: Path, unique: str
 ) -> None:
     pg, archive = cluster
-    location = _server_owned(pg.base_dir.parent / f"ts_{unique}")
+    location = server_owned(pg.base_dir.parent / f"ts_{unique}")
     pg.sql(f"CREATE TABLESPACE ts_{unique} LOCATION '{location}'")
     try:
         state = base_backup(

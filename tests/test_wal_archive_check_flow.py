@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,83 +24,19 @@ from flows.core.wal_archive import ArchiveLocation
 from flows.core.wal_server_checks import Thresholds
 from flows.wal_archive_check import CheckOptions, wal_archive_check
 from tests.conftest import make_s3_block
-from tests.harness.pg import PgCluster, free_port, pg_cluster, wait_until
+from tests.harness.basebackup import (
+    archiver,
+    archiving_cluster,
+    database_block,
+    server_owned,
+    switch_and_wait_archived,
+    switch_wal,
+)
+from tests.harness.pg import PgCluster, free_port, wait_until
 from tests.harness.runs import artifact, artifact_table, failure_message
 from tests.harness.s3 import S3Endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-SMALL_SEGMENTS = ["--wal-segsize=1"]  # 1 MiB segments: fast switches, and not the 16 MiB default
-
-
-def _server_owned(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        shutil.chown(path, "postgres")
-    return path
-
-
-@contextmanager
-def archiving_cluster(
-    archive_command: str | None = None, **settings: str
-) -> Iterator[tuple[PgCluster, Path]]:
-    """A cluster with `cp %p ARCHIVE/%f` (or the given command) and its archive directory."""
-    tmp = Path(tempfile.mkdtemp(prefix="dbops-wal-"))
-    os.chmod(tmp, 0o755)
-    archive = _server_owned(tmp / "wal_archive")
-    conf = {
-        "wal_level": "replica",
-        "archive_mode": "on",
-        "archive_command": f"'{archive_command or f'cp %p {archive}/%f'}'",
-        **settings,
-    }
-    try:
-        with pg_cluster(conf, base_dir=tmp, initdb_args=SMALL_SEGMENTS) as cluster:
-            yield cluster, archive
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def database_block(
-    cluster: PgCluster, name: str, user: str | None = None, password: str | None = None
-) -> str:
-    from blocks import PostgresDatabase
-
-    PostgresDatabase(
-        host=cluster.host,
-        port=cluster.port,
-        database="postgres",
-        user=user or cluster.superuser,
-        password=password or cluster.password,
-    ).save(name, overwrite=True)
-    return name
-
-
-def archiver(cluster: PgCluster) -> dict:
-    with cluster.connect() as conn:
-        cur = conn.execute("SELECT * FROM pg_stat_archiver")
-        row = cur.fetchone()
-        assert row is not None
-        assert cur.description is not None
-        return dict(zip([c.name for c in cur.description], row, strict=True))
-
-
-def switch_wal(cluster: PgCluster) -> str:
-    """Write a WAL record, close the segment; returns the closed segment's name."""
-    with cluster.connect() as conn:
-        conn.execute("SELECT pg_logical_emit_message(false, 'dbops-test', 'x')")
-        return str(scalar(conn, "SELECT pg_walfile_name(pg_switch_wal())"))
-
-
-def switch_and_wait_archived(cluster: PgCluster, count: int = 1) -> list[str]:
-    names = []
-    for _ in range(count):
-        name = switch_wal(cluster)
-        wait_until(
-            lambda n=name: (archiver(cluster)["last_archived_wal"] or "") >= n, what=f"{name} archived"
-        )
-        names.append(name)
-    return names
 
 
 def artifact_rows(database: str) -> dict[str, dict]:
@@ -429,7 +364,7 @@ def test_read_only_archive_directory_fails_the_run(broken, tmp_path: Path, uniqu
     readonly = Path(tempfile.mkdtemp(prefix="dbops-ro-"))
     try:
         os.chmod(readonly, 0o755)
-        _server_owned(readonly)
+        server_owned(readonly)
         os.chmod(readonly, 0o555)  # the postgres user owns it but may not write into it
         cluster.set(archive_command=f"cp %p {readonly}/%f")
         cluster.sql("SELECT pg_stat_reset_shared('archiver')")
@@ -476,7 +411,7 @@ def test_stalled_archiver_without_failures_is_critical_on_the_second_run(broken,
         assert "no newer failure" in message
         assert archiver(cluster)["failed_count"] == 0
     finally:
-        _server_owned(gate)  # let the hung command finish
+        server_owned(gate)  # let the hung command finish
         cluster.set(archive_command="false")
 
 
@@ -499,8 +434,8 @@ def test_archive_mode_off_fails_saying_it_needs_a_restart(unique: str) -> None:
 def base_backup_standby(primary: PgCluster, base_dir: Path) -> PgCluster:
     """pg_basebackup -R into a new data directory, started as a streaming standby on its own port."""
     standby = PgCluster(base_dir=base_dir, port=free_port(), password=primary.password)
-    _server_owned(base_dir)
-    _server_owned(standby.socket_dir)
+    server_owned(base_dir)
+    server_owned(standby.socket_dir)
     prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     done = subprocess.run(
         [

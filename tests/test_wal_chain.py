@@ -38,14 +38,16 @@ from flows.restore import list_backups
 from flows.tasks.wal_expiry import expire_wal
 from flows.wal_archive_check import CheckOptions, wal_archive_check
 from tests.conftest import make_local_block, make_s3_block
-from tests.harness.basebackup import SMALL_SEGMENTS, server_owned, take_base_backup
-from tests.harness.pg import PgCluster, pg_cluster
-from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, s3_endpoint
-from tests.test_wal_archive_check_flow import (
+from tests.harness.basebackup import (
+    SMALL_SEGMENTS,
     database_block,
-    failure_message,
+    server_owned,
     switch_and_wait_archived,
+    take_base_backup,
 )
+from tests.harness.pg import PgCluster, pg_cluster
+from tests.harness.runs import failure_message
+from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint, s3_endpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

@@ -32,7 +32,7 @@ from flows.core.base_layout import (
 )
 from flows.core.objectstore import ObjectStore
 from flows.core.pgtools import find_tool
-from flows.core.postgres import libpq_environment
+from flows.core.postgres import libpq_environment, scalar
 from flows.core.streams import hashing, zstd_compress
 from flows.core.wal import parse_lsn, walfile_of_lsn
 from tests.harness.factories import conn_params
@@ -50,15 +50,17 @@ def server_owned(path: Path) -> Path:
 
 
 @contextmanager
-def archiving_cluster(**settings: str) -> Iterator[tuple[PgCluster, Path]]:
-    """A cluster archiving with `cp %p ARCHIVE/%f` into a directory beside it."""
-    tmp = Path(tempfile.mkdtemp(prefix="dbops-pitr-src-"))
+def archiving_cluster(
+    archive_command: str | None = None, **settings: str
+) -> Iterator[tuple[PgCluster, Path]]:
+    """A cluster archiving with `cp %p ARCHIVE/%f` (or the given command) into a directory beside it."""
+    tmp = Path(tempfile.mkdtemp(prefix="dbops-archiving-"))
     os.chmod(tmp, 0o755)
     archive = server_owned(tmp / "wal_archive")
     conf = {
         "wal_level": "replica",
         "archive_mode": "on",
-        "archive_command": f"'cp %p {archive}/%f'",
+        "archive_command": f"'{archive_command or f'cp %p {archive}/%f'}'",
         **settings,
     }
     try:
@@ -66,6 +68,51 @@ def archiving_cluster(**settings: str) -> Iterator[tuple[PgCluster, Path]]:
             yield cluster, archive
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def database_block(
+    cluster: PgCluster, name: str, user: str | None = None, password: str | None = None
+) -> str:
+    """A PostgresDatabase block on the cluster's `postgres` database (the superuser unless `user`)."""
+    from blocks import PostgresDatabase
+
+    PostgresDatabase(
+        host=cluster.host,
+        port=cluster.port,
+        database="postgres",
+        user=user or cluster.superuser,
+        password=password or cluster.password,
+    ).save(name, overwrite=True)
+    return name
+
+
+def archiver(cluster: PgCluster) -> dict:
+    """The cluster's pg_stat_archiver row, by column name."""
+    with cluster.connect() as conn:
+        cur = conn.execute("SELECT * FROM pg_stat_archiver")
+        row = cur.fetchone()
+        assert row is not None
+        assert cur.description is not None
+        return dict(zip([c.name for c in cur.description], row, strict=True))
+
+
+def switch_wal(cluster: PgCluster) -> str:
+    """Write a WAL record, close the segment; returns the closed segment's name."""
+    with cluster.connect() as conn:
+        conn.execute("SELECT pg_logical_emit_message(false, 'dbops-test', 'x')")
+        return str(scalar(conn, "SELECT pg_walfile_name(pg_switch_wal())"))
+
+
+def switch_and_wait_archived(cluster: PgCluster, count: int = 1) -> list[str]:
+    """Close `count` segments one after the other, each archived before the next; returns their names."""
+    names = []
+    for _ in range(count):
+        name = switch_wal(cluster)
+        wait_until(
+            lambda n=name: (archiver(cluster)["last_archived_wal"] or "") >= n, what=f"{name} archived"
+        )
+        names.append(name)
+    return names
 
 
 def switch_and_archive(cluster: PgCluster) -> str:
