@@ -15,6 +15,7 @@ from flows.core.health.history import SizeHistory, sparkline
 from flows.core.health.queries import ENABLE
 from flows.core.health.report import render
 from flows.core.health.thresholds import SEED_PRESCRIBED, HealthThresholds
+from tests.harness.factories import churn_table
 from tests.harness.pg import PgCluster, wait_until
 
 
@@ -164,19 +165,6 @@ def test_a_sequence_at_90_percent_and_an_integer_key_fed_by_a_bigint_sequence(pg
     assert key.status == "warning"
     assert "public.images.id (integer) 80.0% of 2,147,483,647 (sequence bigint)" in key.figure
     assert "ALTER TABLE public.images ALTER COLUMN id TYPE bigint" in key.action
-
-
-def churn_table(pg: PgCluster, db: str, rows: int = 20_000) -> None:
-    """A table autovacuum leaves alone, with every row deleted: all dead rows, visible in the statistics."""
-    pg.sql("CREATE TABLE churn (id int, pad text) WITH (autovacuum_enabled = false)", db)
-    pg.sql("INSERT INTO churn SELECT g, repeat('x', 50) FROM generate_series(1, %s) g", db, (rows,))
-    pg.sql("DELETE FROM churn", db)
-    wait_until(
-        lambda: (
-            pg.sql("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'churn'", db)[0][0] >= rows
-        ),
-        what="the dead rows in pg_stat_user_tables",
-    )
 
 
 def test_a_table_with_many_dead_rows_is_flagged_for_vacuum(pg: PgCluster, db: str) -> None:

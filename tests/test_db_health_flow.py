@@ -15,9 +15,9 @@ from prefect.variables import Variable
 from flows.core.health.history import SizeHistory
 from flows.db_health import db_health
 from tests.conftest import make_database_block
+from tests.harness.factories import churn_table
 from tests.harness.pg import PgCluster, pg_cluster, wait_until
-from tests.test_db_health_checks import churn_table
-from tests.test_nightly_dump_flow import failure_message
+from tests.harness.runs import failure_message
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

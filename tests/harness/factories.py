@@ -249,3 +249,16 @@ def snapshot_at(last_segno: int, size: int = MiB) -> ServerSnapshot:
         user="test",
         taken_at=now,
     )
+
+
+def churn_table(pg: PgCluster, db: str, rows: int = 20_000) -> None:
+    """A table autovacuum leaves alone, with every row deleted: all dead rows, visible in the statistics."""
+    pg.sql("CREATE TABLE churn (id int, pad text) WITH (autovacuum_enabled = false)", db)
+    pg.sql("INSERT INTO churn SELECT g, repeat('x', 50) FROM generate_series(1, %s) g", db, (rows,))
+    pg.sql("DELETE FROM churn", db)
+    wait_until(
+        lambda: (
+            pg.sql("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'churn'", db)[0][0] >= rows
+        ),
+        what="the dead rows in pg_stat_user_tables",
+    )
