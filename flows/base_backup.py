@@ -34,6 +34,7 @@ from flows.core.layout import check_prefix
 from flows.core.retention import RetentionPlan, RetentionPolicy
 from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.backup import check_storage
+from flows.tasks.backup_report import StoredBackupReport, retention_rows, stored_figures
 from flows.tasks.base_backup import (
     check_base_backup_source,
     confirm_wal_archived,
@@ -82,10 +83,7 @@ class BaseBackupOptions(BaseModel):
     )
 
 
-class BaseBackupReport(BaseModel):
-    database: str
-    key: str
-    manifest_key: str
+class BaseBackupReport(StoredBackupReport):
     label: str
     start_wal: str
     stop_wal: str
@@ -94,12 +92,6 @@ class BaseBackupReport(BaseModel):
     timeline: int
     wal_included: bool
     wal: str = Field(description="How the WAL was confirmed (archived segments, or in the tar).")
-    bytes: int
-    raw_bytes: int
-    sha256: str
-    seconds: float
-    verified: bool
-    verification: str
     retention: str = "not run"
     kept: list[str] = Field(default_factory=list)
     deleted: list[str] = Field(default_factory=list)
@@ -212,12 +204,7 @@ def base_backup(
                 timeline=manifest.timeline,
                 wal_included=include_wal,
                 wal=wal,
-                bytes=result.bytes,
-                raw_bytes=result.raw_bytes,
-                sha256=result.sha256,
-                seconds=round(result.seconds, 3),
-                verified=manifest.verified,
-                verification=manifest.verification.detail,
+                **stored_figures(result, manifest.verified, manifest.verification.detail),
             )
 
             # 6. retention
@@ -306,11 +293,7 @@ def _publish(report: BaseBackupReport) -> None:
         {"item": "duration", "value": f"{report.seconds:.1f} s"},
         {"item": "throughput", "value": f"{human_bytes(rate)}/s of tar"},
         {"item": "verified", "value": report.verification},
-        {"item": "retention", "value": report.retention},
-        {"item": "kept", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.kept[:50])},
-        {"item": "deleted", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.deleted[:50])},
-        {"item": "kept while in use", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.in_use[:50])},
-        {"item": "left alone (foreign or unreadable)", "value": "; ".join(report.left_alone[:50])},
+        *retention_rows(report),
         {"item": "WAL expiry", "value": report.wal_expiry},
     ]
     create_table_artifact(

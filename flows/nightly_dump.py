@@ -36,6 +36,7 @@ from flows.tasks.backup import (
     verify_backup,
     write_manifest,
 )
+from flows.tasks.backup_report import StoredBackupReport, retention_rows, stored_figures
 from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
 from flows.tasks.retention import apply_retention
 
@@ -78,16 +79,7 @@ class DumpOptions(BaseModel):
     )
 
 
-class BackupReport(BaseModel):
-    database: str
-    key: str
-    manifest_key: str
-    bytes: int
-    raw_bytes: int
-    sha256: str
-    seconds: float
-    verified: bool
-    verification: str
+class BackupReport(StoredBackupReport):
     alembic_revision: str | None
     retention: str
     kept: list[str] = Field(default_factory=list)
@@ -155,12 +147,7 @@ def take_backup(
         database=pre.database,
         key=result.key,
         manifest_key=f"{stem}.manifest.json",
-        bytes=result.bytes,
-        raw_bytes=result.raw_bytes,
-        sha256=result.sha256,
-        seconds=round(result.seconds, 3),
-        verified=manifest.verified,
-        verification=manifest.verification.detail,
+        **stored_figures(result, manifest.verified, manifest.verification.detail),
         alembic_revision=manifest.alembic_revision,
         retention="not run",
     )
@@ -259,11 +246,7 @@ def _publish(report: BackupReport) -> None:
         {"item": "throughput", "value": f"{human_bytes(rate)}/s of pg_dump output"},
         {"item": "verified", "value": report.verification},
         {"item": "alembic revision", "value": report.alembic_revision or "none"},
-        {"item": "retention", "value": report.retention},
-        {"item": "kept", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.kept[:50])},
-        {"item": "deleted", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.deleted[:50])},
-        {"item": "kept while in use", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.in_use[:50])},
-        {"item": "left alone (foreign or unreadable)", "value": "; ".join(report.left_alone[:50])},
+        *retention_rows(report),
     ]
     create_table_artifact(
         key=artifact_key("nightly-dump", report.database),
