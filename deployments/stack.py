@@ -388,13 +388,8 @@ class Stack:
             try:
                 if isinstance(proc, int):
                     stackstate.stop_pid(proc)
-                elif proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGINT)
-                    try:
-                        proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                else:
+                    stackstate.stop_child(proc)
                 stackstate.forget(self.state, name.replace(" ", "-"))
                 log(f"stopped {name}")
             except Exception as exc:  # keep stopping the rest
