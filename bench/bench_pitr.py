@@ -1,16 +1,16 @@
 """Point-in-time recovery RTO, dbops against `pgbackrest restore --type=time`, from the same data.
 
-    uv run python -m bench.bench_pitr                              # ~300 MiB cluster, ~30 s of pgbench WAL
-    uv run python -m bench.bench_pitr --scale 66 --wal-seconds 240 # issue 13's ~1 GB + ~1 GB of WAL
+    uv run python -m bench.bench_pitr                          # ~300 MiB cluster + ~150 MiB of WAL, ~2 min
+    uv run python -m bench.bench_pitr --scale 66 --wal-mb 1024 # issue 13's ~1 GB + ~1 GB of WAL
 
 One throwaway archiving cluster (1 MiB WAL segments, tests/harness/basebackup.py) whose archive_command
 feeds both tools: `cp %p DIR/%f && pgbackrest --config=... --stanza=bench archive-push %p` (posix repo,
 compress-type=zst, the config of bench/bench_basebackup.py, pgBackRest as the postgres OS user with its
 config file passed by --config). `pgbench -i -s SCALE` (about 15 MiB per scale unit), then both base
 backups at the same moment (pgbackrest backup --type=full running while the dbops base backup is taken
-the way the tests take it), then `pgbench -T WAL_SECONDS` to write WAL after both, then a commit after the
-target time, and every segment archived. Then each tool recovers to that target time into its own data
-directory on its own port:
+the way the tests take it), then `pgbench -c 2` in 10 s rounds until WAL_MB of WAL were written after
+both, then a commit after the target time, and every segment archived. Then each tool recovers to that
+target time into its own data directory on its own port:
   dbops      flows.core.pitr.recovery.recover_cluster in a separate Python process (its own VmHWM)
   pgBackRest `pgbackrest restore --type=time --target=T --target-action=promote --archive-mode=off`
              under GNU time, then the server is started and watched exactly like dbops watches its own
@@ -77,6 +77,10 @@ class ProcPeaks(threading.Thread):
         return self.peak_kb
 
 
+def wal_since(cluster: Any, lsn: str) -> int:
+    return int(cluster.sql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}')")[0][0])
+
+
 def dbops_child(args_path: str) -> int:
     """In the child process: recover with dbops, check the copy, report the split and its own VmHWM."""
     from bench.bench_dump import ChildPeaks, kb, proc_status
@@ -96,6 +100,7 @@ def dbops_child(args_path: str) -> int:
     target = parse_target(time=datetime.fromisoformat(a["target"]))
     manifest = BaseBackupManifest.model_validate_json(a["manifest"])
     choice = choose_base_backup(catalog_of(manifest), target, archive)
+    before_kb = kb(proc_status("self").get("VmRSS"))
     report, server = recover_cluster(
         database="postgres",
         store=LocalObjectStore(Path(a["store"])),
@@ -120,6 +125,7 @@ def dbops_child(args_path: str) -> int:
             {
                 "report": report.model_dump(mode="json"),
                 "self_maxrss_kb": kb(proc_status("self").get("VmHWM")),
+                "rss_before_kb": before_kb,
                 "children_peak_kb": sampler.stop(),
                 "check": list(row) if row else None,
             }
@@ -234,7 +240,7 @@ def restore_pgbackrest(
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--scale", type=int, default=20, help="pgbench scale (about 15 MiB each)")
-    parser.add_argument("--wal-seconds", type=int, default=30, help="pgbench -T after the base backups")
+    parser.add_argument("--wal-mb", type=int, default=150, help="MiB of WAL to write after the base backups")
     parser.add_argument("--dbops-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dbops_child:
@@ -288,20 +294,18 @@ def main() -> int:
                 f"{dir_bytes(repo / 'backup') / 2**20:.0f} MiB"
             )
             t = time.monotonic()
-            subprocess.run(
-                [pgbench, "-T", str(args.wal_seconds), "-c", "2"], env=env, check=True, capture_output=True
-            )
+            while wal_since(cluster, manifest.start_lsn) < args.wal_mb * 2**20:
+                subprocess.run([pgbench, "-T", "10", "-c", "2"], env=env, check=True, capture_output=True)
         target_time = datetime.now(UTC)
         cluster.sql(
             "CREATE TABLE bench_after_target (t timestamptz DEFAULT now())"
         )  # a commit past the target
         switch_and_archive(cluster)
-        wal = sum(p.stat().st_size for p in archive_dir.iterdir())
-        segments = sum(1 for _ in archive_dir.iterdir())
+        wal = wal_since(cluster, manifest.start_lsn)
         print(
-            f"WAL after the backups ({time.monotonic() - t:.0f} s of pgbench): archive {wal / 2**20:.0f} MiB "
-            f"({segments} files), pgBackRest's {dir_bytes(repo / 'archive') / 2**20:.0f} MiB (zst); "
-            f"target {target_time.isoformat()}"
+            f"WAL from the backups' start to the end: {wal / 2**20:.0f} MiB ({time.monotonic() - t:.0f} s of "
+            f"pgbench); archives in all: directory {dir_bytes(archive_dir) / 2**20:.0f} MiB, pgBackRest's "
+            f"{dir_bytes(repo / 'archive') / 2**20:.0f} MiB (zst); target {target_time.isoformat()}"
         )
         cluster.stop()  # neither recovery competes with the source server
 
@@ -314,7 +318,7 @@ def main() -> int:
                 {
                     "archive": str(archive_dir),
                     "store": str(root / "store"),
-                    "manifest": manifest.to_json(),
+                    "manifest": manifest.to_json().decode(),
                     "target": target_time.isoformat(),
                     "data_directory": str(scratch / "dbops-data"),
                     "port": free_local_port(),
@@ -352,7 +356,8 @@ def main() -> int:
     print(
         f"\ndbops: {report['segments_replayed']} segments replayed, "
         f"{report['bytes_downloaded'] / 2**20:.0f} MiB downloaded, reached {report['reached_lsn']} "
-        f"({report['stopped_by']}); child process {dbops_process:.1f} s with interpreter and imports; "
+        f"({report['stopped_by']}); RSS {got['rss_before_kb'] / 1024:.0f} MB before recovery "
+        f"(interpreter and imports); child process {dbops_process:.1f} s with interpreter and imports; "
         f"children's peak MB {children}"
     )
     print(
@@ -363,7 +368,8 @@ def main() -> int:
         f"copies agree: dbops {got['check']}, pgBackRest {pgbr['check']} (history rows, no post-target table)"
     )
     print(
-        f"\n{os.cpu_count()} cores, scale {args.scale}, {wal / 2**20:.0f} MiB of archived WAL, one run each\n"
+        f"\n{os.cpu_count()} cores, scale {args.scale}, {wal / 2**20:.0f} MiB of WAL after the backups, "
+        "one run each\n"
     )
     print("| | download/restore s | replay s | start s | total RTO s | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")
