@@ -1,6 +1,6 @@
 """Point-in-time recovery RTO, dbops against `pgbackrest restore --type=time`, from the same data.
 
-    uv run python -m bench.bench_pitr                          # ~300 MiB cluster + ~150 MiB of WAL, ~2 min
+    uv run python -m bench.bench_pitr                          # ~300 MiB cluster + ~150 MiB of WAL, 2-4 min
     uv run python -m bench.bench_pitr --scale 66 --wal-mb 1024 # issue 13's ~1 GB + ~1 GB of WAL
 
 One throwaway archiving cluster (1 MiB WAL segments, tests/harness/basebackup.py) whose archive_command
