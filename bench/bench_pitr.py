@@ -8,9 +8,9 @@ feeds both tools: `cp %p DIR/%f && pgbackrest --config=... --stanza=bench archiv
 compress-type=zst, the config of bench/bench_basebackup.py, pgBackRest as the postgres OS user with its
 config file passed by --config). `pgbench -i -s SCALE` (about 15 MiB per scale unit), then both base
 backups at the same moment (pgbackrest backup --type=full running while the dbops base backup is taken
-the way the tests take it), then `pgbench -c 2` in 10 s rounds until WAL_MB of WAL were written after
-both, then a commit after the target time, and every segment archived. Then each tool recovers to that
-target time into its own data directory on its own port:
+the way the tests take it), then `pgbench -n -c 2` in 10 s rounds (no vacuum, history kept) until WAL_MB
+of WAL were written after both, then a commit after the target time, and every segment archived. Then
+each tool recovers to that target time into its own data directory on its own port:
   dbops      flows.core.pitr.recovery.recover_cluster in a separate Python process (its own VmHWM)
   pgBackRest `pgbackrest restore --type=time --target=T --target-action=promote --archive-mode=off`
              under GNU time, then the server is started and watched exactly like dbops watches its own
@@ -295,7 +295,9 @@ def main() -> int:
             )
             t = time.monotonic()
             while wal_since(cluster, manifest.start_lsn) < args.wal_mb * 2**20:
-                subprocess.run([pgbench, "-T", "10", "-c", "2"], env=env, check=True, capture_output=True)
+                subprocess.run(
+                    [pgbench, "-n", "-T", "10", "-c", "2"], env=env, check=True, capture_output=True
+                )
         target_time = datetime.now(UTC)
         cluster.sql(
             "CREATE TABLE bench_after_target (t timestamptz DEFAULT now())"
