@@ -112,6 +112,21 @@ pg1-user={cluster.superuser}
     return conf, repo
 
 
+def pgbackrest_passfile(cluster: Any, workdir: Path) -> Path:
+    """The superuser's password for pgBackRest's own libpq connections (backup, stanza-create), mode 0600."""
+    passfile = workdir / "pgpass"
+    passfile.write_text(f"*:*:*:{cluster.superuser}:{cluster.password}\n")
+    passfile.chmod(0o600)
+    chown_postgres(passfile)
+    return passfile
+
+
+def pgbackrest_argv(conf: Path, passfile: Path, *args: str) -> list[str]:
+    """pgbackrest as the postgres OS user with this bench's config file and stanza (no system config)."""
+    base = ["pgbackrest", f"--config={conf}", f"--stanza={STANZA}", *args]
+    return as_postgres(["env", f"PGPASSFILE={passfile}", *base])
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -213,16 +228,10 @@ def run_all(cluster: Any, workdir: Path) -> dict[str, Any]:
 
     print("== b. pgbackrest backup --type=full (zst, process-max=2)")
     conf, repo = pgbackrest_config(cluster, workdir)
-    passfile = workdir / "pgpass"
-    passfile.write_text(f"*:*:*:{cluster.superuser}:{cluster.password}\n")
-    passfile.chmod(0o600)
-    chown_postgres(passfile)
+    passfile = pgbackrest_passfile(cluster, workdir)
     pb_env = {"PATH": os.environ["PATH"], "PGPASSFILE": str(passfile), "HOME": str(workdir)}
-    base = ["pgbackrest", f"--config={conf}", f"--stanza={STANZA}"]
-    subprocess.run(as_postgres(["env", f"PGPASSFILE={passfile}", *base, "stanza-create"]), check=True)
-    pgbr = run_measured(
-        as_postgres(["env", f"PGPASSFILE={passfile}", *base, "backup", "--type=full"]), env=pb_env
-    )
+    subprocess.run(pgbackrest_argv(conf, passfile, "stanza-create"), check=True)
+    pgbr = run_measured(pgbackrest_argv(conf, passfile, "backup", "--type=full"), env=pb_env)
     pgbr_bytes = dir_bytes(repo / "backup")
     rows["b. pgbackrest backup --type=full"] = _row(pgbr, pgbr_bytes)
 

@@ -389,7 +389,7 @@ class Stack:
                 if isinstance(proc, int):
                     stackstate.stop_pid(proc)
                 else:
-                    stop_process_group(proc)
+                    stackstate.stop_child(proc)
                 stackstate.forget(self.state, name.replace(" ", "-"))
                 log(f"stopped {name}")
             except Exception as exc:  # keep stopping the rest
@@ -408,18 +408,6 @@ class Stack:
                 )
         if stackstate.live_pid(self.state, "stack") == os.getpid():
             stackstate.forget(self.state, "stack")
-
-
-def stop_process_group(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    """Ctrl-C a child started in its own session (its whole process group: a server's workers too), and
-    SIGKILL the group if it has not ended within `timeout` seconds. Nothing to do if it already ended."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def prefect_server_argv(port: int) -> list[str]:

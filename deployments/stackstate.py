@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,6 +96,18 @@ def stop_pid(pid: int, timeout: float = 30.0) -> None:
             if not alive(pid):
                 return
             time.sleep(0.1)  # polling a process's exit, not waiting for time to pass
+
+
+def stop_child(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """SIGINT to the process group a child of ours leads (it was started in its own session), SIGKILL
+    after `timeout`; waiting on the child reaps it. For processes this run started (see `stop_pid`)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def write_api_url(state: Path, url: str) -> None:

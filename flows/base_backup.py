@@ -20,7 +20,7 @@ overlap.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
@@ -28,12 +28,13 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
 from blocks.storage import require_store_kind
-from flows.core.base_catalog import plan_base_retention
+from flows.core.base_catalog import BaseCleanup, plan_base_retention
 from flows.core.base_layout import BaseVerifyMethod, base_manifest_key
 from flows.core.layout import check_prefix
-from flows.core.retention import RetentionPolicy
+from flows.core.retention import RetentionPlan, RetentionPolicy
 from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.backup import check_storage
+from flows.tasks.backup_report import StoredBackupReport, retention_rows, stored_figures
 from flows.tasks.base_backup import (
     check_base_backup_source,
     confirm_wal_archived,
@@ -46,6 +47,7 @@ from flows.tasks.base_backup import (
     write_base_manifest,
 )
 from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
+from flows.tasks.retention import apply_retention
 from flows.tasks.wal_expiry import expire_wal
 
 
@@ -81,10 +83,7 @@ class BaseBackupOptions(BaseModel):
     )
 
 
-class BaseBackupReport(BaseModel):
-    database: str
-    key: str
-    manifest_key: str
+class BaseBackupReport(StoredBackupReport):
     label: str
     start_wal: str
     stop_wal: str
@@ -93,12 +92,6 @@ class BaseBackupReport(BaseModel):
     timeline: int
     wal_included: bool
     wal: str = Field(description="How the WAL was confirmed (archived segments, or in the tar).")
-    bytes: int
-    raw_bytes: int
-    sha256: str
-    seconds: float
-    verified: bool
-    verification: str
     retention: str = "not run"
     kept: list[str] = Field(default_factory=list)
     deleted: list[str] = Field(default_factory=list)
@@ -211,12 +204,7 @@ def base_backup(
                 timeline=manifest.timeline,
                 wal_included=include_wal,
                 wal=wal,
-                bytes=result.bytes,
-                raw_bytes=result.raw_bytes,
-                sha256=result.sha256,
-                seconds=round(result.seconds, 3),
-                verified=manifest.verified,
-                verification=manifest.verification.detail,
+                **stored_figures(result, manifest.verified, manifest.verification.detail),
             )
 
             # 6. retention
@@ -236,41 +224,19 @@ def _retention(
     report: BaseBackupReport, storage: str, prefix: str, retention: RetentionPolicy | None, dry_run: bool
 ) -> None:
     """Only a verified base backup may replace old ones; a recovery's lease keeps what it reads."""
-    logger = get_run_logger()
-    if retention is None:
-        report.retention = "no retention policy: every base backup is kept"
-        return
-    if not report.verified:
-        report.retention = "skipped: this base backup was not verified, so nothing old is removed"
-        logger.warning(report.retention)
-        return
-    now = datetime.now(UTC)
-    catalog = read_base_backup_catalog(storage, prefix, report.database)
-    plan = plan_base_retention(catalog, retention, now)
-    cleanup = plan_base_backup_cleanup(
-        storage, catalog, plan, now=now, prefix=prefix, database=report.database
-    )
-    report.kept = [k.record.stem for k in plan.keep]
-    report.in_use = sorted(cleanup.in_use)
-    report.left_alone = [f"{key} ({why})" for key, why in cleanup.unreadable + cleanup.foreign]
-    if dry_run:
-        report.deleted = [r.stem for r in plan.delete if r.stem in cleanup.expired]
-        report.retention = f"dry run: {plan.summary()}; would remove {cleanup.summary()}"
-    else:
-        cleanup = delete_expired_base_backups(storage, cleanup, prefix, report.database)
-        report.in_use += cleanup.kept_after_recheck
-        report.deleted = [
-            r.stem for r in plan.delete if r.stem in cleanup.expired and r.stem not in report.in_use
-        ]
-        report.orphans_removed = sorted(cleanup.orphans)
-        report.retention = (
-            f"{plan.summary()}; removed {cleanup.deleted_objects} objects ({cleanup.summary()})"
+
+    def plan(policy: RetentionPolicy, now: datetime) -> tuple[RetentionPlan, BaseCleanup]:
+        catalog = read_base_backup_catalog(storage, prefix, report.database)
+        retention_plan = plan_base_retention(catalog, policy, now)
+        cleanup = plan_base_backup_cleanup(
+            storage, catalog, retention_plan, now=now, prefix=prefix, database=report.database
         )
-    for stem, who in cleanup.in_use.items():
-        logger.info("kept while in use: %s (%s)", stem, who)
-    for line in report.left_alone:
-        logger.warning("left alone: %s", line)
-    logger.info("retention: %s", report.retention)
+        return retention_plan, cleanup
+
+    def delete(cleanup: BaseCleanup) -> BaseCleanup:
+        return delete_expired_base_backups(storage, cleanup, prefix, report.database)
+
+    apply_retention(report, retention, dry_run, noun="base backup", plan=plan, delete=delete)
 
 
 def _wal_expiry(
@@ -327,11 +293,7 @@ def _publish(report: BaseBackupReport) -> None:
         {"item": "duration", "value": f"{report.seconds:.1f} s"},
         {"item": "throughput", "value": f"{human_bytes(rate)}/s of tar"},
         {"item": "verified", "value": report.verification},
-        {"item": "retention", "value": report.retention},
-        {"item": "kept", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.kept[:50])},
-        {"item": "deleted", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.deleted[:50])},
-        {"item": "kept while in use", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.in_use[:50])},
-        {"item": "left alone (foreign or unreadable)", "value": "; ".join(report.left_alone[:50])},
+        *retention_rows(report),
         {"item": "WAL expiry", "value": report.wal_expiry},
     ]
     create_table_artifact(

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -20,9 +20,10 @@ from pydantic import BaseModel, Field
 from blocks.storage import require_store_kind
 from flows.core.compression import DEFAULT_LEVEL, LEVEL_RANGE, Compression
 from flows.core.errors import ConfigurationError
+from flows.core.expiry import Cleanup
 from flows.core.layout import check_prefix
 from flows.core.manifest import VerifyMethod
-from flows.core.retention import RetentionPolicy, plan_from_catalog
+from flows.core.retention import RetentionPlan, RetentionPolicy, plan_from_catalog
 from flows.tasks.backup import (
     check_database,
     check_storage,
@@ -35,7 +36,9 @@ from flows.tasks.backup import (
     verify_backup,
     write_manifest,
 )
+from flows.tasks.backup_report import StoredBackupReport, retention_rows, stored_figures
 from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
+from flows.tasks.retention import apply_retention
 
 
 class DumpOptions(BaseModel):
@@ -76,16 +79,7 @@ class DumpOptions(BaseModel):
     )
 
 
-class BackupReport(BaseModel):
-    database: str
-    key: str
-    manifest_key: str
-    bytes: int
-    raw_bytes: int
-    sha256: str
-    seconds: float
-    verified: bool
-    verification: str
+class BackupReport(StoredBackupReport):
     alembic_revision: str | None
     retention: str
     kept: list[str] = Field(default_factory=list)
@@ -153,12 +147,7 @@ def take_backup(
         database=pre.database,
         key=result.key,
         manifest_key=f"{stem}.manifest.json",
-        bytes=result.bytes,
-        raw_bytes=result.raw_bytes,
-        sha256=result.sha256,
-        seconds=round(result.seconds, 3),
-        verified=manifest.verified,
-        verification=manifest.verification.detail,
+        **stored_figures(result, manifest.verified, manifest.verification.detail),
         alembic_revision=manifest.alembic_revision,
         retention="not run",
     )
@@ -194,7 +183,6 @@ def nightly_dump(
         retention_dry_run: Plan retention and report it, delete nothing.
         options: Less common settings (lock waits, plausibility checks, pg_dump location).
     """
-    logger = get_run_logger()
     try:
         options = options or DumpOptions()
         require_store_kind(storage)
@@ -218,47 +206,32 @@ def nightly_dump(
                 options=options,
             )
 
-            if retention is None:
-                report.retention = "no retention policy: every backup is kept"
-            elif not report.verified:
-                report.retention = "skipped: this backup was not verified, so nothing old is removed"
-                logger.warning(report.retention)
-            else:
-                now = datetime.now(UTC)
-                catalog = read_backup_catalog(storage, prefix, report.database)
-                plan = plan_from_catalog(catalog, retention, now)
-                cleanup = plan_backup_cleanup(
-                    storage, catalog, plan, now=now, prefix=prefix, database=report.database
-                )
-                report.kept = [k.record.stem for k in plan.keep]
-                report.in_use = sorted(cleanup.in_use)
-                report.left_alone = [f"{key} ({why})" for key, why in cleanup.unreadable + cleanup.foreign]
-                if retention_dry_run:
-                    report.deleted = [r.stem for r in plan.delete if r.stem in cleanup.expired]
-                    report.retention = f"dry run: {plan.summary()}; would remove {cleanup.summary()}"
-                else:
-                    cleanup = delete_expired_backups(storage, cleanup, prefix, report.database)
-                    report.in_use += cleanup.kept_after_recheck
-                    report.deleted = [
-                        r.stem
-                        for r in plan.delete
-                        if r.stem in cleanup.expired and r.stem not in report.in_use
-                    ]
-                    report.orphans_removed = sorted(cleanup.orphans)
-                    report.retention = (
-                        f"{plan.summary()}; removed {cleanup.deleted_objects} objects ({cleanup.summary()})"
-                    )
-                for stem, who in cleanup.in_use.items():
-                    logger.info("kept while in use: %s (%s)", stem, who)
-                for line in report.left_alone:
-                    logger.warning("left alone: %s", line)
-                logger.info("retention: %s", report.retention)
+            _retention(report, storage, prefix, retention, retention_dry_run)
 
         _publish(report)
         return report
     except Exception as exc:
         key = artifact_key("nightly-dump", database_name_of(database))
         return publish_failure(key, f"Nightly dump of {database} into {storage}", exc)
+
+
+def _retention(
+    report: BackupReport, storage: str, prefix: str, retention: RetentionPolicy | None, dry_run: bool
+) -> None:
+    """Only a verified backup may replace old ones; a restore's or drill's lease keeps what it reads."""
+
+    def plan(policy: RetentionPolicy, now: datetime) -> tuple[RetentionPlan, Cleanup]:
+        catalog = read_backup_catalog(storage, prefix, report.database)
+        retention_plan = plan_from_catalog(catalog, policy, now)
+        cleanup = plan_backup_cleanup(
+            storage, catalog, retention_plan, now=now, prefix=prefix, database=report.database
+        )
+        return retention_plan, cleanup
+
+    def delete(cleanup: Cleanup) -> Cleanup:
+        return delete_expired_backups(storage, cleanup, prefix, report.database)
+
+    apply_retention(report, retention, dry_run, noun="backup", plan=plan, delete=delete)
 
 
 def _publish(report: BackupReport) -> None:
@@ -273,11 +246,7 @@ def _publish(report: BackupReport) -> None:
         {"item": "throughput", "value": f"{human_bytes(rate)}/s of pg_dump output"},
         {"item": "verified", "value": report.verification},
         {"item": "alembic revision", "value": report.alembic_revision or "none"},
-        {"item": "retention", "value": report.retention},
-        {"item": "kept", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.kept[:50])},
-        {"item": "deleted", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.deleted[:50])},
-        {"item": "kept while in use", "value": ", ".join(s.rsplit("/", 1)[-1] for s in report.in_use[:50])},
-        {"item": "left alone (foreign or unreadable)", "value": "; ".join(report.left_alone[:50])},
+        *retention_rows(report),
     ]
     create_table_artifact(
         key=artifact_key("nightly-dump", report.database),

@@ -31,7 +31,8 @@ from deployments.alerts import AlertConfig
 from deployments.deploy import prefect_bin
 from deployments.sandbox import free_port
 from deployments.setup import SetupConfig, SetupReport, ensure_work_pool, run_setup
-from deployments.stack import prefect_server_argv, prefect_server_env, stop_process_group, wait_http
+from deployments.stack import prefect_server_argv, prefect_server_env, wait_http
+from deployments.stackstate import stop_child
 from tests.conftest import make_local_block
 from tests.harness.pg import PgCluster
 
@@ -182,7 +183,7 @@ def alerts(pg: PgCluster) -> Iterator[AlertStack]:
             )
     finally:
         for proc in reversed(procs):
-            stop_process_group(proc)
+            stop_child(proc)
         receiver.stop()
         # what arrived, for a failing test's report (and `pytest -s`: the README's examples come from here)
         print("\n".join(format_alert(alert) for alert in receiver.alerts))

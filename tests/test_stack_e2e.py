@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from deployments import stackstate
-from deployments.stack import stop_process_group
+from deployments.stackstate import stop_child
 from tests.harness.pg import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def stack() -> Iterator[RunningStack]:
         running.api_url = match.group(1)
         yield running
     finally:
-        stop_process_group(proc, timeout=120)
+        stop_child(proc, timeout=120)
         reader.join(timeout=30)
         for name in ("stack", "prefect-worker", "prefect-server"):  # whatever a failed test left running
             pid = stackstate.live_pid(state, name)

@@ -36,6 +36,7 @@ from flows.core.errors import (
 from flows.core.objectstore import DEFAULT_PART_SIZE, ObjectStore
 from flows.core.pgtools import PgTool, ToolRun
 from flows.core.postgres import ConnParams, libpq_environment
+from flows.core.stored_stream import StoredStream, put_tool_output
 from flows.core.streams import hashing, zstd_compress, zstd_decompress
 from flows.core.tar_stream import TarScanner
 
@@ -76,23 +77,12 @@ def pg_basebackup_argv(
 
 
 @dataclass
-class BaseBackupResult:
-    key: str
-    bytes: int
-    raw_bytes: int
-    sha256: str
-    parts: int
-    started_at: datetime
-    ended_at: datetime
+class BaseBackupResult(StoredStream):
     facts: BackupFacts
     pg_manifest: builtins.bytes
     wal_files: list[str]
     members: int
     argv: list[str] = field(default_factory=list)
-
-    @property
-    def seconds(self) -> float:
-        return max((self.ended_at - self.started_at).total_seconds(), 1e-6)
 
 
 class _ArchiveWatchdog(threading.Thread):
@@ -156,8 +146,6 @@ def stream_base_backup(
     """
     argv = pg_basebackup_argv(tool, label, include_wal=include_wal, manifest_checksums=manifest_checksums)
     started = datetime.now(UTC)
-    digest = hashlib.sha256()
-    stored = [0]
     scanner = TarScanner()
     with libpq_environment(params) as env:
         run = ToolRun(argv=argv, params=params, env=env, on_start=on_start)
@@ -183,12 +171,8 @@ def stream_base_backup(
         try:
             body = zstd_compress(scanner.tap(source()), level, threads=zstd_threads)
 
-            def report(_: int) -> None:
-                if progress:
-                    progress(run.raw_bytes, stored[0])
-
-            put = store.put_stream(
-                key, hashing(body, digest, stored), part_size=part_size, progress=report, if_absent=if_absent
+            put = put_tool_output(
+                store, key, run, body, part_size=part_size, progress=progress, if_absent=if_absent
             )
         except DbopsError as exc:
             raise _reworded(exc, run) from None
@@ -197,11 +181,7 @@ def stream_base_backup(
             run.stop()
     facts = facts_from(scanner, segment_size)
     return BaseBackupResult(
-        key=key,
-        bytes=put.bytes,
-        raw_bytes=run.raw_bytes,
-        sha256=digest.hexdigest(),
-        parts=put.parts,
+        **put,
         started_at=started,
         ended_at=datetime.now(UTC),
         facts=facts,

@@ -24,6 +24,7 @@ from flows.core.errors import DumpFailed, VerificationFailed
 from flows.core.objectstore import DEFAULT_PART_SIZE, ObjectStore
 from flows.core.pgtools import PgTool, StderrCollector, ToolRun, classify_pg_failure
 from flows.core.postgres import ConnParams, SnapshotFacts, libpq_environment
+from flows.core.stored_stream import StoredStream, put_tool_output
 from flows.core.streams import compress_stream, decompress_stream, hashing
 
 #: a custom-format archive of an empty database is ~1 KiB; less is not a dump
@@ -56,22 +57,11 @@ def pg_dump_argv(
 
 
 @dataclass
-class DumpResult:
-    key: str
-    bytes: int
-    raw_bytes: int
-    sha256: str
-    parts: int
-    started_at: datetime
-    ended_at: datetime
+class DumpResult(StoredStream):
     argv: list[str] = field(default_factory=list)
     stderr: str = ""
     #: read in the snapshot pg_dump dumped (--snapshot), when the caller exported one
     facts: SnapshotFacts | None = None
-
-    @property
-    def seconds(self) -> float:
-        return max((self.ended_at - self.started_at).total_seconds(), 1e-6)
 
 
 def stream_dump(
@@ -99,20 +89,13 @@ def stream_dump(
     """
     argv = pg_dump_argv(tool, compression, level, lock_wait_timeout_s=lock_wait_timeout_s, extra=extra_args)
     started = datetime.now(UTC)
-    digest = hashlib.sha256()
-    stored = [0]
     with libpq_environment(params) as env:
         run = ToolRun(argv=argv, params=params, env=env, on_start=on_start)
         run.start()
         try:
             body = compress_stream(compression, run.chunks(), level, threads=zstd_threads)
-
-            def report(_: int) -> None:
-                if progress:
-                    progress(run.raw_bytes, stored[0])
-
-            put = store.put_stream(
-                key, hashing(body, digest, stored), part_size=part_size, progress=report, if_absent=if_absent
+            put = put_tool_output(
+                store, key, run, body, part_size=part_size, progress=progress, if_absent=if_absent
             )
         finally:
             run.stop()
@@ -123,11 +106,7 @@ def stream_dump(
             "removed, check pg_dump's output in the log"
         )
     return DumpResult(
-        key=key,
-        bytes=put.bytes,
-        raw_bytes=run.raw_bytes,
-        sha256=digest.hexdigest(),
-        parts=put.parts,
+        **put,
         started_at=started,
         ended_at=datetime.now(UTC),
         argv=argv[1:],

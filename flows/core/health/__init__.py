@@ -40,6 +40,13 @@ class Check(BaseModel):
         }
 
 
+def judged(name: str, status: Status, figure: str, *, message: str, action: str = "") -> Check:
+    """A judged check: what is wrong and what to do only when something is (an ok check says neither)."""
+    if status == "ok":
+        return Check(name=name, status="ok", figure=figure)
+    return Check(name=name, status=status, figure=figure, message=message, action=action)
+
+
 def worst(checks: list[Check]) -> Status:
     level = max((SEVERITY[c.status] for c in checks), default=0)
     return "critical" if level == 2 else "warning" if level == 1 else "ok"
@@ -49,4 +56,4 @@ def first_critical(checks: list[Check]) -> Check | None:
     return next((c for c in checks if c.status == "critical"), None)
 
 
-__all__ = ["SEVERITY", "Check", "Status", "first_critical", "worst"]
+__all__ = ["SEVERITY", "Check", "Status", "first_critical", "judged", "worst"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flows.core.health import Check, Status
+from flows.core.health import Check, Status, judged
 from flows.core.health.probe import Probe, count
 from flows.core.health.thresholds import HealthThresholds
 
@@ -113,12 +113,10 @@ def check_oldest_transaction(sessions: list[Session], t: HealthThresholds) -> Ch
     age = oldest.xact_seconds or 0
     figure = f"{age:.0f} s ({oldest.describe()}, {oldest.state or 'unknown state'})"
     status = _status(age, t.warn_transaction_seconds, t.critical_transaction_seconds)
-    if status == "ok":
-        return Check(name=name, status="ok", figure=figure)
-    return Check(
-        name=name,
-        status=status,
-        figure=figure,
+    return judged(
+        name,
+        status,
+        figure,
         message=f"a transaction has been open for {age:.0f} s ({oldest.describe()}); dead rows since it "
         "began cannot be vacuumed",
         action=f"find out what it does; if it is stuck: SELECT pg_terminate_backend({oldest.pid})",

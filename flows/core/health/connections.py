@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flows.core.health import Check
+from flows.core.health import Check, Status, judged
 from flows.core.health.probe import Probe
 from flows.core.health.thresholds import HealthThresholds
 
@@ -57,15 +57,13 @@ def check_connections(f: ConnectionFigures, t: HealthThresholds, states_visible:
     )
     if not states_visible:
         figure += " (other roles' states need pg_monitor)"
-    status = (
+    status: Status = (
         "critical" if ratio >= t.critical_connections else "warning" if ratio >= t.warn_connections else "ok"
     )
-    if status == "ok":
-        return Check(name=name, status="ok", figure=figure)
-    return Check(
-        name=name,
-        status=status,
-        figure=figure,
+    return judged(
+        name,
+        status,
+        figure,
         message=f"{f.in_use} of {f.usable} connections are in use ({ratio:.0%}); new ones will soon "
         "be refused",
         action="put PgBouncer in front of the application or lower its pool size; end idle sessions that "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flows.core.health import Check
+from flows.core.health import Check, Status, judged
 from flows.core.health.probe import Probe
 from flows.core.health.size import human
 from flows.core.health.thresholds import HealthThresholds
@@ -64,19 +64,19 @@ def check_slots(slots: list[Slot], t: HealthThresholds) -> Check:
         + (f", {s.wal_status}" if s.wal_status else "")
         for s in slots[:5]
     )
-    judged = []
+    flagged = []
     for s in slots:
         kept = s.retained or 0
         if not s.active:
-            judged.append(
+            flagged.append(
                 ("critical" if kept >= t.critical_slot_bytes or s.wal_status == "lost" else "warning", s)
             )
         elif kept >= t.warn_slot_bytes:
-            judged.append(("warning", s))
-    if not judged:
+            flagged.append(("warning", s))
+    if not flagged:
         return Check(name=name, status="ok", figure=figure)
-    judged.sort(key=lambda p: (p[0] != "critical", -(p[1].retained or 0)))
-    status, worst = judged[0]
+    flagged.sort(key=lambda p: (p[0] != "critical", -(p[1].retained or 0)))
+    status, worst = flagged[0]
     state = "inactive" if not worst.active else "active but behind"
     return Check(
         name=name,
@@ -101,19 +101,17 @@ def check_standbys(standbys: list[Standby], t: HealthThresholds) -> Check:
     )
     worst = standbys[0]
     lag = worst.replay_lag or 0
-    status = (
+    status: Status = (
         "critical"
         if lag >= t.critical_standby_lag_seconds
         else "warning"
         if lag >= t.warn_standby_lag_seconds
         else "ok"
     )
-    if status == "ok":
-        return Check(name=name, status="ok", figure=figure)
-    return Check(
-        name=name,
-        status=status,
-        figure=figure,
+    return judged(
+        name,
+        status,
+        figure,
         message=f"standby {worst.name or worst.address} replays {lag:.0f} s behind",
         action="check the standby's disk and CPU and the network; long queries on the standby can "
         "pause replay "

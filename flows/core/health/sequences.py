@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flows.core.health import Check, Status
+from flows.core.health import Check, Status, judged
 from flows.core.health.probe import Probe
 from flows.core.health.thresholds import HealthThresholds
 
@@ -126,12 +126,10 @@ def check_integer_keys(rows: list[SequenceRow], t: HealthThresholds) -> Check:
     figure = "; ".join(f"{s.where} {s.used:.1%} of {s.limit:,} (sequence {s.data_type})" for s in keys[:3])
     worst = keys[0]
     status = _status(worst.used, t)
-    if status == "ok":
-        return Check(name=name, status="ok", figure=figure)
-    return Check(
-        name=name,
-        status=status,
-        figure=figure,
+    return judged(
+        name,
+        status,
+        figure,
         message=f"column {worst.where} has used {worst.used:.1%} of its type's maximum "
         f"{worst.limit:,}; inserts "
         "fail when it is reached, whatever its bigint sequence allows",

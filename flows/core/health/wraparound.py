@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flows.core.health import Check, Status
+from flows.core.health import Check, Status, judged
 from flows.core.health.probe import Probe, count
 from flows.core.health.thresholds import HealthThresholds
 
@@ -61,12 +61,10 @@ def check_databases(ages: XidAges, t: HealthThresholds) -> Check:
         return Check(name=name, status="ok", figure="no database to judge")
     db, age = ages.databases[0]
     status = _status(age, ages, t)
-    if status == "ok":
-        return Check(name=name, status="ok", figure=figure)
-    return Check(
-        name=name,
-        status=status,
-        figure=figure,
+    return judged(
+        name,
+        status,
+        figure,
         message=f"database {db} is {age:,} transactions from its last freeze ({age / WRAP_LIMIT:.0%} of the "
         "way to the write stop)",
         action=f"run VACUUM (FREEZE, VERBOSE) on its oldest tables in {db}; look for what stops autovacuum "
