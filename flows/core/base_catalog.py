@@ -12,11 +12,9 @@ WAL expiry and the recoverable window can read the kept base backups with `read_
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import cast
 
 from pydantic import ValidationError
 
@@ -203,9 +201,7 @@ def plan_base_cleanup(
     in_use_now = catalog.in_use(now)
     cutoff = now - LEFTOVER_AGE
     incomplete = []
-    # cast: ObjectStore's method named `list` shadows the builtin in its own annotations
-    writes = cast("Iterable[IncompleteWrite]", store.incomplete_writes(base_prefix(prefix, database)))
-    for write in writes:
+    for write in store.incomplete_writes(base_prefix(prefix, database)):
         parsed = parse_base_key(write.key, prefix, database)
         if parsed is not None and write.started < cutoff and _stem_time(parsed[0]) < cutoff:
             incomplete.append(write)
