@@ -55,6 +55,10 @@ class MemoryStore(ObjectStore):
         self.listed = 0
         self.requests = 0
 
+    @property
+    def identity(self) -> str:
+        return self.url
+
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         self.requests += 1
         i = bisect.bisect_left(self.keys, prefix)

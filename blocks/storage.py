@@ -8,6 +8,7 @@ storage from Prefect's LocalFileSystem.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect.blocks.core import Block
@@ -17,6 +18,14 @@ from pydantic import ValidationError
 
 from flows.core.errors import ConfigurationError, DbopsError
 from flows.core.localstore import LocalObjectStore
+from flows.core.locations import (
+    StorageList,
+    StorageLocation,
+    StorageRef,
+    as_location,
+    check_distinct,
+    parse_locations,
+)
 from flows.core.objectstore import ObjectStore
 from flows.core.redact import validation_summary
 from flows.core.s3store import S3ObjectStore
@@ -62,10 +71,12 @@ def load_block(slug: str, expected: type[Block] | None = None) -> Block:
     return block
 
 
-def store_from_block(block: Block) -> ObjectStore:
+def store_from_block(block: Block, location: StorageLocation | None = None) -> ObjectStore:
+    """`location` carries per-location settings (S3 storage class, server-side encryption)."""
     if isinstance(block, S3Bucket):
         client = block.credentials.get_client("s3")
-        return S3ObjectStore(client, block.bucket_name, block.bucket_folder or "")
+        put_args = location.put_args() if location is not None else {}
+        return S3ObjectStore(client, block.bucket_name, block.bucket_folder or "", put_args=put_args)
     if isinstance(block, LocalFileSystem):
         if not block.basepath:
             raise ConfigurationError("the local-file-system block has no basepath; set it to a directory")
@@ -75,13 +86,29 @@ def store_from_block(block: Block) -> ObjectStore:
     )
 
 
-def load_store(slug: str) -> ObjectStore:
-    """The object store behind a storage block slug."""
-    if slug.split("/", 1)[0] not in SUPPORTED:
-        raise ConfigurationError(
-            f"storage {slug!r} is not a supported block type; use s3-bucket/NAME or local-file-system/NAME"
-        )
-    return store_from_block(load_block(slug))
+def load_store(ref: StorageRef) -> ObjectStore:
+    """The object store behind a storage block slug, or a location with its settings."""
+    location = as_location(ref)
+    return store_from_block(load_block(location.block), location)
+
+
+@dataclass(frozen=True)
+class Location:
+    """One opened place of a storage list: its settings and its store."""
+
+    settings: StorageLocation
+    store: ObjectStore
+
+    @property
+    def slug(self) -> str:
+        return self.settings.block
+
+
+def load_locations(storage: StorageList) -> list[Location]:
+    """The primary and its copies, opened; refuses a place named twice under two block names (or nested)."""
+    locations = [Location(settings, load_store(settings)) for settings in parse_locations(storage)]
+    check_distinct([(loc.slug, loc.store.identity) for loc in locations])
+    return locations
 
 
 def require_store_kind(storage: str) -> None:

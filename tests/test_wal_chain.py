@@ -328,13 +328,13 @@ class StoppedMidListing(S3ObjectStore):
             config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5),
         )
         super().__init__(client, bucket, page_size=3)
-        self.endpoint = endpoint
+        self.s3_endpoint = endpoint
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         for n, info in enumerate(super().list(prefix)):
             if n == 2:
-                self.endpoint.process.kill()
-                self.endpoint.process.wait(timeout=10)
+                self.s3_endpoint.process.kill()
+                self.s3_endpoint.process.wait(timeout=10)
             yield info
 
     def delete(self, keys: Iterable[str]) -> int:  # counts, then the real delete

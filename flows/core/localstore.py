@@ -23,6 +23,10 @@ class LocalObjectStore(ObjectStore):
         self.root = Path(root).expanduser().resolve()
         self.url = f"file://{self.root}"
 
+    @property
+    def identity(self) -> str:
+        return f"file://{self.root}"
+
     def _path(self, key: str) -> Path:
         path = (self.root / key.lstrip("/")).resolve()
         if path != self.root and self.root not in path.parents:

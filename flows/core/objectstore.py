@@ -81,6 +81,12 @@ class ObjectStore(ABC):
     #: human-readable location used in messages and manifests, e.g. "s3://bucket/folder"
     url: str
 
+    @property
+    @abstractmethod
+    def identity(self) -> str:
+        """What this place is, whatever block names it: `s3://ENDPOINT/BUCKET/FOLDER` or
+        `file:///resolved/dir`; two stores with one identity are one place (see flows.core.locations)."""
+
     @abstractmethod
     def put_stream(
         self,

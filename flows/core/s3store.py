@@ -89,14 +89,33 @@ class S3ObjectStore(ObjectStore):
     """S3 through a boto3 client; multipart uploads done by hand so a failure always aborts them."""
 
     def __init__(
-        self, client: Any, bucket: str, root: str = "", *, concurrency: int = 4, page_size: int = 1000
+        self,
+        client: Any,
+        bucket: str,
+        root: str = "",
+        *,
+        concurrency: int = 4,
+        page_size: int = 1000,
+        put_args: dict[str, str] | None = None,
     ):
         self.client = client
         self.bucket = bucket
         self.root = root.strip("/")
         self.concurrency = max(1, concurrency)
         self.page_size = page_size
+        #: StorageClass / ServerSideEncryption / SSEKMSKeyId for every object this store creates
+        self.put_args = dict(put_args or {})
         self.url = f"s3://{bucket}" + (f"/{self.root}" if self.root else "")
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint the client talks to, normalised (AWS's regional endpoints stay distinct)."""
+        url = str(getattr(getattr(self.client, "meta", None), "endpoint_url", "") or "aws")
+        return url.lower().rstrip("/").removeprefix("https://").removeprefix("http://")
+
+    @property
+    def identity(self) -> str:
+        return f"s3://{self.endpoint}/{self.bucket}" + (f"/{self.root}" if self.root else "")
 
     def bucket_key(self, key: str) -> str:
         """The S3 key of a store key (under the store's root prefix), for the few callers that use boto3."""
@@ -142,6 +161,7 @@ class S3ObjectStore(ObjectStore):
             Key=self.bucket_key(key),
             Body=data,
             **extra,
+            **self.put_args,
         )
 
     def put_stream(
@@ -156,7 +176,11 @@ class S3ObjectStore(ObjectStore):
         full = self.bucket_key(key)
         base = max(part_size, S3_MIN_PART)
         upload_id = self._call(
-            "create multipart upload", self.client.create_multipart_upload, Bucket=self.bucket, Key=full
+            "create multipart upload",
+            self.client.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=full,
+            **self.put_args,
         )["UploadId"]
         completed = False
         total = 0
