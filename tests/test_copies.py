@@ -7,7 +7,6 @@ the manifest; the copy's manifest written last, never when anything failed; copy
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +15,19 @@ import pytest
 from botocore.config import Config
 
 from flows.core.base_catalog import read_base_catalog
-from flows.core.base_layout import (
-    BaseBackupManifest,
-    BaseVerification,
-    base_manifest_key,
-    base_stem,
-    pg_manifest_key,
-    pitr_drill_key,
-    tar_key,
-)
 from flows.core.catalog import read_catalog
 from flows.core.copies import CopyMismatch, CopyRefused, backup_ref, copy_backup, present_and_verified
 from flows.core.errors import ConfigurationError, StorageError
-from flows.core.layout import DRILL_SUFFIX, backup_stem, dump_key, globals_key, lease_key, manifest_key
 from flows.core.localstore import LocalObjectStore
 from flows.core.locations import StorageLocation
 from flows.core.manifest import Manifest
 from flows.core.objectstore import MiB, ObjectStore
 from flows.core.s3store import S3ObjectStore
 from tests.conftest import make_database_block, make_local_block, make_s3_block
-from tests.harness.factories import DB, PREFIX, manifest_for, sample_database
+from tests.harness.copies import base_backup, dump_backup
+from tests.harness.factories import DB, PREFIX, sample_database
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint
-
-WHEN = datetime(2026, 11, 20, 1, 30, tzinfo=UTC)
 
 
 def s3_store(
@@ -58,64 +46,6 @@ def s3_store(
 
 def keys(store: ObjectStore) -> set[str]:
     return {info.key for info in store.list("")}
-
-
-def dump_backup(store: ObjectStore, body: bytes = b"dump bytes " * 1000, *, verified: bool = True) -> str:
-    """A dump as nightly_dump files it (dump, roles file, drill record, a reader's lease, manifest last),
-    with the real sha256; returns the manifest key."""
-    stem = backup_stem(PREFIX, DB, WHEN)
-    store.put_bytes(dump_key(stem, ".zst"), body)
-    store.put_bytes(globals_key(stem), b"CREATE ROLE app;\n")
-    store.put_bytes(stem + DRILL_SUFFIX, b'{"drill": "passed"}\n')
-    store.put_bytes(lease_key(stem, "run-1"), b"{}\n")
-    manifest = manifest_for(stem, WHEN).model_copy(
-        update={
-            "sha256": hashlib.sha256(body).hexdigest(),
-            "bytes": len(body),
-            "globals_key": globals_key(stem),
-            "verified": verified,
-        }
-    )
-    store.put_bytes(manifest_key(stem), manifest.to_json())
-    return manifest_key(stem)
-
-
-def base_backup(store: ObjectStore, body: bytes = b"tar bytes " * 1000) -> str:
-    """A base backup as the base_backup flow files it (tar, PostgreSQL's backup_manifest, PITR drill
-    record, a lease, dbops manifest last); returns the manifest key."""
-    stem = base_stem(PREFIX, DB, WHEN)
-    store.put_bytes(tar_key(stem), body)
-    store.put_bytes(pg_manifest_key(stem), b'{"PostgreSQL-Backup-Manifest-Version": 1}\n')
-    store.put_bytes(pitr_drill_key(stem), b"{}\n")
-    store.put_bytes(f"{stem}.reading-run-2.json", b"{}\n")
-    manifest = BaseBackupManifest(
-        database=DB,
-        server="db:5432",
-        system_identifier="7300000000000000001",
-        server_version="15.18",
-        server_version_num=150018,
-        pg_basebackup_version="15.18",
-        label=f"dbops-{DB}-20261120T013000Z",
-        started_at=WHEN,
-        ended_at=WHEN,
-        start_lsn="0/2000028",
-        stop_lsn="0/2000138",
-        start_wal="000000010000000000000002",
-        stop_wal="000000010000000000000002",
-        timeline=1,
-        wal_segment_size=16 * MiB,
-        wal_included=False,
-        wal_archived=True,
-        tar_key=tar_key(stem),
-        bytes=len(body),
-        raw_bytes=len(body),
-        sha256=hashlib.sha256(body).hexdigest(),
-        pg_manifest_key=pg_manifest_key(stem),
-        verified=True,
-        verification=BaseVerification(method="list"),
-    )
-    store.put_bytes(base_manifest_key(stem), manifest.to_json())
-    return base_manifest_key(stem)
 
 
 def without_leases(found: set[str]) -> set[str]:
