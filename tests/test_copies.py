@@ -270,3 +270,33 @@ def test_a_real_nightly_dump_is_copied_by_the_task_to_a_directory_and_to_a_secon
     assert head.get("StorageClass") == "STANDARD_IA"  # the copy location's own settings apply
     again = copy_backup_to(primary, nas, dumped.manifest_key)
     assert again.skipped
+
+
+def test_a_copy_whose_dump_was_deleted_is_repaired_under_its_kept_manifest(
+    primary: S3ObjectStore, tmp_path: Path
+) -> None:
+    key = dump_backup(primary)
+    nas = LocalObjectStore(tmp_path)
+    copy_backup(primary, nas, key)
+    manifest_before = nas.get_bytes(key)
+    dump = Manifest.from_json(manifest_before).dump_key
+    nas.delete([dump])
+    report = copy_backup(primary, nas, key)
+    assert (report.repaired, report.skipped) == (True, False)
+    assert nas.get_bytes(dump) == primary.get_bytes(dump)
+    assert nas.get_bytes(key) == manifest_before
+
+
+def test_a_copy_that_fails_half_way_leaves_no_manifest_and_removes_what_it_wrote(
+    primary: S3ObjectStore, tmp_path: Path
+) -> None:
+    key = dump_backup(primary)
+    source = Manifest.from_json(primary.get_bytes(key))
+    assert source.globals_key is not None
+    (tmp_path / source.globals_key).mkdir(parents=True)  # a directory where the roles file must go
+    nas = LocalObjectStore(tmp_path)
+    with pytest.raises(OSError, match="Is a directory"):
+        copy_backup(primary, nas, key)
+    assert nas.head(key) is None
+    assert nas.head(source.dump_key) is None  # written first, removed again
+    assert [info.key for info in nas.list("")] == []

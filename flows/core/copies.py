@@ -6,8 +6,10 @@ order that keeps a half-done copy from ever looking like a backup:
 
 1. Read the primary's manifest: it must parse, describe the objects beside it and be verified; anything
    else is refused (an unverified backup is not copied, it is not a backup yet).
-2. Look at the copy: a manifest already there that names the same bytes (sha256) and was checked means
-   "already there" (skipped, so copying twice is harmless); another manifest there is left alone, refused.
+2. Look at the copy: a manifest already there that names the same bytes (sha256) and was checked, beside
+   its main object, means "already there" (skipped, so copying twice is harmless); with the main object
+   gone, the objects are copied again under the kept manifest (repaired); another manifest there is left
+   alone, refused.
 3. Copy the members: the main object (dump or tar) first, then the roles file / PostgreSQL's
    backup_manifest / drill records; never a reader's lease. Server-side within one S3 endpoint and
    account, otherwise streamed through the worker with bounded memory.
@@ -79,6 +81,11 @@ class CopyReport(BaseModel):
     bytes: int = Field(default=0, description="Bytes copied (0 when it was already there).")
     seconds: float = Field(default=0.0, description="Wall time of this copy.")
     skipped: bool = Field(default=False, description="Already there and verified: nothing was copied.")
+    repaired: bool = Field(
+        default=False,
+        description="The copy's manifest was there but its dump or tar was missing (or of another size): "
+        "the objects were copied again, the manifest kept.",
+    )
 
 
 @dataclass(frozen=True)
@@ -292,18 +299,24 @@ def copy_backup(
     manifest = read_source(primary, ref)
     method = copy_method(primary, copy)
     report = CopyReport(key=manifest_key, kind=ref.kind, location=location or copy.url, method=method)
-    if existing_copy(copy, ref, manifest):
-        report.skipped = True
-        report.seconds = time.monotonic() - started
-        return report
-    objects = members(primary, ref, manifest)
     main = main_key(manifest)
+    if existing_copy(copy, ref, manifest):
+        there = copy.head(main)
+        if there is not None and there.size == manifest.bytes:
+            report.skipped = True
+            report.seconds = time.monotonic() - started
+            return report
+        report.repaired = True  # its manifest is there, its main object is not: copy the members again
+    objects = members(primary, ref, manifest)
     written: list[str] = []
     try:
         for key, size in objects.items():
             written.append(key)
             check = manifest.sha256 if key == main else None
             report.bytes += transfer(primary, copy, key, size, method, check)
+        if report.repaired:
+            report.seconds = time.monotonic() - started
+            return report
         record = CopyRecord(source=primary.url, copied_at=clock(), method=method, sha256_checked=True)
         text = manifest.model_copy(update={"copy": record}).to_json()
         try:

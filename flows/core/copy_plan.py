@@ -90,7 +90,7 @@ def held_by(copy: ObjectStore, prefix: str, database: str, kinds: Kinds) -> dict
     held: dict[str, str] = {}
     if kinds in {"dumps", "both"}:
         for b in read_catalog(copy, prefix, database).backups:
-            if present_and_verified(b.manifest):
+            if present_and_verified(b.manifest) and b.manifest.dump_key in b.keys:
                 held[manifest_key(b.stem)] = b.manifest.sha256
     if kinds in {"base", "both"}:
         for base in read_base_catalog(copy, prefix, database).backups:
