@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from datetime import UTC, datetime
 
@@ -60,6 +61,7 @@ def backups_sync(args: argparse.Namespace) -> int:
         )
     backups = read_primary(primary.store, args.prefix, args.database, args.kinds)
     now = datetime.now(UTC)
+    reader = f"sync-{secrets.token_hex(6)}"  # names this sync's read leases on the primary
     results: list[LocationSync] = []
     for copy in copies:
         try:
@@ -72,7 +74,7 @@ def backups_sync(args: argparse.Namespace) -> int:
             continue
 
         def copy_one(key: str, store: ObjectStore = copy.store, slug: str = copy.slug) -> CopyReport:
-            report = copy_backup(primary.store, store, key, location=slug)
+            report = copy_backup(primary.store, store, key, location=slug, reader=reader)
             print(f"{slug}: {'already there' if report.skipped else 'copied (' + report.method + ')'} {key}")
             return report
 

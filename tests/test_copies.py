@@ -7,6 +7,7 @@ the manifest; the copy's manifest written last, never when anything failed; copy
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from flows.core.errors import ConfigurationError, StorageError
 from flows.core.localstore import LocalObjectStore
 from flows.core.locations import StorageLocation
 from flows.core.manifest import Manifest
-from flows.core.objectstore import MiB, ObjectStore
+from flows.core.objectstore import MiB, ObjectStore, PutResult
 from flows.core.s3store import S3ObjectStore
 from tests.conftest import make_database_block, make_local_block, make_s3_block
 from tests.harness.copies import base_backup, dump_backup
@@ -300,3 +301,30 @@ def test_a_copy_that_fails_half_way_leaves_no_manifest_and_removes_what_it_wrote
     assert nas.head(key) is None
     assert nas.head(source.dump_key) is None  # written first, removed again
     assert [info.key for info in nas.list("")] == []
+
+
+class Watching(LocalObjectStore):
+    """A real directory store that notes, at each write, which read leases the primary holds."""
+
+    def __init__(self, root: Path, primary: ObjectStore) -> None:
+        super().__init__(root)
+        self.primary = primary
+        self.leases_seen: list[set[str]] = []
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], **kwargs: Any) -> PutResult:
+        self.leases_seen.append({i.key for i in self.primary.list("") if ".reading-" in i.key})
+        return super().put_stream(key, chunks, **kwargs)
+
+
+def test_the_primary_backup_carries_a_read_lease_while_it_is_copied_and_none_after(
+    primary: S3ObjectStore, tmp_path: Path
+) -> None:
+    key = dump_backup(primary)
+    before = {i.key for i in primary.list("") if ".reading-" in i.key}  # the fixture's own reader
+    nas = Watching(tmp_path, primary)
+    copy_backup(primary, nas, key, reader="copy-run-7")
+    mine = key.removesuffix(".manifest.json") + ".reading-copy-run-7.json"
+    assert nas.leases_seen
+    assert all(seen == before | {mine} for seen in nas.leases_seen)  # every object copied under the lease
+    assert {i.key for i in primary.list("") if ".reading-" in i.key} == before  # released
+    assert mine not in keys(nas)

@@ -10,9 +10,10 @@ order that keeps a half-done copy from ever looking like a backup:
    its main object, means "already there" (skipped, so copying twice is harmless); with the main object
    gone, the objects are copied again under the kept manifest (repaired); another manifest there is left
    alone, refused.
-3. Copy the members: the main object (dump or tar) first, then the roles file / PostgreSQL's
-   backup_manifest / drill records; never a reader's lease. Server-side within one S3 endpoint and
-   account, otherwise streamed through the worker with bounded memory.
+3. Take a read lease on the primary's backup (when the caller names its run), so retention there keeps
+   it while it is copied. Copy the members: the main object (dump or tar) first, then the roles file /
+   PostgreSQL's backup_manifest / drill records; never a reader's lease. Server-side within one S3
+   endpoint and account, otherwise streamed through the worker with bounded memory.
 4. Check the main object's sha256 against the manifest: a streamed copy is hashed on its way through and a
    mismatch aborts the upload before the object appears; a server-side copy is read back and hashed, and
    deleted on a mismatch.
@@ -28,7 +29,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -36,8 +37,15 @@ from pydantic import BaseModel, Field, ValidationError
 from flows.core.base_catalog import why_not_ours
 from flows.core.base_layout import BaseBackupManifest, parse_base_key
 from flows.core.copy_record import CopyMethod, CopyRecord
-from flows.core.errors import BackupIntegrityError, ConfigurationError, ObjectExists, ObjectNotFound
+from flows.core.errors import (
+    BackupIntegrityError,
+    ConfigurationError,
+    ObjectExists,
+    ObjectNotFound,
+    StorageFault,
+)
 from flows.core.layout import LEASE_MARK, MANIFEST_SUFFIX, parse_key
+from flows.core.leases import release_lease, take_lease
 from flows.core.manifest import Manifest, why_invalid
 from flows.core.objectstore import ObjectStore, part_size_for
 from flows.core.s3store import S3ObjectStore
@@ -58,6 +66,8 @@ __all__ = [
 ]
 
 BackupKind = Literal["dump", "base"]
+#: how long a copy's read lease holds the primary's retention off if the copier dies without releasing it
+LEASE_TTL = timedelta(hours=12)
 AnyManifest = Manifest | BaseBackupManifest
 
 
@@ -287,9 +297,13 @@ def copy_backup(
     manifest_key: str,
     *,
     location: str = "",
+    reader: str | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> CopyReport:
-    """Copy the backup whose manifest is `manifest_key` from `primary` to `copy` (steps 1-5)."""
+    """Copy the backup whose manifest is `manifest_key` from `primary` to `copy` (steps 1-5).
+
+    `reader` (a run id): while its objects are copied the backup carries a read lease on the primary
+    (`<stem>.reading-<reader>.json`, flows.core.leases), so the primary's retention keeps it meanwhile."""
     started = time.monotonic()
     ref = backup_ref(manifest_key)
     if primary.identity.rstrip("/") == copy.identity.rstrip("/"):
@@ -308,6 +322,7 @@ def copy_backup(
             return report
         report.repaired = True  # its manifest is there, its main object is not: copy the members again
     objects = members(primary, ref, manifest)
+    lease = take_lease(primary, ref.stem, reader, f"copy to {report.location}", LEASE_TTL) if reader else None
     written: list[str] = []
     try:
         for key, size in objects.items():
@@ -328,6 +343,10 @@ def copy_backup(
     except BaseException:
         _discard(copy, ref, written)
         raise
+    finally:
+        if lease is not None:  # one left behind only holds the primary's retention off until it expires
+            with contextlib.suppress(StorageFault):
+                release_lease(primary, lease)
     report.seconds = time.monotonic() - started
     return report
 

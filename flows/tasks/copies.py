@@ -3,9 +3,11 @@ copy-backups flow share, so every copy is made, checked and recorded the same wa
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime
 
 from prefect import get_run_logger
+from prefect.runtime import task_run
 
 from blocks.storage import load_store
 from flows.core.copies import CopyReport, copy_backup
@@ -20,7 +22,10 @@ def copy_backup_to(primary: StorageRef, copy: StorageRef, manifest_key: str) -> 
     """Copy one verified backup (dump or base backup, named by its manifest key) from the primary to a
     copy location, its manifest last. Transient storage faults are retried; copying what is already there
     is a no-op, so a retry after a half-done attempt is safe."""
-    report = copy_backup(load_store(primary), load_store(copy), manifest_key, location=slug_of(copy))
+    reader = f"copy-{task_run.id or secrets.token_hex(8)}"
+    report = copy_backup(
+        load_store(primary), load_store(copy), manifest_key, location=slug_of(copy), reader=reader
+    )
     logger = get_run_logger()
     if report.skipped:
         logger.info("%s is already in %s (verified); nothing copied", manifest_key, report.location)
