@@ -127,3 +127,14 @@ def test_the_flow_fills_a_good_copy_and_fails_naming_the_one_whose_bucket_is_mis
     assert rows[eu]["copied"] == "2"
     assert rows[eu]["failed"] == ""
     assert "does not exist" in rows[gone]["failed"]
+
+
+def test_the_flow_with_only_the_primary_completes_with_nothing_to_do(
+    primary: tuple[str, S3ObjectStore],
+) -> None:
+    from flows.copy_backups import copy_backups
+
+    slug, _ = primary
+    report = copy_backups(database=DB, storage=slug, prefix=PREFIX)
+    assert report.locations == []
+    assert artifact_table(f"copy-backups-{DB}") == []

@@ -129,3 +129,20 @@ def test_a_paused_deployment_may_name_a_block_that_does_not_exist_yet(
     paused["schedules"][0]["active"] = True
     [problem] = check_deployments(write_yaml(tmp_path, [paused]))
     assert "'postgres-database/no-pgbouncer-here' does not exist" in problem
+
+
+def test_a_storage_list_has_each_of_its_blocks_checked_and_copy_backups_names_no_database_block(
+    tmp_path: Path, configured: str
+) -> None:
+    store = f"local-file-system/store-{configured}"
+    spec: dict[str, Any] = {
+        "name": f"copies-{configured}",
+        "entrypoint": "flows/copy_backups.py:copy_backups",
+        "work_pool": {"name": f"pool-{configured}"},
+        "parameters": {"database": "imagemanager", "storage": f"{store}, s3-bucket/gone-{configured}"},
+    }
+    problems = check_deployments(write_yaml(tmp_path, [spec]))
+    assert len(problems) == 1
+    assert f"'s3-bucket/gone-{configured}' does not exist" in problems[0]
+    spec["parameters"]["storage"] = store
+    assert check_deployments(write_yaml(tmp_path, [spec])) == []
