@@ -138,3 +138,27 @@ def test_the_flow_with_only_the_primary_completes_with_nothing_to_do(
     report = copy_backups(database=DB, storage=slug, prefix=PREFIX)
     assert report.locations == []
     assert artifact_table(f"copy-backups-{DB}") == []
+
+
+def test_a_corrupt_primary_backup_is_not_copied_the_others_are_and_the_run_fails_naming_the_location(
+    primary: tuple[str, S3ObjectStore], tmp_path: Path, unique: str
+) -> None:
+    from flows.copy_backups import copy_backups
+
+    slug, store = primary
+    newest = read_catalog(store, PREFIX, DB).newest()
+    assert newest is not None
+    body = store.get_bytes(newest.manifest.dump_key)
+    store.put_bytes(newest.manifest.dump_key, body[:-1] + bytes([body[-1] ^ 1]))  # same size, one bit
+    nas_slug = make_local_block(f"nas-{unique}", tmp_path / "nas")
+    state = copy_backups(database=DB, storage=f"{slug},{nas_slug}", prefix=PREFIX, return_state=True)
+    assert state.is_failed()
+    message = failure_message(state)
+    assert f"copy location(s) {nas_slug} not brought up to date" in message
+    assert "1 backup(s) not copied" in message
+    assert "does not match its manifest" in message
+    copied = manifests_in(LocalObjectStore(tmp_path / "nas"))
+    assert len(copied) == 6  # four older verified dumps and two base backups
+    assert manifest_key(newest.stem) not in copied
+    (row,) = artifact_table(f"copy-backups-{DB}")
+    assert row["copied"] == "6"
