@@ -18,7 +18,7 @@ from botocore.config import Config
 from flows.core.base_catalog import read_base_catalog
 from flows.core.catalog import read_catalog
 from flows.core.copies import CopyMismatch, CopyRefused, backup_ref, copy_backup, present_and_verified
-from flows.core.errors import ConfigurationError, StorageError
+from flows.core.errors import ConfigurationError, ObjectExists, StorageError
 from flows.core.localstore import LocalObjectStore
 from flows.core.locations import StorageLocation
 from flows.core.manifest import Manifest
@@ -328,3 +328,17 @@ def test_the_primary_backup_carries_a_read_lease_while_it_is_copied_and_none_aft
     assert all(seen == before | {mine} for seen in nas.leases_seen)  # every object copied under the lease
     assert {i.key for i in primary.list("") if ".reading-" in i.key} == before  # released
     assert mine not in keys(nas)
+
+
+def test_a_server_side_copy_that_must_not_replace_refuses_a_taken_key(
+    s3: S3Endpoint, primary: S3ObjectStore, other_bucket: str
+) -> None:
+    primary.put_bytes("one/object", b"new bytes")
+    copy = s3_store(s3, other_bucket)
+    assert copy.copy_from(primary, "one/object", 9, if_absent=True).parts == 1
+    assert copy.get_bytes("one/object") == b"new bytes"
+    primary.put_bytes("one/object", b"other bytes")
+    with pytest.raises(ObjectExists, match="already exists"):
+        copy.copy_from(primary, "one/object", 11, if_absent=True)
+    assert copy.get_bytes("one/object") == b"new bytes"
+    assert s3.client().list_multipart_uploads(Bucket=other_bucket).get("Uploads", []) == []
