@@ -134,6 +134,8 @@ def test_kubernetes_job_of_each_deployment(variant: str, spec: dict) -> None:
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert env["PREFECT_HOME"] == "/home/dbops/.prefect"
     assert env["PREFECT__FLOW_RUN_ID"]
+    # backoff_limit 0: an evicted pod's run is rescheduled by Prefect rather than retried by the Job
+    assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "reschedule"
     assert container["resources"] == {
         "requests": {"cpu": "1", "memory": "512Mi"},
         "limits": {"memory": "1Gi"},
