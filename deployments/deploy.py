@@ -57,7 +57,7 @@ def check_deployments(path: Path = ROOT / "prefect.yaml") -> list[str]:
     from prefect.variables import Variable
 
     from blocks.storage import load_block
-    from deployments.pools import job_variable_problems
+    from deployments.pools import VARIANTS, job_variable_problems
 
     problems: list[str] = []
     checked_pools: dict[str, WorkPool | None] = {}  # None: the pool does not exist
@@ -81,9 +81,12 @@ def check_deployments(path: Path = ROOT / "prefect.yaml") -> list[str]:
                 except ObjectNotFound:
                     checked_pools[pool] = None
             if pool and checked_pools[pool] is None:
+                # prefect.docker.yaml / prefect.k8s.yaml: their container pools; pitr-restore's stays process
+                in_container = bool((spec.get("work_pool") or {}).get("job_variables"))
+                pool_type = VARIANTS.get(path.name, "process") if in_container else "process"
                 problems.append(
                     f"deployment {name}: work pool {pool!r} does not exist; run `dbops setup` or "
-                    f"`prefect work-pool create {pool} --type process`"
+                    f"`prefect work-pool create {pool} --type {pool_type}`"
                 )
             elif pool and (found := checked_pools[pool]) is not None:
                 # The server accepts a job variable its pool's template does not define, and ignores it.

@@ -9,8 +9,11 @@ the Docker/Kubernetes deployments' pull step moves to.
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,3 +170,38 @@ def test_dockerignore_keeps_local_state_out_and_the_package_in() -> None:
     wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
     for needed in ["pyproject.toml", "uv.lock", "README.md", *wheel["packages"]]:
         assert not ignored(needed), f"{needed} is needed to build the image"
+
+
+def test_the_images_dependency_set_runs_every_deployed_flow(tmp_path: Path) -> None:
+    """What the image's `uv sync --frozen --no-dev` installs, into a fresh environment here: every flow of
+    prefect.yaml imports from it (none leans on a dev-only package such as moto or the Docker SDK), and the
+    test tools and the pool collections stay out of the image."""
+    uv = shutil.which("uv") or str(Path.home() / ".local/bin/uv")
+    venv = tmp_path / "venv"
+    env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv)}
+    env.pop("VIRTUAL_ENV", None)
+    sync = subprocess.run(
+        [uv, "sync", "--frozen", "--no-dev", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert sync.returncode == 0, sync.stderr
+    entrypoints = [
+        d["entrypoint"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    ]
+    modules = sorted({e.split(":")[0].removesuffix(".py").replace("/", ".") for e in entrypoints})
+    probe = (
+        "import importlib, importlib.util, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(sorted(m for m in ('pytest', 'moto', 'prefect_docker', 'prefect_kubernetes', 'mypy')"
+        " if importlib.util.find_spec(m)))\n"
+    )
+    python = venv / "bin" / "python"
+    run_env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    out = subprocess.run([str(python), "-c", probe], cwd=ROOT, env=run_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    assert len(modules) >= 10

@@ -170,3 +170,13 @@ def test_dbops_deploy_refuses_a_job_variable_the_servers_pool_does_not_define(
     spec["work_pool"]["job_variables"] = {"image": "dbops-worker:pg15", "cpu_request": "1"}
     path.write_text(yaml.safe_dump({"name": "t", "deployments": [spec]}))
     assert check_deployments(path) == []
+
+
+def test_a_missing_container_pool_is_named_with_its_type(tmp_path: Path, unique: str) -> None:
+    spec = yaml.safe_load((ROOT / "prefect.k8s.yaml").read_text())["deployments"][0]
+    spec["work_pool"] = {**spec["work_pool"], "name": f"absent-{unique}"}
+    spec["parameters"] = {}
+    path = tmp_path / "prefect.k8s.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "deployments": [spec]}))
+    [problem] = check_deployments(path)
+    assert f"`prefect work-pool create absent-{unique} --type kubernetes`" in problem
