@@ -23,10 +23,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # package: it carries pg_archivecleanup (WAL expiry of a directory archive) and pg_ctl/postgres (the PITR
 # restore and drill start the recovered copy on the worker); it depends on postgresql-client-${PG_MAJOR}
 # (pg_dump, pg_restore, pg_dumpall, psql, pg_amcheck, pg_basebackup, pg_verifybackup). No cluster is
-# created in the image. zstd is the CLI for restoring by hand.
+# created in the image: PGDG's postgresql-common is installed before createcluster.conf is edited, so the
+# server package's install does not replace the edit. zstd is the CLI for restoring by hand.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates postgresql-common \
  && /usr/share/postgresql-common/pgdg/apt.postgresql.org.sh -y \
+ && apt-get install -y --no-install-recommends postgresql-common \
  && sed -ri 's/^#?\s*create_main_cluster\s*=.*/create_main_cluster = false/' \
         /etc/postgresql-common/createcluster.conf \
  && apt-get install -y --no-install-recommends \
