@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +182,80 @@ def test_a_missing_container_pool_is_named_with_its_type(tmp_path: Path, unique:
     path.write_text(yaml.safe_dump({"name": "t", "deployments": [spec]}))
     [problem] = check_deployments(path)
     assert f"`prefect work-pool create absent-{unique} --type kubernetes`" in problem
+
+
+def test_prefect_deploy_takes_both_variant_files(tmp_path: Path, unique: str) -> None:
+    """`prefect deploy --all --prefect-file` (Prefect's own CLI, against the test API) on both variants: the
+    server stores each deployment's pool, job variables (which it validates against the pool's template)
+    and pull steps as the files say, and pitr-restore gets Prefect's default pull step on the host pool.
+
+    One combined file (names and pools made unique, templated parameters given plain values so no
+    Prefect Variable of other tests is touched): one CLI start for both. Two deployments of each variant,
+    one on the container pool and the one on the host pool, keep it short: the others are the same YAML
+    (the tests above compare every one of them with prefect.yaml)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.deploy import prefect_bin
+
+    host_pool = f"host-{unique}"
+    combined: list[dict[str, Any]] = []
+    expected: dict[str, dict[str, Any]] = {}
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=host_pool, type="process"))
+        for variant, pool_type in sorted(VARIANTS.items()):
+            pool = f"{pool_type}-{unique}"
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=pool, type=pool_type, base_job_template=default_base_job_template(pool_type)
+                )
+            )
+            for spec in yaml.safe_load((ROOT / variant).read_text())["deployments"]:
+                if spec["name"] not in {"nightly-dump", *ON_HOST}:
+                    continue
+                spec = dict(spec)
+                on_host = spec["name"] in ON_HOST
+                spec["name"] = f"{spec['name']}-{pool_type}-{unique}"
+                spec["work_pool"] = {**spec["work_pool"], "name": host_pool if on_host else pool}
+                spec["parameters"] = {
+                    k: ({"directory": "/nowhere"} if k == "archive" else "local-file-system/x")
+                    if "{{" in str(v)
+                    else v
+                    for k, v in (spec.get("parameters") or {}).items()
+                }
+                combined.append(spec)
+                expected[spec["name"]] = spec
+    path = tmp_path / "prefect.variants.yaml"
+    path.write_text(yaml.safe_dump({"name": "dbops", "prefect-version": "3.8.8", "deployments": combined}))
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    out = subprocess.run(
+        [prefect_bin(), "--no-prompt", "deploy", "--all", "--prefect-file", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    with get_client(sync_client=True) as client:
+        stored = client.read_deployments(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(expected)))
+        )
+    assert sorted(d.name for d in stored) == sorted(expected)
+    for deployment in stored:
+        spec = expected[deployment.name]
+        assert deployment.work_pool_name == spec["work_pool"]["name"], deployment.name
+        assert deployment.job_variables == (spec["work_pool"].get("job_variables") or {}), deployment.name
+        if spec["work_pool"]["name"] == host_pool:
+            assert deployment.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+            ]
+        else:
+            assert deployment.pull_steps == spec["pull"], deployment.name
+        assert deployment.entrypoint == spec["entrypoint"]
