@@ -52,14 +52,16 @@ def load_deployments(path: Path) -> list[dict[str, Any]]:
 def check_deployments(path: Path = ROOT / "prefect.yaml") -> list[str]:
     """Every problem as one sentence; an empty list means `prefect deploy --all` can go ahead."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkPool
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.exceptions import ObjectNotFound
     from prefect.variables import Variable
 
     from blocks.storage import load_block
+    from deployments.pools import VARIANTS, job_variable_problems
 
     problems: list[str] = []
-    checked_pools: dict[str, bool] = {}
+    checked_pools: dict[str, WorkPool | None] = {}  # None: the pool does not exist
     with get_client(sync_client=True) as client:
         for spec in load_deployments(path):
             name = spec.get("name", "?")
@@ -76,15 +78,22 @@ def check_deployments(path: Path = ROOT / "prefect.yaml") -> list[str]:
             pool = (spec.get("work_pool") or {}).get("name")
             if pool and pool not in checked_pools:
                 try:
-                    client.read_work_pool(pool)
-                    checked_pools[pool] = True
+                    checked_pools[pool] = client.read_work_pool(pool)
                 except ObjectNotFound:
-                    checked_pools[pool] = False
-            if pool and not checked_pools[pool]:
+                    checked_pools[pool] = None
+            if pool and checked_pools[pool] is None:
+                # prefect.docker.yaml / prefect.k8s.yaml: their container pools; pitr-restore's stays process
+                in_container = bool((spec.get("work_pool") or {}).get("job_variables"))
+                pool_type = VARIANTS.get(path.name, "process") if in_container else "process"
                 problems.append(
                     f"deployment {name}: work pool {pool!r} does not exist; run `dbops setup` or "
-                    f"`prefect work-pool create {pool} --type process`"
+                    f"`prefect work-pool create {pool} --type {pool_type}`"
                 )
+            elif pool and (found := checked_pools[pool]) is not None:
+                # The server accepts a job variable its pool's template does not define, and ignores it.
+                job_variables = (spec.get("work_pool") or {}).get("job_variables") or {}
+                if isinstance(job_variables, dict):
+                    problems.extend(job_variable_problems(name, job_variables, found.base_job_template))
             # A deployment whose every schedule is paused (`active: false`: pgbouncer-check until the
             # installation has a PgBouncer) runs only once a person turns it on: its blocks may not exist yet.
             schedules = spec.get("schedules") or []
