@@ -32,6 +32,7 @@ DATABASE_PARAMS: dict[str, tuple[str, ...]] = {
     "migrate": ("database", "staging_database"),
     "pgbouncer_check": ("pgbouncer", "database"),
     "db_health": ("database",),
+    "copy_backups": (),  # its `database` is the name in the object layout, not a block
 }
 DEFAULT_DATABASE_PARAMS = ("database",)
 STORAGE_PARAMS = ("storage",)
@@ -102,8 +103,9 @@ def check_deployments(path: Path = ROOT / "prefect.yaml") -> list[str]:
                     continue
                 if key in database_params and isinstance(value, str):
                     problems.extend(_check_block(name, key, f"postgres-database/{value}", load_block))
-                elif key in STORAGE_PARAMS and isinstance(value, str):
-                    problems.extend(_check_block(name, key, value, load_block))
+                elif key in STORAGE_PARAMS and isinstance(value, str):  # a slug, or "primary,copy,..."
+                    for slug in [s.strip() for s in value.split(",") if s.strip()] or [value]:
+                        problems.extend(_check_block(name, key, slug, load_block))
     return problems
 
 
