@@ -11,6 +11,8 @@ import pytest
 
 from deployments.cli import main
 from flows.core.compression import Compression
+from flows.core.copies import copy_backup
+from flows.core.copy_record import CopyRecord
 from flows.core.errors import ConfigurationError, ObjectNotFound
 from flows.core.localstore import LocalObjectStore
 from flows.core.objectstore import ObjectStore
@@ -113,6 +115,10 @@ def test_a_location_with_a_corrupt_object_is_passed_over_and_the_next_one_is_rea
     assert check(sources[0]) == "its object is missing"
     primary.put_bytes("db/x.manifest.json", b"{not json")
     assert check(sources[0]).startswith("its manifest is not a readable dbops manifest")
+    # a copy whose record says its bytes were not checked does not vouch for them
+    record = CopyRecord(source="s3://a", copied_at=manifest.ended_at, method="streamed", sha256_checked=False)
+    copy.put_bytes("db/x.manifest.json", manifest.model_copy(update={"copy": record}).to_json())
+    assert check(sources[1]) == "its copy was not sha256-checked when it was made"
 
 
 def test_choosing_takes_the_first_location_holding_a_match_and_says_why_not_the_others(
@@ -175,7 +181,8 @@ def test_restore_succeeds_from_the_copy_after_the_primary_bucket_was_emptied_and
 ) -> None:
     block, name = source
     dumped = nightly_dump(database=block, storage=storage, prefix="prod")
-    copy_all(s3_store(s3, bucket), s3_store(s3, copy_bucket))
+    copied = copy_backup(s3_store(s3, bucket), s3_store(s3, copy_bucket), dumped.manifest_key)
+    assert copied.bytes == dumped.bytes
     empty_bucket(s3, bucket)  # every object of the primary deleted
 
     target = make_database_block(pg, f"new-{unique}", f"restored_{unique}")

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from pydantic import ValidationError
 
+from flows.core.base_layout import BaseBackupManifest
 from flows.core.catalog import Catalog
+from flows.core.copies import AnyManifest, present_and_verified
 from flows.core.errors import (
     BackupIntegrityError,
     DbopsError,
@@ -37,24 +39,13 @@ from flows.core.errors import (
     StorageFault,
     is_transient,
 )
-from flows.core.manifest import why_invalid
+from flows.core.manifest import Manifest, why_invalid
 from flows.core.objectstore import ObjectStore
 
 T = TypeVar("T")
-M = TypeVar("M", bound="Described")
+M = TypeVar("M", Manifest, BaseBackupManifest)
 
 
-class Described(Protocol):
-    """What a manifest (dump or base backup) says about its stored object."""
-
-    @property
-    def sha256(self) -> str: ...
-
-    @property
-    def bytes(self) -> int: ...
-
-    @property
-    def verified(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -103,26 +94,17 @@ class NotInAnyLocation(RestoreError):
 # -- what a copy's manifest vouches for ---------------------------------------------------------------------
 
 
-def copy_check(manifest: object) -> bool | None:
-    """A copy's record of whether its bytes were sha256-checked when copied (None: no copy record, i.e.
-    the primary's manifest, or a copy made by other means)."""
-    # the field's value, not BaseModel.copy (the method the field name shadows)
-    record = getattr(manifest, "__dict__", {}).get("copy")
-    if record is None:
-        return None
-    return bool(getattr(record, "sha256_checked", False))
+def verified_here(manifest: AnyManifest) -> bool:
+    """Present and verified in its location (the copy contract): a copy's bytes were sha256-checked when
+    it was made; a primary's backup was verified when it was taken."""
+    return present_and_verified(manifest)
 
 
-def verified_here(manifest: Described) -> bool:
-    """Present and verified in its location: a copy's sha256 was checked when it was made; a primary's
-    (or a copy without a copy record) backup was verified when it was taken."""
-    checked = copy_check(manifest)
-    return manifest.verified if checked is None else checked
-
-
-def copy_unchecked(manifest: object) -> str:
+def copy_unchecked(manifest: AnyManifest) -> str:
     """Why a copy's manifest does not vouch for its object ("" when it does, or is no copy's)."""
-    return "its copy was not sha256-checked when it was made" if copy_check(manifest) is False else ""
+    if manifest.copy is not None and not manifest.copy.sha256_checked:
+        return "its copy was not sha256-checked when it was made"
+    return ""
 
 
 # -- step 1: choose -----------------------------------------------------------------------------------------
@@ -171,7 +153,7 @@ def check_source(
     source: Source,
     manifest_key: str,
     object_key: str,
-    chosen: Described,
+    chosen: AnyManifest,
     parse: Callable[[bytes], M],
 ) -> tuple[M | None, str]:
     """This location's manifest of the chosen backup, or why its copy cannot be read here."""
