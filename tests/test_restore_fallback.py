@@ -377,3 +377,67 @@ def test_the_restore_drill_reads_a_list_and_records_the_drill_where_it_read(
     assert s3_store(s3, copy_bucket).head(drill) is not None
     assert s3_store(s3, bucket).head(drill) is None
     assert databases(pg, f"drill_{name}_%") == []
+
+
+# -- point-in-time recovery: the base backup falls back the same way -----------------------------------
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_pitr_restore_reads_the_base_backup_from_the_copy_when_the_primarys_is_corrupt(unique: str) -> None:
+    import os
+    import shutil
+    import tempfile
+
+    from blocks import PostgresDatabase
+    from flows.core.wal_archive import ArchiveLocation
+    from flows.pitr_restore import pitr_restore
+    from tests.harness.basebackup import archiving_cluster, switch_and_archive, take_base_backup
+    from tests.harness.pg import free_port
+
+    with archiving_cluster() as (cluster, archive_dir):
+        cluster.create_database("app")
+        cluster.sql("CREATE TABLE t (v text)", "app")
+        cluster.sql("INSERT INTO t VALUES ('in the base backup')", "app")
+        root = cluster.base_dir.parent
+        primary, copy = local_store(root / "primary"), local_store(root / "copy")
+        manifest = take_base_backup(cluster, primary, "prod", "app")
+        switch_and_archive(cluster)
+        copy_all(primary, copy)
+        damaged = bytearray(primary.get_bytes(manifest.tar_key))
+        damaged[len(damaged) // 2] ^= 0xFF  # same key, same size, other bytes
+        primary.put_bytes(manifest.tar_key, bytes(damaged))
+        PostgresDatabase(
+            host=cluster.host,
+            port=cluster.port,
+            database="app",
+            user=cluster.superuser,
+            password=cluster.password,
+        ).save(f"pitr-fb-{unique}", overwrite=True)
+        a = make_local_block(f"pitr-a-{unique}", root / "primary")
+        b = make_local_block(f"pitr-b-{unique}", root / "copy")
+        scratch = Path(tempfile.mkdtemp(prefix="dbops-pitr-fb-"))
+        os.chmod(scratch, 0o755)  # the server's OS user must reach its data directory inside
+        try:
+            report = pitr_restore(
+                database=f"pitr-fb-{unique}",
+                storage=[a, b],
+                prefix="prod",
+                archive=ArchiveLocation(directory=str(archive_dir)),
+                data_directory=str(scratch / "data"),
+                immediate=True,
+                port=free_port(),
+                start=False,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        assert leases(primary) == []  # the lease of each attempt was taken and released where it read
+        assert leases(copy) == []
+    assert report.base_backup == manifest.tar_key
+    assert report.location == b
+    assert report.fallbacks == [
+        f"the primary {a}: its object failed its sha256 check (the base backup {manifest.tar_key} does not "
+        "match its manifest)"
+    ]
+    assert report.reached_lsn
+    values = {row["item"]: row["value"] for row in artifact_table("pitr-app")}
+    assert values["read from"].startswith(f"{b} (the primary {a}: its object failed its sha256 check")
