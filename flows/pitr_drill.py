@@ -51,6 +51,7 @@ from flows.tasks.pitr import (
     write_drill_canary,
     write_pitr_drill_record,
 )
+from flows.tasks.restore import location_ref
 
 
 class PitrDrillOptions(BaseModel):
@@ -153,7 +154,8 @@ def pitr_drill(
                 + "; ".join(f"{c.name}: {c.detail}" for c in bad)
             )
         record = _record(name, plan, report, cn, checks, rpo, started, restore_point, passed=True)
-        write_pitr_drill_record(record.location or plan.location, plan.choice.manifest.tar_key, record)
+        where = location_ref(storage, record.location or plan.location)
+        write_pitr_drill_record(where, plan.choice.manifest.tar_key, record)
         _publish(record)
         logger.info("PITR drill passed: RPO %s s, RTO %.1f s", record.rpo_seconds, report.rto_seconds)
         return record
@@ -163,7 +165,7 @@ def pitr_drill(
                 name, plan, report, cn, checks, rpo, started, restore_point, passed=False, exc=exc
             )
             try:
-                where = record.location or plan.location
+                where = location_ref(storage, record.location or plan.location)
                 write_pitr_drill_record(where, plan.choice.manifest.tar_key, record)
             except Exception as rec_exc:  # the drill's own failure matters more
                 logger.warning("could not record the failed drill: %s", failure_sentence(rec_exc))

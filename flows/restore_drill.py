@@ -46,6 +46,7 @@ from flows.tasks.restore import (
     check_target_server,
     choose_backup,
     drop_scratch_database,
+    location_ref,
     record_drill,
     restore_database,
 )
@@ -190,7 +191,7 @@ def restore_drill(
             ]
             report.passed = bool(checks) and all(c.ok for c in checks)
             record_drill(
-                report.location or found.location,
+                location_ref(storage, report.location or found.location),
                 chosen,
                 checks,
                 rto_seconds=rto or 0.0,

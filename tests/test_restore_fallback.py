@@ -315,6 +315,7 @@ def test_the_listing_shows_where_each_backup_is_present_and_verified(
     unique: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     block, name = source
     older = nightly_dump(database=block, storage=storage, prefix="prod")
@@ -342,7 +343,8 @@ def test_the_listing_shows_where_each_backup_is_present_and_verified(
     assert len(unreadable) == 1
     assert "location cannot be read:" in unreadable[0]
 
-    assert main(["backups", "list", "--storage", lists, "--prefix", "prod", "--json"]) == 0
+    monkeypatch.setenv("DBOPS_STORAGE", lists)  # the default of --storage: a comma-separated list
+    assert main(["backups", "list", "--prefix", "prod", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)[name]
     assert listed[1]["locations"] == f"{storage} ✓, {copy_storage} ✓, {nas} ✓, {gone} unreadable"
 

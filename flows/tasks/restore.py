@@ -26,7 +26,7 @@ from flows.core.errors import ConfigurationError, ObjectNotFound, RolesFileMissi
 from flows.core.identity import DatabaseIdentity, Guard, identify_database
 from flows.core.layout import manifest_key
 from flows.core.listing import BackupListing, list_backups_across
-from flows.core.locations import StorageList, StorageRef
+from flows.core.locations import StorageList, StorageRef, parse_locations
 from flows.core.manifest import Manifest
 from flows.core.pg_restore import Mode, RestoreResult
 from flows.core.pgtools import PgTool, find_tool
@@ -62,6 +62,15 @@ class Target:
 def open_sources(storage: StorageList) -> list[Source]:
     """The storage list's locations, opened, the primary first (the same place named twice is refused)."""
     return [Source(loc.slug, loc.store, primary=i == 0) for i, loc in enumerate(load_locations(storage))]
+
+
+def location_ref(storage: StorageList, slug: str) -> StorageRef:
+    """The storage list's entry for `slug`, with its settings (S3 storage class, encryption), for writing a
+    record into the location that was read."""
+    for location in parse_locations(storage):
+        if location.block == slug:
+            return location
+    return slug
 
 
 @dataclass
