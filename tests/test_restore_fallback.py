@@ -207,6 +207,7 @@ def test_restore_succeeds_from_the_copy_after_the_primary_bucket_was_emptied_and
 
 
 @pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize("mode", ["create", "replace"])
 def test_a_corrupted_object_in_the_primary_falls_back_to_the_copy_and_restores_the_right_rows(
     pg: PgCluster,
     source: tuple[str, str],
@@ -216,6 +217,7 @@ def test_a_corrupted_object_in_the_primary_falls_back_to_the_copy_and_restores_t
     bucket: str,
     copy_bucket: str,
     unique: str,
+    mode: str,
 ) -> None:
     block, name = source
     # Uncompressed, so the changed byte reaches pg_restore as row data: only the sha256 stops it.
@@ -228,14 +230,23 @@ def test_a_corrupted_object_in_the_primary_falls_back_to_the_copy_and_restores_t
     expected = content(pg, name)
     pg.sql("INSERT INTO images (name) VALUES ('written after the backup')", name)
 
-    target = make_database_block(pg, f"new-{unique}", f"restored_{unique}")
-    report = restore(storage=f"{storage}, {copy_storage}", source_database=name, target=target)
+    # create: a new database (the failed attempt's temporary one dropped); replace: the source itself,
+    # its failed attempt rolled back, then replaced from the copy
+    target = make_database_block(pg, f"new-{unique}", f"restored_{unique}") if mode == "create" else block
+    restored = f"restored_{unique}" if mode == "create" else name
+    report = restore(
+        storage=f"{storage}, {copy_storage}",
+        source_database=name,
+        target=target,
+        mode=mode,
+        confirm=name if mode == "replace" else "",
+    )
     assert report.location == copy_storage
     assert len(report.fallbacks) == 1
     assert report.fallbacks[0].startswith(f"the primary {storage}: its object failed its sha256 check")
-    assert content(pg, f"restored_{unique}") == expected  # the copy's rows, not the flipped ones
-    assert databases(pg, f"restored_{unique}_restoring_%") == []  # the failed attempt was cleaned up
-    values = {row["item"]: row["value"] for row in artifact_table(f"restore-restored-{unique}")}
+    assert content(pg, restored) == expected  # the copy's rows: not the flipped one, not the later one
+    assert databases(pg, f"{restored}_restoring_%") == []  # the failed attempt was cleaned up
+    values = {row["item"]: row["value"] for row in artifact_table(f"restore-{restored.replace('_', '-')}")}
     assert "its object failed its sha256 check" in values["read from"]
     assert values["read from"].startswith(copy_storage)
     assert leases(s3_store(s3, bucket)) == []
