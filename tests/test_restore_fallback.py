@@ -16,6 +16,7 @@ from flows.core.copy_record import CopyRecord
 from flows.core.errors import ConfigurationError, ObjectNotFound
 from flows.core.localstore import LocalObjectStore
 from flows.core.objectstore import ObjectStore
+from flows.core.pg_restore import Mode
 from flows.core.restore_choice import BackupNotFound
 from flows.core.restore_sources import (
     NoReadableSource,
@@ -217,7 +218,7 @@ def test_a_corrupted_object_in_the_primary_falls_back_to_the_copy_and_restores_t
     bucket: str,
     copy_bucket: str,
     unique: str,
-    mode: str,
+    mode: Mode,
 ) -> None:
     block, name = source
     # Uncompressed, so the changed byte reaches pg_restore as row data: only the sha256 stops it.
