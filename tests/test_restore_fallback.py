@@ -359,6 +359,9 @@ def test_the_listing_shows_where_each_backup_is_present_and_verified(
     assert main(["backups", "list", "--prefix", "prod", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)[name]
     assert listed[1]["locations"] == f"{storage} ✓, {copy_storage} ✓, {nas} ✓, {gone} unreadable"
+    problems = [row["problem"] for row in listed if row.get("key") == gone]
+    assert len(problems) == 1
+    assert problems[0].startswith("location cannot be read: ")
 
     # the flow takes the list too, and shows a backup held only by a copy
     primary.delete([older.manifest_key, older.key])
