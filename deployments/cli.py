@@ -5,7 +5,7 @@
     dbops deploy [--file prefect.yaml]                check prefect.yaml against the server, then deploy
     dbops migrate --deployment NAME [--param k=v ...] --wait [--timeout S] [--verbose]
     dbops run DEPLOYMENT [--param k=v ...] --wait [--timeout S] [--verbose]
-    dbops backups list [--database NAME] [--storage SLUG] [--prefix P] [--json]
+    dbops backups list [--database NAME] [--storage SLUG[,SLUG...]] [--prefix P] [--json]
                        [--archive-dir DIR | --archive-storage SLUG [--archive-prefix P]]
     dbops health --database NAME [--statement-timeout S] [--no-prescribed]
     dbops backups sync --database NAME --storage PRIMARY,COPY[,COPY] [--prefix P] [--dry-run]
@@ -64,6 +64,23 @@ def databases_under(store: ObjectStore, prefix: str) -> list[str]:
     return sorted(names)
 
 
+def databases_across(locations: list[tuple[str, ObjectStore]], prefix: str) -> list[str]:
+    """Database names found in any location of a storage list; a location that cannot be read is left
+    to the listing (which says so) unless none can be."""
+    from flows.core.errors import StorageFault
+
+    names: set[str] = set()
+    errors: list[StorageFault] = []
+    for _, store in locations:
+        try:
+            names.update(databases_under(store, prefix))
+        except StorageFault as exc:
+            errors.append(exc)
+    if errors and len(errors) == len(locations):
+        raise errors[0]
+    return sorted(names)
+
+
 def archive_of(args: argparse.Namespace) -> WalArchive | None:
     """The WAL archive the recoverable window is read from: a directory, or a storage block + prefix."""
     from blocks.storage import open_archive
@@ -82,9 +99,16 @@ def archive_of(args: argparse.Namespace) -> WalArchive | None:
 
 def backups_list(args: argparse.Namespace) -> int:
     """The same listing as the list-backups flow (flows.core.listing), read through the storage block."""
-    from blocks.storage import load_store
+    from blocks.storage import load_locations
     from flows.core.layout import check_location, check_prefix
-    from flows.core.listing import BASE_COLUMNS, COLUMNS, BackupListing, format_table, list_backups
+    from flows.core.listing import (
+        BASE_COLUMNS,
+        COLUMNS,
+        LOCATIONS_COLUMN,
+        BackupListing,
+        format_table,
+        list_backups_across,
+    )
 
     if not args.storage:
         print("dbops: --storage is required (or set DBOPS_STORAGE), e.g. s3-bucket/backups", file=sys.stderr)
@@ -92,15 +116,16 @@ def backups_list(args: argparse.Namespace) -> int:
     check_prefix(args.prefix)
     if args.database:
         check_location(args.prefix, args.database)
-    store = load_store(args.storage)
+    locations = [(loc.slug, loc.store) for loc in load_locations(args.storage)]
     archive = archive_of(args)
-    databases = [args.database] if args.database else databases_under(store, args.prefix)
+    databases = [args.database] if args.database else databases_across(locations, args.prefix)
     if not databases:
         print(f"no backups under {args.storage} prefix {args.prefix!r}")
         return 0
     everything: dict[str, BackupListing] = {
-        db: list_backups(store, args.prefix, db, archive=archive) for db in databases
+        db: list_backups_across(locations, args.prefix, db, archive=archive) for db in databases
     }
+    extra = [LOCATIONS_COLUMN] if len(locations) > 1 else []
     if args.json:
         rows = {
             db: listing.rows
@@ -115,10 +140,10 @@ def backups_list(args: argparse.Namespace) -> int:
         where = f"{args.storage}" + (f" prefix {args.prefix}" if args.prefix else "")
         print(f"{database}: {listing.describe()} in {where}")
         if listing.rows:
-            print(format_table(listing.rows, COLUMNS))
+            print(format_table(listing.rows, COLUMNS + extra))
         if listing.base_rows:
             print("base backups:")
-            print(format_table(listing.base_rows, BASE_COLUMNS))
+            print(format_table(listing.base_rows, BASE_COLUMNS + extra))
         print(listing.window_line)
         if listing.left_alone:
             print("left alone (no flow reads or deletes these):")
@@ -141,7 +166,8 @@ def _backups(sub: argparse._SubParsersAction) -> None:
     lst.add_argument(
         "--storage",
         default=os.environ.get("DBOPS_STORAGE"),
-        help="storage block slug, e.g. s3-bucket/imagemanager-backups (default: $DBOPS_STORAGE)",
+        help="storage block slug, e.g. s3-bucket/imagemanager-backups, or several separated by commas (the "
+        "primary first, then its copies: each backup's row says where it is); default: $DBOPS_STORAGE",
     )
     lst.add_argument("--prefix", default=os.environ.get("DBOPS_PREFIX", ""), help="folder in the storage")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")

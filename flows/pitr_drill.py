@@ -5,10 +5,12 @@
               pg_create_restore_point('dbops-drill-<run>'), pg_switch_wal(), and wait until that segment
               is in the archive
 3. recover    the newest base backup whose WAL reaches it, into a scratch directory on the worker, to that
-              restore point (pitr-restore's own tasks, on a free local port)
+              restore point (pitr-restore's own tasks, on a free local port); with a storage list, read
+              from the first location whose copy is intact, as pitr-restore
 4. check      the token is there; pg_amcheck is clean; the tables of the latest dump's manifest exist;
               replay reached the restore point's LSN and the copy was promoted onto a new timeline
-5. record     <base backup stem>.pitr-drill.json: RPO, RTO, WAL replayed, checks, result
+5. record     <base backup stem>.pitr-drill.json (in the location read): RPO, RTO, WAL replayed, checks,
+              result, the location read and any passed over
 6. clean up   always: the scratch server is stopped and its directories removed, also on failure
 """
 
@@ -25,15 +27,17 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from blocks.storage import require_store_kind
+from blocks.storage import load_locations
 from flows.core.drill import CheckResult
 from flows.core.layout import check_location
+from flows.core.locations import StorageList
 from flows.core.pitr.drill import Canary, PitrDrillCheck, PitrDrillRecord, restore_point_name, rpo_seconds
 from flows.core.pitr.errors import PitrDrillFailed, RecoveryFailed
 from flows.core.pitr.recovery import PitrReport
 from flows.core.pitr.server import PgServer
 from flows.core.pitr.targets import parse_target
 from flows.core.pitr.workdir import free_local_port, work_directory
+from flows.core.restore_sources import read_from_line
 from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.common import artifact_key, database_name_of, failure_sentence, publish_failure
 from flows.tasks.pitr import (
@@ -47,6 +51,7 @@ from flows.tasks.pitr import (
     write_drill_canary,
     write_pitr_drill_record,
 )
+from flows.tasks.restore import location_ref
 
 
 class PitrDrillOptions(BaseModel):
@@ -78,7 +83,7 @@ def _scratch(root: str | None) -> Path:
 @flow(name="pitr-drill", log_prints=True)
 def pitr_drill(
     database: str,
-    storage: str,
+    storage: StorageList,
     archive: ArchiveLocation,
     prefix: str = "",
     canary: bool = True,
@@ -92,8 +97,10 @@ def pitr_drill(
             written there (needs CREATE on the database, or an existing dbops schema, and EXECUTE on
             pg_create_restore_point and pg_switch_wal); its base backups and dumps are filed under its
             database name.
-        storage: Storage block slug holding the base backups and dumps: s3-bucket/NAME or
-            local-file-system/NAME.
+        storage: Storage block slug holding the base backups and dumps (s3-bucket/NAME or
+            local-file-system/NAME), or a list of them (the primary first, then its copies; a list, or
+            slugs separated by commas): the base backup is read from the first location whose copy is
+            intact, and the drill record is written where it was read.
         archive: Where the WAL is (the WAL archive check's location).
         prefix: Folder inside the storage (e.g. prod); may be empty.
         canary: Write a random token into dbops.pitr_canary before the restore point and check it in the
@@ -115,7 +122,7 @@ def pitr_drill(
     scratch = _scratch(options.scratch_root)
     data = scratch / "data"
     try:
-        require_store_kind(storage)
+        load_locations(storage)  # every slug a storage block, no place named twice (or under two names)
         check_location(prefix, name)
         rpo = rpo_seconds(measure_rpo(database, storage, prefix, archive), started)
         cn = write_drill_canary(database, archive, restore_point, run_id, canary, options.archive_timeout_s)
@@ -147,7 +154,8 @@ def pitr_drill(
                 + "; ".join(f"{c.name}: {c.detail}" for c in bad)
             )
         record = _record(name, plan, report, cn, checks, rpo, started, restore_point, passed=True)
-        write_pitr_drill_record(storage, plan.choice.manifest.tar_key, record)
+        where = location_ref(storage, record.location or plan.location)
+        write_pitr_drill_record(where, plan.choice.manifest.tar_key, record)
         _publish(record)
         logger.info("PITR drill passed: RPO %s s, RTO %.1f s", record.rpo_seconds, report.rto_seconds)
         return record
@@ -157,7 +165,8 @@ def pitr_drill(
                 name, plan, report, cn, checks, rpo, started, restore_point, passed=False, exc=exc
             )
             try:
-                write_pitr_drill_record(storage, plan.choice.manifest.tar_key, record)
+                where = location_ref(storage, record.location or plan.location)
+                write_pitr_drill_record(where, plan.choice.manifest.tar_key, record)
             except Exception as rec_exc:  # the drill's own failure matters more
                 logger.warning("could not record the failed drill: %s", failure_sentence(rec_exc))
         # the Failed state is the flow's result on failure (Prefect's convention), not a report
@@ -205,6 +214,8 @@ def _record(
         timeline=report.timeline if report else None,
         missing_segment=exc.missing_segment if isinstance(exc, RecoveryFailed) else None,
         checks=[PitrDrillCheck(name=c.name, ok=c.ok, detail=c.detail) for c in checks],
+        location=report.location if report else plan.location,
+        fallbacks=report.fallbacks if report else [],
     )
 
 
@@ -212,6 +223,7 @@ def _publish(record: PitrDrillRecord) -> None:
     rows = [
         {"item": "result", "value": "passed" if record.passed else f"failed: {record.message}"},
         {"item": "base backup", "value": record.base_backup},
+        {"item": "read from", "value": read_from_line(record.location or "-", record.fallbacks)},
         {"item": "restore point", "value": f"{record.restore_point} at {record.restore_point_lsn}"},
         {
             "item": "RPO",

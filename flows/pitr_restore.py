@@ -4,9 +4,12 @@
                the future is refused
 2. refuse      before anything is downloaded: a data directory that is not empty, a port in use, no base
                backup, a target outside the recoverable window (the window is in the sentence)
-3. choose      the newest base backup that ends before the target and whose WAL chain reaches it
+3. choose      the newest base backup that ends before the target and whose WAL chain reaches it (with a
+               storage list: in the first location holding one)
 4. extract     the base backup streamed into the data directory, sha256 checked while reading, safe tar
-               members only; pg_verifybackup when the backup carries PostgreSQL's backup_manifest
+               members only; pg_verifybackup when the backup carries PostgreSQL's backup_manifest. Read
+               from the first location whose copy is intact; one that fails its sha256 check is removed
+               and the next location is read (the report says which, and why)
 5. configure   recovery.signal, restore_command from a local WAL spool, the target; archive_mode=off,
                localhost only, a new cluster_name, production's connection strings and slots removed
 6. replay      the server started as the data directory's owner; the flow fetches WAL ahead into the
@@ -26,10 +29,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from blocks.storage import require_store_kind
+from blocks.storage import load_locations
 from flows.core.layout import check_location
+from flows.core.locations import StorageList
 from flows.core.pitr.recovery import PitrReport
 from flows.core.pitr.targets import TargetAction, parse_target
+from flows.core.restore_sources import read_from_line
 from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.common import artifact_key, database_name_of, human_bytes, publish_failure
 from flows.tasks.pitr import (
@@ -87,6 +92,7 @@ def pitr_lines(report: PitrReport) -> list[dict[str, str]]:
             f"{report.replay_seconds:.1f} s, start {report.start_seconds:.1f} s",
         ),
         ("verified", report.verified),
+        ("read from", read_from_line(report.location or "-", report.fallbacks)),
         ("data directory", f"{report.data_directory} (port {report.port})"),
         ("server", "running: " + report.connect + "; stop: " + report.stop if report.running else "stopped"),
     ]
@@ -96,7 +102,7 @@ def pitr_lines(report: PitrReport) -> list[dict[str, str]]:
 @flow(name="pitr-restore", log_prints=True)
 def pitr_restore(
     database: str,
-    storage: str,
+    storage: StorageList,
     archive: ArchiveLocation,
     data_directory: str,
     prefix: str = "",
@@ -116,7 +122,9 @@ def pitr_restore(
     Args:
         database: Name of the PostgresDatabase block whose base backups and WAL are restored; only its
             database name (the storage folder) and role name are read, the server is never contacted.
-        storage: Storage block slug holding the base backups: s3-bucket/NAME or local-file-system/NAME.
+        storage: Storage block slug holding the base backups (s3-bucket/NAME or local-file-system/NAME),
+            or a list of them (the primary first, then its copies; a list, or slugs separated by commas):
+            the base backup is read from the first location whose copy is intact.
         archive: Where the WAL is (the WAL archive check's location): a storage block slug and prefix, or
             a directory on this worker; any layout the check reads (dbops, WAL-G, pgBackRest, barman-cloud,
             compressed segments).
@@ -140,7 +148,7 @@ def pitr_restore(
     plan: RecoveryPlan | None = None
     try:
         options = options or PitrOptions()
-        require_store_kind(storage)
+        load_locations(storage)  # every slug a storage block, no place named twice (or under two names)
         name = database_name_of(database)
         check_location(prefix, name)
         target = parse_target(

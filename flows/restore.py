@@ -1,6 +1,7 @@
 """restore: the restore runbook, as a flow (and list_backups, the listing to choose from).
 
-1. choose      the backup: latest, latest before <timestamp>, or a key; only backups with a manifest
+1. choose      the backup: latest, latest before <timestamp>, or a key; only backups with a manifest; with
+               a storage list, on the first location (primary, then copies) holding one matching
 2. refuse      a protected target, mode=replace, or globals=true, without confirm=<its database name>,
                before any connection to it
 3. preflight   the target server answers; pg_restore of its major version; which database the target is
@@ -10,8 +11,11 @@
                are left unchanged)
 6. restore     streamed into pg_restore with the sha256 checked before anything commits;
                create: temporary database renamed on success; replace: one transaction; the target is
-               re-identified on the connection that acts before each drop, rename or replace
-7. report      a table artifact with the duration (the RTO figure); Failed with one sentence otherwise
+               re-identified on the connection that acts before each drop, rename or replace. Read from
+               the first location whose copy is there, whole and described by its manifest; a copy that
+               fails its sha256 check is cleaned up like any failed restore and the next location is read
+7. report      a table artifact with the duration (the RTO figure), the location read and every location
+               passed over with its reason; Failed with one sentence otherwise
 """
 
 from __future__ import annotations
@@ -23,22 +27,23 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from blocks.storage import require_store_kind
+from blocks.storage import load_locations
 from flows.core.identity import Guard
 from flows.core.layout import check_location
+from flows.core.locations import StorageList
 from flows.core.pg_restore import Mode
 from flows.core.restore_choice import (
     parse_selector,
     require_confirmation,
     require_globals_confirmation,
-    select_backup,
 )
+from flows.core.restore_sources import read_from_line
 from flows.core.wal_archive import ArchiveLocation
-from flows.tasks.backup import read_backup_catalog
 from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
 from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (
     check_target_server,
+    choose_backup,
     read_backup_listing,
     restore_database,
     restore_globals,
@@ -96,11 +101,17 @@ class RestoreReport(BaseModel):
     seconds: float = Field(description="Restore duration: the RTO figure.")
     alembic_revision: str | None = Field(default=None, description="Alembic revision in the backup.")
     globals: str = Field(default="not applied", description="What happened with the roles file.")
+    location: str = Field(default="", description="The storage location the backup was read from.")
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Locations passed over before it (primary first), each with why: missing, unreadable, "
+        "or an object that failed its sha256 check.",
+    )
 
 
 @flow(name="restore", log_prints=True)
 def restore(
-    storage: str,
+    storage: StorageList,
     source_database: str,
     target: str,
     prefix: str = "",
@@ -114,7 +125,10 @@ def restore(
     """Restore one backup into a database: a new one (create) or an existing one (replace).
 
     Args:
-        storage: Storage block slug holding the backups: s3-bucket/NAME or local-file-system/NAME.
+        storage: Storage block slug holding the backups (s3-bucket/NAME or local-file-system/NAME), or a
+            list of them (a list, or slugs separated by commas): the primary first, then its copies. The
+            backup is read from the first location whose copy is intact; the report says which, and why
+            the ones before it were passed over.
         source_database: Whose backups: the database name used in the object layout (e.g. imagemanager).
         target: Name of the PostgresDatabase block to restore into; its database is the one created or
             replaced (its server and credentials are used, nothing else).
@@ -138,7 +152,7 @@ def restore(
     logger = get_run_logger()
     try:
         options = options or RestoreOptions()
-        require_store_kind(storage)
+        load_locations(storage)  # every slug a storage block, no place named twice (or under two names)
         check_location(prefix, source_database)
         selector = parse_selector(backup)
 
@@ -147,13 +161,14 @@ def restore(
         require_confirmation(protected, params.database, confirm)
         require_globals_confirmation(globals, params, confirm)
 
-        catalog = read_backup_catalog(storage, prefix, source_database)
-        chosen = select_backup(catalog, selector, source_database)
+        found = choose_backup(storage, prefix, source_database, selector)
+        chosen = found.backup
         m = chosen.manifest
         logger.info(
-            "%s of %s: %s (pg_dump ended %s, %s stored, alembic %s, %s)",
+            "%s of %s in %s: %s (pg_dump ended %s, %s stored, alembic %s, %s)",
             selector.describe(),
             source_database,
+            found.location,
             m.dump_key,
             f"{m.ended_at:%Y-%m-%d %H:%M:%S}Z",
             human_bytes(m.bytes),
@@ -206,6 +221,8 @@ def restore(
             seconds=round(result.seconds, 3),
             alembic_revision=m.alembic_revision,
             globals=globals_detail,
+            location=result.location,
+            fallbacks=result.fallbacks,
         )
         _publish(report)
         return report
@@ -222,6 +239,7 @@ def _publish(report: RestoreReport) -> None:
     rows = [
         {"item": "backup", "value": report.key},
         {"item": "backup time", "value": report.backup_time},
+        {"item": "read from", "value": read_from_line(report.location, report.fallbacks)},
         {"item": "target", "value": report.target},
         {"item": "mode", "value": f"{report.mode}, jobs={report.jobs} ({report.method})"},
         {"item": "duration (RTO)", "value": f"{report.seconds:.1f} s"},
@@ -240,21 +258,23 @@ def _publish(report: RestoreReport) -> None:
 
 @flow(name="list-backups", log_prints=True)
 def list_backups(
-    storage: str, database: str, prefix: str = "", archive: ArchiveLocation | None = None
+    storage: StorageList, database: str, prefix: str = "", archive: ArchiveLocation | None = None
 ) -> list[dict[str, str]]:
     """The backups of one database, newest first, as a table artifact (`dbops backups list` prints it):
     dumps, base backups, and the line "recoverable to any moment from .. to .." (or the hole that breaks
-    it), read from the WAL archive.
+    it), read from the WAL archive. With a storage list, each row says in which locations the backup is
+    present and verified (column `locations`); a location that cannot be read says so.
 
     Args:
-        storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
+        storage: Storage block slug (s3-bucket/NAME or local-file-system/NAME), or a list of them (the
+            primary first, then its copies; a list, or slugs separated by commas).
         database: The database name used in the object layout (e.g. imagemanager).
         prefix: Folder inside the storage (e.g. prod); may be empty.
         archive: Where archive_command stores WAL (the WAL check's parameter; prefect.yaml passes the
             dbops_wal_archive Variable). Without it the recoverable window is shown as unknown.
     """
     try:
-        require_store_kind(storage)
+        load_locations(storage)  # every slug a storage block, no place named twice (or under two names)
         check_location(prefix, database)
         listing = read_backup_listing(storage, prefix, database, archive)
         print(listing.window_line)

@@ -1,12 +1,14 @@
 """restore_drill: a backup counts only once dbops has restored it. Weekly, after the Sunday dump.
 
 1. staleness   hours since the newest backup ended; above the threshold the run ends Failed
-2. restore     the latest backup into a fresh scratch database named after the run (sha256 checked)
+2. restore     the latest backup into a fresh scratch database named after the run (sha256 checked);
+               with a storage list, from the first location whose copy is intact (the others as restore)
 3. check       tables from the manifest exist, row counts agree with its estimates (exact for small
                tables), Alembic revision equals the manifest's, pg_amcheck passes
 4. drop        the scratch database, also when a check failed; re-identified first on the connection
                that drops it, and never a database a protected block names
-5. record      RTO and result in `<stem>.drill.json` beside the manifest; a table artifact
+5. record      RTO and result in `<stem>.drill.json` beside the manifest in the location read; a table
+               artifact that names that location and why any before it was passed over
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from blocks.storage import require_store_kind
+from blocks.storage import load_locations
 from flows.core.drill import CheckResult, scratch_name
 from flows.core.errors import DrillFailed
 from flows.core.identity import DatabaseIdentity, Guard
 from flows.core.layout import check_location
 from flows.core.listing import is_stale, stale_message, staleness_hours
-from flows.core.restore_choice import Selector, select_backup
-from flows.tasks.backup import read_backup_catalog
+from flows.core.locations import StorageList
+from flows.core.restore_choice import BackupNotFound, Selector
+from flows.core.restore_sources import NotInAnyLocation, read_from_line
 from flows.tasks.common import (
     artifact_key,
     failed_state,
@@ -41,7 +44,9 @@ from flows.tasks.identity import check_guard, protected_databases
 from flows.tasks.restore import (
     check_restored_database,
     check_target_server,
+    choose_backup,
     drop_scratch_database,
+    location_ref,
     record_drill,
     restore_database,
 )
@@ -56,11 +61,15 @@ class DrillReport(BaseModel):
     rto_seconds: float | None = Field(default=None, description="Restore duration until usable.")
     passed: bool = Field(default=False, description="Restore and every check succeeded.")
     checks: list[dict[str, str]] = Field(default_factory=list, description="name, result, detail per check.")
+    location: str | None = Field(default=None, description="The storage location the backup was read from.")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Locations passed over before it, each with why."
+    )
 
 
 @flow(name="restore-drill", log_prints=True)
 def restore_drill(
-    storage: str,
+    storage: StorageList,
     source_database: str,
     scratch: str,
     prefix: str = "",
@@ -74,7 +83,9 @@ def restore_drill(
     """Restore the latest backup into a scratch database, check it, drop it, and record the result.
 
     Args:
-        storage: Storage block slug holding the backups: s3-bucket/NAME or local-file-system/NAME.
+        storage: Storage block slug holding the backups (s3-bucket/NAME or local-file-system/NAME), or a
+            list of them (the primary first, then its copies; a list, or slugs separated by commas): the
+            latest backup is read from the first location whose copy is intact.
         source_database: Whose backups: the database name used in the object layout (e.g. imagemanager).
         scratch: PostgresDatabase block of the server to restore into (its server and credentials; the
             database it names is never touched: the scratch database is drill_<source>_<run id>).
@@ -93,10 +104,15 @@ def restore_drill(
     report: DrillReport | None = None
     published = False  # a judged failure keeps its table: every check with its detail
     try:
-        require_store_kind(storage)
+        load_locations(storage)  # every slug a storage block, no place named twice (or under two names)
         check_location(prefix, source_database)
-        catalog = read_backup_catalog(storage, prefix, source_database)
-        hours = staleness_hours(catalog)
+        try:
+            found = choose_backup(storage, prefix, source_database, Selector("latest"))
+        except (BackupNotFound, NotInAnyLocation) as exc:
+            if not isinstance(exc, BackupNotFound) and not isinstance(exc.__cause__, BackupNotFound):
+                raise
+            found = None
+        hours = staleness_hours(found.catalog) if found is not None else None
         stale = is_stale(hours, max_age_hours)
         (logger.error if stale else logger.info)(
             "newest backup of %s: %s h old (threshold %s h)", source_database, hours, max_age_hours
@@ -109,13 +125,14 @@ def restore_drill(
             max_age_hours=max_age_hours,
             scratch_database=name,
         )
-        if not catalog.backups:
+        if found is None:
             _publish(report)
             published = True
             raise DrillFailed(stale_message(source_database, hours, max_age_hours))
 
-        chosen = select_backup(catalog, Selector("latest"), source_database)
+        chosen = found.backup
         report.key = chosen.manifest.dump_key
+        report.location = found.location
         server = check_target_server(scratch, maintenance_database)
         guard = Guard(
             block=scratch,
@@ -149,6 +166,7 @@ def restore_drill(
                     dropping = dropping.with_planned(result.identity)  # the scratch database as created
                 rto = time.monotonic() - t0
                 restored = result.raw_bytes
+                report.location, report.fallbacks = result.location, result.fallbacks
                 logger.info("restored %s into %s in %.1f s (RTO)", human_bytes(restored), name, rto)
             except Exception as exc:
                 checks.append(CheckResult("restore", ok=False, detail=str(exc)))
@@ -173,7 +191,7 @@ def restore_drill(
             ]
             report.passed = bool(checks) and all(c.ok for c in checks)
             record_drill(
-                storage,
+                location_ref(storage, report.location or found.location),
                 chosen,
                 checks,
                 rto_seconds=rto or 0.0,
@@ -221,6 +239,7 @@ def _publish(report: DrillReport, failure: str | None = None) -> None:
 def _rows(report: DrillReport) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = [
         {"item": "backup", "value": report.key or "none"},
+        {"item": "read from", "value": read_from_line(report.location or "-", report.fallbacks)},
         {"item": "backup staleness (hours)", "value": report.staleness_hours},
         {"item": "staleness threshold (hours)", "value": report.max_age_hours},
         {"item": "scratch database", "value": f"{report.scratch_database} (dropped)"},

@@ -13,8 +13,10 @@ archive to read the line says the window is unknown, never a guess.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -23,9 +25,11 @@ from flows.core.base_layout import TAR_SUFFIX
 from flows.core.catalog import Catalog, read_catalog, read_sidecars
 from flows.core.chain import RecoverableWindow, recoverable_window
 from flows.core.drill import DrillRecord
+from flows.core.errors import StorageError, StorageFault
 from flows.core.layout import DRILL_SUFFIX
 from flows.core.manifest import why_invalid
 from flows.core.objectstore import ObjectStore
+from flows.core.restore_sources import verified_here
 from flows.core.wal_archive import WalArchive
 
 COLUMNS = ["time", "age", "size", "compression", "verified", "drilled", "alembic", "key"]
@@ -168,11 +172,15 @@ def list_backups(
     database: str,
     now: datetime | None = None,
     archive: WalArchive | None = None,
+    *,
+    catalog: Catalog | None = None,
+    base: BaseCatalog | None = None,
 ) -> BackupListing:
-    """Dumps, base backups and the recoverable window (from `archive`, the WAL archive; None: unknown)."""
-    catalog = read_catalog(store, prefix, database)
+    """Dumps, base backups and the recoverable window (from `archive`, the WAL archive; None: unknown).
+    `catalog` and `base`: this store's catalogs when the caller has read them already."""
+    catalog = catalog if catalog is not None else read_catalog(store, prefix, database)
     rows = backup_rows(catalog, read_drill_records(store, catalog), now)
-    base = read_base_catalog(store, prefix, database)
+    base = base if base is not None else read_base_catalog(store, prefix, database)
     window = recoverable_window(database, base, archive)
     from flows.core.pitr.drill import describe_pitr_drill, last_pitr_drill
 
@@ -187,6 +195,117 @@ def list_backups(
         window,
         describe_pitr_drill(drill) if drill else "",
     )
+
+
+# -- a storage list: where each backup is -------------------------------------------------------------------
+
+LOCATIONS_COLUMN = "locations"
+
+
+@dataclass
+class LocationContents:
+    """One location's catalogs, or the sentence saying why it could not be read."""
+
+    name: str
+    store: ObjectStore
+    catalog: Catalog | None = None
+    base: BaseCatalog | None = None
+    error: str = ""
+
+
+def read_location(name: str, store: ObjectStore, prefix: str, database: str) -> LocationContents:
+    try:
+        return LocationContents(
+            name, store, read_catalog(store, prefix, database), read_base_catalog(store, prefix, database)
+        )
+    except StorageFault as exc:
+        return LocationContents(name, store, error=str(exc))
+
+
+def presence(stem: str, key_of: Callable[[Any], str], places: Sequence[LocationContents], base: bool) -> str:
+    """`s3-bucket/a ✓, local-file-system/nas ✓, s3-bucket/eu missing` for one backup (`stem`)."""
+    parts: list[str] = []
+    for place in places:
+        if place.error:
+            parts.append(f"{place.name} unreadable")
+            continue
+        catalog = place.base if base else place.catalog
+        found = {b.stem: b for b in catalog.backups} if catalog is not None else {}
+        held = found.get(stem)
+        if held is None:
+            parts.append(f"{place.name} missing")
+        elif key_of(held.manifest) not in held.keys:
+            parts.append(f"{place.name} object missing")
+        elif not verified_here(held.manifest):
+            parts.append(f"{place.name} unverified")
+        else:
+            parts.append(f"{place.name} ✓")
+    return ", ".join(parts)
+
+
+def list_backups_across(
+    locations: Sequence[tuple[str, ObjectStore]],
+    prefix: str,
+    database: str,
+    now: datetime | None = None,
+    archive: WalArchive | None = None,
+) -> BackupListing:
+    """The listing of a storage list (the primary first): every backup held in any location, each row
+    from the first location that holds it, with the column `locations` saying where it is present and
+    verified. A location that cannot be read is one row of `left_alone` and "unreadable" in every row;
+    the others are listed all the same. With one location this is `list_backups`."""
+    if len(locations) == 1:
+        return list_backups(locations[0][1], prefix, database, now, archive)
+    places = [read_location(name, store, prefix, database) for name, store in locations]
+    readable = [p for p in places if not p.error]
+    if not readable:
+        raise StorageError(
+            f"none of the {len(places)} storage locations could be read: "
+            + "; ".join(f"{p.name}: {p.error}" for p in places)
+        )
+    first = readable[0]
+    assert first.catalog is not None
+    assert first.base is not None
+    listing = list_backups(
+        first.store, prefix, database, now, archive, catalog=first.catalog, base=first.base
+    )
+
+    rows: list[tuple[datetime, str, dict[str, str]]] = []
+    seen: set[str] = set()
+    for place in readable:
+        assert place.catalog is not None
+        own = [b for b in place.catalog.backups if b.stem not in seen]
+        seen.update(b.stem for b in own)
+        sub = replace(place.catalog, backups=own)
+        for b, row in zip(own, backup_rows(sub, read_drill_records(place.store, sub), now), strict=True):
+            row[LOCATIONS_COLUMN] = presence(b.stem, lambda m: m.dump_key, places, base=False)
+            rows.append((b.manifest.ended_at, b.stem, row))
+    rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    listing.rows = [row for _, _, row in rows]
+
+    base_found: list[tuple[datetime, str, dict[str, str]]] = []
+    seen = set()
+    for place in readable:
+        assert place.base is not None
+        own_base = [b for b in place.base.backups if b.stem not in seen]
+        seen.update(b.stem for b in own_base)
+        for bb, row in zip(own_base, base_rows(replace(place.base, backups=own_base), now), strict=True):
+            row[LOCATIONS_COLUMN] = presence(bb.stem, lambda m: m.tar_key, places, base=True)
+            base_found.append((bb.manifest.ended_at, bb.stem, row))
+    base_found.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    listing.base_rows = [row for _, _, row in base_found]
+
+    for place in places:
+        if place.error:
+            problem = f"location cannot be read: {place.error}"
+            listing.left_alone.append({"key": place.name, "problem": problem})
+        elif place is not first:
+            assert place.catalog is not None
+            listing.left_alone += [
+                {"key": f"{place.name}: {row['key']}", "problem": row["problem"]}
+                for row in left_alone_rows(place.catalog, place.base)
+            ]
+    return listing
 
 
 def _human(n: float) -> str:

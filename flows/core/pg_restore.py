@@ -89,6 +89,8 @@ class RestoreResult:
     argv: list[str] = field(default_factory=list)
     warnings: str = ""
     identity: DatabaseIdentity | None = None  # create: the database as renamed, read on that connection
+    location: str = ""  # the storage location it was read from (a storage list: the first intact one)
+    fallbacks: list[str] = field(default_factory=list)  # locations passed over before it, and why
 
     @property
     def seconds(self) -> float:

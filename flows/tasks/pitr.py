@@ -7,18 +7,19 @@ Nothing here connects to the production server: the database block is read only 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from prefect import get_run_logger
 
 from blocks.storage import load_store
-from flows.core.base_catalog import read_base_catalog
-from flows.core.base_layout import TAR_SUFFIX, pitr_drill_key
+from flows.core.base_catalog import BaseCatalog, read_base_catalog
+from flows.core.base_layout import TAR_SUFFIX, BaseBackupManifest, base_manifest_key, pitr_drill_key
 from flows.core.chain import archive_lineage, follow, list_archive
 from flows.core.drill import CheckResult
 from flows.core.leases import release_lease, take_lease
+from flows.core.locations import StorageList, StorageRef
 from flows.core.manifest import Manifest
 from flows.core.pgtools import find_tool
 from flows.core.pitr.drill import (
@@ -45,10 +46,12 @@ from flows.core.pitr.server import PgServer
 from flows.core.pitr.spool import WalSpool
 from flows.core.pitr.targets import RecoveryTarget
 from flows.core.pitr.workdir import preflight, prepare_work_directory, work_directory
+from flows.core.restore_sources import Fallback, Source, check_source, choose_first, read_with_fallback
 from flows.core.wal import parse_lsn, segno_of_lsn
 from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.backup import load_database
 from flows.tasks.common import dbops_task, human_bytes
+from flows.tasks.restore import open_sources
 from flows.tasks.wal import open_archive
 
 
@@ -58,39 +61,48 @@ class RecoveryPlan:
 
     database: str  # the database name (layout folder)
     login_user: str  # the block's role, to log in to the recovered copy (trust on its private socket)
-    storage: str
+    storage: StorageList  # the primary, then its copies
     archive: ArchiveLocation
     choice: Choice
     target: RecoveryTarget
     data_directory: Path
     port: int
     user: str | None
+    location: str = ""  # the location the base backup was chosen in
+    skipped: list[Fallback] = field(default_factory=list)  # locations before it, and why
 
 
 @dbops_task("plan_recovery")
 def plan_recovery(
     database: str,
-    storage: str,
+    storage: StorageList,
     prefix: str,
     archive: ArchiveLocation,
     target: RecoveryTarget,
     data_directory: str,
     port: int,
 ) -> RecoveryPlan:
-    """Refuse what can be refused without downloading: directory, port, no base backup, the window."""
+    """Refuse what can be refused without downloading: directory, port, no base backup, the window.
+    With a storage list, the base backup is chosen in the first location that holds one reaching the
+    target (the WAL archive is the same for all)."""
     logger = get_run_logger()
     params = load_database(database).params()
     path = Path(data_directory).expanduser().absolute()
     user = server_user()
     preflight(path, port, user=user)
-    store = load_store(storage)
-    catalog = read_base_catalog(store, prefix, params.database)
-    for key, why in catalog.unreadable:
-        logger.warning("ignoring base backup manifest %s: %s", key, why)
     wal = open_archive(archive)
-    choice = choose_base_backup(
-        catalog, target, wal, where=f"{storage}:{prefix or '/'} for {params.database}"
-    )
+
+    def pick(source: Source) -> Choice:
+        catalog = read_base_catalog(source.store, prefix, params.database)
+        for key, why in catalog.unreadable:
+            logger.warning("ignoring base backup manifest %s in %s: %s", key, source.name, why)
+        return choose_base_backup(
+            catalog, target, wal, where=f"{source.name}:{prefix or '/'} for {params.database}"
+        )
+
+    choice, source, skipped = choose_first(open_sources(storage), pick, (RecoveryRefused,))
+    for passed in skipped:
+        logger.warning("base backup not chosen from %s", passed.describe())
     preflight(path, port, choice.manifest, user)  # now with the backup's size against free disk space
     m = choice.manifest
     logger.info(
@@ -112,6 +124,8 @@ def plan_recovery(
         data_directory=path,
         port=port,
         user=user,
+        location=source.name,
+        skipped=skipped,
     )
 
 
@@ -120,16 +134,18 @@ class Restored:
     extracted: Extracted
     verified: str
     seconds: float
+    location: str = ""  # where the base backup was read from
+    fallbacks: list[str] = field(default_factory=list)  # locations passed over before it, and why
 
 
 @dbops_task("restore_base_backup")
 def restore_base_backup(plan: RecoveryPlan, run_id: str, pg_bindir: str | None = None) -> Restored:
-    """Stream the base backup into the data directory (sha256 while reading), then pg_verifybackup."""
+    """Stream the base backup into the data directory (sha256 while reading), then pg_verifybackup. Read
+    from the first location of the storage list whose copy is intact; one that fails its sha256 check is
+    removed from the data directory and the next location is read."""
     logger = get_run_logger()
-    store = load_store(plan.storage)
     m = plan.choice.manifest
     stem = m.tar_key.removesuffix(TAR_SUFFIX)
-    lease = take_lease(store, stem, run_id, "point-in-time recovery", timedelta(hours=24))
     start = time.monotonic()
     last = [start]
 
@@ -144,10 +160,20 @@ def restore_base_backup(plan: RecoveryPlan, run_id: str, pg_bindir: str | None =
                 human_bytes(raw),
             )
 
-    try:
-        extracted = extract_base_backup(store, m, plan.data_directory, plan.user, progress)
-    finally:
-        release_lease(store, lease)
+    def check(source: Source) -> str:
+        return check_source(source, base_manifest_key(stem), m.tar_key, m, BaseBackupManifest.from_json)[1]
+
+    def attempt(source: Source) -> Extracted:
+        lease = take_lease(source.store, stem, run_id, "point-in-time recovery", timedelta(hours=24))
+        try:  # a failed extraction has removed what it unpacked
+            return extract_base_backup(source.store, m, plan.data_directory, plan.user, progress)
+        finally:
+            release_lease(source.store, lease)
+
+    extracted, source, fallbacks = read_with_fallback(
+        open_sources(plan.storage), check, attempt, what=f"base backup {stem.rsplit('/', 1)[-1]}",
+        log=logger.warning,
+    )
     verified = verify_extracted(plan.data_directory, m, pg_bindir)
     seconds = time.monotonic() - start
     logger.info(
@@ -157,7 +183,7 @@ def restore_base_backup(plan: RecoveryPlan, run_id: str, pg_bindir: str | None =
         seconds,
         verified,
     )
-    return Restored(extracted, verified, seconds)
+    return Restored(extracted, verified, seconds, source.name, [f.describe() for f in fallbacks])
 
 
 @dbops_task("replay_to_target", retry=False)
@@ -223,6 +249,7 @@ def replay_to_target(
         spool,
         server,
     )
+    report.location, report.fallbacks = restored.location, restored.fallbacks
     return report, server
 
 
@@ -239,15 +266,22 @@ def work_directory_of(data_directory: str) -> Path:
 
 
 @dbops_task("measure_rpo")
-def measure_rpo(database: str, storage: str, prefix: str, archive: ArchiveLocation) -> datetime | None:
+def measure_rpo(
+    database: str, storage: StorageList, prefix: str, archive: ArchiveLocation
+) -> datetime | None:
     """When the newest archived WAL segment was archived (the drill's RPO is its age at the start)."""
     params = load_database(database).params()
-    catalog = read_base_catalog(load_store(storage), prefix, params.database)
-    if not catalog.backups:
-        raise RecoveryRefused(
-            f"there is no base backup of {params.database} in {storage}:{prefix or '/'}; take one "
-            "(base-backup flow) before the PITR drill can run; nothing was written to the database"
-        )
+
+    def pick(source: Source) -> BaseCatalog:
+        catalog = read_base_catalog(source.store, prefix, params.database)
+        if not catalog.backups:
+            raise RecoveryRefused(
+                f"there is no base backup of {params.database} in {source.name}:{prefix or '/'}; take one "
+                "(base-backup flow) before the PITR drill can run; nothing was written to the database"
+            )
+        return catalog
+
+    catalog, _, _ = choose_first(open_sources(storage), pick, (RecoveryRefused,))
     wal = open_archive(archive)
     contents = list_archive(wal, catalog.backups[0].manifest.wal_segment_size)  # fails closed, never short
     lineage, _problem = archive_lineage(wal, contents)
@@ -284,11 +318,25 @@ def write_drill_canary(
 
 
 @dbops_task("read_latest_dump_manifest")
-def read_latest_dump_manifest(storage: str, prefix: str, database: str) -> Manifest | None:
+def read_latest_dump_manifest(storage: StorageList, prefix: str, database: str) -> Manifest | None:
+    """The newest dump's manifest in the first location holding one (None: no dump anywhere)."""
     from flows.core.catalog import read_catalog
+    from flows.core.errors import StorageFault
 
-    catalog = read_catalog(load_store(storage), prefix, database)
-    return catalog.backups[0].manifest if catalog.backups else None
+    sources = open_sources(storage)
+    errors: list[StorageFault] = []
+    for source in sources:
+        try:
+            catalog = read_catalog(source.store, prefix, database)
+        except StorageFault as exc:
+            get_run_logger().warning("dumps of %s not read from %s: %s", database, source.role, exc)
+            errors.append(exc)
+            continue
+        if catalog.backups:
+            return catalog.backups[0].manifest
+    if len(errors) == len(sources):
+        raise errors[0]  # fail closed: "no dump" is not known when nothing could be read
+    return None
 
 
 @dbops_task("check_recovered_copy", retry=False)
@@ -316,7 +364,8 @@ def check_recovered_copy(
 
 
 @dbops_task("write_pitr_drill_record")
-def write_pitr_drill_record(storage: str, tar_key: str, record: PitrDrillRecord) -> str:
+def write_pitr_drill_record(storage: StorageRef, tar_key: str, record: PitrDrillRecord) -> str:
+    """Beside the base backup, in the location it was read from (where the recovery was proven)."""
     key = pitr_drill_key(tar_key.removesuffix(TAR_SUFFIX))
     load_store(storage).put_bytes(key, record.to_json())
     return key

@@ -64,6 +64,10 @@ class PitrDrillRecord(BaseModel):
     timeline: int | None = None
     missing_segment: str | None = None
     checks: list[PitrDrillCheck] = Field(default_factory=list)
+    location: str = Field(default="", description="The storage location the base backup was read from.")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Locations passed over before it, each with why."
+    )
 
     def to_json(self) -> bytes:
         return (self.model_dump_json(indent=2) + "\n").encode()

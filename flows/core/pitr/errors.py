@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.core.errors import ConfigurationError, DbopsError
+from flows.core.errors import BackupIntegrityError, ConfigurationError, DbopsError
 
 
 class RecoveryRefused(ConfigurationError):
@@ -12,6 +12,11 @@ class RecoveryRefused(ConfigurationError):
 class ExtractionFailed(DbopsError):
     """The base backup could not be unpacked (checksum, corrupt stream, unsafe member, disk): what was
     extracted has been removed."""
+
+
+class BaseBackupCorrupt(ExtractionFailed, BackupIntegrityError):
+    """The stored base backup is not the one its manifest describes (sha256, or a stream that does not
+    decode): another location's copy may be whole."""
 
 
 class RecoveryFailed(DbopsError):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flows.core.base_layout import BaseBackupManifest
 from flows.core.objectstore import ObjectStore
-from flows.core.pitr.errors import ExtractionFailed, RecoveryRefused
+from flows.core.pitr.errors import BaseBackupCorrupt, ExtractionFailed, RecoveryRefused
 from flows.core.streams import DecompressionError, hashing, zstd_decompress
 
 #: room kept free beyond the backup's raw size (the spool and the server's own WAL need some)
@@ -185,6 +185,19 @@ def extract_base_backup(
         raise
     except (DecompressionError, tarfile.TarError, EOFError) as exc:
         clear_directory(data_directory, created)
+        # Stored bytes that differ from the manifest's are this location's damage (another copy may be
+        # whole); bytes that match it are a bad backup, the same everywhere.
+        whole = hashlib.sha256()
+        size = [0]
+        for _ in hashing(store.get_stream(manifest.tar_key), whole, size):
+            pass
+        if whole.hexdigest() != manifest.sha256 or size[0] != manifest.bytes:
+            raise BaseBackupCorrupt(
+                f"the base backup {manifest.tar_key} does not match its manifest (sha256 "
+                f"{whole.hexdigest()[:12]}… of {size[0]} bytes, expected {manifest.sha256[:12]}… of "
+                f"{manifest.bytes}; it is not a readable zstd tar: {exc}); nothing was kept in "
+                f"{data_directory}: the stored object is damaged, use another base backup"
+            ) from None
         raise ExtractionFailed(
             f"the base backup {manifest.tar_key} is not a readable zstd tar ({exc}); nothing was kept in "
             f"{data_directory}: take a new base backup"
@@ -200,7 +213,7 @@ def extract_base_backup(
         raise
     if digest.hexdigest() != manifest.sha256 or stored[0] != manifest.bytes:
         clear_directory(data_directory, created)
-        raise ExtractionFailed(
+        raise BaseBackupCorrupt(
             f"the base backup {manifest.tar_key} does not match its manifest "
             f"(sha256 {digest.hexdigest()[:12]}… of {stored[0]} bytes, expected {manifest.sha256[:12]}… "
             f"of {manifest.bytes}); what was extracted into {data_directory} has been removed: "

@@ -73,6 +73,10 @@ class PitrReport(BaseModel):
     running: bool = False
     connect: str = ""
     stop: str = ""
+    location: str = Field(default="", description="The storage location the base backup was read from.")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Locations passed over before it, each with why."
+    )
 
     @property
     def rto_seconds(self) -> float:
