@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, Field
 
+from flows.core.copy_record import CopyRecord
 from flows.core.layout import LEASE_MARK, MANIFEST_SUFFIX, check_location
 
 BASE_FORMAT_VERSION = 1
@@ -122,6 +123,10 @@ class BaseBackupManifest(BaseModel):
     verified: bool = False
     verification: BaseVerification = Field(default_factory=lambda: BaseVerification(method="none"))
     dbops_version: str = ""
+    # the contract's name; it hides pydantic v1's deprecated BaseModel.copy (use model_copy)
+    copy: CopyRecord | None = Field(  # type: ignore[assignment]
+        default=None, description="Set in a copy location only: where and how this base backup was copied."
+    )
 
     def to_json(self) -> builtins.bytes:
         return (self.model_dump_json(indent=2) + "\n").encode()

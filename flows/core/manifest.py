@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import AwareDatetime, BaseModel, Field, ValidationError
 
 from flows.core.compression import Compression
+from flows.core.copy_record import CopyRecord
 from flows.core.errors import ManifestUnreadable
 
 if TYPE_CHECKING:
@@ -63,6 +64,10 @@ class Manifest(BaseModel):
     verified: bool = False
     verification: Verification = Field(default_factory=lambda: Verification(method="none"))
     dbops_version: str = ""
+    # the contract's name; it hides pydantic v1's deprecated BaseModel.copy (use model_copy)
+    copy: CopyRecord | None = Field(  # type: ignore[assignment]
+        default=None, description="Set in a copy location only: where and how this backup was copied."
+    )
 
     def to_json(self) -> builtins.bytes:  # builtins: the field `bytes` shadows the type in this class
         return (self.model_dump_json(indent=2) + "\n").encode()

@@ -24,6 +24,7 @@ from flows.core.objectstore import (
     PutResult,
     part_size_at,
 )
+from flows.core.s3copy import copy_object, same_account
 
 _TRANSIENT_CODES = {
     "SlowDown",
@@ -120,6 +121,17 @@ class S3ObjectStore(ObjectStore):
     def bucket_key(self, key: str) -> str:
         """The S3 key of a store key (under the store's root prefix), for the few callers that use boto3."""
         return f"{self.root}/{key.lstrip('/')}" if self.root else key.lstrip("/")
+
+    def can_copy_from(self, source: ObjectStore) -> bool:
+        """Whether `copy_from(source, ...)` works: S3 on the same endpoint with the same access key."""
+        return isinstance(source, S3ObjectStore) and same_account(self, source)
+
+    def copy_from(
+        self, source: S3ObjectStore, key: str, size: int, *, if_absent: bool = False, **options: Any
+    ) -> PutResult:
+        """Server-side copy of `source`'s `key` (of `size` bytes) to the same key here (flows.core.s3copy);
+        the bytes stay in S3, this store's storage class and encryption apply."""
+        return copy_object(self, source, key, size, if_absent=if_absent, **options)
 
     def _rel(self, full: str) -> str:
         return full[len(self.root) + 1 :] if self.root else full
