@@ -19,7 +19,8 @@ from flows.core.locations import StorageList, StorageLocation, slug_of
 from flows.core.retention import RetentionPolicy
 from flows.tasks.backup import check_storage
 from flows.tasks.backup_report import LocationReport
-from flows.tasks.common import failure_sentence
+from flows.tasks.common import failure_sentence, human_bytes
+from flows.tasks.copies import copy_backup_to
 from flows.tasks.retention import RetentionReport
 
 
@@ -70,15 +71,18 @@ def make_copies(
 ) -> None:
     """Copy the backup whose manifest is `manifest_key` from the primary into each copy still pending.
 
-    A copy is "verified" (its retention may run) when its sha256 was checked against the manifest and the
-    primary backup itself was verified: a copy of an unverified backup replaces nothing, as on the primary.
+    Only a verified backup is copied (flows.core.copies refuses others): with verify=none the copies are
+    skipped and say so, as retention is. A copy is verified (its retention may run) once its sha256 was
+    checked against the manifest, which copy_backup_to does before it writes the copy's manifest.
     """
     logger = get_run_logger()
     for copy, row in zip(copies, rows, strict=True):
         if row.status != "pending":
             continue
-        from flows.tasks.copies import copy_backup_to  # TEMP until the copies branch is merged
-
+        if not primary_verified:
+            row.status = "skipped"
+            row.detail = "this backup was not verified (verify=none), so it is not copied"
+            continue
         try:
             done = copy_backup_to(primary, copy.settings, manifest_key)
         except Exception as exc:  # the primary is safe: record the copy's sentence and go on
@@ -87,9 +91,12 @@ def make_copies(
             logger.error("copy to %s failed: %s", copy.slug, row.detail)
             continue
         row.status = "copied"
-        row.detail = done.summary()
-        row.verified = done.sha256_checked and primary_verified
-        logger.info("copied to %s: %s", copy.slug, row.detail)
+        row.verified = True
+        row.detail = (
+            "already there, verified"
+            if done.skipped
+            else f"{done.method}, {human_bytes(done.bytes)} in {done.seconds:.1f} s, sha256 checked"
+        )
 
 
 def primary_row(primary: StorageLocation, url: str, report: RetentionReport) -> LocationReport:

@@ -33,8 +33,9 @@ class LocationReport(BaseModel):
     location: str = Field(description="The storage block slug, as given in `storage`.")
     url: str = Field(default="", description="Where it is (the store's URL), once it was opened.")
     role: Literal["primary", "copy"]
-    status: Literal["written", "pending", "copied", "failed"] = Field(
-        description="written: the primary; copied: present and verified here; failed: see detail."
+    status: Literal["written", "pending", "copied", "skipped", "failed"] = Field(
+        description="written: the primary; copied: present and verified here; skipped (an unverified "
+        "backup is not copied) or failed: see detail."
     )
     detail: str = Field(default="", description="How it was copied, or the one sentence why it failed.")
     verified: bool = Field(
