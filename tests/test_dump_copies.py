@@ -6,6 +6,7 @@ that does not exist)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,9 @@ def dir_keys(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-def backup_keys(keys: object) -> set[str]:
+def backup_keys(keys: Iterable[str]) -> set[str]:
     """The keys of backups (dumps, globals, manifests), without leases or write checks."""
-    return {k for k in keys if "/dumps/" in k and ".reading-" not in k}  # type: ignore[attr-defined]
+    return {k for k in keys if "/dumps/" in k and ".reading-" not in k}
 
 
 def unreachable_s3_block(name: str) -> str:
@@ -206,7 +207,10 @@ def test_each_location_keeps_what_its_own_retention_says(
     first, _ = two_buckets
     primary = make_s3_block(s3, f"cp-r-{unique}", first)
     nas = make_local_block(f"cp-rnas-{unique}", tmp_path / "nas")
-    storage = [primary, StorageLocation(block=nas, retention=RetentionPolicy(keep_last=1))]
+    storage: list[str | StorageLocation] = [
+        primary,
+        StorageLocation(block=nas, retention=RetentionPolicy(keep_last=1)),
+    ]
 
     reports = [
         nightly_dump(database=db, storage=storage, prefix=PREFIX, retention=RetentionPolicy(keep_last=3))
@@ -306,7 +310,10 @@ def test_base_backup_is_copied_and_wal_expiry_keeps_what_the_copys_longer_retent
     bucket = s3.create_bucket(f"base-copy-{unique}")
     primary = make_local_block(f"bb-p-{unique}", tmp_path / "primary")
     copy = make_s3_block(s3, f"bb-c-{unique}", bucket)
-    storage = [primary, StorageLocation(block=copy, retention=RetentionPolicy(keep_last=2))]
+    storage: list[str | StorageLocation] = [
+        primary,
+        StorageLocation(block=copy, retention=RetentionPolicy(keep_last=2)),
+    ]
     with archiving_cluster() as (pg, archive):
         db = database_block(pg, f"bb-{unique}")
         location = ArchiveLocation(directory=str(archive))
