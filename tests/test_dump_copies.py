@@ -27,7 +27,7 @@ from tests.conftest import make_database_block, make_local_block, make_s3_block
 from tests.harness.basebackup import archiving_cluster, catalog_of
 from tests.harness.factories import sample_database
 from tests.harness.pg import PgCluster, free_port
-from tests.harness.runs import failure_message
+from tests.harness.runs import artifact_table, failure_message
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint
 
 PREFIX = "prod"
@@ -161,6 +161,13 @@ def test_unreachable_copy_location_fails_the_run_after_the_primary_backup_is_saf
     assert "cannot reach" in message or "could not connect" in message.lower(), message
     assert message.endswith("run `dbops backups sync` once it is fixed")
     assert "\n" not in message
+    # the report is still published: the primary's rows, then each location's
+    rows = {row["item"]: row["value"] for row in artifact_table(f"nightly-dump-cp-{unique}")}
+    assert rows["key"] == manifest.dump_key
+    assert rows[f"primary {primary}"] == "written"
+    assert rows[f"copy {down}"].startswith("failed: cannot reach the S3 endpoint")
+    assert rows[f"retention {primary}"].startswith("keep 1 of 1")
+    assert rows[f"retention {down}"].startswith("skipped")
 
 
 def test_copy_bucket_missing_is_one_sentence_naming_it_and_the_primary_is_kept(
