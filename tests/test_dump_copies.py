@@ -67,7 +67,10 @@ def unreachable_s3_block(name: str) -> str:
         aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
         region_name=REGION,
-        aws_client_parameters=AwsClientParameters(endpoint_url=f"http://127.0.0.1:{free_port()}"),
+        # botocore's own retries of a refused connection would take seconds; the task's retries remain
+        aws_client_parameters=AwsClientParameters(
+            endpoint_url=f"http://127.0.0.1:{free_port()}", config={"retries": {"max_attempts": 1}}
+        ),
     )
     S3Bucket(bucket_name="nowhere", credentials=creds).save(name, overwrite=True)
     return f"s3-bucket/{name}"
