@@ -1,12 +1,12 @@
 """What one copy location costs the nightly dump: the flow's wall time with 0 and with 1 copy on the same
 S3 endpoint and account (the copy is made server-side, CopyObject / UploadPartCopy), as a ratio.
 
-    uv run python -m bench.bench_copies [--size 500MB] [--runs 2] [--keep] [--workdir DIR]
+    uv run python -m bench.bench_copies [--size 500MB] [--runs 3] [--keep] [--workdir DIR]
 
 Builds the imagemanager database as bench_dump does (a kept --workdir of bench_dump is reused), starts the
 moto S3 server with two buckets and a Prefect API, then runs nightly_dump(verify="list") in its own Python
-process (bench_dump's flow child) alternately into `primary` and into `primary,copy`, `--runs` times each,
-and compares the best run of each: the issue's target is at most 1.30x. The peak RSS of the flow process
+process (bench_dump's flow child) into `primary` and into `primary,copy`, `--runs` times each in ABBA
+order with the buckets emptied before each run, and compares the best run of each: the issue's target is at most 1.30x. The peak RSS of the flow process
 (VmHWM) is printed for both, so a copy that buffered a whole object in memory would show. Everything runs
 on this machine: moto, PostgreSQL and the Prefect API share its cores with the flow.
 """
@@ -53,6 +53,13 @@ def save_copy_block(s3_url: str) -> str:
     return f"s3-bucket/{COPY_BLOCK}"
 
 
+def empty_buckets(client: Any) -> None:
+    for bucket in (bench_dump.BUCKET, COPY_BUCKET):
+        keys = [{"Key": o["Key"]} for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+
+
 def run_all(cluster: Any, workdir: Path, runs: int) -> dict[str, Any]:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
@@ -75,8 +82,12 @@ def run_all(cluster: Any, workdir: Path, runs: int) -> dict[str, Any]:
         try:
             print("== warm-up: one nightly_dump into the primary (not measured)")
             measure_flow(database, primary, api_url, workdir, None)
+            variants = [("0 copies", primary), ("1 copy", f"{primary},{copy}")]
             for i in range(runs):
-                for label, storage in (("0 copies", primary), ("1 copy", f"{primary},{copy}")):
+                # ABBA order, so neither variant always runs second; empty buckets, so moto (which keeps
+                # every object in memory) is no bigger for one variant than for the other
+                for label, storage in variants if i % 2 == 0 else variants[::-1]:
+                    empty_buckets(s3.client())
                     proc, child = measure_flow(database, storage, api_url, workdir, None)
                     report = child["report"]
                     statuses = [loc["status"] for loc in report.get("locations", [])]
@@ -87,6 +98,7 @@ def run_all(cluster: Any, workdir: Path, runs: int) -> dict[str, Any]:
                             "flow_seconds": child["flow_seconds"],
                             "process_seconds": proc.wall,
                             "peak_rss_mb": child["self_maxrss_kb"] / 1024,
+                            "other_cpu_seconds": proc.other_cpu,
                             "tasks": child["tasks"],
                             "bytes": report["bytes"],
                             "copy": report["locations"][1]["detail"] if label == "1 copy" else "",
@@ -94,7 +106,8 @@ def run_all(cluster: Any, workdir: Path, runs: int) -> dict[str, Any]:
                     )
                     print(
                         f"   run {i + 1} {label:8}: flow {child['flow_seconds']:.1f} s, "
-                        f"peak RSS {child['self_maxrss_kb'] / 1024:.0f} MB"
+                        f"peak RSS {child['self_maxrss_kb'] / 1024:.0f} MB, other processes' CPU "
+                        f"{proc.other_cpu:.1f} s"
                         + (f" ({measured[label][-1]['copy']})" if label == "1 copy" else "")
                     )
         finally:
@@ -122,7 +135,7 @@ def run_all(cluster: Any, workdir: Path, runs: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_copies", description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="500MB", help="approximate size of the data (default 500MB)")
-    parser.add_argument("--runs", type=int, default=2, help="measured runs of each variant (default 2)")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs of each variant (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (cluster)")
     parser.add_argument("--workdir", type=Path, help="work directory; one kept by --keep is reused as is")
     args = parser.parse_args(argv)
