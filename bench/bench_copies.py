@@ -6,9 +6,10 @@ S3 endpoint and account (the copy is made server-side, CopyObject / UploadPartCo
 Builds the imagemanager database as bench_dump does (a kept --workdir of bench_dump is reused), starts the
 moto S3 server with two buckets and a Prefect API, then runs nightly_dump(verify="list") in its own Python
 process (bench_dump's flow child) into `primary` and into `primary,copy`, `--runs` times each in ABBA
-order with the buckets emptied before each run, and compares the best run of each: the issue's target is at most 1.30x. The peak RSS of the flow process
-(VmHWM) is printed for both, so a copy that buffered a whole object in memory would show. Everything runs
-on this machine: moto, PostgreSQL and the Prefect API share its cores with the flow.
+order with the buckets emptied before each run, and compares the best run of each: the issue's target
+is at most 1.30x. The peak RSS of the flow process (VmHWM) is printed for both, so a copy that buffered a
+whole object in memory would show. Everything runs on this machine: moto, PostgreSQL and the Prefect API
+share its cores with the flow, and the CPU other processes used during each run is printed beside it.
 """
 
 from __future__ import annotations
