@@ -8,6 +8,8 @@
     dbops backups list [--database NAME] [--storage SLUG] [--prefix P] [--json]
                        [--archive-dir DIR | --archive-storage SLUG [--archive-prefix P]]
     dbops health --database NAME [--statement-timeout S] [--no-prescribed]
+    dbops backups sync --database NAME --storage PRIMARY,COPY[,COPY] [--prefix P] [--dry-run]
+                                                      fill copy locations (deployments/sync_cli.py)
 
 Each command group registers itself in COMMANDS with a function that adds its subparser; the parsed
 arguments carry the handler in `func`, which returns the exit code. `dbops setup` and
@@ -129,6 +131,9 @@ def backups_list(args: argparse.Namespace) -> int:
 def _backups(sub: argparse._SubParsersAction) -> None:
     backups = sub.add_parser("backups", help="what backups exist, and whether they were verified and drilled")
     actions = backups.add_subparsers(dest="action", required=True, metavar="ACTION")
+    from deployments.sync_cli import register_sync
+
+    register_sync(actions)
     lst = actions.add_parser(
         "list", help="backups with time, size, compression, verified, drilled and Alembic revision"
     )

@@ -32,6 +32,7 @@ DATABASE_PARAMS: dict[str, tuple[str, ...]] = {
     "migrate": ("database", "staging_database"),
     "pgbouncer_check": ("pgbouncer", "database"),
     "db_health": ("database",),
+    "copy_backups": (),  # its `database` is the name in the object layout, not a block
 }
 DEFAULT_DATABASE_PARAMS = ("database",)
 STORAGE_PARAMS = ("storage",)

@@ -7,7 +7,7 @@ the manifest; the copy's manifest written last, never when anything failed; copy
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +16,19 @@ import pytest
 from botocore.config import Config
 
 from flows.core.base_catalog import read_base_catalog
-from flows.core.base_layout import (
-    BaseBackupManifest,
-    BaseVerification,
-    base_manifest_key,
-    base_stem,
-    pg_manifest_key,
-    pitr_drill_key,
-    tar_key,
-)
 from flows.core.catalog import read_catalog
 from flows.core.copies import CopyMismatch, CopyRefused, backup_ref, copy_backup, present_and_verified
-from flows.core.errors import ConfigurationError, StorageError
-from flows.core.layout import DRILL_SUFFIX, backup_stem, dump_key, globals_key, lease_key, manifest_key
+from flows.core.errors import ConfigurationError, ObjectExists, StorageError
 from flows.core.localstore import LocalObjectStore
 from flows.core.locations import StorageLocation
 from flows.core.manifest import Manifest
-from flows.core.objectstore import MiB, ObjectStore
+from flows.core.objectstore import MiB, ObjectStore, PutResult
 from flows.core.s3store import S3ObjectStore
 from tests.conftest import make_database_block, make_local_block, make_s3_block
-from tests.harness.factories import DB, PREFIX, manifest_for, sample_database
+from tests.harness.copies import base_backup, dump_backup
+from tests.harness.factories import DB, PREFIX, sample_database
 from tests.harness.pg import PgCluster
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint
-
-WHEN = datetime(2026, 11, 20, 1, 30, tzinfo=UTC)
 
 
 def s3_store(
@@ -58,64 +47,6 @@ def s3_store(
 
 def keys(store: ObjectStore) -> set[str]:
     return {info.key for info in store.list("")}
-
-
-def dump_backup(store: ObjectStore, body: bytes = b"dump bytes " * 1000, *, verified: bool = True) -> str:
-    """A dump as nightly_dump files it (dump, roles file, drill record, a reader's lease, manifest last),
-    with the real sha256; returns the manifest key."""
-    stem = backup_stem(PREFIX, DB, WHEN)
-    store.put_bytes(dump_key(stem, ".zst"), body)
-    store.put_bytes(globals_key(stem), b"CREATE ROLE app;\n")
-    store.put_bytes(stem + DRILL_SUFFIX, b'{"drill": "passed"}\n')
-    store.put_bytes(lease_key(stem, "run-1"), b"{}\n")
-    manifest = manifest_for(stem, WHEN).model_copy(
-        update={
-            "sha256": hashlib.sha256(body).hexdigest(),
-            "bytes": len(body),
-            "globals_key": globals_key(stem),
-            "verified": verified,
-        }
-    )
-    store.put_bytes(manifest_key(stem), manifest.to_json())
-    return manifest_key(stem)
-
-
-def base_backup(store: ObjectStore, body: bytes = b"tar bytes " * 1000) -> str:
-    """A base backup as the base_backup flow files it (tar, PostgreSQL's backup_manifest, PITR drill
-    record, a lease, dbops manifest last); returns the manifest key."""
-    stem = base_stem(PREFIX, DB, WHEN)
-    store.put_bytes(tar_key(stem), body)
-    store.put_bytes(pg_manifest_key(stem), b'{"PostgreSQL-Backup-Manifest-Version": 1}\n')
-    store.put_bytes(pitr_drill_key(stem), b"{}\n")
-    store.put_bytes(f"{stem}.reading-run-2.json", b"{}\n")
-    manifest = BaseBackupManifest(
-        database=DB,
-        server="db:5432",
-        system_identifier="7300000000000000001",
-        server_version="15.18",
-        server_version_num=150018,
-        pg_basebackup_version="15.18",
-        label=f"dbops-{DB}-20261120T013000Z",
-        started_at=WHEN,
-        ended_at=WHEN,
-        start_lsn="0/2000028",
-        stop_lsn="0/2000138",
-        start_wal="000000010000000000000002",
-        stop_wal="000000010000000000000002",
-        timeline=1,
-        wal_segment_size=16 * MiB,
-        wal_included=False,
-        wal_archived=True,
-        tar_key=tar_key(stem),
-        bytes=len(body),
-        raw_bytes=len(body),
-        sha256=hashlib.sha256(body).hexdigest(),
-        pg_manifest_key=pg_manifest_key(stem),
-        verified=True,
-        verification=BaseVerification(method="list"),
-    )
-    store.put_bytes(base_manifest_key(stem), manifest.to_json())
-    return base_manifest_key(stem)
 
 
 def without_leases(found: set[str]) -> set[str]:
@@ -340,3 +271,74 @@ def test_a_real_nightly_dump_is_copied_by_the_task_to_a_directory_and_to_a_secon
     assert head.get("StorageClass") == "STANDARD_IA"  # the copy location's own settings apply
     again = copy_backup_to(primary, nas, dumped.manifest_key)
     assert again.skipped
+
+
+def test_a_copy_whose_dump_was_deleted_is_repaired_under_its_kept_manifest(
+    primary: S3ObjectStore, tmp_path: Path
+) -> None:
+    key = dump_backup(primary)
+    nas = LocalObjectStore(tmp_path)
+    copy_backup(primary, nas, key)
+    manifest_before = nas.get_bytes(key)
+    dump = Manifest.from_json(manifest_before).dump_key
+    nas.delete([dump])
+    report = copy_backup(primary, nas, key)
+    assert (report.repaired, report.skipped) == (True, False)
+    assert nas.get_bytes(dump) == primary.get_bytes(dump)
+    assert nas.get_bytes(key) == manifest_before
+
+
+def test_a_copy_that_fails_half_way_leaves_no_manifest_and_removes_what_it_wrote(
+    primary: S3ObjectStore, tmp_path: Path
+) -> None:
+    key = dump_backup(primary)
+    source = Manifest.from_json(primary.get_bytes(key))
+    assert source.globals_key is not None
+    (tmp_path / source.globals_key).mkdir(parents=True)  # a directory where the roles file must go
+    nas = LocalObjectStore(tmp_path)
+    with pytest.raises(OSError, match="Is a directory"):
+        copy_backup(primary, nas, key)
+    assert nas.head(key) is None
+    assert nas.head(source.dump_key) is None  # written first, removed again
+    assert [info.key for info in nas.list("")] == []
+
+
+class Watching(LocalObjectStore):
+    """A real directory store that notes, at each write, which read leases the primary holds."""
+
+    def __init__(self, root: Path, primary: ObjectStore) -> None:
+        super().__init__(root)
+        self.primary = primary
+        self.leases_seen: list[set[str]] = []
+
+    def put_stream(self, key: str, chunks: Iterable[bytes], **kwargs: Any) -> PutResult:
+        self.leases_seen.append({i.key for i in self.primary.list("") if ".reading-" in i.key})
+        return super().put_stream(key, chunks, **kwargs)
+
+
+def test_the_primary_backup_carries_a_read_lease_while_it_is_copied_and_none_after(
+    primary: S3ObjectStore, tmp_path: Path
+) -> None:
+    key = dump_backup(primary)
+    before = {i.key for i in primary.list("") if ".reading-" in i.key}  # the fixture's own reader
+    nas = Watching(tmp_path, primary)
+    copy_backup(primary, nas, key, reader="copy-run-7")
+    mine = key.removesuffix(".manifest.json") + ".reading-copy-run-7.json"
+    assert nas.leases_seen
+    assert all(seen == before | {mine} for seen in nas.leases_seen)  # every object copied under the lease
+    assert {i.key for i in primary.list("") if ".reading-" in i.key} == before  # released
+    assert mine not in keys(nas)
+
+
+def test_a_server_side_copy_that_must_not_replace_refuses_a_taken_key(
+    s3: S3Endpoint, primary: S3ObjectStore, other_bucket: str
+) -> None:
+    primary.put_bytes("one/object", b"new bytes")
+    copy = s3_store(s3, other_bucket)
+    assert copy.copy_from(primary, "one/object", 9, if_absent=True).parts == 1
+    assert copy.get_bytes("one/object") == b"new bytes"
+    primary.put_bytes("one/object", b"other bytes")
+    with pytest.raises(ObjectExists, match="already exists"):
+        copy.copy_from(primary, "one/object", 11, if_absent=True)
+    assert copy.get_bytes("one/object") == b"new bytes"
+    assert s3.client().list_multipart_uploads(Bucket=other_bucket).get("Uploads", []) == []

@@ -145,3 +145,20 @@ def test_a_storage_list_in_the_variable_checks_every_block_in_it(
     assert f"'local-file-system/copy-{configured}' does not exist" in problems[0]
     make_local_block(f"copy-{configured}", tmp_path / "copy")
     assert check_deployments(path) == []
+
+
+def test_a_storage_list_has_each_of_its_blocks_checked_and_copy_backups_names_no_database_block(
+    tmp_path: Path, configured: str
+) -> None:
+    store = f"local-file-system/store-{configured}"
+    spec: dict[str, Any] = {
+        "name": f"copies-{configured}",
+        "entrypoint": "flows/copy_backups.py:copy_backups",
+        "work_pool": {"name": f"pool-{configured}"},
+        "parameters": {"database": "imagemanager", "storage": f"{store}, s3-bucket/gone-{configured}"},
+    }
+    problems = check_deployments(write_yaml(tmp_path, [spec]))
+    assert len(problems) == 1
+    assert f"'s3-bucket/gone-{configured}' does not exist" in problems[0]
+    spec["parameters"]["storage"] = store
+    assert check_deployments(write_yaml(tmp_path, [spec])) == []

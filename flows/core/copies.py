@@ -6,11 +6,14 @@ order that keeps a half-done copy from ever looking like a backup:
 
 1. Read the primary's manifest: it must parse, describe the objects beside it and be verified; anything
    else is refused (an unverified backup is not copied, it is not a backup yet).
-2. Look at the copy: a manifest already there that names the same bytes (sha256) and was checked means
-   "already there" (skipped, so copying twice is harmless); another manifest there is left alone, refused.
-3. Copy the members: the main object (dump or tar) first, then the roles file / PostgreSQL's
-   backup_manifest / drill records; never a reader's lease. Server-side within one S3 endpoint and
-   account, otherwise streamed through the worker with bounded memory.
+2. Look at the copy: a manifest already there that names the same bytes (sha256) and was checked, beside
+   its main object, means "already there" (skipped, so copying twice is harmless); with the main object
+   gone, the objects are copied again under the kept manifest (repaired); another manifest there is left
+   alone, refused.
+3. Take a read lease on the primary's backup (when the caller names its run), so retention there keeps
+   it while it is copied. Copy the members: the main object (dump or tar) first, then the roles file /
+   PostgreSQL's backup_manifest / drill records; never a reader's lease. Server-side within one S3
+   endpoint and account, otherwise streamed through the worker with bounded memory.
 4. Check the main object's sha256 against the manifest: a streamed copy is hashed on its way through and a
    mismatch aborts the upload before the object appears; a server-side copy is read back and hashed, and
    deleted on a mismatch.
@@ -26,7 +29,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -34,8 +37,15 @@ from pydantic import BaseModel, Field, ValidationError
 from flows.core.base_catalog import why_not_ours
 from flows.core.base_layout import BaseBackupManifest, parse_base_key
 from flows.core.copy_record import CopyMethod, CopyRecord
-from flows.core.errors import BackupIntegrityError, ConfigurationError, ObjectExists, ObjectNotFound
+from flows.core.errors import (
+    BackupIntegrityError,
+    ConfigurationError,
+    ObjectExists,
+    ObjectNotFound,
+    StorageFault,
+)
 from flows.core.layout import LEASE_MARK, MANIFEST_SUFFIX, parse_key
+from flows.core.leases import release_lease, take_lease
 from flows.core.manifest import Manifest, why_invalid
 from flows.core.objectstore import ObjectStore, part_size_for
 from flows.core.s3store import S3ObjectStore
@@ -56,6 +66,8 @@ __all__ = [
 ]
 
 BackupKind = Literal["dump", "base"]
+#: how long a copy's read lease holds the primary's retention off if the copier dies without releasing it
+LEASE_TTL = timedelta(hours=12)
 AnyManifest = Manifest | BaseBackupManifest
 
 
@@ -79,6 +91,11 @@ class CopyReport(BaseModel):
     bytes: int = Field(default=0, description="Bytes copied (0 when it was already there).")
     seconds: float = Field(default=0.0, description="Wall time of this copy.")
     skipped: bool = Field(default=False, description="Already there and verified: nothing was copied.")
+    repaired: bool = Field(
+        default=False,
+        description="The copy's manifest was there but its dump or tar was missing (or of another size): "
+        "the objects were copied again, the manifest kept.",
+    )
 
 
 @dataclass(frozen=True)
@@ -280,9 +297,13 @@ def copy_backup(
     manifest_key: str,
     *,
     location: str = "",
+    reader: str | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> CopyReport:
-    """Copy the backup whose manifest is `manifest_key` from `primary` to `copy` (steps 1-5)."""
+    """Copy the backup whose manifest is `manifest_key` from `primary` to `copy` (steps 1-5).
+
+    `reader` (a run id): while its objects are copied the backup carries a read lease on the primary
+    (`<stem>.reading-<reader>.json`, flows.core.leases), so the primary's retention keeps it meanwhile."""
     started = time.monotonic()
     ref = backup_ref(manifest_key)
     if primary.identity.rstrip("/") == copy.identity.rstrip("/"):
@@ -292,18 +313,25 @@ def copy_backup(
     manifest = read_source(primary, ref)
     method = copy_method(primary, copy)
     report = CopyReport(key=manifest_key, kind=ref.kind, location=location or copy.url, method=method)
-    if existing_copy(copy, ref, manifest):
-        report.skipped = True
-        report.seconds = time.monotonic() - started
-        return report
-    objects = members(primary, ref, manifest)
     main = main_key(manifest)
+    if existing_copy(copy, ref, manifest):
+        there = copy.head(main)
+        if there is not None and there.size == manifest.bytes:
+            report.skipped = True
+            report.seconds = time.monotonic() - started
+            return report
+        report.repaired = True  # its manifest is there, its main object is not: copy the members again
+    objects = members(primary, ref, manifest)
+    lease = take_lease(primary, ref.stem, reader, f"copy to {report.location}", LEASE_TTL) if reader else None
     written: list[str] = []
     try:
         for key, size in objects.items():
             written.append(key)
             check = manifest.sha256 if key == main else None
             report.bytes += transfer(primary, copy, key, size, method, check)
+        if report.repaired:
+            report.seconds = time.monotonic() - started
+            return report
         record = CopyRecord(source=primary.url, copied_at=clock(), method=method, sha256_checked=True)
         text = manifest.model_copy(update={"copy": record}).to_json()
         try:
@@ -315,6 +343,10 @@ def copy_backup(
     except BaseException:
         _discard(copy, ref, written)
         raise
+    finally:
+        if lease is not None:  # one left behind only holds the primary's retention off until it expires
+            with contextlib.suppress(StorageFault):
+                release_lease(primary, lease)
     report.seconds = time.monotonic() - started
     return report
 
