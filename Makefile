@@ -34,6 +34,7 @@ bench: setup
 # the others: the leading `-`).
 bench-all: setup
 	-uv run python -m bench.bench_dump
+	-uv run python -m bench.bench_copies
 	-uv run python -m bench.bench_restore
 	-uv run python -m bench.bench_wal
 	-uv run python -m bench.bench_reindex

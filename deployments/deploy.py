@@ -112,9 +112,8 @@ def check_deployments(path: Path = ROOT / "prefect.yaml") -> list[str]:
                     continue
                 if key in database_params and isinstance(value, str):
                     problems.extend(_check_block(name, key, f"postgres-database/{value}", load_block))
-                elif key in STORAGE_PARAMS and isinstance(value, str):  # a slug, or "primary,copy,..."
-                    for slug in [s.strip() for s in value.split(",") if s.strip()] or [value]:
-                        problems.extend(_check_block(name, key, slug, load_block))
+                elif key in STORAGE_PARAMS and isinstance(value, str | list):
+                    problems.extend(_check_storage(name, key, value, load_block))
     return problems
 
 
@@ -124,6 +123,18 @@ def _check_block(deployment: str, key: str, slug: str, load_block: Any) -> list[
     except ConfigurationError as exc:
         return [f"deployment {deployment}: parameter {key}: {exc}"]
     return []
+
+
+def _check_storage(deployment: str, key: str, storage: str | list[Any], load_block: Any) -> list[str]:
+    """A storage parameter may list a primary and its copies ("a,b" in a Prefect Variable): every block
+    in it must exist."""
+    from flows.core.locations import parse_locations
+
+    try:
+        locations = parse_locations(storage)
+    except ConfigurationError as exc:
+        return [f"deployment {deployment}: parameter {key}: {exc}"]
+    return [problem for loc in locations for problem in _check_block(deployment, key, loc.block, load_block)]
 
 
 def prefect_bin() -> str:

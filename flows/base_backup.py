@@ -2,17 +2,23 @@
 possible (the archive alone restores nothing).
 
 1. preflight   the role may replicate (REPLICATION, a pg_hba.conf `replication` line), max_wal_senders, no
-               extra tablespaces, archiving on unless the WAL goes in the backup; storage takes a write
-2. stream      pg_basebackup -Ft -D - --checkpoint=fast through zstd and sha256 into storage (multipart on
-               S3), its tar read on the fly for backup_label, global/pg_control and backup_manifest;
-               PostgreSQL's backup_manifest stored beside it
+               extra tablespaces, archiving on unless the WAL goes in the backup; every storage location
+               takes a write (a copy location that does not is recorded and skipped)
+2. stream      pg_basebackup -Ft -D - --checkpoint=fast through zstd and sha256 into the primary storage
+               (multipart on S3), its tar read on the fly for backup_label, global/pg_control and
+               backup_manifest; PostgreSQL's backup_manifest stored beside it
 3. WAL         every segment from the backup's start to its stop LSN confirmed in the archive (WAL switched
                if needed, waited for with a timeout); include_wal=true puts it in the tar instead
 4. verify      the stored object read back, its tar listing walked (verify=full also re-hashes it)
 5. manifest    written last: from now on the tar is a base backup
-6. retention   only after a verified base backup: expire by the GFS policy, never one a recovery reads
-7. WAL expiry  WAL older than the oldest kept base backup (and older than wal_keep_days) leaves the archive
-8. report      a table artifact, and a Failed run with one sentence when anything went wrong
+6. copies      the base backup copied from the primary into each copy location (tar, PostgreSQL's
+               backup_manifest, manifest last), sha256 checked
+7. retention   only after a verified base backup: expire by the GFS policy, never one a recovery reads; in
+               each location with its own policy, never in a copy that missed this run's base backup
+8. WAL expiry  WAL older than the oldest base backup kept in ANY location (and older than wal_keep_days)
+               leaves the archive; a location whose base backups cannot be read blocks it
+9. report      a table artifact, and a Failed run with one sentence when anything went wrong (a failed
+               copy too, after the primary base backup is safe: the sentence says so and names the copy)
 
 It holds the same `db:` slot as the nightly dump, so a dump and a base backup of one database never
 overlap.
@@ -27,14 +33,29 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
-from blocks.storage import require_store_kind
 from flows.core.base_catalog import BaseCleanup, plan_base_retention
 from flows.core.base_layout import BaseVerifyMethod, base_manifest_key
 from flows.core.layout import check_prefix
+from flows.core.locations import StorageList, StorageLocation, StorageRef, parse_locations
 from flows.core.retention import RetentionPlan, RetentionPolicy
 from flows.core.wal_archive import ArchiveLocation
 from flows.tasks.backup import check_storage
-from flows.tasks.backup_report import StoredBackupReport, retention_rows, stored_figures
+from flows.tasks.backup_copies import (
+    check_copies,
+    copies_outcome,
+    make_copies,
+    open_locations,
+    primary_row,
+    retention_in_copies,
+    storage_text,
+)
+from flows.tasks.backup_report import (
+    LocationReport,
+    StoredBackupReport,
+    location_rows,
+    retention_rows,
+    stored_figures,
+)
 from flows.tasks.base_backup import (
     check_base_backup_source,
     confirm_wal_archived,
@@ -46,9 +67,17 @@ from flows.tasks.base_backup import (
     verify_base_backup,
     write_base_manifest,
 )
-from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
-from flows.tasks.retention import apply_retention
-from flows.tasks.wal_expiry import expire_wal
+from flows.tasks.common import (
+    artifact_key,
+    database_lock,
+    database_name_of,
+    failed_state,
+    human_bytes,
+    judged_description,
+    publish_failure,
+)
+from flows.tasks.retention import RetentionReport, apply_retention
+from flows.tasks.wal_expiry import expire_wal, kept_base_backups
 
 
 class BaseBackupOptions(BaseModel):
@@ -100,13 +129,17 @@ class BaseBackupReport(StoredBackupReport):
         default_factory=list, description="Expired base backups kept: a recovery reads them."
     )
     left_alone: list[str] = Field(default_factory=list, description="Foreign or unreadable: never deleted.")
-    wal_expiry: str = Field(default="not run", description="What WAL expiry removed (step 7).")
+    wal_expiry: str = Field(default="not run", description="What WAL expiry removed (step 8).")
+    locations: list[LocationReport] = Field(
+        default_factory=list,
+        description="The primary, then each copy: copied or failed, and its own retention.",
+    )
 
 
 @flow(name="base-backup", log_prints=True)
 def base_backup(
     database: str,
-    storage: str,
+    storage: StorageList,
     prefix: str = "",
     archive: ArchiveLocation | None = None,
     include_wal: bool = False,
@@ -123,7 +156,9 @@ def base_backup(
         database: Name of the PostgresDatabase block (e.g. imagemanager-prod); its role needs REPLICATION
             and a `replication` line in pg_hba.conf. The backup is of the whole cluster, filed under this
             database's name.
-        storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
+        storage: Storage block slug (s3-bucket/NAME or local-file-system/NAME), or a list of them (or a
+            comma-separated string): the first is the primary, the others copies, each optionally with its
+            own retention, S3 storage class and encryption.
         prefix: Folder inside the storage for this environment's backups (e.g. prod); may be empty.
         archive: Where archive_command stores WAL (the WAL archive check's parameter); empty: the Prefect
             Variable dbops_wal_archive. Every segment the backup needs is confirmed there before the
@@ -134,27 +169,32 @@ def base_backup(
         verify: list (default): read the stored object back and walk its tar listing; full: also compare
             the sha256 of every stored byte; none: skip (retention then does not run).
         retention: Keep-last / daily / weekly / monthly / max-age policy for base backups; empty: keep all.
-        wal_keep_days: WAL expiry never removes WAL younger than this many days (step 7).
+            A location's own retention replaces it there.
+        wal_keep_days: WAL expiry never removes WAL younger than this many days (step 8).
         dry_run: Plan retention (and WAL expiry) and report it, delete nothing.
         options: Less common settings (WAL timeout, compression, checksums, slot wait, tool location).
     """
     logger = get_run_logger()
     try:
         options = options or BaseBackupOptions()
-        require_store_kind(storage)
+        parse_locations(storage)  # bad slugs and a slug named twice: refused before the lock
         check_prefix(prefix)
         # With its WAL in the tar the backup needs no archive to be consistent: nothing to wait for.
         location = None if include_wal else resolve_archive(archive)
+        # the same place under two block names: refused before anything is written
+        primary, copies = open_locations(storage)
 
         with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
             # 1. preflight
             pre = check_base_backup_source(database, include_wal, options.pg_bindir)
-            logger.info("storage %s is writable", check_storage(storage, prefix))
+            primary_url = check_storage(primary, prefix)
+            logger.info("storage %s is writable", primary_url)
+            copy_rows = check_copies(copies, prefix)
 
             # 2. stream
             stem, result = upload_base_backup(
                 pre,
-                storage,
+                primary,
                 prefix,
                 include_wal=include_wal,
                 archive=location,
@@ -169,7 +209,7 @@ def base_backup(
             # 3. WAL
             if location is not None:
                 needed = confirm_wal_archived(
-                    pre, storage, location, stem, result, timeout_seconds=options.wal_timeout_seconds
+                    pre, primary, location, stem, result, timeout_seconds=options.wal_timeout_seconds
                 )
                 wal = f"{len(needed)} segment(s) {needed[0]}..{needed[-1]} confirmed in {location.describe()}"
             else:
@@ -178,12 +218,12 @@ def base_backup(
             # 4. verify
             verification = None
             if verify != "none":
-                verification = verify_base_backup(storage, result, verify)
+                verification = verify_base_backup(primary, result, verify)
 
             # 5. manifest
             manifest = write_base_manifest(
                 pre,
-                storage,
+                primary,
                 stem,
                 result,
                 include_wal=include_wal,
@@ -207,65 +247,86 @@ def base_backup(
                 **stored_figures(result, manifest.verified, manifest.verification.detail),
             )
 
-            # 6. retention
-            _retention(report, storage, prefix, retention, dry_run)
+            report.locations = [primary_row(primary, primary_url, report), *copy_rows]
 
-            # 7. WAL expiry
-            _wal_expiry(report, storage, prefix, location, wal_keep_days, dry_run)
+            # 6. copies, from the primary whose manifest is written
+            make_copies(primary, copies, copy_rows, report.manifest_key, report.verified)
 
-        _publish(report)
+            # 7. retention, in each location with its own policy
+            def run_retention(
+                target: RetentionReport, where: StorageLocation, policy: RetentionPolicy | None
+            ) -> None:
+                _retention(report.database, target, where, prefix, policy, dry_run)
+
+            run_retention(report, primary, primary.retention or retention)
+            report.locations[0] = primary_row(primary, primary_url, report)
+            retention_in_copies(copies, copy_rows, retention, run_retention)
+
+            # 8. WAL expiry, below what any location keeps
+            _wal_expiry(report, prefix, location, wal_keep_days, dry_run)
+
+        # 9. report
+        failure = copies_outcome(primary_url, report.key, copy_rows)
+        _publish(report, None if failure is None else str(failure))
+        if failure is not None:
+            return failed_state(failure)
         return report
     except Exception as exc:
         key = artifact_key("base-backup", database_name_of(database))
-        return publish_failure(key, f"Base backup of {database} into {storage}", exc)
+        return publish_failure(key, f"Base backup of {database} into {storage_text(storage)}", exc)
 
 
 def _retention(
-    report: BaseBackupReport, storage: str, prefix: str, retention: RetentionPolicy | None, dry_run: bool
+    database: str,
+    report: RetentionReport,
+    storage: StorageRef,
+    prefix: str,
+    retention: RetentionPolicy | None,
+    dry_run: bool,
 ) -> None:
-    """Only a verified base backup may replace old ones; a recovery's lease keeps what it reads."""
+    """Only a verified base backup may replace old ones; a recovery's lease keeps what it reads.
+    `report` is the run's report (the primary) or a copy location's row."""
 
     def plan(policy: RetentionPolicy, now: datetime) -> tuple[RetentionPlan, BaseCleanup]:
-        catalog = read_base_backup_catalog(storage, prefix, report.database)
+        catalog = read_base_backup_catalog(storage, prefix, database)
         retention_plan = plan_base_retention(catalog, policy, now)
         cleanup = plan_base_backup_cleanup(
-            storage, catalog, retention_plan, now=now, prefix=prefix, database=report.database
+            storage, catalog, retention_plan, now=now, prefix=prefix, database=database
         )
         return retention_plan, cleanup
 
     def delete(cleanup: BaseCleanup) -> BaseCleanup:
-        return delete_expired_base_backups(storage, cleanup, prefix, report.database)
+        return delete_expired_base_backups(storage, cleanup, prefix, database)
 
     apply_retention(report, retention, dry_run, noun="base backup", plan=plan, delete=delete)
 
 
 def _wal_expiry(
     report: BaseBackupReport,
-    storage: str,
     prefix: str,
     location: ArchiveLocation | None,
     wal_keep_days: int,
     dry_run: bool,
 ) -> None:
-    """After retention: the WAL older than the oldest kept base backup's start can go. Anything that makes
-    "kept" uncertain (no verified backup this run, an unreadable manifest) leaves the archive alone."""
+    """After retention: the WAL older than the oldest base backup kept in any location (the primary or a
+    copy: one archive serves them all) can go. Anything that makes "kept" uncertain (no verified backup
+    this run, an unreadable manifest, a location that cannot be listed) leaves the archive alone."""
     logger = get_run_logger()
     if location is None:
         report.wal_expiry = "skipped: include_wal=true, so this run has no archive location to expire"
     elif not report.verified:
         report.wal_expiry = "skipped: this base backup was not verified, so no WAL is removed"
     else:
-        catalog = read_base_backup_catalog(storage, prefix, report.database)
-        if catalog.unreadable:
-            key, why = catalog.unreadable[0]
-            report.wal_expiry = (
-                f"skipped: base-backup manifest {key} cannot be trusted ({why}), so which WAL it needs is "
-                "unknown; fix or remove it"
-            )
+        where = [
+            (StorageLocation(block=row.location), frozenset(row.deleted) if dry_run else frozenset[str]())
+            for row in report.locations
+        ]
+        where[0] = (where[0][0], frozenset(report.deleted) if dry_run else frozenset[str]())
+        kept = kept_base_backups(where, prefix, report.database)
+        if kept.blocked:
+            report.wal_expiry = f"skipped: {kept.blocked}"
         else:
-            gone = set(report.deleted) if dry_run else set()
-            kept = [b.manifest for b in catalog.backups if b.stem not in gone]
-            done = expire_wal(location, kept, wal_keep_days=wal_keep_days, dry_run=dry_run)
+            done = expire_wal(location, kept.manifests, wal_keep_days=wal_keep_days, dry_run=dry_run)
             verb = "would remove" if dry_run else "removed"
             report.wal_expiry = (
                 f"{done.status}: {verb} {done.count} segment(s) {done.first}..{done.last}, "
@@ -278,7 +339,7 @@ def _wal_expiry(
     logger.info("WAL expiry: %s", report.wal_expiry)
 
 
-def _publish(report: BaseBackupReport) -> None:
+def _publish(report: BaseBackupReport, failure: str | None = None) -> None:
     rate = report.raw_bytes / report.seconds if report.seconds else 0
     rows = [
         {"item": "key", "value": report.key},
@@ -294,12 +355,13 @@ def _publish(report: BaseBackupReport) -> None:
         {"item": "throughput", "value": f"{human_bytes(rate)}/s of tar"},
         {"item": "verified", "value": report.verification},
         *retention_rows(report),
+        *(location_rows(report.locations) if len(report.locations) > 1 else []),
         {"item": "WAL expiry", "value": report.wal_expiry},
     ]
     create_table_artifact(
         key=artifact_key("base-backup", report.database),
         table=rows,
-        description=f"Base backup of {report.database}: {report.key}",
+        description=judged_description(f"Base backup of {report.database}: {report.key}", failure),
     )
 
 

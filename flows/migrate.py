@@ -30,12 +30,12 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import BaseModel, Field
 
-from blocks.storage import require_store_kind
 from flows.core.alembic_runner import AlembicApp
 from flows.core.compression import DEFAULT_LEVEL, Compression
 from flows.core.ddl_rules import apply_waivers, blocking
 from flows.core.errors import DbopsError, MigrationError
 from flows.core.identity import Guard
+from flows.core.locations import StorageList, StorageRef, parse_locations
 from flows.core.migrate_plan import (
     ApprovalRejected,
     LintBlocked,
@@ -159,7 +159,7 @@ class MigrateReport(BaseModel):
 def migrate(
     database: str,
     staging_database: str,
-    storage: str,
+    storage: StorageList,
     prefix: str = "",
     alembic: str = "examples/imagemanager",
     target: str = "head",
@@ -182,7 +182,8 @@ def migrate(
         database: Production PostgresDatabase block (e.g. imagemanager-prod).
         staging_database: Staging PostgresDatabase block: a database of its own (not protected) that is
             dropped and restored from the pre-backup before the revisions are tried on it.
-        storage: Storage block slug for the pre-backup: s3-bucket/NAME or local-file-system/NAME.
+        storage: Storage block slug for the pre-backup: s3-bucket/NAME or local-file-system/NAME; given
+            the nightly dump's list (primary first, then copies), the pre-backup goes to the primary only.
         prefix: Folder inside the storage for the backups (e.g. prod); may be empty.
         alembic: The application's alembic.ini, or the folder holding it (its script directory works too);
             relative paths are tried from the worker's working directory, then from the dbops checkout.
@@ -214,7 +215,7 @@ def migrate(
         statement_ms = duration_ms(statement_timeout, "statement_timeout")
         report.waivers = normalise_waivers(waivers or [])
         apply_waivers([], report.waivers)  # a misspelt rule id fails now, not after the backup
-        require_store_kind(storage)
+        primary = parse_locations(storage)[0]  # the pre-backup is a rollback point: one place is enough
         ini = str(resolve_alembic_ini(alembic))
 
         # 0. both blocks reach PostgreSQL itself: the lock and lock_timeout mean nothing through a pooler
@@ -276,7 +277,7 @@ def migrate(
 
             # 3. pre-backup: no backup, no migration
             with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
-                backup = _pre_backup(database, storage, prefix)
+                backup = _pre_backup(database, primary, prefix)
             report.backup_key, report.backup_revision = backup.key, backup.alembic_revision
             logger.info("rollback point: %s (alembic %s)", backup.key, backup.alembic_revision)
 
@@ -292,7 +293,7 @@ def migrate(
                     ini,
                     options,
                     staging=staging_database,
-                    storage=storage,
+                    storage=primary.block,
                     prefix=prefix,
                     backup=backup,
                     refresh=refresh_staging,
@@ -357,7 +358,7 @@ def _record_lint(report: MigrateReport, linted: LintOutcome) -> None:
     ]
 
 
-def _pre_backup(database: str, storage: str, prefix: str) -> BackupReport:
+def _pre_backup(database: str, storage: StorageRef, prefix: str) -> BackupReport:
     """take_backup without its own lock (we hold db:<database>); anything short of a verified backup stops."""
     try:
         backup = take_backup(

@@ -1,12 +1,17 @@
 """nightly_dump: the backup runbook, as a flow.
 
-1. preflight   the database answers, pg_dump can dump it, storage takes a write
-2. dump        pg_dump -Fc streamed through zstd and sha256 into storage (multipart on S3)
+1. preflight   the database answers, pg_dump can dump it, every storage location takes a write (a copy
+               location that does not is recorded and skipped: the primary backup comes first)
+2. dump        pg_dump -Fc streamed through zstd and sha256 into the primary (multipart on S3)
 3. globals     roles and tablespaces beside it (optional)
 4. verify      the stored object read back through pg_restore --list
 5. manifest    written last: from now on the dump is a backup
-6. retention   only after a verified backup: expire by policy, remove stale orphans
-7. report      a table artifact, and a Failed run with one sentence when anything went wrong
+6. copies      the backup copied from the primary into each copy location, sha256 checked, its manifest
+               written there last (server-side when both are on one S3 endpoint)
+7. retention   only after a verified backup: expire by policy, remove stale orphans; in each location
+               with its own policy, never in a copy that missed this run's backup
+8. report      a table artifact, and a Failed run with one sentence when anything went wrong (a failed
+               copy too, after the primary backup is safe: the sentence says so and names the copy)
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
-from blocks.storage import require_store_kind
+from blocks.storage import Location
 from flows.core.compression import DEFAULT_LEVEL, LEVEL_RANGE, Compression
 from flows.core.errors import ConfigurationError
 from flows.core.expiry import Cleanup
 from flows.core.layout import check_prefix
+from flows.core.locations import StorageList, StorageLocation, StorageRef, parse_locations
 from flows.core.manifest import VerifyMethod
 from flows.core.retention import RetentionPlan, RetentionPolicy, plan_from_catalog
 from flows.tasks.backup import (
@@ -36,9 +42,32 @@ from flows.tasks.backup import (
     verify_backup,
     write_manifest,
 )
-from flows.tasks.backup_report import StoredBackupReport, retention_rows, stored_figures
-from flows.tasks.common import artifact_key, database_lock, database_name_of, human_bytes, publish_failure
-from flows.tasks.retention import apply_retention
+from flows.tasks.backup_copies import (
+    check_copies,
+    copies_outcome,
+    make_copies,
+    open_locations,
+    primary_row,
+    retention_in_copies,
+    storage_text,
+)
+from flows.tasks.backup_report import (
+    LocationReport,
+    StoredBackupReport,
+    location_rows,
+    retention_rows,
+    stored_figures,
+)
+from flows.tasks.common import (
+    artifact_key,
+    database_lock,
+    database_name_of,
+    failed_state,
+    human_bytes,
+    judged_description,
+    publish_failure,
+)
+from flows.tasks.retention import RetentionReport, apply_retention
 
 
 class DumpOptions(BaseModel):
@@ -91,23 +120,30 @@ class BackupReport(StoredBackupReport):
     left_alone: list[str] = Field(
         default_factory=list, description="Foreign objects and unreadable manifests: reported, never deleted."
     )
+    locations: list[LocationReport] = Field(
+        default_factory=list,
+        description="The primary, then each copy: copied or failed, and its own retention.",
+    )
 
 
 def take_backup(
     database: str,
-    storage: str,
+    storage: StorageRef,
     prefix: str,
     compression: Compression,
     compression_level: int,
     include_globals: bool,
     verify: VerifyMethod,
     options: DumpOptions,
+    copies: list[Location] | None = None,
 ) -> BackupReport:
-    """Steps 1-5 without the lock: migrate's pre-backup calls this while already holding it."""
+    """Steps 1-5 without the lock: migrate's pre-backup calls this while already holding it. `storage` is
+    the primary; `copies` are only checked here (step 1), the flow copies into them after step 5."""
     logger = get_run_logger()
     pre = check_database(database, options.pg_bindir)
     location = check_storage(storage, prefix)
     logger.info("storage %s is writable", location)
+    copy_rows = check_copies(copies or [], prefix)
     previous = read_backup_catalog(storage, prefix, pre.database).newest()
     stem, result = upload_dump(
         pre,
@@ -143,7 +179,7 @@ def take_backup(
         verification=verification,
         globals_object=globals_object,
     )
-    return BackupReport(
+    report = BackupReport(
         database=pre.database,
         key=result.key,
         manifest_key=f"{stem}.manifest.json",
@@ -151,12 +187,15 @@ def take_backup(
         alembic_revision=manifest.alembic_revision,
         retention="not run",
     )
+    primary = storage if isinstance(storage, StorageLocation) else StorageLocation(block=storage)
+    report.locations = [primary_row(primary, location, report), *copy_rows]
+    return report
 
 
 @flow(name="nightly-dump", log_prints=True)
 def nightly_dump(
     database: str,
-    storage: str,
+    storage: StorageList,
     prefix: str = "",
     compression: Compression = Compression.zstd,
     compression_level: int | None = None,
@@ -170,7 +209,9 @@ def nightly_dump(
 
     Args:
         database: Name of the PostgresDatabase block to back up (e.g. imagemanager-prod).
-        storage: Storage block slug: s3-bucket/NAME or local-file-system/NAME.
+        storage: Storage block slug (s3-bucket/NAME or local-file-system/NAME), or a list of them (or a
+            comma-separated string): the first is the primary, the others copies (3-2-1: another bucket,
+            region or medium), each optionally with its own retention, S3 storage class and encryption.
         prefix: Folder inside the storage for this environment's backups (e.g. prod); may be empty.
         compression: zstd (in-process, default), gzip (pg_dump's own) or none.
         compression_level: zstd 1-19 (default 3: tuned for pg_dump output, smaller than pg_dump -Fc) or
@@ -179,13 +220,14 @@ def nightly_dump(
         verify: list (default): stream the stored object back into pg_restore --list and check every table
             has data; full: also re-read every byte and compare the sha256; none: skip (retention then
             does not run, because only verified backups may replace old ones).
-        retention: Keep-last / daily / weekly / monthly / max-age policy; empty: keep everything.
+        retention: Keep-last / daily / weekly / monthly / max-age policy; empty: keep everything. A
+            location's own retention replaces it there.
         retention_dry_run: Plan retention and report it, delete nothing.
         options: Less common settings (lock waits, plausibility checks, pg_dump location).
     """
     try:
         options = options or DumpOptions()
-        require_store_kind(storage)
+        parse_locations(storage)  # bad slugs and a slug named twice: refused before the lock
         check_prefix(prefix)
         level = DEFAULT_LEVEL[compression] if compression_level is None else compression_level
         low, high = LEVEL_RANGE[compression]
@@ -194,47 +236,74 @@ def nightly_dump(
                 f"compression_level {level} is out of range for {compression.value}; use {low} to {high}"
             )
 
+        # the same place under two block names: refused before anything is written
+        primary, copies = open_locations(storage)
+
         with database_lock(database, wait_seconds=options.lock_wait_hours * 3600):
+            # 1-5. preflight, dump, globals, verify, manifest
             report = take_backup(
                 database,
-                storage,
+                primary,
                 prefix,
                 compression=compression,
                 compression_level=level,
                 include_globals=globals,
                 verify=verify,
                 options=options,
+                copies=copies,
             )
 
-            _retention(report, storage, prefix, retention, retention_dry_run)
+            # 6. copies, from the primary whose manifest is written
+            copy_rows = report.locations[1:]
+            make_copies(primary, copies, copy_rows, report.manifest_key, report.verified)
 
-        _publish(report)
+            # 7. retention, in each location with its own policy
+            def run_retention(
+                target: RetentionReport, where: StorageLocation, policy: RetentionPolicy | None
+            ) -> None:
+                _retention(report.database, target, where, prefix, policy, retention_dry_run)
+
+            run_retention(report, primary, primary.retention or retention)
+            report.locations[0] = primary_row(primary, report.locations[0].url, report)
+            retention_in_copies(copies, copy_rows, retention, run_retention)
+
+        # 8. report
+        failure = copies_outcome(report.locations[0].url, report.key, copy_rows)
+        _publish(report, None if failure is None else str(failure))
+        if failure is not None:
+            return failed_state(failure)
         return report
     except Exception as exc:
         key = artifact_key("nightly-dump", database_name_of(database))
-        return publish_failure(key, f"Nightly dump of {database} into {storage}", exc)
+        return publish_failure(key, f"Nightly dump of {database} into {storage_text(storage)}", exc)
 
 
 def _retention(
-    report: BackupReport, storage: str, prefix: str, retention: RetentionPolicy | None, dry_run: bool
+    database: str,
+    report: RetentionReport,
+    storage: StorageRef,
+    prefix: str,
+    retention: RetentionPolicy | None,
+    dry_run: bool,
 ) -> None:
-    """Only a verified backup may replace old ones; a restore's or drill's lease keeps what it reads."""
+    """Only a verified backup may replace old ones; a restore's or drill's lease keeps what it reads.
+    `report` is the run's report (the primary) or a copy location's row."""
 
     def plan(policy: RetentionPolicy, now: datetime) -> tuple[RetentionPlan, Cleanup]:
-        catalog = read_backup_catalog(storage, prefix, report.database)
+        catalog = read_backup_catalog(storage, prefix, database)
         retention_plan = plan_from_catalog(catalog, policy, now)
         cleanup = plan_backup_cleanup(
-            storage, catalog, retention_plan, now=now, prefix=prefix, database=report.database
+            storage, catalog, retention_plan, now=now, prefix=prefix, database=database
         )
         return retention_plan, cleanup
 
     def delete(cleanup: Cleanup) -> Cleanup:
-        return delete_expired_backups(storage, cleanup, prefix, report.database)
+        return delete_expired_backups(storage, cleanup, prefix, database)
 
     apply_retention(report, retention, dry_run, noun="backup", plan=plan, delete=delete)
 
 
-def _publish(report: BackupReport) -> None:
+def _publish(report: BackupReport, failure: str | None = None) -> None:
     rate = report.raw_bytes / report.seconds if report.seconds else 0
     rows = [
         {"item": "key", "value": report.key},
@@ -247,11 +316,12 @@ def _publish(report: BackupReport) -> None:
         {"item": "verified", "value": report.verification},
         {"item": "alembic revision", "value": report.alembic_revision or "none"},
         *retention_rows(report),
+        *(location_rows(report.locations) if len(report.locations) > 1 else []),
     ]
     create_table_artifact(
         key=artifact_key("nightly-dump", report.database),
         table=rows,
-        description=f"Backup of {report.database}: {report.key}",
+        description=judged_description(f"Backup of {report.database}: {report.key}", failure),
     )
 
 

@@ -22,6 +22,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
 from flows.core.health import Check, Status, worst
+from flows.core.locations import StorageList, parse_locations
 from flows.core.wal import segment_name
 from flows.core.wal_archive import ArchiveLocation, ContentsResult, FullVerify, full_verify_due
 from flows.core.wal_server import CheckState, ServerSnapshot, WalArchiveBroken
@@ -116,7 +117,7 @@ def wal_archive_check(
     active: bool = False,
     full_verify: FullVerify = "auto",
     options: CheckOptions | None = None,
-    backups_storage: str | None = None,
+    backups_storage: StorageList | None = None,
     backups_prefix: str = "",
 ) -> WalArchiveReport:
     """Check that WAL archiving works; Failed, with what to fix, when it does not.
@@ -132,9 +133,10 @@ def wal_archive_check(
             segment deleted from the archive after an earlier run saw it is found by name: auto (once a day,
             see options), always (now, on demand), never.
         options: Probe timeout, first-run window, where the check remembers its position.
-        backups_storage: Storage block slug holding the base backups (the base_backup flow's storage).
-            With base backups there, a full verification covers every segment from the oldest one's
-            start WAL to now, whatever window_segments says. Empty: the window is window_segments back.
+        backups_storage: Storage block slug holding the base backups (the base_backup flow's storage; its
+            list of a primary and copies too: the oldest base backup kept in any of them counts). With base
+            backups there, a full verification covers every segment from the oldest one's start WAL to
+            now, whatever window_segments says. Empty: the window is window_segments back.
         backups_prefix: Folder inside backups_storage (e.g. prod); base backups are filed under the
             database block's database name.
     """
@@ -170,8 +172,11 @@ def wal_archive_check(
             )
             oldest_needed: str | None = None
             if backups_storage:  # the chain: every segment from the oldest kept base backup's start on
-                oldest_needed, found = oldest_kept_base_backup(database, backups_storage, backups_prefix)
-                checks += found
+                for where in parse_locations(backups_storage):  # a copy may keep older ones than the primary
+                    start, found = oldest_kept_base_backup(database, where.block, backups_prefix)
+                    checks += found
+                    if start is not None and (oldest_needed is None or start[8:] < oldest_needed[8:]):
+                        oldest_needed = start
             contents = verify_archive_contents(
                 archive,
                 snap,

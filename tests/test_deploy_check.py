@@ -131,6 +131,22 @@ def test_a_paused_deployment_may_name_a_block_that_does_not_exist_yet(
     assert "'postgres-database/no-pgbouncer-here' does not exist" in problem
 
 
+def test_a_storage_list_in_the_variable_checks_every_block_in_it(
+    tmp_path: Path, configured: str
+) -> None:
+    """dbops_storage may hold a primary and its copies ("a,b"): each block must exist."""
+    templated = "{{ prefect.variables.storage_list_" + configured + " }}"
+    spec = dump_deployment(configured, parameters={"database": f"db-{configured}", "storage": templated})
+    path = write_yaml(tmp_path, [spec])
+    primary = f"local-file-system/store-{configured}"
+    set_variables({f"storage_list_{configured}": f"{primary}, local-file-system/copy-{configured}"})
+    problems = check_deployments(path)
+    assert len(problems) == 1
+    assert f"'local-file-system/copy-{configured}' does not exist" in problems[0]
+    make_local_block(f"copy-{configured}", tmp_path / "copy")
+    assert check_deployments(path) == []
+
+
 def test_a_storage_list_has_each_of_its_blocks_checked_and_copy_backups_names_no_database_block(
     tmp_path: Path, configured: str
 ) -> None:

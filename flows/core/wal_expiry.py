@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import re
 import subprocess
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from flows.core.base_catalog import BaseCatalog
 from flows.core.base_layout import BaseBackupManifest
 from flows.core.chain import ArchiveListingFailed, list_archive
 from flows.core.childenv import child_environment
@@ -110,6 +112,53 @@ def foreign_layout(archive: WalArchive, keys: list[str]) -> str | None:
         if re.search(r"-[0-9a-f]{40}", rel):
             return "pgBackRest (SHA-1 suffixed names)"
     return None
+
+
+@dataclass(frozen=True)
+class LocationCatalog:
+    """The base backups one storage location holds, after its retention: `catalog` None with `error` when
+    it could not be read; `gone` the stems a dry run's retention would delete there (still listed)."""
+
+    location: str
+    catalog: BaseCatalog | None
+    error: str | None = None
+    gone: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class KeptEverywhere:
+    """The base backups kept in any location (the WAL they need stays), or why none can be trusted."""
+
+    manifests: list[BaseBackupManifest]
+    blocked: str | None = None
+
+
+def kept_in_any_location(locations: list[LocationCatalog]) -> KeptEverywhere:
+    """Every base backup kept in the primary or in any copy: a copy's older base backups (a longer
+    retention off-site) need their WAL as much as the primary's do, and the archive is shared.
+
+    Fails closed: a location whose catalog could not be read, or that holds a manifest that cannot be
+    trusted, makes "kept" unknown, so nothing may be expired (`blocked` says why and where).
+    """
+    manifests: dict[str, BaseBackupManifest] = {}
+    for where in locations:
+        if where.catalog is None:
+            return KeptEverywhere(
+                [],
+                f"the base backups in {where.location} cannot be listed ({where.error}), so which WAL they "
+                "need is unknown; nothing removed until the location can be read",
+            )
+        if where.catalog.unreadable:
+            key, why = where.catalog.unreadable[0]
+            return KeptEverywhere(
+                [],
+                f"base-backup manifest {key} in {where.location} cannot be trusted ({why}), so which WAL it "
+                "needs is unknown; fix or remove it",
+            )
+        for backup in where.catalog.backups:
+            if backup.stem not in where.gone:
+                manifests.setdefault(backup.stem, backup.manifest)
+    return KeptEverywhere(list(manifests.values()))
 
 
 def plan_expiry(

@@ -21,6 +21,7 @@ from flows.core.errors import (
 )
 from flows.core.expiry import Cleanup, carry_out, plan_cleanup
 from flows.core.layout import backup_stem, check_database_name, dump_key, globals_key, manifest_key
+from flows.core.locations import StorageRef
 from flows.core.manifest import Manifest, Verification, VerifyMethod, read_manifest
 from flows.core.objectstore import part_size_for
 from flows.core.pgtools import PgTool, find_tool
@@ -116,7 +117,7 @@ def check_database(database: str, pg_bindir: str | None = None) -> Preflight:
 
 
 @dbops_task("check_storage")
-def check_storage(storage: str, prefix: str) -> str:
+def check_storage(storage: StorageRef, prefix: str) -> str:
     """Write, read back and delete a marker: a dump must not discover at 3 AM that the bucket is gone."""
     store = load_store(storage)
     store.check_writable(prefix or "dbops")
@@ -126,7 +127,7 @@ def check_storage(storage: str, prefix: str) -> str:
 @dbops_task("upload_dump")
 def upload_dump(
     pre: Preflight,
-    storage: str,
+    storage: StorageRef,
     prefix: str,
     compression: Compression,
     level: int,
@@ -202,7 +203,7 @@ def upload_dump(
 
 @dbops_task("discard_if_implausible")
 def discard_if_implausible(
-    storage: str, result: DumpResult, previous_raw_bytes: int, previous_stem: str, min_ratio: float
+    storage: StorageRef, result: DumpResult, previous_raw_bytes: int, previous_stem: str, min_ratio: float
 ) -> None:
     """A dump far smaller than the last one is more likely a mistake than a backup: no manifest for it."""
     if min_ratio <= 0 or previous_raw_bytes <= 0:
@@ -220,7 +221,7 @@ def discard_if_implausible(
 
 
 @dbops_task("upload_globals")
-def upload_globals(pre: Preflight, storage: str, stem: str) -> str:
+def upload_globals(pre: Preflight, storage: StorageRef, stem: str) -> str:
     """Roles and tablespaces (no password hashes): needed to restore onto a new server."""
     tool = find_tool("pg_dumpall", pre.server_version_num, str(pre.pg_dump.path.parent))
     data = dump_globals(pre.params, tool)
@@ -231,7 +232,7 @@ def upload_globals(pre: Preflight, storage: str, stem: str) -> str:
 
 @dbops_task("verify_backup")
 def verify_backup(
-    pre: Preflight, storage: str, result: DumpResult, compression: Compression, method: VerifyMethod
+    pre: Preflight, storage: StorageRef, result: DumpResult, compression: Compression, method: VerifyMethod
 ) -> ListVerification:
     """Read the stored object back through pg_restore: a dump counts only if it can be read.
 
@@ -267,7 +268,7 @@ def _tables_at_dump(pre: Preflight, result: DumpResult) -> list[str]:
 @dbops_task("write_manifest")
 def write_manifest(
     pre: Preflight,
-    storage: str,
+    storage: StorageRef,
     stem: str,
     result: DumpResult,
     compression: Compression,
@@ -323,19 +324,19 @@ def write_manifest(
 
 
 @dbops_task("read_backup_catalog")
-def read_backup_catalog(storage: str, prefix: str, database: str) -> Catalog:
+def read_backup_catalog(storage: StorageRef, prefix: str, database: str) -> Catalog:
     return read_catalog(load_store(storage), prefix, database)
 
 
 @dbops_task("plan_cleanup")
 def plan_backup_cleanup(
-    storage: str, catalog: Catalog, plan: RetentionPlan, now: datetime, prefix: str, database: str
+    storage: StorageRef, catalog: Catalog, plan: RetentionPlan, now: datetime, prefix: str, database: str
 ) -> Cleanup:
     """What retention will delete (expired backups, leftovers, old incomplete uploads) and leave alone."""
     return plan_cleanup(load_store(storage), catalog, plan, now=now, prefix=prefix, database=database)
 
 
 @dbops_task("delete_expired_backups")
-def delete_expired_backups(storage: str, cleanup: Cleanup, prefix: str, database: str) -> Cleanup:
+def delete_expired_backups(storage: StorageRef, cleanup: Cleanup, prefix: str, database: str) -> Cleanup:
     """Delete what the cleanup plan found: manifests first, leases looked for again, then the rest."""
     return carry_out(load_store(storage), cleanup, prefix, database)

@@ -3,9 +3,9 @@ was verified (one model both reports extend), and the retention rows of their ta
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from flows.core.stored_stream import StoredStream
 from flows.tasks.retention import RetentionReport
@@ -23,6 +23,40 @@ class StoredBackupReport(BaseModel):
     seconds: float
     verified: bool
     verification: str
+
+
+class LocationReport(BaseModel):
+    """One location of a run's storage list: the primary (written by the run) or a copy (filled from the
+    primary after its manifest), and that location's own retention. The fields retention fills in are
+    those of `RetentionReport`, so `apply_retention` runs on a location as on the run's report."""
+
+    location: str = Field(description="The storage block slug, as given in `storage`.")
+    url: str = Field(default="", description="Where it is (the store's URL), once it was opened.")
+    role: Literal["primary", "copy"]
+    status: Literal["written", "pending", "copied", "skipped", "failed"] = Field(
+        description="written: the primary; copied: present and verified here; skipped (an unverified "
+        "backup is not copied) or failed: see detail."
+    )
+    detail: str = Field(default="", description="How it was copied, or the one sentence why it failed.")
+    verified: bool = Field(
+        default=False, description="The backup is present and verified here (retention may run)."
+    )
+    retention: str = "not run"
+    kept: list[str] = Field(default_factory=list)
+    deleted: list[str] = Field(default_factory=list)
+    orphans_removed: list[str] = Field(default_factory=list)
+    in_use: list[str] = Field(default_factory=list)
+    left_alone: list[str] = Field(default_factory=list)
+
+
+def location_rows(locations: list[LocationReport]) -> list[dict[str, Any]]:
+    """The per-location rows of a run's table artifact (only when the run has copies)."""
+    rows: list[dict[str, Any]] = []
+    for loc in locations:
+        what = f"{loc.status}: {loc.detail}" if loc.detail else loc.status
+        rows.append({"item": f"{loc.role} {loc.location}", "value": what})
+        rows.append({"item": f"retention {loc.location}", "value": loc.retention})
+    return rows
 
 
 def stored_figures(result: StoredStream, verified: bool, verification: str) -> dict[str, Any]:

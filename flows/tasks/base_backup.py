@@ -46,6 +46,7 @@ from flows.core.base_preflight import (
 )
 from flows.core.errors import ConfigurationError, ObjectExists, TransientError
 from flows.core.layout import check_database_name
+from flows.core.locations import StorageRef
 from flows.core.objectstore import part_size_for
 from flows.core.pgtools import PgTool, find_tool
 from flows.core.postgres import ConnParams
@@ -131,7 +132,7 @@ def _missing_in_archive(pre: BasePreflight, archive: WalArchive, start_wal: str 
 @dbops_task("upload_base_backup")
 def upload_base_backup(
     pre: BasePreflight,
-    storage: str,
+    storage: StorageRef,
     prefix: str,
     include_wal: bool,
     archive: ArchiveLocation | None,
@@ -203,7 +204,7 @@ def upload_base_backup(
 @dbops_task("confirm_wal_archived", retry=False)
 def confirm_wal_archived(
     pre: BasePreflight,
-    storage: str,
+    storage: StorageRef,
     archive: ArchiveLocation,
     stem: str,
     result: BaseBackupResult,
@@ -261,7 +262,9 @@ def confirm_wal_archived(
 
 
 @dbops_task("verify_base_backup")
-def verify_base_backup(storage: str, result: BaseBackupResult, method: BaseVerifyMethod) -> TarVerification:
+def verify_base_backup(
+    storage: StorageRef, result: BaseBackupResult, method: BaseVerifyMethod
+) -> TarVerification:
     """Read the stored object back: a base backup counts only if its tar listing can be walked to the end."""
     store = load_store(storage)
     head = store.head(result.key)
@@ -284,7 +287,7 @@ def verify_base_backup(storage: str, result: BaseBackupResult, method: BaseVerif
 @dbops_task("write_base_manifest")
 def write_base_manifest(
     pre: BasePreflight,
-    storage: str,
+    storage: StorageRef,
     stem: str,
     result: BaseBackupResult,
     include_wal: bool,
@@ -351,20 +354,20 @@ def _lsn(lsn: int) -> str:
 
 
 @dbops_task("read_base_catalog")
-def read_base_backup_catalog(storage: str, prefix: str, database: str) -> BaseCatalog:
+def read_base_backup_catalog(storage: StorageRef, prefix: str, database: str) -> BaseCatalog:
     return read_base_catalog(load_store(storage), prefix, database)
 
 
 @dbops_task("plan_base_cleanup")
 def plan_base_backup_cleanup(
-    storage: str, catalog: BaseCatalog, plan: RetentionPlan, now: datetime, prefix: str, database: str
+    storage: StorageRef, catalog: BaseCatalog, plan: RetentionPlan, now: datetime, prefix: str, database: str
 ) -> BaseCleanup:
     return plan_base_cleanup(load_store(storage), catalog, plan, now=now, prefix=prefix, database=database)
 
 
 @dbops_task("delete_expired_base_backups")
 def delete_expired_base_backups(
-    storage: str, cleanup: BaseCleanup, prefix: str, database: str
+    storage: StorageRef, cleanup: BaseCleanup, prefix: str, database: str
 ) -> BaseCleanup:
     """Manifests first, leases looked for again, then the tars: a recovery that leased one keeps it."""
     return carry_out_base(load_store(storage), cleanup, prefix, database)

@@ -1,16 +1,28 @@
-"""The WAL expiry step of the base_backup flow, run after base-backup retention decided what is kept."""
+"""The WAL expiry step of the base_backup flow, run after base-backup retention decided what is kept in
+every location (the primary and its copies share one WAL archive)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import get_run_logger
 
 from flows.core.base_layout import BaseBackupManifest
+from flows.core.locations import StorageRef, slug_of
 from flows.core.wal_archive import ArchiveLocation
-from flows.core.wal_expiry import WalExpiryReport, expire_directory, expire_store, plan_expiry
-from flows.tasks.common import dbops_task
+from flows.core.wal_expiry import (
+    KeptEverywhere,
+    LocationCatalog,
+    WalExpiryReport,
+    expire_directory,
+    expire_store,
+    kept_in_any_location,
+    plan_expiry,
+)
+from flows.tasks.base_backup import read_base_backup_catalog
+from flows.tasks.common import dbops_task, failure_sentence
 from flows.tasks.wal import open_archive
 
 
@@ -56,3 +68,19 @@ def expire_wal(
         done.cut,
     )
     return done
+
+
+def kept_base_backups(
+    locations: Sequence[tuple[StorageRef, frozenset[str]]], prefix: str, database: str
+) -> KeptEverywhere:
+    """The base backups kept in any location after retention (each with the stems a dry run would remove
+    there): the primary's and every copy's, read afresh. A location that cannot be read blocks expiry."""
+    catalogs: list[LocationCatalog] = []
+    for where, gone in locations:
+        try:
+            catalog = read_base_backup_catalog(where, prefix, database)
+        except Exception as exc:  # unreachable, no bucket, a listing that broke off: fail closed
+            catalogs.append(LocationCatalog(slug_of(where), None, error=failure_sentence(exc)))
+            continue
+        catalogs.append(LocationCatalog(slug_of(where), catalog, gone=gone))
+    return kept_in_any_location(catalogs)
