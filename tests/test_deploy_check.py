@@ -131,9 +131,7 @@ def test_a_paused_deployment_may_name_a_block_that_does_not_exist_yet(
     assert "'postgres-database/no-pgbouncer-here' does not exist" in problem
 
 
-def test_a_storage_list_in_the_variable_checks_every_block_in_it(
-    tmp_path: Path, configured: str
-) -> None:
+def test_a_storage_list_in_the_variable_checks_every_block_in_it(tmp_path: Path, configured: str) -> None:
     """dbops_storage may hold a primary and its copies ("a,b"): each block must exist."""
     templated = "{{ prefect.variables.storage_list_" + configured + " }}"
     spec = dump_deployment(configured, parameters={"database": f"db-{configured}", "storage": templated})

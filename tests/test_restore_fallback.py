@@ -346,9 +346,7 @@ def test_the_listing_shows_where_each_backup_is_present_and_verified(
     assert "LOCATIONS" in out
     rows = [line for line in out.splitlines() if "/dumps/" in line and "prod/" in line]
     assert newer.key in rows[0]
-    assert (
-        f"{storage} unverified, {copy_storage} missing, {nas} unverified, {gone} unreadable" in rows[0]
-    )
+    assert f"{storage} unverified, {copy_storage} missing, {nas} unverified, {gone} unreadable" in rows[0]
     assert older.key in rows[1]
     assert f"{storage} ✓, {copy_storage} ✓, {nas} ✓, {gone} unreadable" in rows[1]
     unreadable = [line for line in out.splitlines() if line.startswith(gone)]

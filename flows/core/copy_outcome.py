@@ -45,7 +45,9 @@ def copies_sentence(primary: str, faults: list[CopyFault]) -> str:
     parts = [f"the backup is safe in {primary}"]
     for fault in faults:
         what = "copy to" if fault.step == "copy" else "retention in"
-        parts.append(f"{what} {fault.location} failed: {fault.why.rstrip('. ')}")
+        # A transient store error says "; retrying", true inside the task and no longer true here.
+        why = fault.why.rstrip(". ").removesuffix("; retrying")
+        parts.append(f"{what} {fault.location} failed: {why}")
     if any(f.step == "copy" for f in faults):
         parts.append(SYNC_HINT)
     else:

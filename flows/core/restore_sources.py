@@ -46,8 +46,6 @@ T = TypeVar("T")
 M = TypeVar("M", Manifest, BaseBackupManifest)
 
 
-
-
 @dataclass(frozen=True)
 class Source:
     """One location of a storage list, opened: its block slug and its store."""

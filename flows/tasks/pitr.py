@@ -171,7 +171,10 @@ def restore_base_backup(plan: RecoveryPlan, run_id: str, pg_bindir: str | None =
             release_lease(source.store, lease)
 
     extracted, source, fallbacks = read_with_fallback(
-        open_sources(plan.storage), check, attempt, what=f"base backup {stem.rsplit('/', 1)[-1]}",
+        open_sources(plan.storage),
+        check,
+        attempt,
+        what=f"base backup {stem.rsplit('/', 1)[-1]}",
         log=logger.warning,
     )
     verified = verify_extracted(plan.data_directory, m, pg_bindir)

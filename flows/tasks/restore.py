@@ -134,9 +134,7 @@ def check_target_server(block_name: str, maintenance_database: str, pg_bindir: s
 
 
 @dbops_task("restore_globals")
-def restore_globals(
-    storage: StorageList, backup: Backup, target: Target, maintenance_database: str
-) -> str:
+def restore_globals(storage: StorageList, backup: Backup, target: Target, maintenance_database: str) -> str:
     """Create the roles (and tablespaces) of the stored roles file that the target server lacks; existing
     ones are left exactly as they are. Returns what was created and what was already present."""
     if not backup.manifest.globals_key:
