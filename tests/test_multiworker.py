@@ -516,8 +516,8 @@ def test_a_host_lost_mid_dump_and_mid_migration_leaves_nothing_held(multi: Multi
     assert final[dry].state.is_completed(), final[dry].state.message
     said = " ".join(e.message for e in run_logs(client, dry)) + " " + (final[dry].state.message or "")
     assert really_at in said, said
-    freed = {run: (held_interval(client, run)[0] - lost_at).total_seconds() for run in (again, dry)}
-    assert all(seconds > 0 for seconds in freed.values()), freed
+    freed = (held_interval(client, again)[0] - lost_at).total_seconds()  # the dead run's slot, held on
+    assert freed > 0
     assert len(manifests(multi, "staging", dumped) - before) == 1
     # Its retention ran with today's clock: the dead upload is younger than a day and is left alone (it
     # could be a dump still running on another host).
@@ -542,4 +542,4 @@ def test_a_host_lost_mid_dump_and_mid_migration_leaves_nothing_held(multi: Multi
     assert [w.key for w in cleanup.incomplete] == [dead["Key"].removeprefix(f"{FOLDER}/")]
     carry_out(store, cleanup, "staging", dumped)
     assert multipart_uploads(multi, "staging", dumped) == []
-    print(f"slots free {freed} s after the hosts were lost (lease {LEASE_SECONDS} s)")
+    print(f"the dead dump's slot was taken again {freed:.0f} s after its host was lost")
