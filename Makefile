@@ -10,8 +10,10 @@ setup:
 	uv sync --frozen
 
 # `make run NOTIFY=1`: alerts (failed, nothing ran, resolved) go to a local receiver that prints them here.
+# `make run DBOPS_PREFECT_DB=postgres` (or =postgresql+asyncpg://...): the Prefect server on PostgreSQL.
+# `make run WORKERS=2`: two process workers, each from its own directory, as on separate hosts.
 run: setup
-	uv run python -m deployments.stack $(if $(NOTIFY),--notify-local)
+	uv run python -m deployments.stack $(if $(NOTIFY),--notify-local) $(if $(WORKERS),--workers $(WORKERS))
 
 test: setup
 	uv run pytest -q -n 2 --dist loadfile

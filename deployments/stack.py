@@ -1,6 +1,8 @@
 """The local stack behind `make run`: dbops on one machine, the embedded default.
 
-    1. a local Prefect server (SQLite under .state/prefect), unless PREFECT_API_URL points elsewhere
+    1. a local Prefect server (SQLite under .state/prefect; PostgreSQL with DBOPS_PREFECT_DB=postgres, a
+       database `prefect` in the sandbox cluster, or DBOPS_PREFECT_DB=postgresql+asyncpg://...), unless
+       PREFECT_API_URL points elsewhere
     2. a sandbox PostgreSQL with WAL archiving on (.state/pg, archive in .state/wal_archive) holding the
        sample application's schema and data as production (`imagemanager`) and staging
        (`imagemanager_staging`), unless DBOPS_DATABASE_URL names a real database
@@ -8,7 +10,8 @@
     4. `dbops setup` (blocks, work pool, concurrency limits), then `prefect deploy --all` from prefect.yaml
     5. with `make run NOTIFY=1` (`--notify-local`): a local alert receiver that prints every alert here,
        and `dbops setup --notify` pointing the alerts (failed, nothing ran, resolved) at it
-    6. a process worker on the `dbops` pool
+    6. a process worker on the `dbops` pool (`--workers N`: N of them, each from its own directory and
+       PREFECT_HOME under <state>/workers/, as separate hosts would be)
     7. one base backup, one nightly dump and one WAL archive check, triggered at once and followed to the end
 Then it prints the UI address, what ran and where the backup landed, the storage, and commands for a second
 shell, and keeps serving until Ctrl-C, SIGTERM or SIGHUP (`--once` stops right away, for CI). Everything
@@ -32,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from deployments import stackstate
+from deployments.crash_detection import DEFAULT_HEARTBEAT_SECONDS
 from deployments.deploy import prefect_bin
 from flows.core.errors import DbopsError, StackError
 
@@ -46,6 +50,8 @@ RESTORED_BLOCK = "imagemanager-restored"
 RESTORED_DATABASE = "imagemanager_restored"
 STORAGE_BLOCK = "imagemanager-backups"
 LOCAL_ALERTS_BLOCK = "dbops-local-alerts"
+PREFECT_DB_ENV = "DBOPS_PREFECT_DB"
+PREFECT_DATABASE = "prefect"  # DBOPS_PREFECT_DB=postgres: the server's database in the sandbox cluster
 
 
 STACK_LOG: list[Path] = []  # <state>/logs/stack.log once the state folder is known
@@ -105,8 +111,11 @@ class Stack:
         self.storage_slug = ""
         self.prefix = "prod"
         self.receiver: Any = None  # the local alert receiver (`make run NOTIFY=1`)
+        self.first_jobs = True  # `--no-first-jobs` clears it: the banner then says nothing ran
+        # What every process of the stack gets. Never the Prefect database's URL (it may carry a password):
+        # only the server's own environment has it (`prefect_database`), not the workers or their runs.
         self.env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != PREFECT_DB_ENV},
             "PREFECT_HOME": str(self.state / "prefect"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
@@ -137,9 +146,10 @@ class Stack:
                 log(self.notes[-1])
             port_file.write_text(str(port))
             url = f"http://127.0.0.1:{port}/api"
-            log(f"starting a local Prefect server on {url} (SQLite in {self.state / 'prefect'})")
+            where, database_env = self.prefect_database()
+            log(f"starting a local Prefect server on {url} ({where})")
             self.env.update(prefect_server_env(port))
-            proc = self.spawn("prefect server", prefect_server_argv(port))
+            proc = self.spawn("prefect server", prefect_server_argv(port), extra_env=database_env)
             stackstate.write_pid(self.state, "prefect-server", proc.pid)
             stackstate.write_api_url(self.state, url)
             wait_http(f"{url}/health", timeout=180, what="the Prefect server", procs=self.procs)
@@ -148,15 +158,57 @@ class Stack:
         os.environ["PREFECT_HOME"] = self.env["PREFECT_HOME"]
         return url
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def prefect_database(self) -> tuple[str, dict[str, str]]:
+        """Where the local server keeps its state (for the log line) and the environment that says so.
+
+        DBOPS_PREFECT_DB unset (or `sqlite`): SQLite under <state>/prefect, Prefect's embedded default.
+        `postgres`: a database `prefect` in the sandbox cluster, created when missing, as Prefect recommends
+        for production. A `postgresql+asyncpg://` URL: that database. The password reaches the server
+        through its environment only (never argv): for the sandbox the URL names
+        `${PREFECT_API_DATABASE_PASSWORD}`, which Prefect fills in from the variable of that name."""
+        setting = os.environ.get(PREFECT_DB_ENV, "").strip()
+        if setting in ("", "sqlite"):
+            return f"SQLite in {self.state / 'prefect'}", {}
+        if setting.startswith("postgresql+asyncpg://"):
+            return f"PostgreSQL at {redact_url(setting)}", {"PREFECT_API_DATABASE_CONNECTION_URL": setting}
+        if setting != "postgres":
+            raise StackError(
+                f"{PREFECT_DB_ENV}={setting.split('://')[0]}... is not understood; use `postgres` (a "
+                "database in the sandbox cluster), a postgresql+asyncpg:// URL, or leave it unset for SQLite"
+            )
+        if self.cluster is None:
+            raise StackError(
+                f"{PREFECT_DB_ENV}=postgres puts Prefect's database in the sandbox PostgreSQL, which "
+                "DBOPS_DATABASE_URL replaces; set it to a postgresql+asyncpg://user:password@host/db URL"
+            )
+        from psycopg import sql
+
+        cluster = self.cluster
+        if not cluster.sql("SELECT 1 FROM pg_database WHERE datname = %s", params=(PREFECT_DATABASE,)):
+            cluster.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(PREFECT_DATABASE)))
+        url = (
+            f"postgresql+asyncpg://{cluster.superuser}:${{PREFECT_API_DATABASE_PASSWORD}}"
+            f"@{cluster.host}:{cluster.port}/{PREFECT_DATABASE}"
+        )
+        env = {"PREFECT_API_DATABASE_CONNECTION_URL": url, "PREFECT_API_DATABASE_PASSWORD": cluster.password}
+        return f"PostgreSQL: database {PREFECT_DATABASE} in the sandbox cluster on port {cluster.port}", env
+
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cwd: Path = ROOT,
+        extra_env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         """Start one process of the stack, its output appended to <state>/logs/<name>.log."""
         logs = self.state / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name.replace(' ', '-')}.log", "ab")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
             [sys.executable, "-m", *argv] if argv[0] != "prefect" else [prefect_bin(), *argv[1:]],
-            cwd=ROOT,
-            env=self.env,
+            cwd=cwd,
+            env={**self.env, **(extra_env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -268,6 +320,11 @@ class Stack:
         report = run_setup(config)
         say(report.render())
         self.storage_slug = storage_slug
+        from deployments.crash_detection import CRASH_AUTOMATION, detection_seconds, ensure_crash_detection
+
+        within = detection_seconds()
+        outcome = ensure_crash_detection(within)
+        log(f"automation {CRASH_AUTOMATION} {outcome}: a run silent for {within} s is marked Crashed")
 
     def deploy(self) -> None:
         from deployments.deploy import deploy
@@ -308,12 +365,26 @@ class Stack:
         ensure_notification(notify, report)
         say(report.render())
 
-    def start_worker(self) -> None:
-        log("starting a process worker on the dbops pool")
-        proc = self.spawn(
-            "prefect worker", ["prefect", "worker", "start", "--pool", "dbops", "--type", "process"]
-        )
-        stackstate.write_pid(self.state, "prefect-worker", proc.pid)
+    def start_worker(self, count: int = 1, limit: int | None = None) -> None:
+        """One process worker from the repository root; with `count` > 1, every worker (the first too)
+        from a directory of its own under <state>/workers/<n>/ (the repository's entries linked in) with a
+        PREFECT_HOME of its own: nothing on disk is shared between them, as between separate hosts. Their
+        flow runs still load the code from where `prefect deploy` ran (prefect.yaml has no pull step)."""
+        if count == 1:
+            log("starting a process worker on the dbops pool")
+            proc = self.spawn("prefect worker", worker_argv("dbops-worker", limit))
+            stackstate.write_pid(self.state, "prefect-worker", proc.pid)
+            return
+        log(f"starting {count} process workers on the dbops pool, each from its own directory")
+        for n in range(1, count + 1):
+            home = worker_home(self.state, n)
+            proc = self.spawn(
+                worker_unit(n).replace("-", " "),
+                worker_argv(f"dbops-worker-{n}", limit),
+                cwd=home,
+                extra_env={"PREFECT_HOME": str(home / ".prefect")},
+            )
+            stackstate.write_pid(self.state, worker_unit(n), proc.pid)
 
     def run_first_jobs(self) -> int:
         from deployments.trigger import trigger_and_wait
@@ -367,12 +438,13 @@ class Stack:
                 stackstate.stop_pid(server)
                 self.notes.append(f"stopped a Prefect server an earlier run left behind (pid {server})")
             log(self.notes[-1])
-        worker = stackstate.live_pid(self.state, "prefect-worker")
-        if worker is not None:
-            # A new worker is started below with this run's settings; the old one must not compete.
-            stackstate.stop_pid(worker)
-            self.notes.append(f"stopped a process worker an earlier run left behind (pid {worker})")
-            log(self.notes[-1])
+        for unit in stackstate.recorded_workers(self.state):
+            worker = stackstate.live_pid(self.state, unit)
+            if worker is not None:
+                # A new worker is started below with this run's settings; the old one must not compete.
+                stackstate.stop_pid(worker)
+                self.notes.append(f"stopped a process worker an earlier run left behind (pid {worker})")
+                log(self.notes[-1])
 
     def stop(self) -> None:
         """Stop everything this run started or adopted, in reverse order. Each step is guarded: one that
@@ -408,6 +480,40 @@ class Stack:
                 )
         if stackstate.live_pid(self.state, "stack") == os.getpid():
             stackstate.forget(self.state, "stack")
+
+
+def worker_argv(name: str, limit: int | None = None) -> list[str]:
+    """`limit`: at most that many flow runs at once on this worker (memory per job decides it)."""
+    argv = ["prefect", "worker", "start", "--pool", "dbops", "--type", "process", "--name", name]
+    return argv + (["--limit", str(limit)] if limit else [])
+
+
+def worker_unit(n: int) -> str:
+    """The pid-file and log name of worker `n` of several (`prefect-worker-<n>`)."""
+    return f"prefect-worker-{n}"
+
+
+def worker_home(state: Path, n: int) -> Path:
+    """Worker `n`'s own working directory: the repository's top-level entries linked in (a symlink farm),
+    so it could be a checkout on another host; recreated on every start."""
+    home = state / "workers" / str(n)
+    home.mkdir(parents=True, exist_ok=True)
+    for entry in ROOT.iterdir():
+        if entry.name.startswith(".") or entry.name in ("__pycache__",):
+            continue
+        link = home / entry.name
+        if not link.is_symlink():
+            link.symlink_to(entry)
+    return home
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for the log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def prefect_server_argv(port: int) -> list[str]:
@@ -509,6 +615,11 @@ def banner(stack: Stack, url: str, code: int, latest: str) -> str:
         "uv run dbops migrate --wait",
     ]
     pad = "\n" + " " * 18
+    ran = (
+        f"base-backup, nightly-dump, wal-archive-check ({'all completed' if code == 0 else 'see log'})"
+        if stack.first_jobs
+        else "nothing yet (--no-first-jobs)"
+    )
     alerts = (
         f"printed here as they arrive (local receiver {stack.receiver.url})"
         if stack.receiver is not None
@@ -517,7 +628,7 @@ def banner(stack: Stack, url: str, code: int, latest: str) -> str:
     return f"""
 == dbops is up
    Prefect UI     {ui}
-   ran            base-backup, nightly-dump, wal-archive-check ({"all completed" if code == 0 else "see log"})
+   ran            {ran}
    latest backup  {latest}
    storage        {stack.storage_slug}, prefix {stack.prefix}
    state folder   {stack.state}   (a second `make run` reuses it; `make clean` removes it)
@@ -541,11 +652,31 @@ def main(argv: list[str] | None = None) -> int:
         help="alerts to a local receiver that prints them here (what `make run NOTIFY=1` passes)",
     )
     parser.add_argument("--state", type=Path, default=Path(os.environ.get("DBOPS_STATE_DIR", DEFAULT_STATE)))
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("DBOPS_WORKERS", "1")),
+        help="process workers on the dbops pool, each from its own directory when more than one",
+    )
+    parser.add_argument(
+        "--worker-limit",
+        type=int,
+        default=int(os.environ.get("DBOPS_WORKER_LIMIT", "0")) or None,
+        help="at most this many flow runs at once per worker (default: no limit)",
+    )
+    parser.add_argument(
+        "--no-first-jobs",
+        action="store_true",
+        help="serve without running the first base backup, dump and WAL check (tests drive the runs)",
+    )
     args = parser.parse_args(argv)
     check_environment()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A worker that polls every few seconds: the first jobs start at once instead of up to 15 s later.
     os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "3")
+    # Flow runs send a heartbeat this often; a run whose worker died stops sending and the server marks it
+    # Crashed (deployments/crash_detection.py). Prefect's default is 180 s; 30 is its minimum.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(DEFAULT_HEARTBEAT_SECONDS))
     # SIGTERM (systemd, docker stop, a CI timeout) shuts down as cleanly as Ctrl-C. SIGINT is set too: a
     # shell starts background jobs (`make run &`) with SIGINT ignored, and Ctrl-C must still stop it all.
     # SIGHUP (the terminal closed) as well, unless it is ignored on purpose (`nohup make run`).
@@ -559,17 +690,19 @@ def main(argv: list[str] | None = None) -> int:
     code = 1
     try:
         stack.take_over_leftovers()
+        # PostgreSQL first: with DBOPS_PREFECT_DB=postgres the Prefect server keeps its state in it.
+        urls = stack.start_postgres()
         url = stack.start_prefect()
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            urls = stack.start_postgres()
             stack.setup(urls)
             stack.deploy()
             if args.notify_local:
                 stack.setup_alerts(stack.start_alert_receiver())
-            stack.start_worker()
-            code = stack.run_first_jobs()
+            stack.start_worker(args.workers, args.worker_limit)
+            stack.first_jobs = not args.no_first_jobs
+            code = stack.run_first_jobs() if stack.first_jobs else 0
             latest = latest_backup_line(stack.storage_slug)
         say(banner(stack, url, code, latest))
         if not args.once:

@@ -3,7 +3,7 @@ find what is running.
 
     <state>/run/stack.pid            the `make run` process serving this state folder
     <state>/run/prefect-server.pid   the Prefect server it started
-    <state>/run/prefect-worker.pid   the process worker it started
+    <state>/run/prefect-worker.pid   the process worker it started (`prefect-worker-<n>.pid` for several)
     <state>/run/api-url              the server's API URL (what `dbops` in a second shell talks to)
 
 A pid is only trusted while that process is alive *and* its command line is still the one recorded:
@@ -55,7 +55,19 @@ def live_pid(state: Path, name: str) -> int | None:
         pid = int((run_dir(state) / f"{name}.pid").read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _matches(pid, SIGNATURES[name]) else None
+    return pid if _matches(pid, _signature(name)) else None
+
+
+def _signature(name: str) -> tuple[str, ...]:
+    """`prefect-worker-2` is a worker like `prefect-worker`."""
+    if name.startswith("prefect-worker"):
+        return SIGNATURES["prefect-worker"]
+    return SIGNATURES[name]
+
+
+def recorded_workers(state: Path) -> list[str]:
+    """The names of every worker a run recorded (one, or `prefect-worker-<n>` for several)."""
+    return sorted(p.name.removesuffix(".pid") for p in run_dir(state).glob("prefect-worker*.pid"))
 
 
 def _matches(pid: int, words: tuple[str, ...]) -> bool:

@@ -66,6 +66,7 @@ def stack_env() -> dict[str, str]:
         DBOPS_DEMO_IMAGES="3000",
         PYTHONUNBUFFERED="1",
         PREFECT_WORKER_QUERY_SECONDS="1",  # the worker picks up each triggered run within a second
+        DBOPS_PREFECT_DB="postgres",  # the server on PostgreSQL, as in production (not SQLite)
     )
     return env
 
@@ -155,6 +156,16 @@ def flow_name(entrypoint: str) -> str:
 
 def test_first_dump_and_wal_check_completed_and_the_backup_is_where_it_says(stack: RunningStack) -> None:
     out = stack.output
+    # The server keeps its state in PostgreSQL (DBOPS_PREFECT_DB=postgres): a database in the sandbox
+    # cluster, no SQLite file, and the password never on a command line.
+    assert "(PostgreSQL: database prefect in the sandbox cluster on port" in out, out[-4000:]
+    assert not (stack.state / "prefect" / "prefect.db").exists()
+    server = stackstate.live_pid(stack.state, "prefect-server")
+    assert server is not None
+    password = dict(
+        line.split("=", 1) for line in (stack.state / "pg" / "sandbox.env").read_text().splitlines()
+    )["password"]
+    assert password not in Path(f"/proc/{server}/cmdline").read_text()
     assert "base-backup, nightly-dump, wal-archive-check (all completed)" in out, out[-4000:]
     # Every line is dbops's own: the runs' log lines say whose they are, and prefect deploy's advice to
     # start a worker (the stack started one) stays in its log file.

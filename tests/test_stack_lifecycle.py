@@ -187,3 +187,81 @@ def test_reindex_log_says_why_indexes_were_skipped() -> None:
     )
     assert skipped_summary(reasons) == "10 skipped (7 below min size, 2 excluded, 1 BRIN)"
     assert skipped_summary(["system catalog"]) == "0 skipped"
+
+
+# -- issue 16: the Prefect server's database, several workers, crashed runs ------------------------------
+
+
+def test_the_prefect_database_setting_reaches_only_the_server_and_never_names_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.stack import Stack
+    from flows.core.errors import StackError
+
+    monkeypatch.delenv("DBOPS_PREFECT_DB", raising=False)
+    where, env = Stack(tmp_path).prefect_database()
+    assert where.startswith("SQLite in ")
+    assert env == {}
+    url = "postgresql+asyncpg://prefect:s3cret@db.internal:5432/prefect"
+    monkeypatch.setenv("DBOPS_PREFECT_DB", url)
+    stack = Stack(tmp_path)
+    where, env = stack.prefect_database()
+    assert env == {"PREFECT_API_DATABASE_CONNECTION_URL": url}
+    assert "s3cret" not in where
+    assert "db.internal" in where
+    assert "DBOPS_PREFECT_DB" not in stack.env  # workers and their flow runs never see it
+    monkeypatch.setenv("DBOPS_PREFECT_DB", "postgres")
+    with pytest.raises(StackError, match="postgresql\\+asyncpg://"):
+        Stack(tmp_path).prefect_database()  # no sandbox cluster (DBOPS_DATABASE_URL): a URL is needed
+    monkeypatch.setenv("DBOPS_PREFECT_DB", "mysql://root:pw@h/db")
+    with pytest.raises(StackError, match="not understood") as refused:
+        Stack(tmp_path).prefect_database()
+    assert "pw" not in str(refused.value)
+
+
+def test_the_db_slot_lease_is_prefects_default_and_never_shorter_than_the_server_accepts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.core.errors import ConfigurationError
+    from flows.tasks.common import lock_lease_seconds
+
+    monkeypatch.delenv("DBOPS_LOCK_LEASE_SECONDS", raising=False)
+    assert lock_lease_seconds() == 300
+    monkeypatch.setenv("DBOPS_LOCK_LEASE_SECONDS", "120")
+    assert lock_lease_seconds() == 120
+    for bad in ("30", "five minutes"):
+        monkeypatch.setenv("DBOPS_LOCK_LEASE_SECONDS", bad)
+        with pytest.raises(ConfigurationError, match="DBOPS_LOCK_LEASE_SECONDS"):
+            lock_lease_seconds()
+
+
+def test_a_run_is_declared_crashed_only_well_after_its_heartbeat_period() -> None:
+    from deployments.crash_detection import crash_automation, detection_seconds
+
+    assert detection_seconds({}) == 90  # three heartbeats of 30 s
+    assert detection_seconds({"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "60"}) == 180
+    assert detection_seconds({"DBOPS_CRASH_DETECTION_SECONDS": "40"}) == 40
+    with pytest.raises(ValueError, match="longer than the heartbeat period"):
+        detection_seconds({"DBOPS_CRASH_DETECTION_SECONDS": "30"})
+    automation = crash_automation(40)
+    assert automation.trigger.within.total_seconds() == 40
+    assert automation.trigger.after == {"prefect.flow-run.heartbeat"}
+    assert "prefect.flow-run.Completed" in automation.trigger.expect
+    assert automation.actions[0].state.value == "CRASHED"
+
+
+def test_each_worker_has_a_directory_of_its_own_and_every_one_is_found_again(tmp_path: Path) -> None:
+    from deployments.stack import worker_argv, worker_home
+
+    homes = [worker_home(tmp_path, n) for n in (1, 2)]
+    assert homes[0] != homes[1]
+    for home in homes:
+        assert (home / "flows").resolve() == ROOT / "flows"
+        assert (home / "prefect.yaml").resolve() == ROOT / "prefect.yaml"
+    assert worker_home(tmp_path, 1) == homes[0]  # a restart reuses it
+    assert worker_argv("w", 2)[-2:] == ["--limit", "2"]
+    assert "--limit" not in worker_argv("w")
+    for n in (1, 2):
+        stackstate.write_pid(tmp_path, f"prefect-worker-{n}", 1)
+    assert stackstate.recorded_workers(tmp_path) == ["prefect-worker-1", "prefect-worker-2"]
+    assert stackstate.live_pid(tmp_path, "prefect-worker-2") is None  # pid 1 is no worker

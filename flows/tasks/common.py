@@ -88,6 +88,29 @@ def ensure_concurrency_limit(name: str) -> bool:
             return True
 
 
+#: How long the db:<name> slot outlives its holder when the holder dies without releasing it (a worker or
+#: host lost: SIGKILL, OOM, power). The running job renews the lease every 3/4 of this; once renewals stop,
+#: the server's repossessor frees the slot within this plus its loop period (15 s by default). 300 s is
+#: Prefect's own default; the server accepts 60 s at least. DBOPS_LOCK_LEASE_SECONDS overrides it.
+DEFAULT_LOCK_LEASE_SECONDS = 300.0
+
+
+def lock_lease_seconds() -> float:
+    raw = os.environ.get("DBOPS_LOCK_LEASE_SECONDS", "")
+    try:
+        value = float(raw) if raw else DEFAULT_LOCK_LEASE_SECONDS
+    except ValueError:
+        raise ConfigurationError(
+            f"DBOPS_LOCK_LEASE_SECONDS={raw!r} is not a number of seconds; set it to e.g. 300 or unset it"
+        ) from None
+    if value < 60:  # the server refuses shorter leases (422)
+        raise ConfigurationError(
+            f"DBOPS_LOCK_LEASE_SECONDS={raw} is shorter than the 60 s the Prefect server accepts; "
+            "use 60 or more"
+        )
+    return value
+
+
 @contextmanager
 def database_lock(
     database_block: str,
@@ -101,6 +124,8 @@ def database_lock(
     database does not exist yet). A failed lease renewal (a short API outage) only logs: cancelling a
     running dump or migration half way would do more harm, and migrate and reindex keep their
     PostgreSQL advisory locks. Only a timeout while *acquiring* the slot means another job holds it.
+    The slot is a lease (`lock_lease_seconds`): a holder that dies without releasing it (its worker or
+    host lost) frees it when the lease runs out, so a crash never blocks the next night's jobs.
     """
     from flows.tasks.identity import identify_target  # flows.tasks.identity imports this module
 
@@ -117,6 +142,7 @@ def database_lock(
                     occupy=1,
                     strict=True,
                     timeout_seconds=wait_seconds,
+                    lease_duration=lock_lease_seconds(),
                     raise_on_lease_renewal_failure=False,
                 )
             )
@@ -126,7 +152,13 @@ def database_lock(
                 f"{wait_seconds / 3600:.1f} h; check for a stuck run in the Prefect UI"
             ) from None
         logger.info("holding %s", name)
-        yield
+        since = time.monotonic()
+        try:
+            yield
+        finally:
+            # Logged while still held: the "holding" and "releasing" lines of one limit's runs never
+            # interleave (tests/test_multiworker.py reads them back from the API).
+            logger.info("releasing %s after %.1f s", name, time.monotonic() - since)
 
 
 def artifact_key(*parts: str) -> str:
