@@ -369,10 +369,10 @@ def test_a_schedule_fires_once_per_slot_with_two_workers_polling(client: Any) ->
 
     try:
         wait_until(
-            lambda: sum(
-                1 for r in runs() if r.expected_start_time in slots and r.state and r.state.is_final()
-            )
-            == len(slots),
+            lambda: (
+                sum(1 for r in runs() if r.expected_start_time in slots and r.state and r.state.is_final())
+                == len(slots)
+            ),
             timeout=180,
             interval=0.5,
             what="the first four scheduled slots to run",
@@ -480,11 +480,13 @@ def test_a_host_lost_mid_dump_and_mid_migration_leaves_nothing_held(multi: Multi
     migration = trigger(client, "migrate/migrate")
     try:
         wait_until(
-            lambda: state_of(client, dump).type.value == "RUNNING"
-            and bool(multipart_uploads(multi, "staging", dumped))
-            and waiting_pg_dump(multi, dumped)
-            and waiting_pg_dump(multi, migrated)
-            and advisory_locks(multi, migrated) > 0,
+            lambda: (
+                state_of(client, dump).type.value == "RUNNING"
+                and bool(multipart_uploads(multi, "staging", dumped))
+                and waiting_pg_dump(multi, dumped)
+                and waiting_pg_dump(multi, migrated)
+                and advisory_locks(multi, migrated) > 0
+            ),
             timeout=240,
             interval=0.2,
             what="the dump (upload open) and the migration (advisory lock held) to wait in pg_dump",
@@ -525,8 +527,10 @@ def test_a_host_lost_mid_dump_and_mid_migration_leaves_nothing_held(multi: Multi
 
     # Both lost runs are marked Crashed by the server once their heartbeats stop.
     wait_until(
-        lambda: state_of(client, dump).type.value == "CRASHED"
-        and state_of(client, migration).type.value == "CRASHED",
+        lambda: (
+            state_of(client, dump).type.value == "CRASHED"
+            and state_of(client, migration).type.value == "CRASHED"
+        ),
         timeout=CRASH_AFTER_SECONDS + 60,
         interval=0.5,
         what="the lost runs to be marked Crashed",
