@@ -108,6 +108,14 @@ class SetupConfig(BaseModel):
         description="Prefect Variables that prefect.yaml reads: dbops_storage (a storage block slug) and "
         "dbops_wal_archive (a table: storage + prefix, or directory).",
     )
+    crash_detection_seconds: int = Field(
+        default=600,
+        ge=0,
+        description="A flow run that sent no heartbeat for this long (and did not end) lost its worker or "
+        "host and is marked Crashed. Must exceed the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (Prefect's "
+        "default 180 s; the Docker/Kubernetes variants and make run use 30) with a margin, or a live run "
+        "would be marked Crashed; 0: no such automation.",
+    )
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] = os.environ) -> SetupConfig:
@@ -394,6 +402,16 @@ def ensure_notification(notify: str, report: SetupReport, alerts: AlertConfig | 
         report.add("automation", name, "removed")
 
 
+def ensure_crash_detection_automation(within_seconds: int, report: SetupReport) -> None:
+    """A run whose worker or host is lost sends no final state; without this automation it stays Running
+    forever and the failure alert never fires (deployments/crash_detection.py). The default window (10
+    min) is safe for Prefect's default heartbeat (180 s): too short a window would crash live runs."""
+    from deployments.crash_detection import CRASH_AUTOMATION, ensure_crash_detection
+
+    if within_seconds:
+        report.add("automation", CRASH_AUTOMATION, ensure_crash_detection(within_seconds))
+
+
 def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> SetupReport:
     report = SetupReport()
     # Build every block first: a config error must stop setup before it changes anything.
@@ -412,6 +430,7 @@ def run_setup(config: SetupConfig, environ: Mapping[str, str] = os.environ) -> S
             ensure_database_limit(name, block, report)
     if config.variables:
         set_variables(config.variables, report)
+    ensure_crash_detection_automation(config.crash_detection_seconds, report)
     if config.notify:
         ensure_notification(config.notify, report, config.alerts)
     return report

@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from deployments import stackstate
-from deployments.crash_detection import DEFAULT_HEARTBEAT_SECONDS
+from deployments.crash_detection import CRASH_AUTOMATION, DEFAULT_HEARTBEAT_SECONDS, detection_seconds
 from deployments.deploy import prefect_bin
 from flows.core.errors import DbopsError, StackError
 
@@ -315,16 +315,17 @@ class Stack:
             databases=databases,
             storage={STORAGE_BLOCK: storage},
             variables=variables,
+            # the stack's workers send a heartbeat every 30 s (Prefect's minimum): crash within 90 s
+            crash_detection_seconds=detection_seconds(),
         )
         log("dbops setup")
         report = run_setup(config)
         say(report.render())
         self.storage_slug = storage_slug
-        from deployments.crash_detection import CRASH_AUTOMATION, detection_seconds, ensure_crash_detection
-
-        within = detection_seconds()
-        outcome = ensure_crash_detection(within)
-        log(f"automation {CRASH_AUTOMATION} {outcome}: a run silent for {within} s is marked Crashed")
+        log(
+            f"automation {CRASH_AUTOMATION}: a run silent for {config.crash_detection_seconds} s is marked "
+            "Crashed"
+        )
 
     def deploy(self) -> None:
         from deployments.deploy import deploy

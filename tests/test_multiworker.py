@@ -43,7 +43,7 @@ from deployments.stack import worker_argv, worker_home
 from deployments.stackstate import stop_child
 from tests.harness.pg import wait_until
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint
-from tests.test_stack_e2e import follow, stack_env
+from tests.harness.stack import follow, stack_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 600

@@ -115,6 +115,7 @@ def test_docker_container_of_each_deployment(variant: str, spec: dict) -> None:
     assert job.command == "prefect flow-run execute"
     assert job.env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert job.env["PREFECT_HOME"] == "/home/dbops/.prefect"  # the image user's, not the worker host's
+    assert job.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"  # what crash detection counts on
     assert job.env["PREFECT__FLOW_RUN_ID"]
     assert job.mem_limit == "1g"
     assert job.auto_remove is True
@@ -135,6 +136,7 @@ def test_kubernetes_job_of_each_deployment(variant: str, spec: dict) -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert env["PREFECT_HOME"] == "/home/dbops/.prefect"
+    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     assert env["PREFECT__FLOW_RUN_ID"]
     # backoff_limit 0: an evicted pod's run is rescheduled by Prefect rather than retried by the Job
     assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "reschedule"

@@ -11,6 +11,7 @@ import pytest
 from prefect.automations import EventTrigger
 from prefect.client.orchestration import get_client
 
+from deployments.crash_detection import CRASH_AUTOMATION
 from deployments.setup import AUTOMATION_NAME, load_config, run_setup
 from flows.core.errors import ConfigurationError
 from tests.harness.pg import PgCluster
@@ -73,6 +74,9 @@ def test_setup_twice_creates_then_reports_everything_existing(
     # "exists" when another test's block for the same database created it: one database, one limit
     limits = {(name, status) for kind, name, status in first.items if kind == "concurrency limit"}
     assert limits & {(limit, "created"), (limit, "exists")}
+    # a run whose host is lost is marked Crashed (other tests' setups may have created it first)
+    crash = {(kind, status) for kind, name, status in first.items if name == CRASH_AUTOMATION}
+    assert crash & {("automation", "created"), ("automation", "exists")}
     second = run_setup(config, environ=env_for(pg, unique))
     assert not second.changed, second.render()
     block = saved_database(f"prod-{unique}")

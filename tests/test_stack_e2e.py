@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,8 @@ import yaml
 from deployments import stackstate
 from deployments.stackstate import stop_child
 from tests.harness.pg import wait_until
+from tests.harness.stack import ROOT, follow, stack_env, start_piped
 
-ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 600
 
 
@@ -55,44 +55,6 @@ class RunningStack:
     def pid(self) -> int | None:
         """The stack's own pid (its pid file); the shell and the tee are its neighbours in the group."""
         return stackstate.live_pid(self.state, "stack")
-
-
-def stack_env() -> dict[str, str]:
-    # Not the test session's harness: the stack brings its own server, as on a fresh machine.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        DBOPS_DEMO_IMAGES="3000",
-        PYTHONUNBUFFERED="1",
-        PREFECT_WORKER_QUERY_SECONDS="1",  # the worker picks up each triggered run within a second
-        DBOPS_PREFECT_DB="postgres",  # the server on PostgreSQL, as in production (not SQLite)
-    )
-    return env
-
-
-def start_piped(argv: list[str], preexec_fn: Callable[[], object] | None = None) -> subprocess.Popen[str]:
-    """Start `argv` from the repository root with the stack's environment, in a session of its own (so a
-    test can signal its whole process group), its output and errors as text on one pipe."""
-    return subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        env=stack_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=preexec_fn,
-    )
-
-
-def follow(proc: subprocess.Popen[str], lines: list[str], marker: str, seen: threading.Event) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if marker in line:
-            seen.set()
-    seen.set()  # the process ended: wake the waiter, which then sees the exit code
 
 
 @pytest.fixture(scope="module")

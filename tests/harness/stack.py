@@ -1,0 +1,51 @@
+"""Starting the local stack (`python -m deployments.stack`, what `make run` runs) from tests, as a user on a
+fresh machine would: its own Prefect server, not the test session's harness. Shared by the end-to-end
+test and the several-workers test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def stack_env() -> dict[str, str]:
+    # Not the test session's harness: the stack brings its own server, as on a fresh machine.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        DBOPS_DEMO_IMAGES="3000",
+        PYTHONUNBUFFERED="1",
+        PREFECT_WORKER_QUERY_SECONDS="1",  # the worker picks up each triggered run within a second
+        DBOPS_PREFECT_DB="postgres",  # the server on PostgreSQL, as in production (not SQLite)
+    )
+    return env
+
+
+def start_piped(argv: list[str], preexec_fn: Callable[[], object] | None = None) -> subprocess.Popen[str]:
+    """Start `argv` from the repository root with the stack's environment, in a session of its own (so a
+    test can signal its whole process group), its output and errors as text on one pipe."""
+    return subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=stack_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=preexec_fn,
+    )
+
+
+def follow(proc: subprocess.Popen[str], lines: list[str], marker: str, seen: threading.Event) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            seen.set()
+    seen.set()  # the process ended: wake the waiter, which then sees the exit code
