@@ -88,6 +88,10 @@ _SAMPLES: dict[str, object] = {
 
 def _sample(annotation: object) -> object:
     text = str(annotation)
+    if text == "list[CopyFault] | None":
+        from flows.core.copy_outcome import CopyFault
+
+        return [CopyFault("s3-bucket/eu", "copy", "the bucket does not exist")]
     if "RunResult" in text:
         from flows.core.alembic_runner import RunResult, StepResult
 

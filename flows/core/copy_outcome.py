@@ -30,10 +30,17 @@ class CopiesIncomplete(DbopsError):
     Not transient: the flow has already finished its work; the copy is brought up to date by a sync run.
     """
 
-    def __init__(self, primary: str, faults: list[CopyFault]) -> None:
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        transient: bool | None = None,
+        primary: str = "",
+        faults: list[CopyFault] | None = None,
+    ) -> None:
+        super().__init__(message, transient=transient)
         self.primary = primary
-        self.faults = faults
-        super().__init__(copies_sentence(primary, faults))
+        self.faults = list(faults or [])
 
 
 def copies_sentence(primary: str, faults: list[CopyFault]) -> str:
@@ -57,4 +64,6 @@ def copies_sentence(primary: str, faults: list[CopyFault]) -> str:
 
 def copies_failure(primary: str, faults: list[CopyFault]) -> CopiesIncomplete | None:
     """The error a run ends with, or None when every copy landed."""
-    return CopiesIncomplete(primary, faults) if faults else None
+    if not faults:
+        return None
+    return CopiesIncomplete(copies_sentence(primary, faults), primary=primary, faults=faults)
