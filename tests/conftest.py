@@ -107,3 +107,19 @@ def make_local_block(name: str, path: Path) -> str:
     path.mkdir(parents=True, exist_ok=True)
     LocalFileSystem(basepath=str(path)).save(name, overwrite=True)
     return f"local-file-system/{name}"
+
+
+#: The test modules that take minutes (most start a Prefect server and stack of their own). With
+#: `pytest -n 2 --dist loadfile` a module runs where it is handed out, in collection order; collected
+#: alphabetically, the longest (test_stack_e2e) would start last and run alone at the end while the other
+#: worker idles. Handed out first (xdist gives each worker two modules to start with: e2e + retention,
+#: multiworker + alerts), they run beside the many short modules instead.
+SLOW_MODULES = ("test_stack_e2e", "test_multiworker", "test_retention_at_scale", "test_alerts_e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        return SLOW_MODULES.index(module) if module in SLOW_MODULES else len(SLOW_MODULES)
+
+    items.sort(key=rank)  # stable: the order inside each group is unchanged

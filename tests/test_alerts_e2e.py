@@ -219,6 +219,7 @@ def _within(trigger: Any) -> Any:
 def test_setup_lists_every_alert_and_a_second_setup_changes_nothing(alerts: AlertStack) -> None:
     automations = {name: status for kind, name, status in alerts.first.items if kind == "automation"}
     assert automations == {
+        "dbops: crashed runs (no heartbeat)": "created",
         "dbops: notify on failed or crashed runs": "created",
         "dbops: nothing ran: base-backup/base-backup": "created",
         "dbops: resolved: base-backup/base-backup": "created",
@@ -302,7 +303,7 @@ def test_a_failed_dump_alerts_once_then_two_successes_resolve_it_once(alerts: Al
         (later,) = receiver.wait_for("dbops: nightly-dump/quiet-dump Failed", timeout=60)
         assert "reason: a later failure" in later.body
         assert len(receiver.matching(resolved_subject)) == 1, [a.text() for a in receiver.alerts]
-    assert len(receiver.matching(failed_subject)) == 1
+    assert len(receiver.matching(failed_subject)) == 1, [a.text() for a in receiver.alerts]
 
 
 def test_a_deployment_that_never_completes_alerts_that_nothing_ran_and_since_when(alerts: AlertStack) -> None:
