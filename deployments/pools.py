@@ -32,8 +32,8 @@ def default_base_job_template(pool_type: str) -> dict[str, Any]:
     worker = BaseWorker.get_worker_class_from_type(pool_type)
     if worker is None:
         raise ConfigurationError(
-            f"no Prefect worker of type {pool_type!r} is installed; `uv sync` installs prefect-docker and "
-            "prefect-kubernetes with the dev dependencies"
+            f"no Prefect worker of type {pool_type!r} is installed; they are the `pools` dependency group: "
+            "`uv run --with-requirements` on `uv export --only-group pools` (tests/test_pool_variants.py)"
         )
     return worker.get_default_base_job_template()
 
@@ -77,3 +77,41 @@ async def render_job(
     config = await worker.job_configuration.from_template_and_values(template, job_variables)
     config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name=f"{name}-run"))
     return config
+
+
+async def render_variants(root: str) -> dict[str, Any]:
+    """Everything the variant checks need from the Docker and Kubernetes workers, as JSON: each pool type's
+    default template (from the worker, and from the path `prefect work-pool get-default-base-job-template`
+    takes), and the job each container deployment of each variant file would get.
+
+    Run in an environment with the `pools` dependency group (`python -m deployments.pools ROOT`): the
+    project's own environment leaves those workers out, because Prefect imports every installed
+    collection in every process that loads a block.
+    """
+    from pathlib import Path
+
+    import yaml
+    from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+
+    out: dict[str, Any] = {"templates": {}, "cli_templates": {}, "jobs": {}}
+    for variant, pool_type in sorted(VARIANTS.items()):
+        template = default_base_job_template(pool_type)
+        out["templates"][pool_type] = template
+        out["cli_templates"][pool_type] = await get_default_base_job_template_for_infrastructure_type(
+            pool_type
+        )
+        for spec in yaml.safe_load((Path(root) / variant).read_text())["deployments"]:
+            variables = spec["work_pool"].get("job_variables")
+            if not variables:
+                continue  # a deployment on the host process pool
+            job = await render_job(pool_type, template, variables, spec["name"])
+            out["jobs"][f"{pool_type}/{spec['name']}"] = job.model_dump(mode="json")
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover - run by tests/test_pool_variants.py in the pools environment
+    import asyncio
+    import json
+    import sys
+
+    print(json.dumps(asyncio.run(render_variants(sys.argv[1]))))

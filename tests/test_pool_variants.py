@@ -1,16 +1,21 @@
 """prefect.docker.yaml and prefect.k8s.yaml: the container each flow run would get, rendered without Docker.
 
 Each deployment's job variables are applied to Prefect's default base job template for the pool type (what
-`prefect work-pool get-default-base-job-template --type docker|kubernetes` prints, from the installed
+`prefect work-pool get-default-base-job-template --type docker|kubernetes` prints, from the
 prefect-docker / prefect-kubernetes workers) by the worker's own job configuration class, then prepared
 for a flow run the way the worker does before it starts the container or the Kubernetes Job.
+
+The workers are the `pools` dependency group of uv.lock, run once per module in an overlay environment
+(`uv run --with-requirements`, `deployments/pools.py`), not installed in the project's environment:
+Prefect imports every installed collection in every process that loads a block, ~2 s each for these.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
+import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,7 @@ import pytest
 import yaml
 
 from deployments.deploy import check_deployments
-from deployments.pools import VARIANTS, default_base_job_template, job_variable_problems, render_job
+from deployments.pools import VARIANTS, job_variable_problems
 from tests.test_flow_parameters import load_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -45,15 +50,63 @@ def job_variables(spec: dict[str, Any]) -> dict[str, Any]:
     return spec["work_pool"]["job_variables"]
 
 
-def test_the_templates_are_the_ones_the_cli_prints() -> None:
-    """Our template source is Prefect's `get-default-base-job-template` path, answered by the installed
-    workers (not the collections registry, which would need the network)."""
-    from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The templates and rendered jobs, from the real Docker and Kubernetes workers of uv.lock's `pools`
+    group, in an overlay environment on top of the project's (the project's own is left as it is)."""
+    from prefect.settings import PREFECT_API_URL
 
+    uv = shutil.which("uv")
+    assert uv, "uv is not on PATH; install it (pip install uv) as README says"
+    requirements = tmp_path_factory.mktemp("pools") / "pools.txt"
+    export = [uv, "export", "--frozen", "--only-group", "pools", "--no-hashes", "--no-emit-project"]
+    subprocess.run([*export, "-o", str(requirements)], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    out = subprocess.run(
+        [
+            uv,
+            "run",
+            "--frozen",
+            "--with-requirements",
+            str(requirements),
+            "python",
+            "-m",
+            "deployments.pools",
+            str(ROOT),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def default_template(workers: dict[str, Any], pool_type: str) -> dict[str, Any]:
+    return workers["templates"][pool_type]
+
+
+def test_the_templates_are_the_ones_the_cli_prints(workers: dict[str, Any]) -> None:
+    """Our template source is Prefect's `get-default-base-job-template` path, answered by the workers of the
+    lock file (not the collections registry, which would need the network)."""
     for pool_type in VARIANTS.values():
-        cli = asyncio.run(get_default_base_job_template_for_infrastructure_type(pool_type))
-        assert cli == default_base_job_template(pool_type)
+        cli = workers["cli_templates"][pool_type]
+        assert cli == default_template(workers, pool_type)
         assert "image" in cli["variables"]["properties"]
+
+
+def test_the_project_environment_leaves_the_container_workers_out() -> None:
+    """Every flow run and CLI would pay their import otherwise (Prefect loads every installed collection)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("prefect_docker") is None
+    assert importlib.util.find_spec("prefect_kubernetes") is None
 
 
 @pytest.mark.parametrize(("variant", "spec"), CASES, ids=ids(CASES))
@@ -87,8 +140,8 @@ def test_the_pull_step_is_prefects() -> None:
 
 
 @pytest.mark.parametrize(("variant", "spec"), CONTAINER_CASES, ids=ids(CONTAINER_CASES))
-def test_every_job_variable_is_one_the_template_defines(variant: str, spec: dict) -> None:
-    template = default_base_job_template(VARIANTS[variant])
+def test_every_job_variable_is_one_the_template_defines(variant: str, spec: dict, workers: dict) -> None:
+    template = default_template(workers, VARIANTS[variant])
     assert job_variable_problems(spec["name"], job_variables(spec), template) == []
 
 
@@ -100,32 +153,31 @@ def test_every_job_variable_is_one_the_template_defines(variant: str, spec: dict
         ("docker", {"image_pull_policy": "Sometimes"}, "refused by the base job template"),
     ],
 )
-def test_a_misspelt_or_invalid_job_variable_is_named(pool_type: str, typo: dict, says: str) -> None:
-    [problem] = job_variable_problems("nightly-dump", typo, default_base_job_template(pool_type))
+def test_a_misspelt_or_invalid_job_variable_is_named(
+    pool_type: str, typo: dict, says: str, workers: dict
+) -> None:
+    [problem] = job_variable_problems("nightly-dump", typo, default_template(workers, pool_type))
     assert "deployment nightly-dump" in problem
     assert says in problem
 
 
 @pytest.mark.parametrize(("variant", "spec"), [c for c in CONTAINER_CASES if VARIANTS[c[0]] == "docker"])
-def test_docker_container_of_each_deployment(variant: str, spec: dict) -> None:
-    template = default_base_job_template("docker")
-    job = asyncio.run(render_job("docker", template, job_variables(spec), spec["name"]))
-    assert job.image == "dbops-worker:pg15"
-    assert job.image_pull_policy == "IfNotPresent"
-    assert job.command == "prefect flow-run execute"
-    assert job.env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
-    assert job.env["PREFECT_HOME"] == "/home/dbops/.prefect"  # the image user's, not the worker host's
-    assert job.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"  # what crash detection counts on
-    assert job.env["PREFECT__FLOW_RUN_ID"]
-    assert job.mem_limit == "1g"
-    assert job.auto_remove is True
+def test_docker_container_of_each_deployment(variant: str, spec: dict, workers: dict) -> None:
+    job = workers["jobs"][f"docker/{spec['name']}"]
+    assert job["image"] == "dbops-worker:pg15"
+    assert job["image_pull_policy"] == "IfNotPresent"
+    assert job["command"] == "prefect flow-run execute"
+    assert job["env"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert job["env"]["PREFECT_HOME"] == "/home/dbops/.prefect"  # the image user's, not the worker host's
+    assert job["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"  # what crash detection counts on
+    assert job["env"]["PREFECT__FLOW_RUN_ID"]
+    assert job["mem_limit"] == "1g"
+    assert job["auto_remove"] is True
 
 
 @pytest.mark.parametrize(("variant", "spec"), [c for c in CONTAINER_CASES if VARIANTS[c[0]] == "kubernetes"])
-def test_kubernetes_job_of_each_deployment(variant: str, spec: dict) -> None:
-    template = default_base_job_template("kubernetes")
-    job = asyncio.run(render_job("kubernetes", template, job_variables(spec), spec["name"]))
-    manifest = job.job_manifest
+def test_kubernetes_job_of_each_deployment(variant: str, spec: dict, workers: dict) -> None:
+    manifest = workers["jobs"][f"kubernetes/{spec['name']}"]["job_manifest"]
     assert manifest["kind"] == "Job"
     assert manifest["metadata"]["namespace"] == "dbops"
     assert manifest["spec"]["backoffLimit"] == 0
@@ -147,7 +199,7 @@ def test_kubernetes_job_of_each_deployment(variant: str, spec: dict) -> None:
 
 
 def test_dbops_deploy_refuses_a_job_variable_the_servers_pool_does_not_define(
-    tmp_path: Path, unique: str
+    tmp_path: Path, unique: str, workers: dict
 ) -> None:
     """The same check against the work pool as it is on the server, before anything is deployed."""
     from prefect.client.orchestration import get_client
@@ -157,7 +209,7 @@ def test_dbops_deploy_refuses_a_job_variable_the_servers_pool_does_not_define(
     with get_client(sync_client=True) as client:
         client.create_work_pool(
             WorkPoolCreate(
-                name=pool, type="kubernetes", base_job_template=default_base_job_template("kubernetes")
+                name=pool, type="kubernetes", base_job_template=default_template(workers, "kubernetes")
             )
         )
     spec: dict[str, Any] = {
@@ -186,7 +238,7 @@ def test_a_missing_container_pool_is_named_with_its_type(tmp_path: Path, unique:
     assert f"`prefect work-pool create absent-{unique} --type kubernetes`" in problem
 
 
-def test_prefect_deploy_takes_both_variant_files(tmp_path: Path, unique: str) -> None:
+def test_prefect_deploy_takes_both_variant_files(tmp_path: Path, unique: str, workers: dict) -> None:
     """`prefect deploy --all --prefect-file` (Prefect's own CLI, against the test API) on both variants: the
     server stores each deployment's pool, job variables (which it validates against the pool's template)
     and pull steps as the files say, and pitr-restore gets Prefect's default pull step on the host pool.
@@ -211,7 +263,7 @@ def test_prefect_deploy_takes_both_variant_files(tmp_path: Path, unique: str) ->
             pool = f"{pool_type}-{unique}"
             client.create_work_pool(
                 WorkPoolCreate(
-                    name=pool, type=pool_type, base_job_template=default_base_job_template(pool_type)
+                    name=pool, type=pool_type, base_job_template=default_template(workers, pool_type)
                 )
             )
             for spec in yaml.safe_load((ROOT / variant).read_text())["deployments"]:
