@@ -109,17 +109,29 @@ def make_local_block(name: str, path: Path) -> str:
     return f"local-file-system/{name}"
 
 
-#: The test modules that take minutes (most start a Prefect server and stack of their own). With
-#: `pytest -n 2 --dist loadfile` a module runs where it is handed out, in collection order; collected
-#: alphabetically, the longest (test_stack_e2e) would start last and run alone at the end while the other
-#: worker idles. Handed out first (xdist gives each worker two modules to start with: e2e + retention,
-#: multiworker + alerts), they run beside the many short modules instead.
-SLOW_MODULES = ("test_stack_e2e", "test_multiworker", "test_retention_at_scale", "test_alerts_e2e")
+#: The modules that start a whole stack of their own (a Prefect server, workers, the sandbox PostgreSQL):
+#: `make test` (`pytest -n 2 --dist loadgroup`) runs them one after another on one worker, first, while the
+#: other worker takes the remaining modules (each module whole on one worker, as with loadfile). Two stacks
+#: at once on 2 cores slow each other down several-fold; collected alphabetically, the longest would also
+#: start last and run alone at the end.
+STACK_MODULES = ("test_stack_e2e", "test_multiworker", "test_alerts_e2e")
+#: then the longest of the others, so it does not end the run alone either
+EARLY_MODULES = ("test_retention_at_scale",)
 
 
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-        return SLOW_MODULES.index(module) if module in SLOW_MODULES else len(SLOW_MODULES)
+    order = (*STACK_MODULES, *EARLY_MODULES)
 
-    items.sort(key=rank)  # stable: the order inside each group is unchanged
+    def rank(item: pytest.Item) -> int:
+        module = _module(item)
+        return order.index(module) if module in order else len(order)
+
+    for item in items:
+        module = _module(item)
+        item.add_marker(pytest.mark.xdist_group("stacks" if module in STACK_MODULES else module))
+    items.sort(key=rank)  # stable: the order inside each module is unchanged
