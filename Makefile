@@ -16,7 +16,7 @@ run: setup
 	uv run python -m deployments.stack $(if $(NOTIFY),--notify-local) $(if $(WORKERS),--workers $(WORKERS))
 
 test: setup
-	uv run pytest -q -n 2 --dist loadgroup
+	uv run pytest -q -n 2 --dist loadfile
 
 lint:
 	uv run ruff check .

@@ -109,29 +109,30 @@ def make_local_block(name: str, path: Path) -> str:
     return f"local-file-system/{name}"
 
 
-#: The modules that start a whole stack of their own (a Prefect server, workers, the sandbox PostgreSQL):
-#: `make test` (`pytest -n 2 --dist loadgroup`) runs them one after another on one worker, first, while the
-#: other worker takes the remaining modules (each module whole on one worker, as with loadfile). Two stacks
-#: at once on 2 cores slow each other down several-fold; collected alphabetically, the longest would also
-#: start last and run alone at the end.
-STACK_MODULES = ("test_stack_e2e", "test_multiworker", "test_alerts_e2e")
-#: then the longest of the others, so it does not end the run alone either
-EARLY_MODULES = ("test_retention_at_scale",)
+#: The modules that start a whole stack of their own (a Prefect server, workers, the sandbox PostgreSQL)
+#: and the longest other one. `make test` (`pytest -n 2 --dist loadfile`) hands modules out in collection
+#: order as workers free up: collected alphabetically, the longest (test_stack_e2e) would start last and run
+#: alone at the end, and two stacks at once on 2 cores slow each other down several-fold. So the e2e stack
+#: starts first on one worker while the other runs the long retention test and the short modules; the
+#: multiworker stack is handed out about when e2e ends (after test_drill_flow), the alerts stack about when
+#: that one ends (after test_migrate_flow). The anchors are rough (measured module times), not a contract.
+FIRST = ("test_stack_e2e", "test_retention_at_scale")
+AFTER = {"test_drill_flow": "test_multiworker", "test_migrate_flow": "test_alerts_e2e"}
 
 
 def _module(item: pytest.Item) -> str:
     return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    order = (*STACK_MODULES, *EARLY_MODULES)
-
-    def rank(item: pytest.Item) -> int:
-        module = _module(item)
-        return order.index(module) if module in order else len(order)
-
-    for item in items:
-        module = _module(item)
-        item.add_marker(pytest.mark.xdist_group("stacks" if module in STACK_MODULES else module))
-    items.sort(key=rank)  # stable: the order inside each module is unchanged
+    placed = {*FIRST, *AFTER.values()}
+    order: list[str] = list(FIRST)
+    for module in dict.fromkeys(_module(item) for item in items):
+        if module in placed:
+            continue
+        order.append(module)
+        if module in AFTER:
+            order.append(AFTER[module])
+    order.extend(m for m in AFTER.values() if m not in order)  # an anchor that was not collected
+    position = {module: n for n, module in enumerate(order)}
+    items.sort(key=lambda item: position.get(_module(item), len(order)))  # stable within a module
