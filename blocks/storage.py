@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from flows.core.errors import ConfigurationError, DbopsError
 from flows.core.localstore import LocalObjectStore
 from flows.core.locations import (
+    SUPPORTED_KINDS,
     StorageList,
     StorageLocation,
     StorageRef,
@@ -30,8 +31,6 @@ from flows.core.objectstore import ObjectStore
 from flows.core.redact import validation_summary
 from flows.core.s3store import S3ObjectStore
 from flows.core.wal_archive import ArchiveLocation, WalArchive
-
-SUPPORTED = ("s3-bucket", "local-file-system")
 
 
 def load_sync(slug: str) -> Block:
@@ -82,7 +81,7 @@ def store_from_block(block: Block, location: StorageLocation | None = None) -> O
             raise ConfigurationError("the local-file-system block has no basepath; set it to a directory")
         return LocalObjectStore(block.basepath)
     raise ConfigurationError(
-        f"storage block type {type(block).__name__} is not supported; use one of {', '.join(SUPPORTED)}"
+        f"storage block type {type(block).__name__} is not supported; use one of {', '.join(SUPPORTED_KINDS)}"
     )
 
 
@@ -109,14 +108,6 @@ def load_locations(storage: StorageList) -> list[Location]:
     locations = [Location(settings, load_store(settings)) for settings in parse_locations(storage)]
     check_distinct([(loc.slug, loc.store.identity) for loc in locations])
     return locations
-
-
-def require_store_kind(storage: str) -> None:
-    """A storage option must be a block slug; checked before anything is read or written."""
-    if "/" not in storage:
-        raise ConfigurationError(
-            f"storage {storage!r} is not a block slug; use s3-bucket/NAME or local-file-system/NAME"
-        )
 
 
 def open_archive(location: ArchiveLocation) -> WalArchive:

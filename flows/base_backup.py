@@ -43,10 +43,9 @@ from flows.tasks.backup import check_storage
 from flows.tasks.backup_copies import (
     check_copies,
     copies_outcome,
-    make_copies,
+    copy_then_retain,
     open_locations,
     primary_row,
-    retention_in_copies,
     storage_text,
 )
 from flows.tasks.backup_report import (
@@ -250,17 +249,13 @@ def base_backup(
             report.locations = [primary_row(primary, primary_url, report), *copy_rows]
 
             # 6. copies, from the primary whose manifest is written
-            make_copies(primary, copies, copy_rows, report.manifest_key, report.verified)
-
             # 7. retention, in each location with its own policy
             def run_retention(
                 target: RetentionReport, where: StorageLocation, policy: RetentionPolicy | None
             ) -> None:
                 _retention(report.database, target, where, prefix, policy, dry_run)
 
-            run_retention(report, primary, primary.retention or retention)
-            report.locations[0] = primary_row(primary, primary_url, report)
-            retention_in_copies(copies, copy_rows, retention, run_retention)
+            copy_then_retain(report, primary, primary_url, copies, retention, run_retention)
 
             # 8. WAL expiry, below what any location keeps
             _wal_expiry(report, prefix, location, wal_keep_days, dry_run)

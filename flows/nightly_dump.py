@@ -45,10 +45,9 @@ from flows.tasks.backup import (
 from flows.tasks.backup_copies import (
     check_copies,
     copies_outcome,
-    make_copies,
+    copy_then_retain,
     open_locations,
     primary_row,
-    retention_in_copies,
     storage_text,
 )
 from flows.tasks.backup_report import (
@@ -254,21 +253,17 @@ def nightly_dump(
             )
 
             # 6. copies, from the primary whose manifest is written
-            copy_rows = report.locations[1:]
-            make_copies(primary, copies, copy_rows, report.manifest_key, report.verified)
-
             # 7. retention, in each location with its own policy
             def run_retention(
                 target: RetentionReport, where: StorageLocation, policy: RetentionPolicy | None
             ) -> None:
                 _retention(report.database, target, where, prefix, policy, retention_dry_run)
 
-            run_retention(report, primary, primary.retention or retention)
-            report.locations[0] = primary_row(primary, report.locations[0].url, report)
-            retention_in_copies(copies, copy_rows, retention, run_retention)
+            primary_url = report.locations[0].url
+            copy_then_retain(report, primary, primary_url, copies, retention, run_retention)
 
         # 8. report
-        failure = copies_outcome(report.locations[0].url, report.key, copy_rows)
+        failure = copies_outcome(primary_url, report.key, report.locations[1:])
         _publish(report, None if failure is None else str(failure))
         if failure is not None:
             return failed_state(failure)

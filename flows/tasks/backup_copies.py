@@ -10,6 +10,7 @@ after all of that, with one sentence saying the primary is safe and which copy f
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from prefect import get_run_logger
 
@@ -116,11 +117,39 @@ def primary_row(primary: StorageLocation, url: str, report: RetentionReport) -> 
     )
 
 
+class CopiedReport(RetentionReport, Protocol):
+    """What the two backup flows' reports share for steps 6 and 7 (BackupReport, BaseBackupReport)."""
+
+    manifest_key: str
+    locations: list[LocationReport]
+
+
+RunRetention = Callable[[RetentionReport, StorageLocation, RetentionPolicy | None], None]
+
+
+def copy_then_retain(
+    report: CopiedReport,
+    primary: StorageLocation,
+    primary_url: str,
+    copies: list[Location],
+    retention: RetentionPolicy | None,
+    run: RunRetention,
+) -> None:
+    """Steps 6 and 7 of both backup flows, in the order that makes copies safe: copies from the primary
+    whose manifest is written, then the primary's retention (its own policy, else the flow's), then each
+    copy's. `report.locations` is the primary's row followed by the copies' rows from `check_copies`."""
+    rows = report.locations[1:]
+    make_copies(primary, copies, rows, report.manifest_key, report.verified)
+    run(report, primary, primary.retention or retention)
+    report.locations[0] = primary_row(primary, primary_url, report)
+    retention_in_copies(copies, rows, retention, run)
+
+
 def retention_in_copies(
     copies: list[Location],
     rows: list[LocationReport],
     retention: RetentionPolicy | None,
-    run: Callable[[RetentionReport, StorageLocation, RetentionPolicy | None], None],
+    run: RunRetention,
 ) -> None:
     """Each copy's retention with its own policy (else the flow's), only where this run's copy landed: a
     copy that missed tonight's backup keeps its older ones until a sync brings it up to date. A failure
