@@ -374,9 +374,9 @@ def ensure_automation(desired: Any) -> Literal["created", "updated", "exists"]:
             return "exists"
         # Not client.update_automation: it sends only the fields set explicitly, and the server then
         # refuses composite triggers for their missing `within`.
-        client.request(
-            "PUT", "/automations/{id}", path_params={"id": first.id}, json=desired.model_dump(mode="json")
-        ).raise_for_status()
+        # The update schema has no owner_resource (set at creation only): sending it is a 422.
+        body = desired.model_dump(mode="json", exclude={"owner_resource"})
+        client.request("PUT", "/automations/{id}", path_params={"id": first.id}, json=body).raise_for_status()
         return "updated"
 
 

@@ -39,6 +39,7 @@ import psycopg
 import pytest
 
 from deployments import stackstate
+from deployments.sandbox import free_port
 from deployments.stack import worker_argv, worker_home
 from deployments.stackstate import stop_child
 from tests.harness.pg import wait_until
@@ -139,6 +140,10 @@ def multi_env(s3: S3Endpoint, bucket: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def multi(s3: S3Endpoint) -> Iterator[MultiStack]:
     state = Path(tempfile.mkdtemp(prefix="dbops-multi-"))
+    # Its own port from the start: 4200 is the e2e stack's, and that test leaves its server there on
+    # purpose (a killed `make run`) for its next run to adopt; this stack must never talk to that one.
+    (state / "prefect").mkdir(parents=True)
+    (state / "prefect" / "port").write_text(str(free_port()))
     bucket = s3.create_bucket(f"multi-{os.getpid()}-{int(time.time())}")
     argv = [sys.executable, "-m", "deployments.stack", "--workers", "2", "--worker-limit", "2"]
     argv += ["--no-first-jobs", "--state", str(state)]

@@ -254,3 +254,18 @@ def test_dbops_setup_cli_never_prints_the_password_of_a_malformed_url(
     assert proc.returncode == 1, proc.stderr
     assert "dbops: database prod: " in proc.stderr
     assert PASSWORD not in proc.stdout + proc.stderr
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_changed_crash_detection_window_updates_the_automation_in_place() -> None:
+    """The update path of ensure_automation (a window changed between two setups), not only create."""
+    from deployments.crash_detection import ensure_crash_detection
+
+    ensure_crash_detection(600)
+    assert ensure_crash_detection(600) == "exists"
+    assert ensure_crash_detection(900) == "updated"
+    with get_client(sync_client=True) as client:
+        [automation] = client.read_automations_by_name(CRASH_AUTOMATION)
+    assert isinstance(automation.trigger, EventTrigger)
+    assert automation.trigger.within.total_seconds() == 900
+    ensure_crash_detection(600)  # as the other tests of this session expect it
