@@ -7,6 +7,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,10 +48,33 @@ def s3() -> Iterator[S3Endpoint]:
 
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[None]:
+    from prefect.server.api.server import SubprocessASGIServer
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    harness = prefect_test_harness(server_startup_timeout=120)
+    harness.__enter__()
+    server = SubprocessASGIServer()  # the harness's own: it registers itself as the default server
+    try:
         yield
+    finally:
+        leave_harness(harness, server)
+
+
+def leave_harness(harness: Any, server: Any, timeout: float = 60.0) -> None:
+    """Leaving prefect_test_harness drains Prefect's client-side log and event workers with no time limit
+    before it stops its server. Once, after a worker had run all three stack modules, that drain never
+    returned and the whole `make test` hung. So they are drained here first, within `timeout`; if one is
+    stuck, the harness's server is stopped here and the session goes on without the harness's drain."""
+    import sys
+
+    from tests.harness.stack import drain_prefect_clients
+
+    stuck = drain_prefect_clients(timeout)
+    if stuck:
+        print(f"{', '.join(stuck)} did not drain in {timeout:.0f} s; stopping its server", file=sys.stderr)
+        server.stop()
+        return
+    harness.__exit__(None, None, None)
 
 
 @pytest.fixture
@@ -109,30 +133,72 @@ def make_local_block(name: str, path: Path) -> str:
     return f"local-file-system/{name}"
 
 
-#: The modules that start a whole stack of their own (a Prefect server, workers, the sandbox PostgreSQL)
-#: and the longest other one. `make test` (`pytest -n 2 --dist loadfile`) hands modules out in collection
-#: order as workers free up: collected alphabetically, the longest (test_stack_e2e) would start last and run
-#: alone at the end, and two stacks at once on 2 cores slow each other down several-fold. So the e2e stack
-#: starts first on one worker while the other runs the long retention test and the short modules; the
-#: multiworker stack is handed out about when e2e ends (after test_drill_flow), the alerts stack about when
-#: that one ends (after test_migrate_flow). The anchors are rough (measured module times), not a contract.
-FIRST = ("test_stack_e2e", "test_retention_at_scale")
-AFTER = {"test_drill_flow": "test_multiworker", "test_migrate_flow": "test_alerts_e2e"}
+#: The modules that start a whole stack of their own (a Prefect server, workers, the sandbox PostgreSQL).
+#: Two stacks at once on 2 cores slow each other down several-fold and made timing-sensitive checks (an
+#: alert delivered once) flaky, so `make test` (`pytest -n 2 --dist loadfile`) runs them one after another
+#: on the first worker, in this order, while the other worker takes the rest.
+STACKS = ("test_stack_e2e", "test_multiworker", "test_alerts_e2e")
+#: The other modules that take longest (measured, rough): handed out first, so that the last modules
+#: handed out are short ones and both workers finish at about the same time. Not a contract: a module
+#: missing here is handed out after these, in collection order.
+LONGEST_FIRST = (
+    "test_migrate_flow",
+    "test_wal_archive_check_flow",
+    "test_drill_flow",
+    "test_migrate_safety_flow",
+    "test_alembic_guards",
+    "test_base_backup",
+    "test_nightly_dump_flow",
+    "test_restore_flow",
+    "test_restore_fallback",
+    "test_reindex_flow",
+    "test_dump_copies",
+    "test_retention_at_scale",
+    "test_stack_lifecycle",
+    "test_pool_variants",
+    "test_pooler",
+    "test_pitr_recovery",
+    "test_target_identity",
+    "test_error_rule",
+    "test_setup",
+    "test_alembic_runner",
+    "test_objectstore",
+    "test_pitr_drill",
+    "test_wal_chain",
+)
 
 
-def _module(item: pytest.Item) -> str:
-    return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+def _stem(scope: str) -> str:
+    return scope.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    placed = {*FIRST, *AFTER.values()}
-    order: list[str] = list(FIRST)
-    for module in dict.fromkeys(_module(item) for item in items):
-        if module in placed:
-            continue
-        order.append(module)
-        if module in AFTER:
-            order.append(AFTER[module])
-    order.extend(m for m in AFTER.values() if m not in order)  # an anchor that was not collected
-    position = {module: n for n, module in enumerate(order)}
-    items.sort(key=lambda item: position.get(_module(item), len(order)))  # stable within a module
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """xdist's loadfile scheduling, choosing which module a worker gets next (see STACKS and LONGEST_FIRST)
+    instead of taking them in queue order (which xdist sorts by test count: the few-test stack modules came
+    last, overlapping each other at the end)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class StacksOnOneWorker(LoadFileScheduling):
+        def _assign_work_unit(self, node: object) -> None:
+            first = node is self.nodes[0]
+
+            def rank(scope: str) -> tuple[int, int]:
+                stem = _stem(scope)
+                if (
+                    stem in STACKS
+                ):  # the first worker's, in order; another worker's only when nothing else is left
+                    return (0 if first else 2, STACKS.index(stem))
+                return (1, LONGEST_FIRST.index(stem) if stem in LONGEST_FIRST else len(LONGEST_FIRST))
+
+            scope = min(self.workqueue, key=rank)  # the first of equals: collection order
+            work_unit = self.workqueue.pop(scope)
+            self.assigned_work.setdefault(node, {})[scope] = work_unit
+            collection = self.registered_collections[node]
+            node.send_runtest_some(  # type: ignore[attr-defined]
+                [collection.index(nodeid) for nodeid, done in work_unit.items() if not done]
+            )
+
+    return StacksOnOneWorker(config, log)

@@ -35,6 +35,7 @@ from deployments.stack import prefect_server_argv, prefect_server_env, wait_http
 from deployments.stackstate import stop_child
 from tests.conftest import make_local_block
 from tests.harness.pg import PgCluster
+from tests.harness.stack import drain_prefect_clients
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET_WINDOW = "12s"
@@ -182,6 +183,7 @@ def alerts(pg: PgCluster) -> Iterator[AlertStack]:
                 setup_started,
             )
     finally:
+        drain_prefect_clients()  # while the server still answers
         for proc in reversed(procs):
             stop_child(proc)
         receiver.stop()

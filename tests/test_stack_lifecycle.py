@@ -30,10 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 STOP_WITH_DEAD_STDOUT = textwrap.dedent(
     """
+    import signal
     import sys
     from pathlib import Path
     from deployments import stack as st
 
+    # The stack's children are Prefect CLIs, which set their own SIGINT handler; this stand-in child is a
+    # plain Python program and would inherit SIGINT ignored from a CI job started in the background (`&`),
+    # making the stop wait out its 30 s grace before SIGKILL.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     state = Path(sys.argv[1])
     st.STACK_LOG[:] = [state / "stack.log"]
     s = st.Stack(state)

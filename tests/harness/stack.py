@@ -49,3 +49,20 @@ def follow(proc: subprocess.Popen[str], lines: list[str], marker: str, seen: thr
         if marker in line:
             seen.set()
     seen.set()  # the process ended: wake the waiter, which then sees the exit code
+
+
+def drain_prefect_clients(timeout: float = 30.0) -> list[str]:
+    """Send what this process's Prefect log and event workers still hold, while the servers it was meant
+    for still answer; returns the workers that did not finish within `timeout`. A test module that talked
+    to a server of its own (block loads emit events) calls it before stopping that server, so nothing is
+    left queued for a server that is gone when the session's harness drains at the end."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    stuck = []
+    for worker in (APILogWorker, EventsWorker):
+        drained = worker.drain_all(timeout=timeout)  # (done, not done): called outside an event loop
+        assert isinstance(drained, tuple), drained
+        if drained[1]:
+            stuck.append(worker.__name__)
+    return stuck
