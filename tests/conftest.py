@@ -172,7 +172,7 @@ def _stem(scope: str) -> str:
     return scope.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: pytest -p no:xdist
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """xdist's loadfile scheduling, choosing which module a worker gets next (see STACKS and LONGEST_FIRST)
     instead of taking them in queue order (which xdist sorts by test count: the few-test stack modules came

@@ -35,7 +35,7 @@ from deployments.stack import prefect_server_argv, prefect_server_env, wait_http
 from deployments.stackstate import stop_child
 from tests.conftest import make_local_block
 from tests.harness.pg import PgCluster
-from tests.harness.stack import drain_prefect_clients
+from tests.harness.stack import default_sigint, drain_prefect_clients
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET_WINDOW = "12s"
@@ -60,7 +60,13 @@ class AlertStack:
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=default_sigint,  # stopped with SIGINT
         )
 
 

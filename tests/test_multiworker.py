@@ -44,7 +44,7 @@ from deployments.stack import worker_argv, worker_home
 from deployments.stackstate import stop_child
 from tests.harness.pg import wait_until
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint
-from tests.harness.stack import follow, stack_env
+from tests.harness.stack import default_sigint, follow, stack_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 600
@@ -112,6 +112,7 @@ class MultiStack:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=default_sigint,  # stopped with SIGINT
         )
         self.extra_workers.append(proc)
         return proc
@@ -155,6 +156,7 @@ def multi(s3: S3Endpoint) -> Iterator[MultiStack]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,  # stopped with SIGINT, as Ctrl-C stops `make run`
     )
     running = MultiStack(state=state, proc=proc, bucket=bucket, s3=s3)
     up = threading.Event()

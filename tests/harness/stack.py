@@ -5,6 +5,7 @@ test and the several-workers test."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Callable
@@ -25,6 +26,15 @@ def stack_env() -> dict[str, str]:
         DBOPS_PREFECT_DB="postgres",  # the server on PostgreSQL, as in production (not SQLite)
     )
     return env
+
+
+def default_sigint() -> None:
+    """preexec_fn for a process a test starts and later stops with SIGINT (`stop_child`). A CI job started
+    in the background (`cmd &`) runs pytest with SIGINT ignored, and its children inherit that. `prefect
+    worker` then cannot be stopped by SIGINT (its handler re-sends the signal to itself with the inherited
+    "ignore" restored), so every stop waited out its 30 s grace and ended in SIGKILL. The stack's own
+    children are not affected: the stack sets its own SIGINT handler, and a handler is reset at exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_piped(argv: list[str], preexec_fn: Callable[[], object] | None = None) -> subprocess.Popen[str]:
