@@ -187,9 +187,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
 
             def rank(scope: str) -> tuple[int, int]:
                 stem = _stem(scope)
-                if (
-                    stem in STACKS
-                ):  # the first worker's, in order; another worker's only when nothing else is left
+                # the first worker's, in order; another worker's only when nothing else is left
+                if stem in STACKS:
                     return (0 if first else 2, STACKS.index(stem))
                 return (1, LONGEST_FIRST.index(stem) if stem in LONGEST_FIRST else len(LONGEST_FIRST))
 

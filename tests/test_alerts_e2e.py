@@ -35,7 +35,7 @@ from deployments.stack import prefect_server_argv, prefect_server_env, wait_http
 from deployments.stackstate import stop_child
 from tests.conftest import make_local_block
 from tests.harness.pg import PgCluster
-from tests.harness.stack import default_sigint, drain_prefect_clients
+from tests.harness.stack import drain_prefect_clients, spawn_logged
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET_WINDOW = "12s"
@@ -55,19 +55,6 @@ class AlertStack:
     second: SetupReport
     setup_config: SetupConfig
     setup_started: float  # time.time() before the first setup: the "nothing ran" alerts are armed after it
-
-
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=default_sigint,  # stopped with SIGINT
-        )
 
 
 def _create_deployment(
@@ -120,7 +107,7 @@ def alerts(pg: PgCluster) -> Iterator[AlertStack]:
     procs: list[subprocess.Popen[bytes]] = []
     receiver = AlertReceiver().start()
     try:
-        server = _spawn([prefect_bin(), *prefect_server_argv(port)[1:]], env, home / "server.log")
+        server = spawn_logged([prefect_bin(), *prefect_server_argv(port)[1:]], env, home / "server.log")
         procs.append(server)
         wait_http(
             f"{api_url}/health", timeout=180, what="the Prefect server", procs=[("prefect server", server)]
@@ -169,7 +156,7 @@ def alerts(pg: PgCluster) -> Iterator[AlertStack]:
                 "PREFECT_WORKER_QUERY_SECONDS": "1",
             }
             procs.append(
-                _spawn(
+                spawn_logged(
                     [prefect_bin(), "worker", "start", "--pool", pool, "--type", "process"],
                     worker_env,
                     home / "worker.log",

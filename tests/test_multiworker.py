@@ -44,7 +44,7 @@ from deployments.stack import worker_argv, worker_home
 from deployments.stackstate import stop_child
 from tests.harness.pg import wait_until
 from tests.harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, S3Endpoint
-from tests.harness.stack import default_sigint, follow, stack_env
+from tests.harness.stack import default_sigint, follow, spawn_logged, stack_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 600
@@ -104,15 +104,11 @@ class MultiStack:
             "DBOPS_SANDBOX_PASSWORD": self.sandbox()["password"],
         }
         argv = worker_argv(f"dbops-worker-{n}", 2)
-        log = (self.state / "logs" / f"prefect-worker-{n}.log").open("ab")
-        proc = subprocess.Popen(
+        proc = spawn_logged(
             [str(Path(sys.executable).parent / "prefect"), *argv[1:]],
+            env,
+            self.state / "logs" / f"prefect-worker-{n}.log",
             cwd=home,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=default_sigint,  # stopped with SIGINT
         )
         self.extra_workers.append(proc)
         return proc

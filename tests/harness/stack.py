@@ -37,6 +37,23 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def spawn_logged(
+    argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """Start a server or worker a test stops later with SIGINT (`stop_child`): its output appended to
+    `log`, in a session of its own (so the signal reaches its whole group), SIGINT at its default."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=default_sigint,
+        )
+
+
 def start_piped(argv: list[str], preexec_fn: Callable[[], object] | None = None) -> subprocess.Popen[str]:
     """Start `argv` from the repository root with the stack's environment, in a session of its own (so a
     test can signal its whole process group), its output and errors as text on one pipe."""
